@@ -1,0 +1,278 @@
+"""Node configuration: one typed model, four sources, later wins.
+
+Sources in order: built-in defaults < YAML file (``--config``) < ``OXIDE_*``
+environment < command line. Every key is declared once in :data:`SETTINGS`, so the
+YAML loader, the environment reader, the command-line options and the README table
+cannot drift apart. Unknown keys and bad values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key."""
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a whole number >= 1")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a port number 0-65535")
+    return number
+
+
+def _positive_float(value: Any) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a number > 0")
+    return number
+
+
+def _percent(value: Any) -> float:
+    number = float(value)
+    if not 0 < number <= 100:
+        raise ValueError("must be a percentage in (0, 100]")
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError("must be a string")
+    return str(value)
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return _text(value)
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _word_list(value: Any) -> tuple[str, ...]:
+    """A comma separated string (environment, command line) or a YAML list."""
+    if isinstance(value, list | tuple):
+        items = [_text(item).strip() for item in value]
+    else:
+        items = [part.strip() for part in _text(value).split(",")]
+    return tuple(item for item in items if item)
+
+
+def _labels(value: Any) -> dict[str, str]:
+    """``k=v,k2=v2`` (environment, command line) or a YAML mapping."""
+    if isinstance(value, Mapping):
+        return {_text(k): _text(v) for k, v in value.items()}
+    labels: dict[str, str] = {}
+    for item in _word_list(value):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label {item!r} is not key=value")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
+def _log_format(value: Any) -> str:
+    text = _text(value)
+    if text not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    return text
+
+
+@attrs.frozen
+class Setting:
+    """One configuration key: its parser, default and the help shown everywhere."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    env: str = ""
+
+    @property
+    def env_name(self) -> str:
+        return self.env or "OXIDE_" + self.name.upper()
+
+    @property
+    def option(self) -> str:
+        return self.name.replace("_", "-")
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", _text, "tcp:4000",
+            "HTTP/WebSocket listener as a Twisted endpoint string (ssl: for TLS)"),
+    Setting("state_dir", _text, "~/.oxide",
+            "directory for the SQLite store, node id and generated secret"),
+    Setting("secret", _optional_text, None,
+            "cluster secret (prefer the environment or --secret-file)",
+            env="OXIDE_CLUSTER_SECRET"),
+    Setting("secret_file", _optional_text, None,
+            "file holding the cluster secret (e.g. a Docker secret)",
+            env="OXIDE_CLUSTER_SECRET_FILE"),
+    Setting("cluster_name", _text, "oxide", "cluster name (Redis key prefix)"),
+    Setting("max_tasks", _positive_int, None,
+            "concurrent task slots (default: number of CPUs)"),
+    Setting("max_cpu_percent", _percent, 100.0,
+            "refuse new tasks while the host CPU is above this (100 = never)"),
+    Setting("max_memory_percent", _percent, 95.0,
+            "refuse new tasks while host memory use is above this"),
+    Setting("output_limit", _positive_int, 64 * 1024 * 1024,
+            "bytes of output kept per task; the rest is discarded and counted"),
+    Setting("default_timeout", _positive_float, 3600.0,
+            "task wall-clock timeout in seconds when a request gives none"),
+    Setting("max_timeout", _positive_float, 86400.0,
+            "largest task timeout a request may ask for, in seconds"),
+    Setting("kill_grace", _positive_float, 5.0,
+            "seconds between SIGTERM and SIGKILL when a task is stopped"),
+    Setting("max_body", _positive_int, 1024 * 1024,
+            "largest accepted HTTP request body in bytes"),
+    Setting("sample_interval", _positive_float, 1.0,
+            "seconds between CPU/memory/load samples"),
+    Setting("labels", _labels, {}, "node labels for placement, k=v,k2=v2"),
+    Setting("discovery", _flag, True, "announce this node and learn peers over UDP"),
+    Setting("discovery_port", _port, 4001, "UDP port of the discovery protocol"),
+    Setting("discovery_interface", _word_list, (),
+            "interfaces to broadcast on (default: every non-loopback IPv4 one)"),
+    Setting("peers", _word_list, (),
+            "static host:port peers for networks without broadcast"),
+    Setting("announce_interval", _positive_float, 0.25,
+            "seconds between discovery announcements"),
+    Setting("dead_after", _positive_float, 2.5,
+            "seconds of silence before a peer is declared dead"),
+    Setting("redis", _optional_text, None,
+            "Redis URL for leader election (none: standalone leader)",
+            env="OXIDE_REDIS_URL"),
+    Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
+)
+
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+@attrs.frozen
+class Config:
+    """The resolved configuration of one node."""
+
+    listen: str
+    state_dir: Path
+    secret: str | None
+    secret_file: str | None
+    cluster_name: str
+    max_tasks: int
+    max_cpu_percent: float
+    max_memory_percent: float
+    output_limit: int
+    default_timeout: float
+    max_timeout: float
+    kill_grace: float
+    max_body: int
+    sample_interval: float
+    labels: dict[str, str]
+    discovery: bool
+    discovery_port: int
+    discovery_interface: tuple[str, ...]
+    peers: tuple[str, ...]
+    announce_interval: float
+    dead_after: float
+    redis: str | None
+    log_format: str
+
+    @property
+    def clustered(self) -> bool:
+        """True when this node is configured to work with others beyond broadcast."""
+        return bool(self.redis or self.peers)
+
+
+def _parse(name: str, raw: Any, source: str) -> Any:
+    setting = SETTINGS_BY_NAME.get(name)
+    if setting is None:
+        raise ConfigError(f"unknown configuration key {name!r} in {source}")
+    try:
+        return setting.parse(raw)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"bad value for {name!r} in {source}: {error}") from None
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Parse a YAML config file into raw values keyed by setting name."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    values = {}
+    for key, raw in data.items():
+        name = str(key).replace("-", "_")
+        values[name] = _parse(name, raw, f"config file {path}")
+    return values
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Values from ``OXIDE_*`` variables; unknown ``OXIDE_`` names are errors."""
+    by_env = {setting.env_name: setting for setting in SETTINGS}
+    # OXIDE_NODE is the CLI's node URL: set beside the agent on CI hosts, not a key.
+    allowed_extra = {"OXIDE_CONFIG", "OXIDE_NODE"}
+    values = {}
+    for env_name, raw in environ.items():
+        if not env_name.startswith("OXIDE_"):
+            continue
+        setting = by_env.get(env_name)
+        if setting is None:
+            if env_name in allowed_extra:
+                continue
+            raise ConfigError(f"unknown configuration variable {env_name}")
+        values[setting.name] = _parse(setting.name, raw, f"environment {env_name}")
+    return values
+
+
+def load(
+    command_line: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+) -> Config:
+    """Resolve defaults < YAML < environment < command line into a Config."""
+    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    config_file = config_file or environ.get("OXIDE_CONFIG")
+    if config_file:
+        values.update(read_yaml(config_file))
+    values.update(read_environment(environ))
+    for name, raw in command_line.items():
+        if raw is not None:
+            values[name] = _parse(name, raw, f"option --{name.replace('_', '-')}")
+    if values["max_tasks"] is None:
+        values["max_tasks"] = _cpu_count()
+    if values["default_timeout"] > values["max_timeout"]:
+        raise ConfigError("'default_timeout' must not exceed 'max_timeout'")
+    values["state_dir"] = Path(os.path.expanduser(values["state_dir"]))
+    return Config(**values)

@@ -1,0 +1,449 @@
+"""Running tasks: one :class:`TaskRun` owns one task's process, the Executor schedules them.
+
+Each task runs in its own session and process group, so a cancel or a timeout reaches
+every process the command started (``sh -c 'sleep 300 & sleep 300'`` included). When the
+main process exits, whatever it left behind in its group is killed: a task ends when its
+command ends, and no orphan keeps the pipes (and the slot) open.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, process, protocol
+from twisted.internet.base import DelayedCall
+from twisted.internet.interfaces import IReactorProcess
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from oxide_cluster.model import Task, TaskRequest, TaskState, new_task_id
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# After SIGKILL a process can still hang in the kernel (D state); after this long we
+# stop waiting and record the task as ended so its slot is not held forever.
+KILL_GIVE_UP = 5.0
+
+OutputListener = Callable[[Task, int, str, bytes], None]
+StateListener = Callable[[Task], None]
+
+
+def base_environment(task: Task) -> dict[str, str]:
+    """The documented minimal environment a task starts from (no agent secrets)."""
+    env = {
+        "PATH": os.environ.get("PATH", BASE_PATH),
+        "HOME": os.environ.get("HOME", "/"),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "OXIDE_TASK_ID": task.id,
+        "OXIDE_NODE_ID": task.node_id,
+    }
+    for name in ("USER", "LOGNAME", "TMPDIR", "TZ"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class _GroupLeaderProcess(process.Process):
+    """A child process that starts its own session, so its group can be signalled whole.
+
+    Twisted's posix_spawn fast path cannot call setsid(), so this always forks.
+    """
+
+    def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        os.setsid()
+        super()._setupChild(*args, **kwargs)
+
+
+class _TaskProtocol(protocol.ProcessProtocol):
+    """Thin: hands every process event to the TaskRun."""
+
+    def __init__(self, run: TaskRun) -> None:
+        self._run = run
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._run.output("stdout", data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._run.output("stderr", data)
+
+    def processExited(self, reason: Failure) -> None:
+        self._run.exited()
+
+    def processEnded(self, reason: Failure) -> None:
+        self._run.ended(reason)
+
+
+def spawn_in_new_group(reactor: IReactorProcess, proto: protocol.ProcessProtocol,
+                       executable: str, args: list[str], env: dict[str, str],
+                       path: str | None) -> process.Process:
+    return _GroupLeaderProcess(reactor, executable, args, env, path, proto)
+
+
+class TaskRun:
+    """One task's process: spawn, output with offsets, timeouts, the kill sequence, result."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, task: Task, secret_env: dict[str, str], *,
+                 kill_grace: float, output_limit: int, on_output: OutputListener,
+                 on_finished: Callable[[TaskRun], None],
+                 spawn: Callable[..., Any] = spawn_in_new_group) -> None:
+        self._reactor = reactor
+        self.task = task
+        self._secret_env = secret_env
+        self._kill_grace = kill_grace
+        self._output_limit = output_limit
+        self._on_output = on_output
+        self._on_finished = on_finished
+        self._spawn = spawn
+        self._offset = 0
+        self._stop: tuple[TaskState, str] | None = None
+        self._timers: dict[str, DelayedCall] = {}
+        self._pgid: int | None = None
+        self._done = False
+
+    # -- start ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the process, or end the task ``failed`` with a reason a human can act on."""
+        task = self.task
+        env = base_environment(task)
+        env.update(task.env)
+        env.update(self._secret_env)
+        if task.cwd is not None and not os.path.isdir(task.cwd):
+            self._finish(TaskState.FAILED, f"cwd does not exist: {task.cwd}")
+            return
+        executable = shutil.which(task.command, path=env.get("PATH"))
+        if executable is None and os.sep in task.command:
+            executable = None if not os.path.exists(task.command) else task.command
+        if executable is None:
+            self._finish(TaskState.FAILED, f"command not found: {task.command}")
+            return
+        try:
+            proc = self._spawn(self._reactor, _TaskProtocol(self), executable,
+                               [task.command, *task.args], env, task.cwd)
+        except OSError as failure:
+            self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure.strerror}")
+            return
+        self._pgid = proc.pid
+        task.pid = proc.pid
+        task.state = TaskState.RUNNING
+        task.started_at = self._reactor.seconds()
+        self._timers["timeout"] = self._reactor.callLater(task.timeout, self._timed_out)
+        self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        if self.task.idle_timeout is None or self._stop is not None:
+            return
+        timer = self._timers.get("idle")
+        if timer is not None and timer.active():
+            timer.reset(self.task.idle_timeout)
+        else:
+            self._timers["idle"] = self._reactor.callLater(self.task.idle_timeout,
+                                                           self._idle_timed_out)
+
+    # -- events from the process ------------------------------------------------
+
+    def output(self, stream: str, data: bytes) -> None:
+        self._arm_idle_timer()
+        room = self._output_limit - self._offset
+        if room <= 0:
+            self.task.output_dropped += len(data)
+            return
+        if len(data) > room:
+            self.task.output_dropped += len(data) - room
+            data = data[:room]
+        offset = self._offset
+        self._offset += len(data)
+        self.task.output_bytes = self._offset
+        self._on_output(self.task, offset, stream, data)
+
+    def exited(self) -> None:
+        """The main process is gone: kill what it left in its group so the pipes close."""
+        self._signal_group(signal.SIGKILL)
+
+    def ended(self, reason: Failure) -> None:
+        status = reason.value
+        exit_code = getattr(status, "exitCode", None)
+        signal_number = getattr(status, "signal", None)
+        self.task.exit_code = exit_code
+        self.task.signal = signal_number
+        if self._stop is not None:
+            state, why = self._stop
+        elif isinstance(status, error.ProcessDone) or exit_code == 0:
+            state, why = TaskState.SUCCEEDED, "exited with code 0"
+        elif signal_number is not None:
+            state, why = TaskState.FAILED, f"killed by {signal_name(signal_number)}"
+        else:
+            state, why = TaskState.FAILED, f"exited with code {exit_code}"
+        self._finish(state, why)
+
+    # -- stopping ---------------------------------------------------------------
+
+    def stop(self, state: TaskState, reason: str) -> bool:
+        """Begin the kill sequence (TERM, grace, KILL); False if already ending."""
+        if self._done or self._stop is not None:
+            return False
+        self._stop = (state, reason)
+        self._cancel_timer("idle")
+        self._cancel_timer("timeout")
+        self._signal_group(signal.SIGTERM)
+        self._timers["kill"] = self._reactor.callLater(self._kill_grace, self._kill)
+        return True
+
+    def _timed_out(self) -> None:
+        self.stop(TaskState.TIMED_OUT, f"timed out after {self.task.timeout:g}s")
+
+    def _idle_timed_out(self) -> None:
+        self.stop(TaskState.TIMED_OUT,
+                  f"no output for {self.task.idle_timeout:g}s (idle timeout)")
+
+    def _kill(self) -> None:
+        self._signal_group(signal.SIGKILL)
+        self._timers["give_up"] = self._reactor.callLater(KILL_GIVE_UP, self._give_up)
+
+    def _give_up(self) -> None:
+        assert self._stop is not None
+        state, reason = self._stop
+        self.log.warn("task {task_id} did not end {seconds}s after SIGKILL",
+                      task_id=self.task.id, seconds=KILL_GIVE_UP)
+        self._finish(state, f"{reason}; process did not exit after SIGKILL")
+
+    def _signal_group(self, number: int) -> None:
+        if self._pgid is None:
+            return
+        try:
+            os.killpg(self._pgid, number)
+        except ProcessLookupError:
+            pass
+        except PermissionError as failure:
+            self.log.warn("cannot signal task {task_id}: {error}", task_id=self.task.id,
+                          error=failure)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _finish(self, state: TaskState, reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        task = self.task
+        task.state = state
+        task.reason = reason
+        task.finished_at = self._reactor.seconds()
+        if self.task.output_dropped:
+            task.reason += f"; {task.output_dropped} bytes of output over the limit dropped"
+        self._on_finished(self)
+
+
+class CapacityError(Exception):
+    """The node cannot take a task now; ``status`` is 429 (slots) or 503 (host load)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class Executor(service.Service):
+    """Admits tasks against the node's capacity, runs them, and records every change."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, store: Any, node_id: str, *, max_tasks: int,
+                 kill_grace: float, output_limit: int, default_timeout: float,
+                 load: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0),
+                 max_cpu_percent: float = 100.0, max_memory_percent: float = 100.0,
+                 spawn: Callable[..., Any] = spawn_in_new_group) -> None:
+        self._reactor = reactor
+        self._store = store
+        self.node_id = node_id
+        self.max_tasks = max_tasks
+        self._kill_grace = kill_grace
+        self._output_limit = output_limit
+        self._default_timeout = default_timeout
+        self._load = load
+        self._max_cpu = max_cpu_percent
+        self._max_memory = max_memory_percent
+        self._spawn = spawn
+        self.runs: dict[str, TaskRun] = {}
+        self._waiters: dict[str, list[defer.Deferred[Task]]] = {}
+        self._stopping = False
+        self.ready = False
+        self._recording = 0
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        self.output_listeners: list[OutputListener] = []
+        self.state_listeners: list[StateListener] = []
+        self.finished_total = 0
+
+    # -- capacity ---------------------------------------------------------------
+
+    @property
+    def running_count(self) -> int:
+        return len(self.runs)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_tasks - len(self.runs))
+
+    def check_capacity(self) -> None:
+        """Raise CapacityError when a new task would exceed slots, CPU or memory limits."""
+        if self._stopping:
+            raise CapacityError(503, "shutting_down", "the node is shutting down", 5)
+        if not self.ready:
+            raise CapacityError(503, "starting", "the node is still starting", 1)
+        if not self.free_slots:
+            raise CapacityError(429, "no_free_slots",
+                                f"all {self.max_tasks} task slots are busy", 1)
+        cpu, memory = self._load()
+        if cpu > self._max_cpu:
+            raise CapacityError(503, "cpu_busy",
+                                f"CPU at {cpu:.0f}% is above the {self._max_cpu:g}% limit", 2)
+        if memory > self._max_memory:
+            raise CapacityError(503, "memory_busy",
+                                f"memory at {memory:.0f}% is above the "
+                                f"{self._max_memory:g}% limit", 2)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def recover(self) -> list[Task]:
+        """Tasks that were unfinished when the previous agent died are ``lost``, not resumed."""
+        lost: list[Task] = await self._store.mark_unfinished_lost(
+            self.node_id, "the agent stopped while the task was unfinished (agent restart)",
+            self._reactor.seconds())
+        for task in lost:
+            self.log.warn("task {task_id} was {state} when the agent died: marked lost",
+                          task_id=task.id, state="unfinished")
+        self.ready = True
+        return lost
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Terminate running tasks (recorded ``cancelled``: agent shutdown) and wait."""
+        super().stopService()
+        self._stopping = True
+        for run in list(self.runs.values()):
+            run.stop(TaskState.CANCELLED, "agent shutdown")
+        return self.when_idle()
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires when no task runs and every finished task has been recorded."""
+        if not self.runs and not self._recording:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    # -- tasks ------------------------------------------------------------------
+
+    def submit(self, request: TaskRequest, *, task_id: str | None = None, attempt: int = 1,
+               retry_of: str | None = None) -> defer.Deferred[Task]:
+        """Admit and start a task; fires with the task once its record is committed."""
+        self.check_capacity()
+        now = self._reactor.seconds()
+        task = Task(
+            id=task_id or new_task_id(now),
+            node_id=self.node_id,
+            command=request.command,
+            args=list(request.args),
+            cwd=request.cwd,
+            env=dict(request.env),
+            secret_env_keys=sorted(request.secret_env),
+            labels=dict(request.labels),
+            timeout=request.timeout or self._default_timeout,
+            idle_timeout=request.idle_timeout,
+            retries=request.retries,
+            created_at=now,
+            attempt=attempt,
+            retry_of=retry_of,
+        )
+        run = TaskRun(self._reactor, task, dict(request.secret_env),
+                      kill_grace=self._kill_grace, output_limit=self._output_limit,
+                      on_output=self._output, on_finished=self._finished, spawn=self._spawn)
+        self.runs[task.id] = run
+        run.start()
+        stored = self._store.put_task(task)
+        if task.state is TaskState.RUNNING:
+            self.log.info("task {task_id} started: {command} (pid {pid})", task_id=task.id,
+                          command=task.command, pid=task.pid)
+            self._notify_state(task)
+        return stored.addCallback(lambda _: task)
+
+    def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
+        run = self.runs.get(task_id)
+        return run is not None and run.stop(TaskState.CANCELLED, reason)
+
+    def when_finished(self, task_id: str) -> defer.Deferred[Task] | None:
+        """A Deferred firing with the final task, or None if it is not running here."""
+        if task_id not in self.runs:
+            return None
+        waiter: defer.Deferred[Task] = defer.Deferred()
+        self._waiters.setdefault(task_id, []).append(waiter)
+        return waiter
+
+    def live_task(self, task_id: str) -> Task | None:
+        run = self.runs.get(task_id)
+        return run.task if run is not None else None
+
+    def _output(self, task: Task, offset: int, stream: str, data: bytes) -> None:
+        self._store.append_output(task.id, offset, stream, data).addErrback(
+            self._log_store_failure, task.id)
+        for listener in self.output_listeners:
+            try:
+                listener(task, offset, stream, data)
+            except Exception:
+                self.log.failure("output listener failed for task {task_id}", task_id=task.id)
+
+    def _finished(self, run: TaskRun) -> None:
+        task = run.task
+        self.runs.pop(task.id, None)
+        self.finished_total += 1
+        self.log.info("task {task_id} {state}: {reason}", task_id=task.id,
+                      state=task.state.value, reason=task.reason)
+        self._recording += 1
+        stored = self._store.put_task(task)
+        stored.addErrback(self._log_store_failure, task.id)
+        stored.addBoth(self._recorded, task)
+        self._notify_state(task)
+
+    def _recorded(self, _: object, task: Task) -> None:
+        self._recording -= 1
+        for waiter in self._waiters.pop(task.id, []):
+            waiter.callback(task)
+        if not self.runs and not self._recording:
+            idle, self._idle_waiters = self._idle_waiters, []
+            for idle_waiter in idle:
+                idle_waiter.callback(None)
+
+    def _notify_state(self, task: Task) -> None:
+        for listener in self.state_listeners:
+            try:
+                listener(task)
+            except Exception:
+                self.log.failure("state listener failed for task {task_id}", task_id=task.id)
+
+    def _log_store_failure(self, failure: Failure, task_id: str) -> None:
+        self.log.failure("could not record task {task_id}", failure, task_id=task_id)

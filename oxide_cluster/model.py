@@ -1,0 +1,209 @@
+"""Tasks as data: states, the task record, and the one parser of task requests."""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+
+
+class TaskState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (TaskState.QUEUED, TaskState.RUNNING)
+
+
+TERMINAL_STATES = frozenset(state for state in TaskState if state.terminal)
+
+
+def new_task_id(now: float) -> str:
+    """Time-ordered id (milliseconds then randomness): sorts by creation, pages by id."""
+    return f"{int(now * 1000):012x}{secrets.token_hex(6)}"
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@attrs.define
+class Task:
+    """The durable record of one task; ``secret_env`` values are never part of it."""
+
+    id: str
+    node_id: str
+    command: str
+    args: list[str]
+    cwd: str | None
+    env: dict[str, str]
+    secret_env_keys: list[str]
+    labels: dict[str, str]
+    timeout: float
+    idle_timeout: float | None
+    retries: int
+    state: TaskState = TaskState.QUEUED
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempt: int = 1
+    retry_of: str | None = None
+    output_bytes: int = 0
+    output_dropped: int = 0
+    pid: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract shape of a task in every response and stream."""
+        return {
+            "id": self.id,
+            "node_id": self.node_id,
+            "state": self.state.value,
+            "command": self.command,
+            "args": self.args,
+            "cwd": self.cwd,
+            "labels": self.labels,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "reason": self.reason,
+            "created_at": rfc3339(self.created_at),
+            "started_at": rfc3339(self.started_at),
+            "finished_at": rfc3339(self.finished_at),
+            "attempt": self.attempt,
+            "retry_of": self.retry_of,
+            "output_bytes": self.output_bytes,
+            "output_dropped": self.output_dropped,
+            "timeout": self.timeout,
+            "idle_timeout": self.idle_timeout,
+            "retries": self.retries,
+        }
+
+
+class RequestError(ValueError):
+    """A task request is malformed; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@attrs.frozen
+class TaskRequest:
+    """A validated ``POST /execute`` body."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    cwd: str | None = None
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    secret_env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    timeout: float | None = None
+    idle_timeout: float | None = None
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    node: str | None = None
+    retries: int = 0
+
+
+_FIELDS = {
+    "command", "args", "cwd", "env", "secret_env", "timeout", "idle_timeout",
+    "labels", "node", "retries",
+}
+_MAX_TEXT = 64 * 1024
+
+
+def _string(field: str, value: Any, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise RequestError(field, "must be a string")
+    if not allow_empty and not value:
+        raise RequestError(field, "must not be empty")
+    if "\x00" in value:
+        raise RequestError(field, "must not contain NUL bytes")
+    if len(value) > _MAX_TEXT:
+        raise RequestError(field, f"must be at most {_MAX_TEXT} characters")
+    return value
+
+
+def _string_map(field: str, value: Any, env_names: bool = False) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise RequestError(field, "must be an object of string values")
+    result = {}
+    for key, item in value.items():
+        _string(f"{field}.{key}", key)
+        if env_names and "=" in key:
+            raise RequestError(f"{field}.{key}", "environment names cannot contain '='")
+        result[key] = _string(f"{field}.{key}", item, allow_empty=True)
+    return result
+
+
+def _seconds(field: str, value: Any, maximum: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(field, "must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise RequestError(field, "must be a positive number of seconds")
+    if value > maximum:
+        raise RequestError(field, f"must be at most {maximum:g} seconds")
+    return float(value)
+
+
+def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
+    """Validate a decoded JSON body; raise RequestError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("body", "must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise RequestError(unknown[0], "unknown field")
+    if "command" not in body:
+        raise RequestError("command", "is required")
+    command = _string("command", body["command"])
+    args = body.get("args", [])
+    if not isinstance(args, list):
+        raise RequestError("args", "must be a list of strings")
+    checked_args = tuple(_string(f"args[{i}]", a, allow_empty=True) for i, a in enumerate(args))
+    cwd = body.get("cwd")
+    if cwd is not None:
+        cwd = _string("cwd", cwd)
+        if not os.path.isabs(cwd):
+            raise RequestError("cwd", "must be an absolute path")
+    env = _string_map("env", body.get("env", {}), env_names=True)
+    secret_env = _string_map("secret_env", body.get("secret_env", {}), env_names=True)
+    overlap = sorted(set(env) & set(secret_env))
+    if overlap:
+        raise RequestError(f"secret_env.{overlap[0]}", "is also given in env")
+    retries = body.get("retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+        raise RequestError("retries", "must be a whole number from 0 to 10")
+    node = body.get("node")
+    if node is not None:
+        node = _string("node", node)
+    return TaskRequest(
+        command=command,
+        args=checked_args,
+        cwd=cwd,
+        env=env,
+        secret_env=secret_env,
+        timeout=_seconds("timeout", body.get("timeout"), max_timeout),
+        idle_timeout=_seconds("idle_timeout", body.get("idle_timeout"), max_timeout),
+        labels=_string_map("labels", body.get("labels", {})),
+        node=node,
+        retries=retries,
+    )

@@ -1,0 +1,105 @@
+"""The local node as the API and discovery describe it: identity, load and peers."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import attrs
+import psutil
+
+from oxide_cluster import __version__
+from oxide_cluster.config import Config
+from oxide_cluster.model import rfc3339
+
+
+def primary_ipv4() -> str | None:
+    """The first non-loopback IPv4 address of this host (no DNS, never blocks)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+@attrs.define
+class Node:
+    """Collaborators of one node, wired by ``tap.makeService``."""
+
+    config: Config
+    node_id: str
+    secret: str
+    store: Any
+    executor: Any
+    sampler: Any
+    elector: Any
+    reactor: Any
+    discovery: Any = None
+    hostname: str = attrs.field(factory=socket.gethostname)
+    started_at: float = 0.0
+    services: tuple[str, ...] = ("executor", "api", "ws")
+    api_port: int = 0
+    ip_address: str | None = attrs.field(factory=lambda: primary_ipv4())
+
+    def stats(self) -> dict[str, Any]:
+        load = self.sampler.current
+        return {
+            "cpu_percent": load.cpu_percent,
+            "memory_percent": load.memory_percent,
+            "load": list(load.load),
+            "running_tasks": self.executor.running_count,
+            "free_slots": self.executor.free_slots,
+        }
+
+    def leader(self) -> dict[str, Any]:
+        """The contract shape of ``/api/cluster/leader``: since as RFC 3339 or null."""
+        current = dict(self.elector.leader())
+        current["since"] = rfc3339(current.get("since"))
+        return current
+
+    def announcement(self) -> dict[str, Any]:
+        """What discovery tells peers about this node (kept small: one datagram)."""
+        return {
+            "node_id": self.node_id,
+            "hostname": self.hostname,
+            "api_port": self.api_port,
+            "services": list(self.services),
+            "labels": self.config.labels,
+            "version": __version__,
+            "started_at": self.started_at,
+            "stats": self.stats(),
+            "leader": self.elector.leader() if self.elector.is_leader else None,
+        }
+
+    def local_node_json(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "hostname": self.hostname,
+            "ip_address": self.ip_address,
+            "api_port": self.api_port,
+            "state": "alive",
+            "healthy": True,
+            "last_seen": rfc3339(self.reactor.seconds()),
+            "labels": self.config.labels,
+            "services": list(self.services),
+            "stats": self.stats(),
+            "leader": bool(self.elector.is_leader),
+        }
+
+
+    def peers_json(self) -> list[dict[str, Any]]:
+        if self.discovery is None:
+            return []
+        from oxide_cluster.membership import node_json
+
+        return [node_json(peer) for peer in self.discovery.membership.peers()]
+
+    def cluster_nodes(self) -> dict[str, Any]:
+        remote = self.peers_json()
+        return {
+            "total_nodes": 1 + len(remote),
+            "healthy_nodes": 1 + sum(1 for peer in remote if peer["healthy"]),
+            "leader": self.leader(),
+            "local_node": self.local_node_json(),
+            "remote_nodes": remote,
+        }

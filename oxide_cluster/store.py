@@ -1,0 +1,291 @@
+"""Durable state in SQLite: tasks, their output chunks, and known peers.
+
+All SQLite work runs on one dedicated thread, never on the reactor. Operations queue up
+while a batch is being written and the next batch commits them in one transaction, so
+a burst of output chunks costs one commit, not one per chunk. A Deferred returned by a
+write fires only after its batch has committed: an acknowledged byte is on disk (WAL,
+``synchronous=NORMAL``: safe against a crash of the agent; a power cut may lose the
+last batch).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from oxide_cluster.model import Task, TaskState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, id);
+CREATE TABLE IF NOT EXISTS output (
+    task_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (task_id, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS peers (node_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+"""
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or written (bad path, disk full, newer schema)."""
+
+
+def task_to_record(task: Task) -> str:
+    fields = attrs.asdict(task, recurse=False)
+    fields["state"] = task.state.value
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def task_from_record(record: str) -> Task:
+    fields = json.loads(record)
+    fields["state"] = TaskState(fields["state"])
+    return Task(**fields)
+
+
+class Store(service.Service):
+    """SQLite-backed state of one node, opened in ``startService``."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorThreads, path: Path) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="oxide-store")
+        self._connection: sqlite3.Connection | None = None
+        self._queue: list[tuple[Operation, defer.Deferred[Any]]] = []
+        self._writing = False
+        self._idle: list[defer.Deferred[None]] = []
+        self.is_open = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+        self.opened = self._run(self._open)
+        self.opened.addCallback(self._mark_open)
+
+    def _mark_open(self, _: object) -> None:
+        self.is_open = True
+
+    def _open(self) -> None:
+        try:
+            connection = sqlite3.connect(str(self.path), isolation_level=None,
+                                         check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.executescript(_SCHEMA)
+            row = connection.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open the store {self.path}: {error}") from error
+        if row is None:
+            connection.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                               (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"store {self.path} has schema {row[0]}, newer than this "
+                             f"agent understands ({SCHEMA_VERSION})")
+        self._connection = connection
+
+    async def _stop(self) -> None:
+        await self.flushed()
+        if self._connection is not None:
+            await self._run(self._connection.close)
+            self._connection = None
+        self.is_open = False
+        self._pool.stop()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    def _run(self, function: Callable[[], T]) -> defer.Deferred[T]:
+        return threads.deferToThreadPool(self._reactor, self._pool, function)
+
+    # -- the write-behind queue -------------------------------------------------
+
+    def _submit(self, operation: Operation) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        self._queue.append((operation, done))
+        if not self._writing:
+            self._write_next_batch()
+        return done
+
+    def _write_next_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        self._writing = True
+        result = self._run(lambda: self._execute(batch))
+        result.addCallbacks(self._batch_done, self._batch_failed, callbackArgs=(batch,),
+                            errbackArgs=(batch,))
+
+    def _execute(self, batch: list[tuple[Operation, defer.Deferred[Any]]]) -> list[Any]:
+        connection = self._connection
+        if connection is None:
+            raise StoreError("the store is not open")
+        results: list[Any] = []
+        connection.execute("BEGIN")
+        try:
+            for operation, _ in batch:
+                try:
+                    results.append(operation(connection))
+                except sqlite3.Error as error:
+                    results.append(Failure(StoreError(str(error))))
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return results
+
+    def _batch_done(self, results: list[Any], batch: list[tuple[Operation, Any]]) -> None:
+        self._finish_batch()
+        for (_, done), result in zip(batch, results, strict=True):
+            done.callback(result) if not isinstance(result, Failure) else done.errback(result)
+
+    def _batch_failed(self, failure: Failure, batch: list[tuple[Operation, Any]]) -> None:
+        self.log.failure("store batch of {count} operations failed", failure, count=len(batch))
+        self._finish_batch()
+        for _, done in batch:
+            done.errback(failure)
+
+    def _finish_batch(self) -> None:
+        self._writing = False
+        if self._queue:
+            self._write_next_batch()
+        else:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def flushed(self) -> defer.Deferred[None]:
+        """Fires once everything queued so far has been committed."""
+        if not self._writing and not self._queue:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(waiter)
+        return waiter
+
+    # -- tasks ------------------------------------------------------------------
+
+    def put_task(self, task: Task) -> defer.Deferred[None]:
+        """Insert or replace a task; the record is snapshotted now, not at commit."""
+        row = (task.id, task.node_id, task.state.value, task_to_record(task))
+        return self._submit(lambda c: c.execute(
+            "INSERT OR REPLACE INTO tasks (id, node_id, state, record) VALUES (?, ?, ?, ?)",
+            row) and None)
+
+    def append_output(self, task_id: str, offset: int, stream: str,
+                      data: bytes) -> defer.Deferred[None]:
+        row = (task_id, offset, stream, data)
+        return self._submit(lambda c: c.execute(
+            "INSERT OR REPLACE INTO output (task_id, offset, stream, data) VALUES (?, ?, ?, ?)",
+            row) and None)
+
+    def get_task(self, task_id: str) -> defer.Deferred[Task | None]:
+        def select(connection: sqlite3.Connection) -> Task | None:
+            row = connection.execute("SELECT record FROM tasks WHERE id = ?",
+                                     (task_id,)).fetchone()
+            return task_from_record(row[0]) if row else None
+        return self._submit(select)
+
+    def list_tasks(self, state: str | None = None, node_id: str | None = None,
+                   limit: int = 100, before: str | None = None) -> defer.Deferred[list[Task]]:
+        """Newest first; ``before`` is the id cursor of the previous page."""
+        clauses, params = [], []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)
+        if node_id is not None:
+            clauses.append("node_id = ?")
+            params.append(node_id)
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql = f"SELECT record FROM tasks {where} ORDER BY id DESC LIMIT ?"
+
+        def select(connection: sqlite3.Connection) -> list[Task]:
+            rows = connection.execute(sql, (*params, limit)).fetchall()
+            return [task_from_record(row[0]) for row in rows]
+        return self._submit(select)
+
+    def count_by_state(self) -> defer.Deferred[dict[str, int]]:
+        def select(connection: sqlite3.Connection) -> dict[str, int]:
+            rows = connection.execute("SELECT state, count(*) FROM tasks GROUP BY state")
+            return {state: count for state, count in rows}
+        return self._submit(select)
+
+    def read_output(self, task_id: str, offset: int = 0,
+                    limit: int = 4 * 1024 * 1024) -> defer.Deferred[list[tuple[int, str, bytes]]]:
+        """Chunks covering bytes from ``offset`` on (the first may start before it)."""
+        def select(connection: sqlite3.Connection) -> list[tuple[int, str, bytes]]:
+            rows = connection.execute(
+                "SELECT offset, stream, data FROM output WHERE task_id = ? "
+                "AND offset + length(data) > ? ORDER BY offset", (task_id, offset))
+            chunks, total = [], 0
+            for start, stream, data in rows:
+                chunks.append((start, stream, bytes(data)))
+                total += len(data)
+                if total >= limit:
+                    break
+            return chunks
+        return self._submit(select)
+
+    def mark_unfinished_lost(self, node_id: str, reason: str,
+                             now: float) -> defer.Deferred[list[Task]]:
+        """Tasks of ``node_id`` still queued or running become ``lost`` (never resumed)."""
+        def update(connection: sqlite3.Connection) -> list[Task]:
+            rows = connection.execute(
+                "SELECT record FROM tasks WHERE node_id = ? AND state IN (?, ?)",
+                (node_id, TaskState.QUEUED.value, TaskState.RUNNING.value)).fetchall()
+            lost = []
+            for (record,) in rows:
+                task = task_from_record(record)
+                task.state = TaskState.LOST
+                task.reason = reason
+                task.finished_at = now
+                connection.execute("UPDATE tasks SET state = ?, record = ? WHERE id = ?",
+                                   (task.state.value, task_to_record(task), task.id))
+                lost.append(task)
+            return lost
+        return self._submit(update)
+
+    # -- peers (the discovery layer's PeerStore) --------------------------------
+
+    def load_peers(self) -> defer.Deferred[list[dict[str, Any]]]:
+        def select(connection: sqlite3.Connection) -> list[dict[str, Any]]:
+            return [json.loads(row[0]) for row in connection.execute("SELECT record FROM peers")]
+        return self._submit(select)
+
+    def save_peers(self, peers: list[dict[str, Any]]) -> defer.Deferred[None]:
+        rows = [(peer["node_id"], json.dumps(peer)) for peer in peers]
+
+        def replace(connection: sqlite3.Connection) -> None:
+            connection.execute("DELETE FROM peers")
+            connection.executemany("INSERT INTO peers (node_id, record) VALUES (?, ?)", rows)
+        return self._submit(replace)

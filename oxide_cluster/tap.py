@@ -1,0 +1,174 @@
+"""``twistd oxide-cluster``: command-line options and the node's service tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from oxide_cluster import config as config_module
+from oxide_cluster.api import TaskApi
+from oxide_cluster.config import Config, ConfigError
+from oxide_cluster.election import StandaloneElector
+from oxide_cluster.executor import Executor
+from oxide_cluster.identity import (
+    StateDirLock,
+    load_node_id,
+    prepare_state_dir,
+    resolve_secret,
+)
+from oxide_cluster.node import Node
+from oxide_cluster.stats import StatsSampler
+from oxide_cluster.store import Store
+
+log = Logger()
+
+
+def _option_table() -> tuple[list[list[Any]], list[list[Any]]]:
+    parameters, flags = [], []
+    for setting in config_module.SETTINGS:
+        default = setting.default
+        shown = f" [default: {default!r}]" if default not in (None, (), {}) else ""
+        help_text = f"{setting.help} (env {setting.env_name}){shown}"
+        if setting.parse is config_module._flag:
+            flags.append([f"no-{setting.option}", None, f"turn off: {help_text}"])
+        else:
+            parameters.append([setting.option, None, None, help_text])
+    return parameters, flags
+
+
+class Options(usage.Options):
+    """Options of ``twistd oxide-cluster``; every one also has a YAML key and OXIDE_ name."""
+
+    optParameters, optFlags = _option_table()
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (env OXIDE_CONFIG)"],
+        *optParameters,
+    ]
+
+    def postOptions(self) -> None:
+        command_line: dict[str, Any] = {}
+        for setting in config_module.SETTINGS:
+            if setting.parse is config_module._flag:
+                if self.get(f"no-{setting.option}"):
+                    command_line[setting.name] = False
+            elif self.get(setting.option) is not None:
+                command_line[setting.name] = self[setting.option]
+        try:
+            self.config = config_module.load(command_line, os.environ, self["config"])
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+class NodeService(service.MultiService):
+    """The whole node; holds the state-dir lock for as long as it runs."""
+
+    def __init__(self, lock: StateDirLock) -> None:
+        super().__init__()
+        self._lock = lock
+
+    def stopService(self) -> Any:
+        stopped = super().stopService()
+        def release(result: object) -> object:
+            self._lock.release()
+            return result
+        return stopped.addBoth(release)
+
+
+def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
+    """Create every service of the node, in start order, without starting any."""
+    prepare_state_dir(config.state_dir)
+    lock = StateDirLock(config.state_dir)
+    lock.acquire()
+    node_id = load_node_id(config.state_dir)
+    secret = resolve_secret(config)
+    top = NodeService(lock)
+
+    store = Store(reactor, config.state_dir / "oxide.sqlite3")
+    store.setServiceParent(top)
+    sampler = StatsSampler(config.sample_interval, reactor)
+    sampler.setServiceParent(top)
+    executor = Executor(
+        reactor, store, node_id,
+        max_tasks=config.max_tasks, kill_grace=config.kill_grace,
+        output_limit=config.output_limit, default_timeout=config.default_timeout,
+        load=sampler.cpu_and_memory, max_cpu_percent=config.max_cpu_percent,
+        max_memory_percent=config.max_memory_percent,
+    )
+    elector = StandaloneElector(reactor, node_id)
+    node = Node(config=config, node_id=node_id, secret=secret, store=store,
+                executor=executor, sampler=sampler, elector=elector, reactor=reactor,
+                started_at=reactor.seconds())
+    _RecoverThenRun(store, executor).setServiceParent(top)
+    elector.setServiceParent(top)
+
+    api = TaskApi(node)
+    site = Site(api.resource())
+    site.displayTracebacks = False
+    endpoint = endpoints.serverFromString(reactor, config.listen)
+    listener = StreamServerEndpointService(endpoint, site)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    node.api_port = _port_of(config.listen)
+    return top, node
+
+
+def _port_of(description: str) -> int:
+    """The port number named in an endpoint string like ``tcp:4000:interface=...``."""
+    for part in description.split(":")[1:]:
+        key, sep, value = part.partition("=")
+        if sep and key == "port" and value.isdigit():
+            return int(value)
+        if not sep and part.isdigit():
+            return int(part)
+    return 0
+
+
+class _RecoverThenRun(service.Service):
+    """Starts the executor only after the store is open and earlier tasks are settled."""
+
+    def __init__(self, store: Store, executor: Executor) -> None:
+        self._store = store
+        self._executor = executor
+
+    def startService(self) -> None:
+        super().startService()
+        self._executor.startService()
+        self._store.opened.addCallback(
+            lambda _: defer.Deferred.fromCoroutine(self._executor.recover())
+        ).addErrback(self._fatal)
+
+    def _fatal(self, failure: Any) -> None:
+        log.failure("cannot open the store; stopping", failure)
+        from twisted.internet import reactor
+
+        stoppable: Any = reactor
+        stoppable.stop()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._executor.stopService()
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    config: Config = options.config
+    try:
+        top, node = build_node(config, reactor)
+    except ConfigError as error:
+        sys.stderr.write(f"oxide-cluster: {error}\n")
+        raise SystemExit(2) from None
+    log.info("oxide-cluster node {node_id} listening on {listen}, state in {state_dir}",
+             node_id=node.node_id, listen=config.listen, state_dir=config.state_dir)
+    return top
+
+
+__all__ = ["Options", "build_node", "makeService"]
