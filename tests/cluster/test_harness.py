@@ -60,6 +60,9 @@ def test_udp_broadcast_reaches_other_hosts(network):
         assert poll_until(lambda s=sink: received(s, b"hello-all"), 5,
                           message="broadcast not received") == [h1.ip]
     assert net.broadcast.endswith(".255") and h1.ip.endswith(".11")
+    # Agents find their broadcast address from the interface, so it must be set there.
+    probe = "import psutil; print([a.broadcast for a in psutil.net_if_addrs()['eth0']])"
+    assert repr(net.broadcast) in h2.run([sys.executable, "-c", probe]).stdout
 
 
 def test_add_host_joins_the_same_segment(network):
