@@ -1,0 +1,90 @@
+"""Fixtures for the multi-host suite: namespaced networks, redis, logs on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import harness
+
+pytest_plugins = ["pytester"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/cluster is a cluster test (select with ``-m cluster``)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Stash each phase's report on the item so fixtures can see if the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(getattr(request.node, f"rep_{when}", None) is not None
+               and getattr(request.node, f"rep_{when}").failed
+               for when in ("setup", "call"))
+
+
+def _dump_logs(paths: list[Path]) -> None:
+    for path in paths:
+        text = path.read_text(errors="replace") if path.exists() else "(missing)"
+        sys.stderr.write(f"\n===== {path.name} =====\n{text[-20000:]}\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cleanup_stale_runs() -> None:
+    """Remove what a crashed earlier run left behind (dead owners only)."""
+    with contextlib.suppress(Exception):
+        harness.cleanup_stale()
+
+
+@pytest.fixture
+def network(request: pytest.FixtureRequest, tmp_path: Path
+            ) -> Iterator[Callable[[int], harness.Network]]:
+    """Factory: ``net = network(3)``; every network is torn down after the test.
+
+    Skips when namespaces cannot be created (not root). On failure, every log file of
+    every process the networks started is printed.
+    """
+    stack = contextlib.ExitStack()
+    nets: list[harness.Network] = []
+
+    def make(n_hosts: int) -> harness.Network:
+        log_dir = tmp_path / f"net{len(nets) + 1}"
+        try:
+            net = stack.enter_context(harness.Network("ox", n_hosts, log_dir))
+        except harness.HarnessUnavailable as exc:
+            pytest.skip(f"multi-host harness unavailable: {exc}")
+        nets.append(net)
+        return net
+
+    try:
+        yield make
+    finally:
+        if _failed(request):
+            _dump_logs([p for net in nets for p in net.log_files()])
+        stack.close()
+
+
+@pytest.fixture
+def redis_server() -> Callable[[harness.Network], harness.RedisServer]:
+    """Factory: ``redis = redis_server(net)`` starts redis-server on the net's bridge IP.
+
+    The network owns the process, so the network's teardown stops it.
+    """
+    def make(net: harness.Network) -> harness.RedisServer:
+        return harness.RedisServer(net).start()
+    return make
