@@ -105,9 +105,11 @@ class TaskRun:
     def __init__(self, reactor: Any, task: Task, secret_env: dict[str, str], *,
                  kill_grace: float, output_limit: int, on_output: OutputListener,
                  on_finished: Callable[[TaskRun], None],
-                 spawn: Callable[..., Any] = spawn_in_new_group) -> None:
+                 spawn: Callable[..., Any] = spawn_in_new_group,
+                 signal_group: Callable[[int, int], None] = os.killpg) -> None:
         self._reactor = reactor
         self.task = task
+        self._kill_group = signal_group
         self._secret_env = secret_env
         self._kill_grace = kill_grace
         self._output_limit = output_limit
@@ -231,7 +233,7 @@ class TaskRun:
         if self._pgid is None:
             return
         try:
-            os.killpg(self._pgid, number)
+            self._kill_group(self._pgid, number)
         except ProcessLookupError:
             pass
         except PermissionError as failure:
@@ -278,9 +280,11 @@ class Executor(service.Service):
                  kill_grace: float, output_limit: int, default_timeout: float,
                  load: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0),
                  max_cpu_percent: float = 100.0, max_memory_percent: float = 100.0,
-                 spawn: Callable[..., Any] = spawn_in_new_group) -> None:
+                 spawn: Callable[..., Any] = spawn_in_new_group,
+                 signal_group: Callable[[int, int], None] = os.killpg) -> None:
         self._reactor = reactor
         self._store = store
+        self._signal_group = signal_group
         self.node_id = node_id
         self.max_tasks = max_tasks
         self._kill_grace = kill_grace
@@ -382,7 +386,8 @@ class Executor(service.Service):
         )
         run = TaskRun(self._reactor, task, dict(request.secret_env),
                       kill_grace=self._kill_grace, output_limit=self._output_limit,
-                      on_output=self._output, on_finished=self._finished, spawn=self._spawn)
+                      on_output=self._output, on_finished=self._finished, spawn=self._spawn,
+                      signal_group=self._signal_group)
         self.runs[task.id] = run
         run.start()
         stored = self._store.put_task(task)

@@ -1,0 +1,320 @@
+"""The executor's logic with a Clock and a fake process; real children at the end."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import attrs
+import psutil
+import pytest
+import pytest_twisted
+from twisted.internet import defer, error, task
+from twisted.python.failure import Failure
+
+from oxide_cluster.executor import CapacityError, Executor
+from oxide_cluster.model import TaskState, parse_task_request
+
+
+class MemoryStore:
+    """Records what the executor persists."""
+
+    def __init__(self):
+        self.tasks = {}
+        self.output = []
+
+    def put_task(self, task):
+        self.tasks[task.id] = attrs.evolve(task)
+        return defer.succeed(None)
+
+    def append_output(self, task_id, offset, stream, data):
+        self.output.append((task_id, offset, stream, data))
+        return defer.succeed(None)
+
+    def mark_unfinished_lost(self, node_id, reason, now):
+        return defer.succeed([])
+
+
+@attrs.define
+class FakeProcess:
+    pid: int
+    protocol: object
+    args: list
+    env: dict
+    path: str | None
+
+    def exit(self, code=0, signal_number=None):
+        if signal_number is not None:
+            reason = Failure(error.ProcessTerminated(None, signal_number, None))
+        elif code == 0:
+            reason = Failure(error.ProcessDone(0))
+        else:
+            reason = Failure(error.ProcessTerminated(code, None, None))
+        self.protocol.processExited(reason)
+        self.protocol.processEnded(reason)
+
+
+class Harness:
+    def __init__(self, **options):
+        self.clock = task.Clock()
+        self.store = MemoryStore()
+        self.processes = []
+        self.signals = []
+        self.load = (10.0, 10.0)
+        defaults = dict(max_tasks=2, kill_grace=5.0, output_limit=1000, default_timeout=60.0,
+                        max_cpu_percent=90.0, max_memory_percent=90.0)
+        defaults.update(options)
+        self.executor = Executor(self.clock, self.store, "node-a", load=lambda: self.load,
+                                 spawn=self.spawn, signal_group=self.signal, **defaults)
+        self.executor.ready = True
+
+    def spawn(self, reactor, protocol, executable, args, env, path):
+        process = FakeProcess(1000 + len(self.processes), protocol, args, env, path)
+        self.processes.append(process)
+        protocol.makeConnection(FakeTransport())
+        return process
+
+    def signal(self, pgid, number):
+        self.signals.append((pgid, number))
+
+    def submit(self, **body):
+        body.setdefault("command", "sh")
+        request = parse_task_request(body, max_timeout=3600)
+        return self.executor.submit(request)
+
+
+class FakeTransport:
+    def closeStdin(self):
+        pass
+
+
+def started(harness, **body):
+    result = []
+    harness.submit(**body).addCallback(result.append)
+    return result[0]
+
+
+def test_success_is_recorded_with_exit_code():
+    harness = Harness()
+    task_ = started(harness)
+    assert task_.state is TaskState.RUNNING
+    harness.processes[0].exit(0)
+    assert task_.state is TaskState.SUCCEEDED and task_.exit_code == 0
+    assert harness.store.tasks[task_.id].state is TaskState.SUCCEEDED
+    assert harness.executor.free_slots == 2
+
+
+def test_nonzero_exit_fails_with_code_and_signal_is_named():
+    harness = Harness()
+    first, second = started(harness), started(harness)
+    harness.processes[0].exit(3)
+    harness.processes[1].exit(signal_number=signal.SIGKILL)
+    assert (first.state, first.exit_code, first.reason) == (
+        TaskState.FAILED, 3, "exited with code 3")
+    assert second.state is TaskState.FAILED and second.signal == signal.SIGKILL
+    assert second.reason == "killed by SIGKILL"
+
+
+def test_timeout_sends_term_then_kill_after_grace():
+    harness = Harness()
+    task_ = started(harness, timeout=10)
+    harness.clock.advance(9.9)
+    assert harness.signals == []
+    harness.clock.advance(0.2)
+    assert harness.signals == [(1000, signal.SIGTERM)]
+    harness.clock.advance(4.9)
+    assert harness.signals == [(1000, signal.SIGTERM)]
+    harness.clock.advance(0.2)
+    assert harness.signals[-1] == (1000, signal.SIGKILL)
+    harness.processes[0].exit(signal_number=signal.SIGKILL)
+    assert task_.state is TaskState.TIMED_OUT
+    assert task_.reason == "timed out after 10s"
+
+
+def test_process_ending_on_term_needs_no_kill():
+    harness = Harness()
+    task_ = started(harness)
+    assert harness.executor.cancel(task_.id)
+    harness.processes[0].exit(signal_number=signal.SIGTERM)
+    harness.clock.advance(60)
+    # exited() kills the group's leftovers; no SIGKILL from the grace timer.
+    assert harness.signals == [(1000, signal.SIGTERM), (1000, signal.SIGKILL)]
+    assert task_.state is TaskState.CANCELLED and task_.reason == "cancelled by request"
+    assert not harness.executor.cancel(task_.id)
+
+
+def test_idle_timeout_is_reset_by_output():
+    harness = Harness()
+    task_ = started(harness, idle_timeout=3)
+    protocol = harness.processes[0].protocol
+    for _ in range(5):
+        harness.clock.advance(2)
+        protocol.outReceived(b"tick\n")
+    assert harness.signals == []
+    harness.clock.advance(3.1)
+    assert harness.signals == [(1000, signal.SIGTERM)]
+    harness.processes[0].exit(signal_number=signal.SIGTERM)
+    assert task_.state is TaskState.TIMED_OUT and "idle" in task_.reason
+
+
+def test_unkillable_process_is_given_up_and_slot_freed():
+    harness = Harness(kill_grace=1.0)
+    task_ = started(harness)
+    harness.executor.cancel(task_.id)
+    harness.clock.advance(1.0)
+    harness.clock.advance(10.0)
+    assert task_.state is TaskState.CANCELLED
+    assert "did not exit after SIGKILL" in task_.reason
+    assert harness.executor.free_slots == 2
+
+
+def test_output_chunks_have_ordered_offsets_and_cap():
+    harness = Harness(output_limit=10)
+    task_ = started(harness)
+    protocol = harness.processes[0].protocol
+    protocol.outReceived(b"abcd")
+    protocol.errReceived(b"efgh")
+    protocol.outReceived(b"ijklmn")
+    protocol.outReceived(b"zz")
+    harness.processes[0].exit(0)
+    assert harness.store.output == [
+        (task_.id, 0, "stdout", b"abcd"),
+        (task_.id, 4, "stderr", b"efgh"),
+        (task_.id, 8, "stdout", b"ij"),
+    ]
+    assert task_.output_bytes == 10 and task_.output_dropped == 6
+    assert "6 bytes of output over the limit dropped" in task_.reason
+
+
+def test_missing_command_and_cwd_fail_without_spawning(tmp_path):
+    harness = Harness()
+    missing = started(harness, command="no-such-command-here")
+    no_dir = started(harness, cwd=str(tmp_path / "absent"))
+    assert harness.processes == []
+    assert missing.state is TaskState.FAILED and missing.reason.startswith("command not found")
+    assert no_dir.state is TaskState.FAILED and no_dir.reason.startswith("cwd does not exist")
+    assert harness.executor.free_slots == 2
+
+
+def test_environment_is_minimal_plus_request_and_secret_not_recorded():
+    harness = Harness()
+    task_ = started(harness, env={"A": "1"}, secret_env={"TOKEN": "s3cret"})
+    env = harness.processes[0].env
+    assert env["A"] == "1" and env["TOKEN"] == "s3cret"
+    assert env["OXIDE_TASK_ID"] == task_.id
+    assert "OXIDE_CLUSTER_SECRET" not in env
+    stored = harness.store.tasks[task_.id]
+    assert "s3cret" not in repr(stored) and stored.secret_env_keys == ["TOKEN"]
+
+
+def test_capacity_refusals():
+    harness = Harness(max_tasks=1)
+    started(harness)
+    with pytest.raises(CapacityError) as slots:
+        harness.submit()
+    assert slots.value.status == 429 and slots.value.retry_after >= 1
+    harness.processes[0].exit(0)
+    harness.load = (95.0, 10.0)
+    with pytest.raises(CapacityError) as cpu:
+        harness.submit()
+    assert cpu.value.status == 503 and cpu.value.code == "cpu_busy"
+    harness.load = (10.0, 99.0)
+    with pytest.raises(CapacityError) as memory:
+        harness.submit()
+    assert memory.value.code == "memory_busy"
+
+
+def test_not_ready_refuses_and_shutdown_cancels_everything():
+    harness = Harness()
+    harness.executor.ready = False
+    with pytest.raises(CapacityError, match="starting"):
+        harness.submit()
+    harness.executor.ready = True
+    first, second = started(harness), started(harness)
+    stopped = harness.executor.stopService()
+    assert not stopped.called
+    for process in harness.processes:
+        process.exit(signal_number=signal.SIGTERM)
+    assert stopped.called
+    assert {first.reason, second.reason} == {"agent shutdown"}
+    assert first.state is TaskState.CANCELLED
+    with pytest.raises(CapacityError, match="shutting down"):
+        harness.submit()
+
+
+def test_waiters_get_the_final_task():
+    harness = Harness()
+    task_ = started(harness)
+    waiter = harness.executor.when_finished(task_.id)
+    assert not waiter.called
+    harness.processes[0].exit(0)
+    assert waiter.result.state is TaskState.SUCCEEDED
+    assert harness.executor.when_finished(task_.id) is None
+
+
+# -- real child processes ---------------------------------------------------------
+
+
+def real_executor(tmp_path, **options):
+    from twisted.internet import reactor
+
+    defaults = dict(max_tasks=4, kill_grace=2.0, output_limit=1 << 20, default_timeout=60.0)
+    defaults.update(options)
+    executor = Executor(reactor, MemoryStore(), "node-real", **defaults)
+    executor.ready = True
+    return executor
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_kills_grandchildren(tmp_path):
+    executor = real_executor(tmp_path)
+    request = parse_task_request(
+        {"command": "sh", "args": ["-c", "sleep 300 & sleep 300 & echo ready; wait"]}, 3600)
+    said_ready: defer.Deferred[None] = defer.Deferred()
+    executor.output_listeners.append(
+        lambda task, offset, stream, data: said_ready.called or said_ready.callback(None))
+    task_ = await executor.submit(request)
+    group = task_.pid
+    done = executor.when_finished(task_.id)
+    await said_ready.addTimeout(10, reactor_())
+    members = [p for p in psutil.process_iter() if _pgid(p) == group]
+    assert len(members) >= 2
+    executor.cancel(task_.id)
+    final = await done
+    assert final.state is TaskState.CANCELLED
+    survivors = [p for p in psutil.process_iter() if _pgid(p) == group and _alive(p)]
+    assert survivors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_leftover_background_process_does_not_hold_the_task(tmp_path):
+    executor = real_executor(tmp_path)
+    request = parse_task_request(
+        {"command": sys.executable, "args": ["-c", (
+            "import subprocess; subprocess.Popen(['sleep', '300']); print('bye')")]}, 3600)
+    task_ = await executor.submit(request)
+    final = await executor.when_finished(task_.id)
+    assert final.state is TaskState.SUCCEEDED
+    assert [p for p in psutil.process_iter() if _pgid(p) == task_.pid and _alive(p)] == []
+
+
+def reactor_():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _pgid(process):
+    try:
+        import os
+
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _alive(process):
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
