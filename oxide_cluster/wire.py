@@ -10,6 +10,10 @@ A datagram is canonical JSON::
 datagram per interval carries identity and load, so a receiver never knows a peer without
 fresh numbers for it.
 
+Times in a body are unix seconds like ``ts`` (``started_at``; ``leader.since`` may also be
+an RFC 3339 string); ``stats.load`` is the 1/5/15-minute load average list or one number;
+``leader`` is the sender's view of the leader (``{"node_id","token","since"}``) or null.
+
 Both sides go through this module: ``encode`` validates what it produces with the same
 rules ``decode`` applies, so a node cannot emit a datagram its peers would reject.
 """
@@ -180,10 +184,18 @@ def _check_announce(node_id: str, body: dict[str, Any]) -> None:
         _check_str(key, "labels key", 64, 1)
         _check_str(value, f"labels[{key}]", 128)
     _check_str(body["version"], "version", 64)
-    _check_timestamp(body["started_at"], "started_at")
+    _check_number(body["started_at"], "started_at")
     stats = _check_keys(body["stats"], "stats", _STATS_KEYS)
-    for key in ("cpu_percent", "memory_percent", "load"):
+    for key in ("cpu_percent", "memory_percent"):
         _check_number(stats[key], f"stats.{key}")
+    load = stats["load"]
+    if isinstance(load, list):
+        if not 1 <= len(load) <= 3:
+            raise _bad("stats.load must be a number or a list of 1..3 numbers")
+        for value in load:
+            _check_number(value, "stats.load[]")
+    else:
+        _check_number(load, "stats.load")
     for key in ("running_tasks", "free_slots"):
         _check_int(stats[key], f"stats.{key}", 0, 1_000_000)
     leader = body["leader"]
@@ -194,8 +206,11 @@ def _check_announce(node_id: str, body: dict[str, Any]) -> None:
         token = leader["token"]
         if token is not None and type(token) is not int:
             _check_str(token, "leader.token", 64, 1)
-        if leader["since"] is not None:
-            _check_timestamp(leader["since"], "leader.since")
+        since = leader["since"]
+        if since is not None and not isinstance(since, str):
+            _check_number(since, "leader.since")
+        elif since is not None:
+            _check_timestamp(since, "leader.since")
 
 
 def _check_envelope(type_: Any, node_id: Any, ts: Any, nonce: Any, body: Any) -> None:

@@ -25,11 +25,11 @@ def announce_body(node_id: str = "node-a", **overrides: Any) -> dict[str, Any]:
         "services": ["executor", "api"],
         "labels": {"os": "linux"},
         "version": "0.1.0",
-        "started_at": "2024-01-01T00:00:00Z",
+        "started_at": NOW - 100.0,
         "stats": {
             "cpu_percent": 12.5,
             "memory_percent": 40.0,
-            "load": 0.5,
+            "load": [0.5, 0.25, 0.125],
             "running_tasks": 1,
             "free_slots": 3,
         },
@@ -87,9 +87,18 @@ def test_datagram_is_canonical_json_with_contract_fields() -> None:
     assert len(obj["mac"]) == 64
 
 
-def test_leader_may_be_null() -> None:
-    data = wire.encode(KEY, wire.ANNOUNCE, "node-a", announce_body(leader=None), ts=NOW)
-    assert wire.decode(KEY, data, guard()).body["leader"] is None
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"leader": None},
+        {"leader": {"node_id": None, "token": None, "since": None}},
+        {"leader": {"node_id": "b", "token": "7", "since": "2024-01-01T00:00:00Z"}},
+        {"stats": {**announce_body()["stats"], "load": 0.5}},
+    ],
+)
+def test_announce_accepts_every_documented_shape(overrides: dict[str, Any]) -> None:
+    data = wire.encode(KEY, wire.ANNOUNCE, "node-a", announce_body(**overrides), ts=NOW)
+    assert wire.decode(KEY, data, guard()).body == announce_body(**overrides)
 
 
 def test_forged_mac_is_refused() -> None:
@@ -138,7 +147,8 @@ def test_signed_but_invalid_fields_are_bad_field() -> None:
         ("services", "api"),
         ("labels", {"k": 1}),
         ("started_at", "yesterday"),
-        ("started_at", "2024-01-01T00:00:00"),
+        ("stats", {**base["body"]["stats"], "load": [1, 2, 3, 4]}),
+        ("leader", {"node_id": "x", "token": 1, "since": "2024-01-01T00:00:00"}),
         ("node_id", "someone-else"),
         ("stats", {"cpu_percent": 1}),
         ("leader", {"node_id": "x"}),
