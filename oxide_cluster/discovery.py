@@ -389,7 +389,8 @@ class DiscoveryService(service.MultiService):
     def _send(self, type_: str, body: dict[str, Any], address: Address) -> None:
         # One encoding per target: fresh nonces, so a datagram that reaches a peer by
         # broadcast and by unicast is not counted as a replay.
-        assert self.node_id is not None
+        if not self.bound or self.node_id is None:
+            return  # a late callback (DNS, store) after stopService
         try:
             data = self.codec.encode(type_, self.node_id, body)
         except WireError as e:

@@ -421,3 +421,40 @@ def deferLater(reactor: Any, delay: float) -> defer.Deferred[None]:
 
     return task.deferLater(reactor, delay, lambda: None)
 
+
+
+def test_drops_are_logged_rate_limited(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.logger import Logger
+
+    from oxide_cluster import discovery
+
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(discovery, "log", Logger(observer=events.append))
+    net = FakeNetwork(clock)
+    a = make_service(net, "10.0.0.1", "a", broadcast=False)
+    a.startService()
+    proto = net.ports[("10.0.0.1", 4001)].protocol
+    for _ in range(50):
+        proto.datagramReceived(b"junk", ("10.0.0.66", 4001))
+    clock.advance(10.0)
+    proto.datagramReceived(b"junk", ("10.0.0.66", 4001))
+    drops = [e for e in events if e.get("reason") == "not_json"]
+    assert a.counters["dropped"]["not_json"] == 51
+    assert [e["suppressed"] for e in drops] == [0, 49]
+
+
+def test_late_store_answer_after_stop_sends_nothing(clock: Clock) -> None:
+    net = FakeNetwork(clock)
+    pending: defer.Deferred[list[dict[str, Any]]] = defer.Deferred()
+
+    class SlowStore(MemoryPeerStore):
+        def load_peers(self) -> defer.Deferred[list[dict[str, Any]]]:
+            return pending
+
+    a = make_service(net, "10.0.0.1", "a", store=SlowStore())
+    a.startService()
+    port = net.ports[("10.0.0.1", 4001)]
+    a.stopService()
+    pending.callback([{"node_id": "old", "ip_address": "10.0.0.5", "discovery_port": 4001}])
+    assert a.counters["errors"]["send"] == 0
+    assert not any(addr == ("10.0.0.5", 4001) for _, addr in port.written)
