@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -63,6 +63,10 @@ def _check_peers(_: Any, attribute: attrs.Attribute[tuple[str, ...]], value: Any
 #   per receiver; broadcast stays fine to a few hundred nodes (see DESIGN "Scale").
 # - replay_window 5 s tolerates modest clock skew between hosts (ts is wall time).
 # - prune_after 300 s keeps dead peers visible to operators and the leader for a while.
+def _as_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class DiscoverySettings:
     """Discovery configuration (the core maps config keys onto these fields)."""
@@ -71,9 +75,9 @@ class DiscoverySettings:
     bind: str = "0.0.0.0"
     #: Interface names (or literal IPv4 broadcast addresses); empty = every
     #: non-loopback IPv4 interface that has a broadcast address.
-    interfaces: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    interfaces: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple)
     #: Static unicast targets ``host[:port]``; names are re-resolved every resolve_interval.
-    peers: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_peers)
+    peers: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_peers)
     #: False: no broadcast at all (overlay networks, tests); only ``peers`` are used.
     broadcast: bool = True
     announce_interval: float = attrs.field(default=0.25, validator=_positive)

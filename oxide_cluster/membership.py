@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Protocol
 
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from oxide_cluster.model import rfc3339
 from oxide_cluster.wire import SecondsClock
 
 log = Logger()
@@ -64,14 +65,6 @@ class Peer:
     @property
     def healthy(self) -> bool:
         return self.state is PeerState.ALIVE
-
-
-def rfc3339(timestamp: float | None) -> str | None:
-    """UTC, millisecond precision, ``Z`` suffix: the API's timestamp format."""
-    if timestamp is None:
-        return None
-    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _parse_rfc3339(text: Any) -> float | None:

@@ -16,6 +16,7 @@ from twisted.web.server import Site
 from oxide_cluster import config as config_module
 from oxide_cluster.api import TaskApi
 from oxide_cluster.config import Config, ConfigError
+from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
 from oxide_cluster.election import StandaloneElector
 from oxide_cluster.executor import Executor
 from oxide_cluster.identity import (
@@ -108,6 +109,10 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                 started_at=reactor.seconds())
     _RecoverThenRun(store, executor).setServiceParent(top)
     elector.setServiceParent(top)
+    if config.discovery:
+        node.discovery = DiscoveryService(reactor, discovery_settings(config),
+                                          node.announcement, store, secret)
+        node.discovery.setServiceParent(top)
 
     api = TaskApi(node)
     site = Site(api.resource())
@@ -118,6 +123,18 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     listener.setServiceParent(top)
     node.api_port = _port_of(config.listen)
     return top, node
+
+
+def discovery_settings(config: Config) -> DiscoverySettings:
+    """Map the node's config keys onto discovery settings (suspect at 40 % of dead)."""
+    return DiscoverySettings(
+        port=config.discovery_port,
+        interfaces=config.discovery_interface,
+        peers=config.peers,
+        announce_interval=config.announce_interval,
+        suspect_after=max(2 * config.announce_interval, 0.4 * config.dead_after),
+        dead_after=config.dead_after,
+    )
 
 
 def _port_of(description: str) -> int:
