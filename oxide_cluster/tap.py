@@ -69,18 +69,30 @@ class Options(usage.Options):
 
 
 class NodeService(service.MultiService):
-    """The whole node; holds the state-dir lock for as long as it runs."""
+    """The whole node; holds the state-dir lock for as long as it runs.
+
+    Children stop one after another in reverse start order (MultiService stops them all
+    at once): the executor must finish recording its cancelled tasks before the store
+    closes under it.
+    """
 
     def __init__(self, lock: StateDirLock) -> None:
         super().__init__()
         self._lock = lock
 
-    def stopService(self) -> Any:
-        stopped = super().stopService()
-        def release(result: object) -> object:
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        try:
+            for child in reversed(list(self)):
+                try:
+                    await defer.maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {child} failed", child=child)
+        finally:
             self._lock.release()
-            return result
-        return stopped.addBoth(release)
 
 
 def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
