@@ -38,4 +38,7 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + report.when, report)
 
 
+# tests/cluster uses pytester to check that a failing scenario prints node logs.
+pytest_plugins = ["pytester"]
+
 __all__ = ["free_port"]

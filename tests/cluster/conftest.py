@@ -13,8 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import harness
 
-pytest_plugins = ["pytester"]
-
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test under tests/cluster is a cluster test (select with ``-m cluster``)."""
