@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmarks: a local agent, a keep-alive client, result files."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+TWISTD = [sys.executable, "-c",
+          "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+SECRET = "bench-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LocalAgent:
+    """One ``twistd -n oxide-cluster`` on loopback for the length of a benchmark."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.home = Path(tempfile.mkdtemp(prefix="oxide-bench-"))
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LocalAgent:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OXIDE_")}
+        env.update(PYTHONPATH=str(REPO), OXIDE_CLUSTER_SECRET=SECRET)
+        argv = [*TWISTD, "-n", "--pidfile=", "--logfile", str(self.home / "agent.log"),
+                "oxide-cluster", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                "--state-dir", str(self.home / "state"), "--no-discovery", *self.args]
+        self.process = subprocess.Popen(argv, cwd=self.home, env=env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if Client(self.port).call("GET", "/ready")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("agent did not become ready; see " + str(self.home))
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(30)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+class Client:
+    """A keep-alive HTTP client pinned to one local node."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        headers = {"X-Cluster-Secret": SECRET}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        self.connection.request(method, path, body=data, headers=headers)
+        reply = self.connection.getresponse()
+        raw = reply.read()
+        try:
+            return reply.status, json.loads(raw)
+        except ValueError:
+            return reply.status, raw
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def save(name: str, data: Any) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path

@@ -1,0 +1,80 @@
+"""End-to-end tasks/s of ``/bin/true`` over HTTP against the raw spawn rate, same run.
+
+    python -m bench.tasks [--tasks 600] [--clients 8]
+
+Each client submits ``POST /execute?wait=30`` on a keep-alive connection and waits for
+the result, so a task counts once it has run and its final state is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import threading
+import time
+
+from bench.common import Client, LocalAgent, print_table, save
+
+
+def raw_spawn_rate(count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        subprocess.run(["/bin/true"], check=True)
+    return count / (time.perf_counter() - started)
+
+
+def http_rate(port: int, count: int, clients: int) -> tuple[float, int]:
+    remaining = [count]
+    lock = threading.Lock()
+    refused = [0]
+
+    def worker() -> None:
+        client = Client(port)
+        while True:
+            with lock:
+                if remaining[0] <= 0:
+                    return
+                remaining[0] -= 1
+            while True:
+                status, body = client.call("POST", "/execute?wait=30",
+                                           {"command": "/bin/true"})
+                if status in (429, 503):
+                    with lock:
+                        refused[0] += 1
+                    continue
+                assert status == 200 and body["state"] == "succeeded", (status, body)
+                break
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return count / (time.perf_counter() - started), refused[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=600)
+    parser.add_argument("--clients", type=int, default=8)
+    options = parser.parse_args()
+    raw = raw_spawn_rate(options.tasks)
+    with LocalAgent("--max-tasks", str(options.clients)) as agent:
+        http_rate(agent.port, 50, options.clients)  # warm up
+        rate, refused = http_rate(agent.port, options.tasks, options.clients)
+    rows = [
+        ["raw subprocess.run(/bin/true), 1 thread", f"{raw:.0f}", "1.00"],
+        [f"HTTP /execute?wait, {options.clients} clients", f"{rate:.0f}", f"{rate / raw:.2f}"],
+    ]
+    print_table(f"tasks/s, {options.tasks} tasks of /bin/true", ["path", "tasks/s", "ratio"],
+                rows)
+    print(f"capacity refusals retried: {refused}")
+    path = save("tasks", {"raw_spawn_per_s": raw, "http_per_s": rate, "ratio": rate / raw,
+                          "tasks": options.tasks, "clients": options.clients,
+                          "refused": refused})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
