@@ -8,6 +8,7 @@ command ends, and no orphan keeps the pipes (and the slot) open.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -57,11 +58,35 @@ def signal_name(number: int) -> str:
 class _GroupLeaderProcess(process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
-    Twisted's posix_spawn fast path cannot call setsid(), so this always forks.
+    The fast path is ``posix_spawnp(..., setsid=True)``, Twisted's own spawn call plus
+    ``setsid``; it needs Twisted's private fd helpers and cannot change directory, so a
+    task with a ``cwd`` (or a Twisted without those helpers) takes the fork path, whose
+    child calls ``setsid()`` before exec.
     """
 
-    def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
-        return False
+    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: str,
+                               args: list[str], environment: dict[str, str],
+                               kwargs: dict[str, Any]) -> bool:
+        helpers: list[Any] = [getattr(process, name, None) for name in
+                   ("_listOpenFDs", "_getFileActions", "_PS_CLOSE", "_PS_DUP2")]
+        if path is not None or uid is not None or gid is not None or None in helpers:
+            return False
+        list_open_fds, file_actions, ps_close, ps_dup2 = helpers
+        fd_state = []
+        for fd in list_open_fds():
+            try:
+                fd_state.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
+            except OSError:
+                pass
+        ignored = [number for number in range(1, signal.NSIG)
+                   if signal.getsignal(number) == signal.SIG_IGN]
+        self.pid = os.posix_spawnp(
+            executable, args, environment,
+            file_actions=file_actions(fd_state, kwargs.get("fdmap"), doClose=ps_close,
+                                      doDup2=ps_dup2),
+            setsigdef=ignored, setsid=True)
+        self.status = -1
+        return True
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
         os.setsid()
@@ -392,8 +417,6 @@ class Executor(service.Service):
         run.start()
         stored = self._store.put_task(task)
         if task.state is TaskState.RUNNING:
-            self.log.info("task {task_id} started: {command} (pid {pid})", task_id=task.id,
-                          command=task.command, pid=task.pid)
             self._notify_state(task)
         return stored.addCallback(lambda _: task)
 
@@ -426,8 +449,9 @@ class Executor(service.Service):
         task = run.task
         self.runs.pop(task.id, None)
         self.finished_total += 1
-        self.log.info("task {task_id} {state}: {reason}", task_id=task.id,
-                      state=task.state.value, reason=task.reason)
+        # One line per task, at its end: on the hot path, logging is a real cost.
+        self.log.info("task {task_id} ({command}) {state}: {reason}", task_id=task.id,
+                      command=task.command, state=task.state.value, reason=task.reason)
         self._recording += 1
         stored = self._store.put_task(task)
         stored.addErrback(self._log_store_failure, task.id)

@@ -10,6 +10,7 @@ last batch).
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Callable
@@ -51,6 +52,18 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
 
+@attrs.frozen
+class _TaskPut:
+    """Queued in place of a task write; the newest record is taken when the batch forms."""
+
+    task_id: str
+
+
+def _insert_task(connection: sqlite3.Connection, row: tuple[str, str, str, str]) -> None:
+    connection.execute(
+        "INSERT OR REPLACE INTO tasks (id, node_id, state, record) VALUES (?, ?, ?, ?)", row)
+
+
 class StoreError(RuntimeError):
     """The store cannot be opened or written (bad path, disk full, newer schema)."""
 
@@ -77,9 +90,11 @@ class Store(service.Service):
         self.path = path
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="oxide-store")
         self._connection: sqlite3.Connection | None = None
-        self._queue: list[tuple[Operation, defer.Deferred[Any]]] = []
+        self._queue: list[tuple[Operation | _TaskPut, defer.Deferred[Any]]] = []
         self._writing = False
         self._idle: list[defer.Deferred[None]] = []
+        self._pending_tasks: dict[str, tuple[str, str, str, str]] = {}
+        self._pending_done: dict[str, defer.Deferred[Any]] = {}
         self.is_open = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -129,7 +144,7 @@ class Store(service.Service):
 
     # -- the write-behind queue -------------------------------------------------
 
-    def _submit(self, operation: Operation) -> defer.Deferred[Any]:
+    def _submit(self, operation: Operation | _TaskPut) -> defer.Deferred[Any]:
         done: defer.Deferred[Any] = defer.Deferred()
         self._queue.append((operation, done))
         if not self._writing:
@@ -137,7 +152,15 @@ class Store(service.Service):
         return done
 
     def _write_next_batch(self) -> None:
-        batch, self._queue = self._queue, []
+        queued, self._queue = self._queue, []
+        batch = []
+        for operation, done in queued:
+            if isinstance(operation, _TaskPut):
+                # Taken on the reactor thread: later puts start a new pending entry.
+                row = self._pending_tasks.pop(operation.task_id)
+                self._pending_done.pop(operation.task_id)
+                operation = functools.partial(_insert_task, row=row)
+            batch.append((operation, done))
         self._writing = True
         result = self._run(lambda: self._execute(batch))
         result.addCallbacks(self._batch_done, self._batch_failed, callbackArgs=(batch,),
@@ -193,11 +216,20 @@ class Store(service.Service):
     # -- tasks ------------------------------------------------------------------
 
     def put_task(self, task: Task) -> defer.Deferred[None]:
-        """Insert or replace a task; the record is snapshotted now, not at commit."""
+        """Insert or replace a task; the record is snapshotted now, not at commit.
+
+        Puts of one task that wait in the same queue collapse into one write of the
+        newest record (a short task is queued ``running`` and ``succeeded`` at once).
+        """
         row = (task.id, task.node_id, task.state.value, task_to_record(task))
-        return self._submit(lambda c: c.execute(
-            "INSERT OR REPLACE INTO tasks (id, node_id, state, record) VALUES (?, ?, ?, ?)",
-            row) and None)
+        waiting = task.id in self._pending_tasks
+        self._pending_tasks[task.id] = row
+        if waiting:
+            return self._pending_done[task.id]
+        done: defer.Deferred[None] = defer.Deferred()
+        self._pending_done[task.id] = done
+        self._submit(_TaskPut(task.id)).chainDeferred(done)
+        return done
 
     def append_output(self, task_id: str, offset: int, stream: str,
                       data: bytes) -> defer.Deferred[None]:

@@ -128,3 +128,23 @@ async def test_many_writes_are_batched_and_all_committed(tmp_path):
         assert [c[0] for c in chunks] == list(range(2000))
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_puts_of_one_task_collapse_to_the_newest(tmp_path):
+    store = await opened_store(tmp_path / "s.db")
+    try:
+        task = make_task("t", TaskState.RUNNING)
+        first = store.put_task(task)  # starts a batch at once
+        task.state = TaskState.RUNNING
+        second = store.put_task(task)  # waits in the queue
+        task.state = TaskState.SUCCEEDED
+        third = store.put_task(task)  # joins the waiting put
+        assert third is second
+        await defer.gatherResults([first, second, third])
+        assert (await store.get_task("t")).state is TaskState.SUCCEEDED
+        task.state = TaskState.FAILED
+        await store.put_task(task)
+        assert (await store.get_task("t")).state is TaskState.FAILED
+    finally:
+        await store.stopService()
