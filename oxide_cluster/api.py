@@ -83,8 +83,9 @@ class TaskApi:
     app = Klein()
     log = Logger()
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, websocket: Any = None) -> None:
         self.node = node
+        self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
 
@@ -229,6 +230,15 @@ class TaskApi:
     def cluster_leader(self, request: Request) -> bytes:
         self._authorize(request)
         return render_json(request, self.node.leader())
+
+    @app.route("/ws", branch=False)
+    def websocket(self, request: Request) -> Any:
+        """The WebSocket upgrade; ``oxide_cluster.ws`` checks the secret at the handshake."""
+        if self._websocket is None:
+            raise ApiError(404, "not_found", "no WebSocket endpoint on this node")
+        # The upgraded connection leaves HTTP: its idle timeout must not cut it later.
+        request.channel.setTimeout(None)
+        return self._websocket
 
     # -- tasks ------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from oxide_cluster.identity import (
 from oxide_cluster.node import Node
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store
+from oxide_cluster.ws import LiveFactory, LiveHub
 
 log = Logger()
 
@@ -126,7 +127,9 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                                           node.announcement, store, secret)
         node.discovery.setServiceParent(top)
 
-    api = TaskApi(node)
+    hub = LiveHub(executor, store)
+    hub.setServiceParent(top)
+    api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource())
     site = Site(api.resource())
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, config.listen)
