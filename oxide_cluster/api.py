@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
 from oxide_cluster.executor import CapacityError
+from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, parse_task_request
 from oxide_cluster.node import Node
 
@@ -87,6 +88,7 @@ class TaskApi:
         self.node = node
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
+        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -229,6 +231,14 @@ class TaskApi:
     def cluster_leader(self, request: Request) -> bytes:
         self._authorize(request)
         return render_json(request, self.node.leader())
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics_text(self, request: Request) -> bytes:
+        """Prometheus text format; like every route but /health it needs the secret."""
+        self._authorize(request)
+        body = await self.metrics.render()
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return body
 
     # -- tasks ------------------------------------------------------------------
 

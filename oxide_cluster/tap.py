@@ -11,7 +11,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
 from oxide_cluster.api import TaskApi
@@ -24,6 +23,7 @@ from oxide_cluster.identity import (
     prepare_state_dir,
     resolve_secret,
 )
+from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.node import Node
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store
@@ -110,7 +110,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     elector.setServiceParent(top)
 
     api = TaskApi(node)
-    site = Site(api.resource())
+    site = MeteredSite(api.resource(), api.metrics)
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, config.listen)
     listener = StreamServerEndpointService(endpoint, site)
