@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from oxide_cluster import config as config_module
+from oxide_cluster import logs
 from oxide_cluster.api import TaskApi
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.election import StandaloneElector
@@ -65,6 +66,7 @@ class Options(usage.Options):
             self.config = config_module.load(command_line, os.environ, self["config"])
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
+        logs.use_config(getattr(self, "parent", None), self.config.log_format)
 
 
 class NodeService(service.MultiService):
