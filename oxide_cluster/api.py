@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
 from oxide_cluster.executor import CapacityError
+from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, parse_task_request
 from oxide_cluster.node import Node
 
@@ -88,6 +89,7 @@ class TaskApi:
         self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
+        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -239,6 +241,14 @@ class TaskApi:
         # The upgraded connection leaves HTTP: its idle timeout must not cut it later.
         request.channel.setTimeout(None)
         return self._websocket
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics_text(self, request: Request) -> bytes:
+        """Prometheus text format; like every route but /health it needs the secret."""
+        self._authorize(request)
+        body = await self.metrics.render()
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return body
 
     # -- tasks ------------------------------------------------------------------
 

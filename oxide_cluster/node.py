@@ -35,6 +35,7 @@ class Node:
     elector: Any
     reactor: Any
     discovery: Any = None
+    ws: Any = None
     hostname: str = attrs.field(factory=socket.gethostname)
     started_at: float = 0.0
     services: tuple[str, ...] = ("executor", "api", "ws")

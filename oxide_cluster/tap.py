@@ -11,9 +11,9 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
+from oxide_cluster import logs
 from oxide_cluster.api import TaskApi
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
@@ -25,6 +25,7 @@ from oxide_cluster.identity import (
     prepare_state_dir,
     resolve_secret,
 )
+from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.node import Node
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store
@@ -67,6 +68,7 @@ class Options(usage.Options):
             self.config = config_module.load(command_line, os.environ, self["config"])
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
+        logs.use_config(getattr(self, "parent", None), self.config.log_format)
 
 
 class NodeService(service.MultiService):
@@ -129,8 +131,11 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
 
     hub = LiveHub(executor, store)
     hub.setServiceParent(top)
+    node.ws = hub
+    if node.discovery is not None:
+        node.discovery.membership.subscribe(hub.publish)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource())
-    site = Site(api.resource())
+    site = MeteredSite(api.resource(), api.metrics)
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, config.listen)
     listener = StreamServerEndpointService(endpoint, site)

@@ -389,6 +389,11 @@ class LiveHub(service.Service):
             session.close(CLOSE_GOING_AWAY, "the agent is stopping")
         return defer.succeed(None)
 
+    @property
+    def client_count(self) -> int:
+        """Open WebSocket connections (the ``oxide_websocket_clients`` gauge)."""
+        return len(self._sessions)
+
     def open_session(self, sink: Sink) -> LiveSession:
         session = LiveSession(self, sink, self.max_pending)
         self._sessions.add(session)

@@ -1,0 +1,213 @@
+"""Prometheus metrics of one node, read from the live objects at scrape time.
+
+Each node has its own ``CollectorRegistry`` (tests run several nodes in one process, and
+the global registry would mix them). Gauges are computed by a custom collector when
+``/metrics`` is scraped, so the hot paths keep no extra bookkeeping; only finished tasks
+(a counter and the duration histogram) and HTTP requests are counted as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.http import Request
+from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
+
+from oxide_cluster import __version__
+from oxide_cluster.model import Task, TaskState
+
+__all__ = ["CONTENT_TYPE_LATEST", "MeteredSite", "NodeMetrics", "route_template"]
+
+# CI commands run from well under a second to hours.
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200,
+                    float("inf"))
+
+
+def route_template(url_map: Map, method: str, path: str) -> str:
+    """The route a path matched (``/task/<task_id>``), so labels stay few; else 'unmatched'."""
+    try:
+        rule, _ = url_map.bind("localhost").match(path, method, return_rule=True)
+    except HTTPException:
+        return "unmatched"
+    return str(rule.rule)
+
+
+class MeteredSite(Site):
+    """A Site that reports every finished request (its ``log`` hook runs once per request)."""
+
+    def __init__(self, resource: Any, metrics: NodeMetrics, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self._metrics = metrics
+
+    def log(self, request: Request) -> None:
+        super().log(request)
+        self._metrics.count_request(request)
+
+
+class NodeMetrics:
+    """The node's registry; ``render`` refreshes what needs the store, then formats."""
+
+    def __init__(self, node: Any, url_map: Map,
+                 requests_total: dict[tuple[str, int], int] | None = None) -> None:
+        self.node = node
+        self._url_map = url_map
+        self.requests_total = requests_total if requests_total is not None else {}
+        self.finished_total: dict[str, int] = {}
+        self.stored_by_state: dict[str, int] = {}
+        self.registry = CollectorRegistry()
+        self.durations = Histogram(
+            "oxide_task_duration_seconds", "Run time of finished tasks, by final state",
+            ["state"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.registry.register(_NodeCollector(self))
+        node.executor.state_listeners.append(self.task_changed)
+
+    def task_changed(self, task: Task) -> None:
+        """A state listener: count and time each task once, when it ends."""
+        if not task.state.terminal:
+            return
+        state = task.state.value
+        self.finished_total[state] = self.finished_total.get(state, 0) + 1
+        if task.started_at is not None and task.finished_at is not None:
+            self.durations.labels(state).observe(max(0.0, task.finished_at - task.started_at))
+
+    def count_request(self, request: Request) -> None:
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("utf-8", "replace")
+        key = (route_template(self._url_map, method, path), int(request.code))
+        self.requests_total[key] = self.requests_total.get(key, 0) + 1
+
+    async def render(self) -> bytes:
+        """The text exposition; the store's counts are fetched first (collect() is sync)."""
+        self.stored_by_state = dict(await self.node.store.count_by_state())
+        return generate_latest(self.registry)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class _NodeCollector:
+    """Reads the executor, elector, discovery and WebSocket layer when scraped."""
+
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        # Names are dynamic (discovery may be absent): nothing to check at registration.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        node = metrics.node
+        executor = node.executor
+
+        info = GaugeMetricFamily("oxide_node_info", "This node's identity (value 1)",
+                                 labels=["node_id", "hostname", "version"])
+        info.add_metric([node.node_id, node.hostname, __version__], 1)
+        yield info
+
+        stored = GaugeMetricFamily("oxide_tasks", "Tasks in this node's store, by state",
+                                   labels=["state"])
+        for state in TaskState:
+            stored.add_metric([state.value], metrics.stored_by_state.get(state.value, 0))
+        yield stored
+
+        finished = CounterMetricFamily("oxide_tasks_finished",
+                                       "Tasks that ended since the agent started, by state",
+                                       labels=["state"])
+        for state in TaskState:
+            if state.terminal:
+                finished.add_metric([state.value], metrics.finished_total.get(state.value, 0))
+        yield finished
+
+        yield GaugeMetricFamily("oxide_tasks_running", "Tasks running now",
+                                value=executor.running_count)
+        yield GaugeMetricFamily("oxide_task_slots", "Task slots (max_tasks)",
+                                value=executor.max_tasks)
+        yield GaugeMetricFamily("oxide_task_slots_free", "Task slots free now",
+                                value=executor.free_slots)
+
+        load = node.sampler.current
+        yield GaugeMetricFamily("oxide_cpu_percent", "Host CPU use sampled by the node",
+                                value=load.cpu_percent)
+        yield GaugeMetricFamily("oxide_memory_percent", "Host memory use sampled by the node",
+                                value=load.memory_percent)
+
+        requests = CounterMetricFamily("oxide_http_requests",
+                                       "HTTP requests answered, by route and status",
+                                       labels=["route", "status"])
+        for (route, status), count in sorted(metrics.requests_total.items()):
+            requests.add_metric([route, str(status)], count)
+        yield requests
+
+        yield from _leader_metrics(node.elector)
+        yield from _websocket_metrics(node)
+        if node.discovery is not None:
+            yield from _discovery_metrics(node.discovery)
+
+
+def _leader_metrics(elector: Any) -> Iterator[Metric]:
+    yield GaugeMetricFamily("oxide_leader", "1 while this node is the cluster leader",
+                            value=1 if elector.is_leader else 0)
+    token = _number(elector.leader().get("token"))
+    if token is not None:
+        yield GaugeMetricFamily("oxide_leader_token",
+                                "Fencing token of the leader this node knows of", value=token)
+
+
+def _websocket_metrics(node: Any) -> Iterator[Metric]:
+    """Hook for the WebSocket layer: ``node.ws`` with a ``client_count`` (int or callable)."""
+    ws = getattr(node, "ws", None)
+    count = getattr(ws, "client_count", None)
+    if callable(count):
+        count = count()
+    if count is not None:
+        yield GaugeMetricFamily("oxide_websocket_clients", "WebSocket clients connected",
+                                value=count)
+
+
+def _discovery_metrics(discovery: Any) -> Iterator[Metric]:
+    counters: Mapping[str, Any] = getattr(discovery, "counters", {}) or {}
+    datagrams = CounterMetricFamily("oxide_discovery_datagrams",
+                                    "Discovery datagrams sent and received, by type",
+                                    labels=["direction", "type"])
+    dropped = CounterMetricFamily("oxide_discovery_dropped",
+                                  "Discovery datagrams dropped, by reason", labels=["reason"])
+    other = CounterMetricFamily("oxide_discovery_events",
+                                "Other discovery events (ignored datagrams, errors)",
+                                labels=["kind", "name"])
+    for group, values in sorted(counters.items()):
+        if not isinstance(values, Mapping):
+            other.add_metric([str(group), ""], _number(values) or 0)
+            continue
+        for name, count in sorted(values.items()):
+            if group in ("sent", "received"):
+                datagrams.add_metric([str(group), str(name)], count)
+            elif group == "dropped":
+                dropped.add_metric([str(name)], count)
+            else:
+                other.add_metric([str(group), str(name)], count)
+    yield datagrams
+    yield dropped
+    yield other
+
+    membership = getattr(discovery, "membership", None)
+    if membership is not None:
+        by_state: dict[str, int] = {}
+        for peer in membership.peers():
+            state = getattr(peer.state, "value", peer.state)
+            by_state[str(state)] = by_state.get(str(state), 0) + 1
+        peers = GaugeMetricFamily("oxide_peers", "Known peers, by membership state",
+                                  labels=["state"])
+        for state, count in sorted(by_state.items()):
+            peers.add_metric([state], count)
+        yield peers

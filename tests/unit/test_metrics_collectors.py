@@ -1,0 +1,78 @@
+"""Collectors for layers that land from other branches: discovery, WebSocket, elector."""
+
+from __future__ import annotations
+
+import enum
+from types import SimpleNamespace
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.routing import Map, Rule
+
+from oxide_cluster.metrics import NodeMetrics, route_template
+
+
+class _State(enum.Enum):
+    ALIVE = "alive"
+    DEAD = "dead"
+
+
+def fake_node(**extra):
+    executor = SimpleNamespace(state_listeners=[], running_count=1, max_tasks=4, free_slots=3)
+    elector = SimpleNamespace(is_leader=False,
+                              leader=lambda: {"node_id": "other", "token": "17", "since": None})
+    sampler = SimpleNamespace(current=SimpleNamespace(cpu_percent=5.0, memory_percent=9.0))
+    return SimpleNamespace(node_id="n1", hostname="h1", executor=executor, elector=elector,
+                           sampler=sampler, discovery=None, **extra)
+
+
+def scrape(node) -> dict[str, dict[tuple, float]]:
+    metrics = NodeMetrics(node, Map([]))
+    samples: dict[str, dict[tuple, float]] = {}
+    text = generate_latest(metrics.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = \
+                sample.value
+    return samples
+
+
+def test_discovery_counters_and_peer_states_are_exposed():
+    counters = {"received": {"announce": 5, "query": 1}, "sent": {"announce": 7},
+                "dropped": {"bad_mac": 2, "replay": 0}, "ignored": {"own": 3},
+                "errors": {"send": 1}}
+    peers = [SimpleNamespace(state=_State.ALIVE), SimpleNamespace(state=_State.ALIVE),
+             SimpleNamespace(state=_State.DEAD)]
+    discovery = SimpleNamespace(counters=counters,
+                                membership=SimpleNamespace(peers=lambda: peers))
+    node = fake_node()
+    node.discovery = discovery
+    samples = scrape(node)
+    datagrams = samples["oxide_discovery_datagrams_total"]
+    assert datagrams[(("direction", "received"), ("type", "announce"))] == 5
+    assert datagrams[(("direction", "sent"), ("type", "announce"))] == 7
+    assert samples["oxide_discovery_dropped_total"][(("reason", "bad_mac"),)] == 2
+    assert samples["oxide_discovery_events_total"][(("kind", "ignored"), ("name", "own"))] == 3
+    assert samples["oxide_peers"] == {(("state", "alive"),): 2, (("state", "dead"),): 1}
+
+
+def test_without_discovery_or_websocket_their_metrics_are_absent():
+    samples = scrape(fake_node())
+    assert not any(name.startswith(("oxide_discovery", "oxide_peers", "oxide_websocket"))
+                   for name in samples)
+    assert samples["oxide_leader"][()] == 0
+    assert samples["oxide_leader_token"][()] == 17  # Redis tokens may arrive as text
+
+
+def test_websocket_hook_reads_a_count_or_a_callable():
+    assert scrape(fake_node(ws=SimpleNamespace(client_count=4)))[
+        "oxide_websocket_clients"][()] == 4
+    assert scrape(fake_node(ws=SimpleNamespace(client_count=lambda: 2)))[
+        "oxide_websocket_clients"][()] == 2
+
+
+def test_route_template_keeps_label_values_few():
+    url_map = Map([Rule("/task/<task_id>", methods=["GET"]), Rule("/execute", methods=["POST"])])
+    assert route_template(url_map, "GET", "/task/abc123") == "/task/<task_id>"
+    assert route_template(url_map, "GET", "/nope") == "unmatched"
+    assert route_template(url_map, "GET", "/execute") == "unmatched"
