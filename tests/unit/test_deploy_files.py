@@ -26,7 +26,9 @@ ENV_EXAMPLE = REPO_ROOT / "deploy" / "oxide-cluster.env.example"
 STATE_DIR = "/var/lib/oxide-cluster"
 NODES = ("node1", "node2", "node3")
 
-KNOWN_ENV = {setting.env_name for setting in config.SETTINGS} | {"OXIDE_NODE", "OXIDE_CONFIG"}
+# Config names, the CLI's node URL and config file, and the names every task receives.
+KNOWN_ENV = ({setting.env_name for setting in config.SETTINGS} | {"OXIDE_NODE", "OXIDE_CONFIG"}
+             | {"OXIDE_TASK_ID", "OXIDE_NODE_ID"})
 
 
 def load(path: Path) -> dict:
@@ -36,7 +38,7 @@ def load(path: Path) -> dict:
 def deploy_files() -> list[Path]:
     files = [*sorted((REPO_ROOT / "compose").glob("*.yml")), dockerfile.DOCKERFILE,
              STACK, UNIT, ENV_EXAMPLE]
-    docs = REPO_ROOT / "docs" / "deployment.rst"
+    docs = REPO_ROOT / "README.rst"
     return files + ([docs] if docs.exists() else [])
 
 
