@@ -28,6 +28,10 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # After SIGKILL a process can still hang in the kernel (D state); after this long we
 # stop waiting and record the task as ended so its slot is not held forever.
 KILL_GIVE_UP = 5.0
+# Output bytes queued for SQLite before task pipes stop being read, and where reading
+# resumes: agent memory stays bounded however fast tasks write.
+OUTPUT_BACKLOG_HIGH = 8 * 1024 * 1024
+OUTPUT_BACKLOG_LOW = 2 * 1024 * 1024
 
 OutputListener = Callable[[Task, int, str, bytes], None]
 StateListener = Callable[[Task], None]
@@ -145,6 +149,7 @@ class TaskRun:
         self._stop: tuple[TaskState, str] | None = None
         self._timers: dict[str, DelayedCall] = {}
         self._pgid: int | None = None
+        self._process: Any = None
         self._done = False
 
     # -- start ------------------------------------------------------------------
@@ -170,12 +175,22 @@ class TaskRun:
         except OSError as failure:
             self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure.strerror}")
             return
+        self._process = proc
         self._pgid = proc.pid
         task.pid = proc.pid
         task.state = TaskState.RUNNING
         task.started_at = self._reactor.seconds()
         self._timers["timeout"] = self._reactor.callLater(task.timeout, self._timed_out)
         self._arm_idle_timer()
+
+    def pause_output(self) -> None:
+        """Stop reading the task's pipes (the store is behind); the process blocks on write."""
+        if self._process is not None and hasattr(self._process, "pauseProducing"):
+            self._process.pauseProducing()
+
+    def resume_output(self) -> None:
+        if self._process is not None and hasattr(self._process, "resumeProducing"):
+            self._process.resumeProducing()
 
     def _arm_idle_timer(self) -> None:
         if self.task.idle_timeout is None or self._stop is not None:
@@ -322,6 +337,7 @@ class Executor(service.Service):
         self.runs: dict[str, TaskRun] = {}
         self._waiters: dict[str, list[defer.Deferred[Task]]] = {}
         self._stopping = False
+        self._output_paused = False
         self.ready = False
         self._recording = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -415,6 +431,8 @@ class Executor(service.Service):
                       signal_group=self._signal_group)
         self.runs[task.id] = run
         run.start()
+        if self._output_paused:
+            run.pause_output()
         stored = self._store.put_task(task)
         if task.state is TaskState.RUNNING:
             self._notify_state(task)
@@ -439,6 +457,9 @@ class Executor(service.Service):
     def _output(self, task: Task, offset: int, stream: str, data: bytes) -> None:
         self._store.append_output(task.id, offset, stream, data).addErrback(
             self._log_store_failure, task.id)
+        if not self._output_paused and \
+                getattr(self._store, "output_backlog", 0) > OUTPUT_BACKLOG_HIGH:
+            self._pause_all_output()
         for listener in self.output_listeners:
             try:
                 listener(task, offset, stream, data)
@@ -466,6 +487,18 @@ class Executor(service.Service):
             idle, self._idle_waiters = self._idle_waiters, []
             for idle_waiter in idle:
                 idle_waiter.callback(None)
+
+    def _pause_all_output(self) -> None:
+        """Backpressure: a task that writes faster than SQLite commits waits for it."""
+        self._output_paused = True
+        for run in self.runs.values():
+            run.pause_output()
+        self._store.when_backlog_below(OUTPUT_BACKLOG_LOW).addCallback(self._resume_all_output)
+
+    def _resume_all_output(self, _: object) -> None:
+        self._output_paused = False
+        for run in self.runs.values():
+            run.resume_output()
 
     def _notify_state(self, task: Task) -> None:
         for listener in self.state_listeners:

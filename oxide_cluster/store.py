@@ -95,6 +95,8 @@ class Store(service.Service):
         self._idle: list[defer.Deferred[None]] = []
         self._pending_tasks: dict[str, tuple[str, str, str, str]] = {}
         self._pending_done: dict[str, defer.Deferred[Any]] = {}
+        self.output_backlog = 0
+        self._drain_waiters: list[tuple[int, defer.Deferred[None]]] = []
         self.is_open = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -233,10 +235,33 @@ class Store(service.Service):
 
     def append_output(self, task_id: str, offset: int, stream: str,
                       data: bytes) -> defer.Deferred[None]:
+        """Queue a chunk; ``output_backlog`` counts queued bytes until they commit."""
         row = (task_id, offset, stream, data)
-        return self._submit(lambda c: c.execute(
+        self.output_backlog += len(data)
+        done = self._submit(lambda c: c.execute(
             "INSERT OR REPLACE INTO output (task_id, offset, stream, data) VALUES (?, ?, ?, ?)",
             row) and None)
+        return done.addBoth(self._committed_output, len(data))
+
+    def _committed_output(self, result: Any, size: int) -> Any:
+        self.output_backlog -= size
+        if self._drain_waiters:
+            still_waiting = []
+            for limit, waiter in self._drain_waiters:
+                if self.output_backlog <= limit:
+                    waiter.callback(None)
+                else:
+                    still_waiting.append((limit, waiter))
+            self._drain_waiters = still_waiting
+        return result
+
+    def when_backlog_below(self, limit: int) -> defer.Deferred[None]:
+        """Fires once queued output bytes are at most ``limit`` (the executor's resume)."""
+        if self.output_backlog <= limit:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._drain_waiters.append((limit, waiter))
+        return waiter
 
     def get_task(self, task_id: str) -> defer.Deferred[Task | None]:
         def select(connection: sqlite3.Connection) -> Task | None:

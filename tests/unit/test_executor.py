@@ -42,6 +42,13 @@ class FakeProcess:
     args: list
     env: dict
     path: str | None
+    flow: list = attrs.field(factory=list)
+
+    def pauseProducing(self):
+        self.flow.append("pause")
+
+    def resumeProducing(self):
+        self.flow.append("resume")
 
     def exit(self, code=0, signal_number=None):
         if signal_number is not None:
@@ -318,3 +325,53 @@ def _alive(process):
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+class SlowStore(MemoryStore):
+    """Output commits only when the test says so, like a busy disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.output_backlog = 0
+        self.pending = []
+        self.drain = []
+
+    def append_output(self, task_id, offset, stream, data):
+        self.output_backlog += len(data)
+        done = defer.Deferred()
+        self.pending.append((len(data), done))
+        return done
+
+    def commit_all(self):
+        for size, done in self.pending:
+            self.output_backlog -= size
+            done.callback(None)
+        self.pending = []
+        for limit, waiter in self.drain:
+            if self.output_backlog <= limit:
+                waiter.callback(None)
+
+    def when_backlog_below(self, limit):
+        waiter = defer.Deferred()
+        self.drain.append((limit, waiter))
+        return waiter
+
+
+def test_output_backpressure_pauses_and_resumes_task_pipes():
+    from oxide_cluster.executor import OUTPUT_BACKLOG_HIGH
+
+    harness = Harness(output_limit=1 << 30)
+    harness.store = harness.executor._store = SlowStore()
+    started(harness)
+    process = harness.processes[0]
+    paused = process.flow
+    chunk = b"x" * (1024 * 1024)
+    for _ in range(OUTPUT_BACKLOG_HIGH // len(chunk)):
+        process.protocol.outReceived(chunk)
+    assert paused == []
+    process.protocol.outReceived(chunk)
+    assert paused == ["pause"]
+    process.protocol.outReceived(chunk)  # already in flight when paused: still kept
+    assert paused == ["pause"]
+    harness.store.commit_all()
+    assert paused == ["pause", "resume"]
