@@ -6,6 +6,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,4 +86,30 @@ def redis_server() -> Callable[[harness.Network], harness.RedisServer]:
     """
     def make(net: harness.Network) -> harness.RedisServer:
         return harness.RedisServer(net).start()
+    return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: a long scenario (about a minute); still part of every CI run")
+
+
+@pytest.fixture
+def cluster(network: Callable[[int], harness.Network], tmp_path: Path
+            ) -> Callable[..., Any]:
+    """Factory: ``c = cluster(3)`` starts a real agent per host and waits for /ready.
+
+    ``extra_args`` go to every agent's command line. Teardown (and log dump on failure)
+    belongs to the ``network`` fixture.
+    """
+    import oxide  # lazily: the harness self-test copies this conftest without oxide.py
+
+    def make(n_hosts: int, extra_args: tuple[str, ...] = (), mesh: bool = True
+             ) -> Any:
+        net = network(n_hosts)
+        c = oxide.Cluster(net, tmp_path / f"{net.log_dir.name}-agents", extra_args)
+        c.start(net.hosts)
+        if mesh:
+            c.wait_meshed()
+        return c
     return make
