@@ -16,11 +16,22 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
 from oxide_cluster.executor import CapacityError
+from oxide_cluster.forwarding import (
+    FORWARDED_HEADER,
+    TOKEN_HEADER,
+    PeerClient,
+    PeerReply,
+    PeerUnavailable,
+)
 from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
-from oxide_cluster.model import RequestError, Task, TaskState, parse_task_request
+from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
 from oxide_cluster.node import Node
+from oxide_cluster.placement import Placement
 
 MAX_WAIT = 300.0
+# Values of the forwarding header: run it on the receiving node, or place it (to the leader).
+HOP_RUN = b"run"
+HOP_PLACE = b"place"
 MAX_PAGE = 1000
 
 
@@ -84,8 +95,12 @@ class TaskApi:
     app = Klein()
     log = Logger()
 
-    def __init__(self, node: Node, websocket: Any = None) -> None:
+    def __init__(self, node: Node, websocket: Any = None, peers: PeerClient | None = None,
+                 placement: Placement | None = None) -> None:
         self.node = node
+        self.peers = peers
+        self.placement = placement
+        self.highest_token = 0
         self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
@@ -107,7 +122,8 @@ class TaskApi:
                            "missing or wrong cluster secret (X-Cluster-Secret header)",
                            {"WWW-Authenticate": "Bearer"})
 
-    def _json_body(self, request: Request) -> Any:
+    def _json_body(self, request: Request) -> tuple[bytes, Any]:
+        """The raw body (forwarded as is) and its decoded JSON."""
         header = request.getHeader(b"content-type") or b""
         content_type = header.split(b";")[0].strip().decode("latin-1").lower()
         if content_type and content_type != "application/json":
@@ -121,7 +137,7 @@ class TaskApi:
         if len(raw) > limit:
             raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
         try:
-            return json.loads(raw)
+            return raw, json.loads(raw)
         except (UnicodeDecodeError, ValueError) as error:
             raise ApiError(400, "bad_json", f"request body is not valid JSON: {error}") from None
 
@@ -254,17 +270,35 @@ class TaskApi:
 
     @app.route("/execute", methods=["POST"])
     async def execute(self, request: Request) -> bytes:
+        """Run a task here, or where the leader places it (see ``_place``)."""
         self._authorize(request)
         wait = _query_number(request, "wait", 0, MAX_WAIT)
-        body = self._json_body(request)
+        raw, body = self._json_body(request)
         try:
             task_request = parse_task_request(body, self.node.config.max_timeout)
         except RequestError as error:
             raise ApiError(400, "bad_request", str(error)) from None
-        if task_request.node not in (None, self.node.node_id):
-            raise ApiError(400, "bad_request",
-                           f"node: {task_request.node!r} is not this node; "
-                           "placement on other nodes needs the cluster leader")
+        self._check_leader_token(request)
+        hop = request.getHeader(FORWARDED_HEADER)
+        pinned = task_request.node
+        if hop == HOP_RUN or pinned == self.node.node_id or self.peers is None:
+            return await self._run_here(request, task_request, wait)
+        if pinned is not None:
+            return await self._forward(request, pinned, raw, HOP_RUN, wait)
+        if self.node.elector.is_leader:
+            return await self._place(request, task_request, raw, wait)
+        leader = self.node.elector.leader().get("node_id")
+        if hop is None and leader not in (None, self.node.node_id):
+            try:
+                return await self._forward(request, leader, raw, HOP_PLACE, wait)
+            except ApiError as error:
+                if error.code != "node_unavailable":
+                    raise
+                self.log.warn("leader {leader} unreachable: admitting locally", leader=leader)
+        # No leader reachable (or it handed the task back): local admission.
+        return await self._run_here(request, task_request, wait)
+
+    async def _run_here(self, request: Request, task_request: Any, wait: float | None) -> bytes:
         try:
             task = await self.node.executor.submit(task_request)
         except CapacityError as error:
@@ -275,6 +309,86 @@ class TaskApi:
         if finished is not None or task.state.terminal:
             return render_json(request, self._task_json(finished or task), 200)
         return render_json(request, self._task_json(task), 202)
+
+    async def _place(self, request: Request, task_request: Any, raw: bytes,
+                     wait: float | None) -> bytes:
+        """As leader: try nodes best first; a node that refuses or fails is skipped."""
+        assert self.placement is not None
+        refusals = []
+        for node_id in self.placement.choose(task_request.labels):
+            if node_id == self.node.node_id:
+                try:
+                    return await self._run_here(request, task_request, wait)
+                except ApiError as error:
+                    if error.status not in (429, 503):
+                        raise
+                    refusals.append(f"{node_id}: {error.message}")
+                    continue
+            try:
+                reply = await self._ask(request, node_id, raw, HOP_RUN, wait,
+                                        token=self.node.elector.token)
+            except ApiError as error:
+                refusals.append(f"{node_id}: {error.message}")
+                continue
+            if reply.status in (429, 503):
+                refusals.append(f"{node_id}: busy ({reply.status})")
+                continue
+            if reply.status == 202:  # still running there: count it until announced
+                self.placement.placed(node_id)
+            return self._relay(request, reply)
+        labels = task_request.labels
+        detail = "; ".join(refusals) or f"no healthy node has the labels {dict(labels)}"
+        raise ApiError(429, "no_capacity", f"no node can take the task now ({detail})",
+                       {"Retry-After": "1"})
+
+    def _check_leader_token(self, request: Request) -> None:
+        """Fencing: a placement carrying an older leader's token than one seen is refused."""
+        raw = request.getHeader(TOKEN_HEADER)
+        if raw is None:
+            return
+        try:
+            token = int(raw)
+        except ValueError:
+            raise ApiError(400, "bad_token", "leader token must be a whole number") from None
+        if token < self.highest_token:
+            raise ApiError(409, "stale_leader_token",
+                           f"placement by leader token {token}, but token "
+                           f"{self.highest_token} has been seen: the sender no longer leads")
+        self.highest_token = token
+
+    async def _forward(self, request: Request, node_id: str, body: bytes | None, hop: bytes,
+                       wait: float | None = None, token: int | None = None) -> bytes:
+        """Send this request to a peer and answer with its reply, status and all."""
+        return self._relay(request, await self._ask(request, node_id, body, hop, wait, token))
+
+    async def _ask(self, request: Request, node_id: str, body: bytes | None, hop: bytes,
+                   wait: float | None = None, token: int | None = None) -> PeerReply:
+        if self.peers is None:
+            raise ApiError(503, "node_unavailable", f"node {node_id} is not reachable")
+        headers = {FORWARDED_HEADER: hop, b"Content-Type": b"application/json"}
+        if token is not None:
+            headers[TOKEN_HEADER] = str(token).encode()
+        try:
+            reply = await self.peers.request(node_id, request.method, request.uri, body,
+                                             headers, timeout=(wait or 0) + 30)
+        except PeerUnavailable as error:
+            raise ApiError(503, "node_unavailable", str(error), {"Retry-After": "1"}) from None
+        return reply
+
+    @staticmethod
+    def _relay(request: Request, reply: PeerReply) -> bytes:
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers.items():
+            request.setHeader(name, value)
+        return reply.body
+
+    def _remote_owner(self, request: Request, task_id: str) -> str | None:
+        """The owner's node id when it is another node and this is not a forwarded call."""
+        owner = owner_of(task_id)
+        if owner is None or owner == self.node.node_id or request.getHeader(FORWARDED_HEADER) \
+                or self.peers is None or not self.peers.knows(owner):
+            return None  # ours, or nobody we could ask: look it up here (404 if absent)
+        return owner
 
     @app.route("/tasks", methods=["GET"])
     async def tasks(self, request: Request) -> bytes:
@@ -295,6 +409,10 @@ class TaskApi:
     @app.route("/task/<task_id>", methods=["GET"])
     async def task(self, request: Request, task_id: str) -> bytes:
         self._authorize(request)
+        owner = self._remote_owner(request, task_id)
+        if owner is not None:
+            return await self._forward(request, owner, None, HOP_RUN,
+                                       _query_number(request, "wait", 0, MAX_WAIT))
         wait = _query_number(request, "wait", 0, MAX_WAIT)
         task = await self._find_task(task_id)
         if not task.state.terminal:
@@ -305,12 +423,25 @@ class TaskApi:
     @app.route("/task/<task_id>/output", methods=["GET"])
     async def output(self, request: Request, task_id: str) -> bytes:
         self._authorize(request)
+        owner = self._remote_owner(request, task_id)
+        if owner is not None:
+            return await self._forward(request, owner, None, HOP_RUN,
+                                       _query_number(request, "wait", 0, MAX_WAIT))
         offset = int(_query_number(request, "offset", 0, 2**62, integer=True) or 0)
+        wait = _query_number(request, "wait", 0, MAX_WAIT)
         stream = _query(request, "stream")
         if stream not in (None, "stdout", "stderr"):
             raise ApiError(400, "bad_query", "stream must be stdout or stderr")
         task = await self._find_task(task_id)
         chunks = await self.node.store.read_output(task_id, offset)
+        if not chunks and wait:
+            # Long-poll: answer as soon as output past ``offset`` exists or the task ends.
+            arrived = self.node.executor.when_output_past(task_id, offset)
+            if arrived is not None:
+                arrived.addTimeout(wait, self.node.reactor)
+                await arrived.addErrback(lambda f: f.trap(defer.TimeoutError) and None)
+                task = await self._find_task(task_id)
+                chunks = await self.node.store.read_output(task_id, offset)
         data = bytearray()
         end = offset
         for start, chunk_stream, chunk in chunks:
@@ -326,6 +457,10 @@ class TaskApi:
     @app.route("/task/<task_id>/cancel", methods=["POST"])
     async def cancel(self, request: Request, task_id: str) -> bytes:
         self._authorize(request)
+        owner = self._remote_owner(request, task_id)
+        if owner is not None:
+            return await self._forward(request, owner, b"", HOP_RUN,
+                                       _query_number(request, "wait", 0, MAX_WAIT))
         wait = _query_number(request, "wait", 0, MAX_WAIT)
         task = await self._find_task(task_id)
         if task.state.terminal:

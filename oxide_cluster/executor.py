@@ -336,6 +336,7 @@ class Executor(service.Service):
         self._spawn = spawn
         self.runs: dict[str, TaskRun] = {}
         self._waiters: dict[str, list[defer.Deferred[Task]]] = {}
+        self._output_waiters: dict[str, list[tuple[int, defer.Deferred[None]]]] = {}
         self._stopping = False
         self._output_paused = False
         self.ready = False
@@ -410,7 +411,7 @@ class Executor(service.Service):
         self.check_capacity()
         now = self._reactor.seconds()
         task = Task(
-            id=task_id or new_task_id(now),
+            id=task_id or new_task_id(now, self.node_id),
             node_id=self.node_id,
             command=request.command,
             args=list(request.args),
@@ -450,6 +451,32 @@ class Executor(service.Service):
         self._waiters.setdefault(task_id, []).append(waiter)
         return waiter
 
+    def when_output_past(self, task_id: str, offset: int) -> defer.Deferred[None] | None:
+        """Fires when the task has output beyond ``offset`` or ends; None if not running."""
+        run = self.runs.get(task_id)
+        if run is None:
+            return None
+        waiter: defer.Deferred[None] = defer.Deferred()
+        if run.task.output_bytes > offset:
+            waiter.callback(None)
+        else:
+            self._output_waiters.setdefault(task_id, []).append((offset, waiter))
+        return waiter
+
+    def _wake_output_waiters(self, task_id: str, end: int | None) -> None:
+        waiting = self._output_waiters.pop(task_id, None)
+        if not waiting:
+            return
+        keep = []
+        for offset, waiter in waiting:
+            if end is None or end > offset:
+                if not waiter.called:
+                    waiter.callback(None)
+            else:
+                keep.append((offset, waiter))
+        if keep:
+            self._output_waiters[task_id] = keep
+
     def live_task(self, task_id: str) -> Task | None:
         run = self.runs.get(task_id)
         return run.task if run is not None else None
@@ -457,6 +484,7 @@ class Executor(service.Service):
     def _output(self, task: Task, offset: int, stream: str, data: bytes) -> None:
         self._store.append_output(task.id, offset, stream, data).addErrback(
             self._log_store_failure, task.id)
+        self._wake_output_waiters(task.id, offset + len(data))
         if not self._output_paused and \
                 getattr(self._store, "output_backlog", 0) > OUTPUT_BACKLOG_HIGH:
             self._pause_all_output()
@@ -481,6 +509,7 @@ class Executor(service.Service):
 
     def _recorded(self, _: object, task: Task) -> None:
         self._recording -= 1
+        self._wake_output_waiters(task.id, None)
         for waiter in self._waiters.pop(task.id, []):
             waiter.callback(task)
         if not self.runs and not self._recording:

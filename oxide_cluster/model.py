@@ -31,9 +31,19 @@ class TaskState(str, enum.Enum):
 TERMINAL_STATES = frozenset(state for state in TaskState if state.terminal)
 
 
-def new_task_id(now: float) -> str:
-    """Time-ordered id (milliseconds then randomness): sorts by creation, pages by id."""
-    return f"{int(now * 1000):012x}{secrets.token_hex(6)}"
+def new_task_id(now: float, node_id: str) -> str:
+    """``<ms><random>-<node id>``: sorts by creation, and names the node that owns it.
+
+    Any node can route a request for a task to its owner from the id alone, without a
+    shared directory: the owner's address comes from the membership table.
+    """
+    return f"{int(now * 1000):012x}{secrets.token_hex(6)}-{node_id}"
+
+
+def owner_of(task_id: str) -> str | None:
+    """The node id inside a task id, or None for an id without one."""
+    _, sep, owner = task_id.partition("-")
+    return owner if sep and owner else None
 
 
 def rfc3339(timestamp: float | None) -> str | None:

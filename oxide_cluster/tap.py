@@ -19,6 +19,7 @@ from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
 from oxide_cluster.election import StandaloneElector
 from oxide_cluster.executor import Executor
+from oxide_cluster.forwarding import PeerClient
 from oxide_cluster.identity import (
     StateDirLock,
     load_node_id,
@@ -27,6 +28,7 @@ from oxide_cluster.identity import (
 )
 from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.node import Node
+from oxide_cluster.placement import Placement
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store
 from oxide_cluster.ws import LiveFactory, LiveHub
@@ -134,7 +136,13 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     node.ws = hub
     if node.discovery is not None:
         node.discovery.membership.subscribe(hub.publish)
-    api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource())
+    peers = placement = None
+    if node.discovery is not None:
+        peers = PeerClient(reactor, secret, node.discovery)
+        placement = Placement(reactor, node)
+        reactor.addSystemEventTrigger("before", "shutdown", peers.close)
+    api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
+                  peers=peers, placement=placement)
     site = MeteredSite(api.resource(), api.metrics)
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, config.listen)

@@ -1,0 +1,91 @@
+"""Requests from this node to its peers: the owner of a task, the leader, a placed node.
+
+A CI runner may talk to any node. A request for a task another node owns, or a task the
+leader placed elsewhere, is forwarded over HTTP with the cluster secret; the answer goes
+back unchanged. Peers are found in the membership table, by node id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import treq
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+FORWARDED_HEADER = b"X-Oxide-Forwarded"
+TOKEN_HEADER = b"X-Oxide-Leader-Token"
+# Headers of a peer's answer that a client needs; hop-by-hop ones are not copied.
+_PASSED_HEADERS = (b"content-type", b"retry-after", b"x-next-offset", b"x-task-state",
+                   b"allow", b"www-authenticate")
+
+
+class PeerUnavailable(Exception):
+    """The peer is unknown, not healthy, or did not answer."""
+
+
+@attrs.frozen
+class PeerReply:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+
+
+class PeerClient:
+    """Keep-alive HTTP to peers, addressed by node id through the membership table."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, secret: str, discovery: Any, timeout: float = 30.0) -> None:
+        self._reactor = reactor
+        self._secret = secret.encode()
+        self._discovery = discovery
+        self._timeout = timeout
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 8
+
+    def address_of(self, node_id: str) -> str | None:
+        """``http://ip:port`` of a healthy peer, or None."""
+        if self._discovery is None:
+            return None
+        peer = self._discovery.membership.get(node_id)
+        if peer is None or not peer.healthy or not peer.ip_address or not peer.api_port:
+            return None
+        return f"http://{peer.ip_address}:{peer.api_port}"
+
+    def knows(self, node_id: str) -> bool:
+        """Heard of this node (healthy or not): task ids naming it can be routed."""
+        return self._discovery is not None and \
+            self._discovery.membership.get(node_id) is not None
+
+    async def request(self, node_id: str, method: bytes, path: bytes, body: bytes | None = None,
+                      headers: dict[bytes, bytes] | None = None,
+                      timeout: float | None = None) -> PeerReply:
+        """One request to a peer; raises PeerUnavailable when it cannot be reached."""
+        base = self.address_of(node_id)
+        if base is None:
+            raise PeerUnavailable(f"node {node_id} is not a healthy peer")
+        all_headers = Headers({b"X-Cluster-Secret": [self._secret],
+                               FORWARDED_HEADER: [b"1"]})
+        for name, value in (headers or {}).items():
+            all_headers.setRawHeaders(name, [value])
+        try:
+            response = await treq.request(
+                method.decode("ascii"), base.encode("ascii") + path, data=body,
+                headers=all_headers, pool=self._pool, reactor=self._reactor,
+                timeout=timeout or self._timeout)
+            content = await treq.content(response)
+        except (defer.CancelledError, Exception) as error:
+            raise PeerUnavailable(f"node {node_id} did not answer: {error}") from None
+        passed = {}
+        for name in _PASSED_HEADERS:
+            value = response.headers.getRawHeaders(name)
+            if value:
+                passed[name] = value[-1].encode() if isinstance(value[-1], str) else value[-1]
+        return PeerReply(response.code, passed, content)
+
+    def close(self) -> defer.Deferred[None]:
+        return self._pool.closeCachedConnections()

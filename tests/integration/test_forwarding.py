@@ -1,0 +1,100 @@
+"""Three real agents on loopback (static peers): any node answers for any task."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import AgentProcess, poll_until
+
+
+@pytest.fixture
+def trio(tmp_path, request):
+    nodes = [AgentProcess(tmp_path / f"n{i}", discovery=True) for i in range(3)]
+    for node in nodes:
+        others = [f"127.0.0.1:{peer.discovery_port}" for peer in nodes if peer is not node]
+        node.extra_args = ("--peers", ",".join(others), "--max-tasks", "2")
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            poll_until(lambda node=node: node.get("/api/cluster/nodes").json()["healthy_nodes"]
+                       == 3, message=f"{node.name} to see all three")
+        yield nodes
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        for node in nodes:
+            node.terminate()
+            if failed is not None and failed.failed:
+                print(f"\n===== log of {node.name} =====\n{node.log_text()}")
+
+
+def node_id(node):
+    return node.get("/health").json()["node_id"]
+
+
+def test_pinned_task_runs_on_b_and_any_node_follows_and_cancels(trio):
+    a, b, c = trio
+    b_id = node_id(b)
+    reply = a.post("/execute", {"command": "sh", "node": b_id,
+                                "args": ["-c", "echo one; sleep 300"]})
+    assert reply.status == 202, reply
+    task = reply.json()
+    assert task["node_id"] == b_id and task["id"].endswith(b_id)
+    seen_from_c = c.get(f"/task/{task['id']}").json()
+    assert seen_from_c["state"] == "running" and seen_from_c["node_id"] == b_id
+    output = c.get(f"/task/{task['id']}/output?wait=10")
+    assert output.body == b"one\n" and output.headers["X-Task-State"] == "running"
+    cancelled = a.post(f"/task/{task['id']}/cancel?wait=10")
+    assert cancelled.status == 200 and cancelled.json()["state"] == "cancelled"
+    assert b.get(f"/task/{task['id']}").json()["state"] == "cancelled"
+
+
+def test_output_long_poll_returns_when_output_arrives(trio):
+    a, b, _ = trio
+    task = b.post("/execute", {"command": "sh", "node": node_id(b),
+                               "args": ["-c", "sleep 0.5; echo late"]}).json()
+    reply = a.get(f"/task/{task['id']}/output?offset=0&wait=20")
+    assert reply.body == b"late\n"
+    assert reply.headers["X-Next-Offset"] == "5"
+
+
+def test_busy_node_gets_no_new_tasks(trio):
+    a, _, _ = trio
+    a_id = node_id(a)
+    for _ in range(2):  # fill both of a's slots
+        assert a.post("/execute", {"command": "sleep", "args": ["300"], "node": a_id}).status == 202
+    poll_until(lambda: all(peer["stats"]["free_slots"] == 0 for peer in
+                           trio[1].get("/api/cluster/nodes").json()["remote_nodes"]
+                           if peer["node_id"] == a_id), message="a's load to be announced")
+    placed = [a.post("/execute?wait=10", {"command": "true"}).json() for _ in range(4)]
+    assert all(task["state"] == "succeeded" for task in placed), placed
+    assert a_id not in {task["node_id"] for task in placed}
+
+
+def test_unknown_node_pin_is_a_clear_error(trio):
+    reply = trio[0].post("/execute", {"command": "true", "node": "no-such-node"})
+    assert reply.status == 503
+    assert "no-such-node" in reply.json()["error"]["message"]
+
+
+def test_labels_steer_placement(tmp_path):
+    nodes = [AgentProcess(tmp_path / f"l{i}", discovery=True) for i in range(2)]
+    nodes[0].extra_args = ("--peers", f"127.0.0.1:{nodes[1].discovery_port}")
+    nodes[1].extra_args = ("--peers", f"127.0.0.1:{nodes[0].discovery_port}",
+                           "--labels", "gpu=yes")
+    try:
+        for node in nodes:
+            node.start()
+        poll_until(lambda: nodes[0].get("/api/cluster/nodes").json()["healthy_nodes"] == 2,
+                   message="both nodes")
+        gpu_id = node_id(nodes[1])
+        for _ in range(3):
+            reply = nodes[0].post("/execute?wait=10",
+                                  {"command": "true", "labels": {"gpu": "yes"}})
+            assert reply.status == 200, reply
+            assert reply.json()["node_id"] == gpu_id
+        refused = nodes[0].post("/execute", {"command": "true", "labels": {"tpu": "yes"}})
+        assert refused.status == 429 and "labels" in refused.json()["error"]["message"]
+    finally:
+        for node in nodes:
+            node.terminate()
