@@ -27,6 +27,7 @@ from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
+from oxide_cluster.ws import output_message
 
 MAX_WAIT = 300.0
 # Values of the forwarding header: run it on the receiving node, or place it (to the leader).
@@ -87,6 +88,20 @@ def _wait_for(waiter: defer.Deferred[Task] | None, seconds: float | None,
         return defer.succeed(None)
     waiter.addTimeout(seconds, reactor)
     return waiter.addErrback(lambda failure: failure.trap(defer.TimeoutError) and None)
+
+
+def _chunks_json(task: Task, offset: int, chunks: list[tuple[int, str, bytes]],
+                 stream: str | None) -> dict[str, Any]:
+    """``?format=json``: chunks with their streams, as the WebSocket sends them."""
+    messages, end = [], offset
+    for start, chunk_stream, chunk in chunks:
+        piece = chunk[max(0, offset - start):]
+        first = max(start, offset)
+        end = start + len(chunk)
+        if piece and (stream is None or chunk_stream == stream):
+            messages.append(output_message(task.id, first, chunk_stream, piece))
+    return {"task": task.id, "state": task.state.value, "next_offset": max(end, offset),
+            "output_bytes": task.output_bytes, "chunks": messages}
 
 
 class TaskApi:
@@ -442,6 +457,8 @@ class TaskApi:
                 await arrived.addErrback(lambda f: f.trap(defer.TimeoutError) and None)
                 task = await self._find_task(task_id)
                 chunks = await self.node.store.read_output(task_id, offset)
+        if _query(request, "format") == "json":
+            return render_json(request, _chunks_json(task, offset, chunks, stream))
         data = bytearray()
         end = offset
         for start, chunk_stream, chunk in chunks:

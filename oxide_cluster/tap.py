@@ -141,6 +141,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         peers = PeerClient(reactor, secret, node.discovery)
         placement = Placement(reactor, node)
         reactor.addSystemEventTrigger("before", "shutdown", peers.close)
+        hub.peers, hub.node_id, hub.reactor = peers, node_id, reactor
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   peers=peers, placement=placement)
     site = MeteredSite(api.resource(), api.metrics)

@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from oxide_cluster.model import Task, TaskState
+from oxide_cluster.model import Task, TaskState, owner_of
 
 SUBPROTOCOL = "oxide.v1"
 TOKEN_PREFIX = "oxide.token."
@@ -274,6 +274,126 @@ class Attachment:
         self._session.attachments.pop(self.task_id, None)
 
 
+class RemoteAttachment:
+    """Follows a task that another node owns, by long-polling the owner's output.
+
+    ``GET /task/{id}/output?format=json&offset=N&wait=S`` on the owner answers as soon as
+    output past N exists or the task ends, so a client attached here sees the same
+    messages, offsets and end as on the owner, a request round trip later. The owner's
+    store is the stream both read; this node keeps nothing.
+    """
+
+    POLL_WAIT = 25
+    RETRIES = 5
+
+    def __init__(self, hub: LiveHub, session: LiveSession, task_id: str, offset: int,
+                 owner: str) -> None:
+        self._hub = hub
+        self._session = session
+        self.task_id = task_id
+        self.sent = offset
+        self._owner = owner
+        self._polling = False
+        self._announced = False
+        self._failures = 0
+        self.closed = False
+        self.live = False
+
+    def start(self) -> None:
+        self._poll()
+
+    def resume(self) -> None:
+        self._poll()
+
+    def live_chunk(self, offset: int, stream: str, data: bytes) -> None:
+        """Never called for a remote task: its output arrives by polling."""
+
+    def task_ended(self, task: Task) -> None:
+        """Never called for a remote task: the owner reports the end."""
+
+    def _poll(self) -> None:
+        if self.closed or self._polling or self._session.paused:
+            return
+        self._polling = True
+        wait = 0 if not self._announced else self.POLL_WAIT
+        path = (f"/task/{self.task_id}/output?format=json&offset={self.sent}&wait={wait}")
+        asked = defer.Deferred.fromCoroutine(self._hub.peers.request(
+            self._owner, b"GET", path.encode(), timeout=self.POLL_WAIT + 15))
+        asked.addCallbacks(self._answered, self._unreachable)
+        asked.addErrback(self._failed)
+
+    def _answered(self, reply: Any) -> None:
+        self._polling = False
+        if self.closed:
+            return
+        if reply.status != 200:
+            message = f"owner {self._owner} answered {reply.status} for task {self.task_id}"
+            with_body = json.loads(reply.body).get("error", {}).get("message", message) \
+                if reply.body.startswith(b"{") else message
+            self._session.error(with_body, self.task_id)
+            self.stop()
+            return
+        self._failures = 0
+        body = json.loads(reply.body)
+        if not self._announced:
+            self._announced = True
+            self._session.send({"type": "attached", "task": self.task_id, "offset": self.sent,
+                                "state": body["state"], "owner": self._owner})
+        for message in body["chunks"]:
+            if message["offset"] >= self.sent:
+                self._session.send(message)
+        self.sent = max(self.sent, int(body["next_offset"]))
+        caught_up = self.sent >= int(body["output_bytes"])
+        if body["state"] in TERMINAL_STATE_NAMES and caught_up:
+            self._finish()
+            return
+        if caught_up and not self.live:
+            self.live = True
+            self._session.send({"type": "live", "task": self.task_id, "offset": self.sent})
+        self._poll()
+
+    def _finish(self) -> None:
+        asked = defer.Deferred.fromCoroutine(self._hub.peers.request(
+            self._owner, b"GET", f"/task/{self.task_id}".encode()))
+
+        def ended(reply: Any) -> None:
+            if self.closed:
+                return
+            task = json.loads(reply.body)
+            self._session.send({"type": "state", "task": self.task_id,
+                                "state": task["state"], "exit_code": task["exit_code"],
+                                "signal": task["signal"], "reason": task["reason"],
+                                "output_bytes": task["output_bytes"]})
+            self.stop()
+        asked.addCallbacks(ended, self._unreachable).addErrback(self._failed)
+
+    def _unreachable(self, failure: Failure) -> None:
+        self._polling = False
+        if self.closed:
+            return
+        self._failures += 1
+        if self._failures > self.RETRIES:
+            self._session.error(f"owner node {self._owner} of task {self.task_id} is not "
+                                f"reachable: {failure.getErrorMessage()}", self.task_id)
+            self.stop()
+            return
+        self._hub.reactor.callLater(0.5 * self._failures, self._poll)
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("following remote task {task_id} failed", failure, task_id=self.task_id)
+        if not self.closed:
+            self._session.error("cannot follow the task (logged)", self.task_id)
+            self.stop()
+
+    def stop(self) -> None:
+        self.closed = True
+        self._hub._remove(self)
+        self._session.attachments.pop(self.task_id, None)
+
+
+TERMINAL_STATE_NAMES = frozenset(state.value for state in TaskState if state.terminal)
+
+
 class LiveSession:
     """One WebSocket connection's commands, attachments and subscriptions."""
 
@@ -282,7 +402,7 @@ class LiveSession:
         self._sink = sink
         self._max_pending = max_pending
         self._pending = 0  # bytes handed to a paused transport
-        self.attachments: dict[str, Attachment] = {}
+        self.attachments: dict[str, Attachment | RemoteAttachment] = {}
         self.subscribed = False
         self.bad_frames = 0
         self.closed = False
@@ -320,7 +440,12 @@ class LiveSession:
         elif len(self.attachments) >= MAX_ATTACHMENTS:
             self.error(f"at most {MAX_ATTACHMENTS} attachments per connection", task_id)
         else:
-            attachment = Attachment(self._hub, self, task_id, offset)
+            owner = self._hub.remote_owner(task_id)
+            attachment: Attachment | RemoteAttachment
+            if owner is not None:
+                attachment = RemoteAttachment(self._hub, self, task_id, offset, owner)
+            else:
+                attachment = Attachment(self._hub, self, task_id, offset)
             self.attachments[task_id] = attachment
             self._hub._add(attachment)  # before the store read: see the module docstring
             attachment.start()
@@ -371,8 +496,12 @@ class LiveHub(service.Service):
         self.read_size = read_size
         self.live_buffer = live_buffer
         self.max_pending = max_pending
-        self._attached: dict[str, set[Attachment]] = {}
+        self._attached: dict[str, set[Attachment | RemoteAttachment]] = {}
         self._sessions: set[LiveSession] = set()
+        # Set by the tap when the node has peers: tasks other nodes own are followed there.
+        self.peers: Any = None
+        self.node_id: str | None = None
+        self.reactor: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -405,10 +534,17 @@ class LiveHub(service.Service):
             if session.subscribed:
                 session.send(event)
 
-    def _add(self, attachment: Attachment) -> None:
+    def remote_owner(self, task_id: str) -> str | None:
+        owner = owner_of(task_id)
+        if owner is None or owner == self.node_id or self.peers is None \
+                or not self.peers.knows(owner):
+            return None
+        return owner
+
+    def _add(self, attachment: Attachment | RemoteAttachment) -> None:
         self._attached.setdefault(attachment.task_id, set()).add(attachment)
 
-    def _remove(self, attachment: Attachment) -> None:
+    def _remove(self, attachment: Attachment | RemoteAttachment) -> None:
         attached = self._attached.get(attachment.task_id)
         if attached is not None:
             attached.discard(attachment)

@@ -98,3 +98,37 @@ def test_labels_steer_placement(tmp_path):
     finally:
         for node in nodes:
             node.terminate()
+
+
+def test_websocket_attach_on_a_node_that_does_not_own_the_task(trio, tmp_path):
+    from oxide_cluster.client import Node, decode_output
+    from tests.support import SECRET
+
+    a, b, c = trio
+    go = tmp_path / "go"
+    script = ('for i in $(seq 1 200); do echo "line $i"; done; echo err >&2; '
+              'while [ ! -e "$1" ]; do sleep 0.05; done; echo after; exit 4')
+    task = a.post("/execute", {"command": "sh", "node": node_id(b),
+                               "args": ["-c", script, "sh", str(go)]}).json()
+    poll_until(lambda: b.get(f"/task/{task['id']}").json()["output_bytes"] > 1000,
+               message="the first part of the output")
+    ws = Node(c.url, SECRET).websocket(timeout=30)
+    ws.send_json({"op": "attach", "task": task["id"]})
+    data, kinds = b"", []
+    for message in ws.messages():
+        kinds.append(message["type"])
+        if message["type"] == "output":
+            assert message["offset"] == len(data)
+            data += decode_output(message)
+        elif message["type"] == "live":
+            go.touch()
+        elif message["type"] == "state":
+            break
+        elif message["type"] == "error":
+            raise AssertionError(message)
+    ws.close()
+    expected = b"".join(f"line {i}\n".encode() for i in range(1, 201)) + b"err\nafter\n"
+    assert data == expected
+    assert kinds[0] == "attached" and kinds[-1] == "state"
+    assert message["exit_code"] == 4 and message["state"] == "failed"
+    assert data == b.get(f"/task/{task['id']}/output").body
