@@ -27,7 +27,7 @@ from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
-from oxide_cluster.ws import output_message
+from oxide_cluster.ws import output_messages
 
 MAX_WAIT = 300.0
 # Values of the forwarding header: run it on the receiving node, or place it (to the leader).
@@ -99,7 +99,7 @@ def _chunks_json(task: Task, offset: int, chunks: list[tuple[int, str, bytes]],
         first = max(start, offset)
         end = start + len(chunk)
         if piece and (stream is None or chunk_stream == stream):
-            messages.append(output_message(task.id, first, chunk_stream, piece))
+            messages.extend(output_messages(task.id, first, chunk_stream, piece))
     return {"task": task.id, "state": task.state.value, "next_offset": max(end, offset),
             "output_bytes": task.output_bytes, "chunks": messages}
 

@@ -301,11 +301,16 @@ class Store(service.Service):
                     limit: int = 4 * 1024 * 1024) -> defer.Deferred[list[tuple[int, str, bytes]]]:
         """Chunks covering bytes from ``offset`` on (the first may start before it)."""
         def select(connection: sqlite3.Connection) -> list[tuple[int, str, bytes]]:
+            # Start at the chunk that holds ``offset``, found through the primary key:
+            # a filter on offset + length(data) would scan every chunk of the task.
             rows = connection.execute(
-                "SELECT offset, stream, data FROM output WHERE task_id = ? "
-                "AND offset + length(data) > ? ORDER BY offset", (task_id, offset))
+                "SELECT offset, stream, data FROM output WHERE task_id = ? AND offset >= "
+                "coalesce((SELECT max(offset) FROM output WHERE task_id = ? AND offset <= ?), 0)"
+                " ORDER BY offset", (task_id, task_id, offset))
             chunks, total = [], 0
             for start, stream, data in rows:
+                if start + len(data) <= offset:
+                    continue  # the chunk before ``offset`` ends exactly at it
                 chunks.append((start, stream, bytes(data)))
                 total += len(data)
                 if total >= limit:

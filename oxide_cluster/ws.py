@@ -67,6 +67,8 @@ SUBPROTOCOL = "oxide.v1"
 TOKEN_PREFIX = "oxide.token."
 MAX_BAD_FRAMES = 10
 MAX_FRAME = 64 * 1024
+# Output bytes per message: base64 (4/3) plus JSON framing stays under MAX_FRAME.
+MAX_OUTPUT_PIECE = 32 * 1024
 MAX_ATTACHMENTS = 64
 PING_INTERVAL = 10.0
 PING_TIMEOUT = 30.0
@@ -128,6 +130,14 @@ def output_message(task_id: str, offset: int, stream: str, data: bytes) -> dict[
         text, encoding = base64.b64encode(data).decode("ascii"), "base64"
     return {"type": "output", "task": task_id, "offset": offset, "stream": stream,
             "encoding": encoding, "data": text}
+
+
+def output_messages(task_id: str, offset: int, stream: str,
+                    data: bytes) -> list[dict[str, Any]]:
+    """A chunk as messages of at most ``MAX_OUTPUT_PIECE`` bytes each, so a frame stays
+    under the WebSocket payload limit even base64-encoded."""
+    return [output_message(task_id, offset + start, stream, data[start:start + MAX_OUTPUT_PIECE])
+            for start in range(0, len(data), MAX_OUTPUT_PIECE)]
 
 
 def state_message(task: Task) -> dict[str, Any]:
@@ -259,7 +269,8 @@ class Attachment:
         elif start < self.sent:
             data = data[self.sent - start:]
             start = self.sent
-        self._session.send(output_message(self.task_id, start, stream, data))
+        for message in output_messages(self.task_id, start, stream, data):
+            self._session.send(message)
         self.sent = end
 
     def _end(self) -> None:
