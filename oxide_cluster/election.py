@@ -40,6 +40,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -480,6 +481,16 @@ def _protocol_class() -> Any:
     return ElectionRedisProtocol
 
 
+class _QuietFactory(ClientFactory):
+    """Hands out one prepared protocol; not noisy, since reconnects repeat while Redis is down."""
+
+    noisy = False
+    protocol_instance: Any = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.protocol_instance
+
+
 class RedisLockBackend:
     """:class:`LockBackend` on one txredisapi connection, made and timed by our reactor.
 
@@ -524,7 +535,9 @@ class RedisLockBackend:
         protocol = _protocol_class()(charset="utf-8", convertNumbers=False)
         protocol.callLater = self._reactor.callLater
         protocol.on_lost = self._lost
-        connecting = endpoints.connectProtocol(endpoint, protocol)
+        factory: Any = _QuietFactory()
+        factory.protocol_instance = protocol
+        connecting = endpoint.connect(factory)
         connecting.addTimeout(self.timeout, self._reactor)
         await connecting
         try:

@@ -417,3 +417,27 @@ def test_parse_value_and_redis_url():
         RedisAddress.parse("http://x")
     with pytest.raises(ValueError):
         RedisAddress.parse("redis://x/abc")
+
+
+def test_tap_builds_a_redis_elector_and_publishes_leader_events(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from oxide_cluster import config as config_module
+    from oxide_cluster.tap import build_node
+
+    config = config_module.load(
+        {"redis": "redis://127.0.0.1:6399/0", "state_dir": str(tmp_path), "secret": "s",
+         "discovery": False, "listen": "tcp:0", "leader_ttl": "1.5",
+         "cluster_name": "ci"}, {})
+    top, node = build_node(config, MemoryReactorClock())
+    try:
+        assert isinstance(node.elector, RedisElector)
+        assert node.elector.key == "oxide:ci:leader" and node.elector.timing.ttl == 1.5
+        events: list[dict[str, Any]] = []
+        node.ws.publish = events.append
+        node.elector._learn(("other-node", 7))
+        assert events == [{"type": "leader", "node_id": "other-node", "token": 7,
+                           "since": events[0]["since"]}]
+        assert events[0]["since"].endswith("Z")
+    finally:
+        top._lock.release()
