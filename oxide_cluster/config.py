@@ -168,6 +168,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis", _optional_text, None,
             "Redis URL for leader election (none: standalone leader)",
             env="OXIDE_REDIS_URL"),
+    Setting("leader_ttl", _positive_float, 2.0,
+            "seconds a Redis leader lease lasts (failover after a crash takes about this)"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
 )
 
@@ -200,6 +202,7 @@ class Config:
     announce_interval: float
     dead_after: float
     redis: str | None
+    leader_ttl: float
     log_format: str
 
     @property

@@ -17,7 +17,7 @@ from oxide_cluster import logs
 from oxide_cluster.api import TaskApi
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
-from oxide_cluster.election import StandaloneElector
+from oxide_cluster.election import StandaloneElector, redis_elector
 from oxide_cluster.executor import Executor
 from oxide_cluster.forwarding import PeerClient
 from oxide_cluster.identity import (
@@ -120,7 +120,13 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         load=sampler.cpu_and_memory, max_cpu_percent=config.max_cpu_percent,
         max_memory_percent=config.max_memory_percent,
     )
-    elector = StandaloneElector(reactor, node_id)
+    elector: Any = StandaloneElector(reactor, node_id)
+    if config.redis:
+        try:
+            elector = redis_elector(reactor, node_id, config.redis, config.cluster_name,
+                                    config.leader_ttl)
+        except ValueError as error:
+            raise ConfigError(f"bad value for 'redis': {error}") from None
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds())
@@ -134,6 +140,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     hub = LiveHub(executor, store)
     hub.setServiceParent(top)
     node.ws = hub
+    elector.subscribe(lambda _: hub.publish({"type": "leader", **node.leader()}))
     if node.discovery is not None:
         node.discovery.membership.subscribe(hub.publish)
     peers = placement = None
