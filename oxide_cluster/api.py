@@ -115,7 +115,6 @@ class TaskApi:
         self.node = node
         self.peers = peers
         self.placement = placement
-        self.highest_token = 0
         self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
@@ -365,11 +364,11 @@ class TaskApi:
             token = int(raw)
         except ValueError:
             raise ApiError(400, "bad_token", "leader token must be a whole number") from None
-        if token < self.highest_token:
+        if not self.node.elector.observe_token(token):
             raise ApiError(409, "stale_leader_token",
-                           f"placement by leader token {token}, but token "
-                           f"{self.highest_token} has been seen: the sender no longer leads")
-        self.highest_token = token
+                           f"placement by leader token {token}, but a newer leader "
+                           f"({self.node.elector.highest_token}) is known: the sender no "
+                           "longer leads")
 
     async def _forward(self, request: Request, node_id: str, body: bytes | None, hop: bytes,
                        wait: float | None = None, token: int | None = None) -> bytes:

@@ -221,3 +221,15 @@ def test_redis_down_means_no_leader_then_one_again(agent_factory, redis):
                    message="every node to report no leader while Redis is down")
         redis.start()
         wait_for_leader(agents, newer_than=token, timeout=15.0)
+
+
+def test_placement_with_a_stale_leader_token_is_refused(agent_factory, redis):
+    agents = start_cluster(agent_factory, redis)
+    leader, token = wait_for_leader(agents)
+    follower = next(agent for agent in agents if agent is not leader)
+    poll_until(lambda: leader_of(follower)["token"] == token, message="follower sees token")
+    headers = {"X-Oxide-Forwarded": "run", "X-Oxide-Leader-Token": str(token - 1)}
+    stale = follower.post("/execute", {"command": "true"}, headers=headers)
+    assert stale.status == 409 and stale.json()["error"]["code"] == "stale_leader_token"
+    headers["X-Oxide-Leader-Token"] = str(token)
+    assert follower.post("/execute?wait=10", {"command": "true"}, headers=headers).status == 200
