@@ -33,6 +33,9 @@ MAX_WAIT = 300.0
 # Values of the forwarding header: run it on the receiving node, or place it (to the leader).
 HOP_RUN = b"run"
 HOP_PLACE = b"place"
+# A leader's retry of a lost task names the original and the attempt number.
+RETRY_OF_HEADER = b"X-Oxide-Retry-Of"
+ATTEMPT_HEADER = b"X-Oxide-Attempt"
 MAX_PAGE = 1000
 
 
@@ -111,8 +114,9 @@ class TaskApi:
     log = Logger()
 
     def __init__(self, node: Node, websocket: Any = None, peers: PeerClient | None = None,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, directory: Any = None) -> None:
         self.node = node
+        self.directory = directory
         self.peers = peers
         self.placement = placement
         self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
@@ -296,6 +300,11 @@ class TaskApi:
         hop = request.getHeader(FORWARDED_HEADER)
         pinned = task_request.node
         if hop == HOP_RUN or pinned == self.node.node_id or self.peers is None:
+            retry_of = request.getHeader(RETRY_OF_HEADER) if hop == HOP_RUN else None
+            if retry_of is not None:
+                attempt = int(request.getHeader(ATTEMPT_HEADER) or b"2")
+                return await self._run_here(request, task_request, wait, attempt=attempt,
+                                            retry_of=retry_of.decode("ascii", "replace"))
             return await self._run_here(request, task_request, wait)
         if pinned is not None:
             return await self._forward(request, pinned, raw, HOP_RUN, wait)
@@ -312,9 +321,11 @@ class TaskApi:
         # No leader reachable (or it handed the task back): local admission.
         return await self._run_here(request, task_request, wait)
 
-    async def _run_here(self, request: Request, task_request: Any, wait: float | None) -> bytes:
+    async def _run_here(self, request: Request, task_request: Any, wait: float | None,
+                        attempt: int = 1, retry_of: str | None = None) -> bytes:
         try:
-            task = await self.node.executor.submit(task_request)
+            task = await self.node.executor.submit(task_request, attempt=attempt,
+                                                   retry_of=retry_of)
         except CapacityError as error:
             raise ApiError(error.status, error.code, error.message,
                            {"Retry-After": str(error.retry_after)}) from None
@@ -354,6 +365,49 @@ class TaskApi:
         detail = "; ".join(refusals) or f"no healthy node has the labels {dict(labels)}"
         raise ApiError(429, "no_capacity", f"no node can take the task now ({detail})",
                        {"Retry-After": "1"})
+
+    async def place_retry(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Run a lost task again, as a new attempt, on the best node but the one it left."""
+        assert self.placement is not None and self.peers is not None
+        fields = {name: record[name] for name in ("command", "args", "cwd", "env", "timeout",
+                                                   "idle_timeout", "labels")}
+        fields["retries"] = int(record["retries"]) - 1
+        task_request = parse_task_request(fields, self.node.config.max_timeout)
+        attempt = int(record.get("attempt") or 1) + 1
+        body = json.dumps(fields).encode()
+        for node_id in self.placement.choose(task_request.labels, exclude=[record["node_id"]]):
+            if node_id == self.node.node_id:
+                try:
+                    task = await self.node.executor.submit(task_request, attempt=attempt,
+                                                           retry_of=record["id"])
+                except CapacityError:
+                    continue
+                return self._task_json(task)
+            headers = {FORWARDED_HEADER: HOP_RUN, b"Content-Type": b"application/json",
+                       TOKEN_HEADER: str(self.node.elector.token).encode(),
+                       RETRY_OF_HEADER: record["id"].encode(),
+                       ATTEMPT_HEADER: str(attempt).encode()}
+            try:
+                reply = await self.peers.request(node_id, b"POST", b"/execute", body, headers)
+            except PeerUnavailable:
+                continue
+            if reply.status in (200, 202):
+                self.placement.placed(node_id)
+                answer: dict[str, Any] = json.loads(reply.body)
+                return answer
+        raise RuntimeError(f"no node could take the retry of task {record['id']}")
+
+    async def _lost_elsewhere(self, task_id: str) -> dict[str, Any] | None:
+        """The leader's lost record of a task whose owner is down, if there is one."""
+        if self.directory is None:
+            return None
+        try:
+            record = await self.directory.lost(task_id)
+        except Exception:
+            return None
+        if record is None:
+            return None
+        return {k: v for k, v in record.items() if k not in ("env", "secret_env_keys")}
 
     def _check_leader_token(self, request: Request) -> None:
         """Fencing: a placement carrying an older leader's token than one seen is refused."""
@@ -425,8 +479,14 @@ class TaskApi:
         self._authorize(request)
         owner = self._remote_owner(request, task_id)
         if owner is not None:
-            return await self._forward(request, owner, None, HOP_RUN,
-                                       _query_number(request, "wait", 0, MAX_WAIT))
+            try:
+                return await self._forward(request, owner, None, HOP_RUN,
+                                           _query_number(request, "wait", 0, MAX_WAIT))
+            except ApiError as error:
+                lost = await self._lost_elsewhere(task_id)
+                if error.code != "node_unavailable" or lost is None:
+                    raise
+                return render_json(request, lost)
         wait = _query_number(request, "wait", 0, MAX_WAIT)
         task = await self._find_task(task_id)
         if not task.state.terminal:

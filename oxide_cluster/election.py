@@ -572,6 +572,10 @@ class RedisLockBackend:
         protocol = await self._client()
         return await self._timed(protocol, *command)
 
+    def command(self, *command: Any) -> defer.Deferred[Any]:
+        """Any Redis command on this connection (the task directory uses its own one)."""
+        return defer.Deferred.fromCoroutine(self._command(*command))
+
     def acquire(self, key: str, value: str, ttl_ms: int) -> defer.Deferred[bool]:
         return defer.Deferred.fromCoroutine(self._acquire(key, value, ttl_ms))
 

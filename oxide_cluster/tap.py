@@ -16,8 +16,14 @@ from oxide_cluster import config as config_module
 from oxide_cluster import logs
 from oxide_cluster.api import TaskApi
 from oxide_cluster.config import Config, ConfigError
+from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
-from oxide_cluster.election import StandaloneElector, redis_elector
+from oxide_cluster.election import (
+    RedisAddress,
+    RedisLockBackend,
+    StandaloneElector,
+    redis_elector,
+)
 from oxide_cluster.executor import Executor
 from oxide_cluster.forwarding import PeerClient
 from oxide_cluster.identity import (
@@ -29,6 +35,7 @@ from oxide_cluster.identity import (
 from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
+from oxide_cluster.recovery import Recovery
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store
 from oxide_cluster.ws import LiveFactory, LiveHub
@@ -149,8 +156,17 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         placement = Placement(reactor, node)
         reactor.addSystemEventTrigger("before", "shutdown", peers.close)
         hub.peers, hub.node_id, hub.reactor = peers, node_id, reactor
+    directory = None
+    if config.redis:
+        directory = TaskDirectory(RedisLockBackend(reactor, RedisAddress.parse(config.redis)),
+                                  config.cluster_name)
+        executor.state_listeners.append(directory.task_changed)
+        reactor.addSystemEventTrigger("after", "shutdown", directory.close)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
-                  peers=peers, placement=placement)
+                  peers=peers, placement=placement, directory=directory)
+    if directory is not None and node.discovery is not None:
+        recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
+        node.discovery.membership.subscribe(recovery.membership_event)
     site = MeteredSite(api.resource(), api.metrics)
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, config.listen)

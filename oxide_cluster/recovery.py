@@ -1,0 +1,75 @@
+"""The leader's care of a dead node's work: its unfinished tasks become ``lost`` and
+those submitted with ``retries`` run again elsewhere as a new attempt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from oxide_cluster.model import TERMINAL_STATES, rfc3339
+
+# Membership events after which a node's unfinished tasks are gone: it was declared dead,
+# or it came back with a new start time (its old processes died with it).
+NODE_GONE_EVENTS = ("dead", "restarted")
+PRIVATE_FIELDS = ("env", "secret_env_keys")
+
+
+class Recovery:
+    """Subscribed to membership; acts only while this node leads."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, node: Any, directory: Any, retry: Any,
+                 publish: Any = None) -> None:
+        self._reactor = reactor
+        self._node = node
+        self._directory = directory
+        self._retry = retry  # async (record) -> task JSON of the new attempt
+        self._publish = publish
+        self.recovered = 0
+
+    def membership_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "node" or event.get("event") not in NODE_GONE_EVENTS:
+            return
+        if not self._node.elector.is_leader:
+            return
+        node_id = event["node"]["node_id"]
+        recovering = defer.Deferred.fromCoroutine(self.recover_node(node_id, event["event"]))
+        recovering.addErrback(lambda failure: self.log.failure(
+            "recovering the tasks of node {node_id} failed", failure, node_id=node_id))
+
+    async def recover_node(self, node_id: str, why: str = "dead") -> list[dict[str, Any]]:
+        """Mark the node's unfinished tasks lost; retry those that may be retried."""
+        lost = []
+        for record in await self._directory.unfinished(node_id):
+            if record.get("state") in {state.value for state in TERMINAL_STATES}:
+                continue
+            cause = "died" if why == "dead" else "restarted"
+            record.update(state="lost", finished_at=rfc3339(self._reactor.seconds()),
+                          reason=f"node {node_id} {cause} while the task was "
+                                 f"{record.get('state', 'running')}")
+            retry = int(record.get("retries") or 0) > 0
+            if retry and record.get("secret_env_keys"):
+                retry = False
+                record["reason"] += "; not retried: secret_env values are never kept"
+            await self._directory.record_lost(record)
+            self.recovered += 1
+            public = {k: v for k, v in record.items() if k not in PRIVATE_FIELDS}
+            self.log.warn("task {task_id} lost: {reason}", task_id=record["id"],
+                          reason=record["reason"])
+            if self._publish is not None:
+                self._publish({"type": "task", "event": "lost", "task": public})
+            if retry:
+                try:
+                    attempt = await self._retry(record)
+                except Exception as error:
+                    self.log.warn("retry of task {task_id} failed: {error}",
+                                  task_id=record["id"], error=error)
+                else:
+                    self.log.info("task {task_id} retried as {new_id} on {node}",
+                                  task_id=record["id"], new_id=attempt.get("id"),
+                                  node=attempt.get("node_id"))
+            lost.append(public)
+        return lost

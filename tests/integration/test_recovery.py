@@ -1,0 +1,104 @@
+"""A node dies mid-task: the leader marks its tasks lost and retries them elsewhere.
+
+Three real agents on loopback with static peers and a real ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.test_node import task_processes
+from tests.redis_server import RedisServer
+from tests.support import AgentProcess, poll_until
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, redis, request):
+    nodes = [AgentProcess(tmp_path / f"r{i}", discovery=True) for i in range(3)]
+    for node in nodes:
+        others = [f"127.0.0.1:{peer.discovery_port}" for peer in nodes if peer is not node]
+        node.extra_args = ("--peers", ",".join(others), "--redis", redis.url)
+    started_tasks: list[str] = []
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            poll_until(lambda node=node: node.get("/api/cluster/nodes").json()["healthy_nodes"]
+                       == 3, message=f"{node.name} to see all three")
+        poll_until(lambda: len({n.get("/api/cluster/leader").json()["node_id"]
+                                for n in nodes} - {None}) == 1, message="one leader")
+        yield nodes, started_tasks
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        for node in nodes:
+            node.terminate()
+            if failed is not None and failed.failed:
+                print(f"\n===== log of {node.name} =====\n{node.log_text()}")
+        for task_id in started_tasks:  # orphans of the killed agent
+            for process in task_processes(task_id):
+                process.kill()
+
+
+def node_id(node):
+    return node.get("/health").json()["node_id"]
+
+
+def test_node_death_mid_task_marks_it_lost_and_the_retry_completes(cluster):
+    nodes, started_tasks = cluster
+    leader_id = nodes[0].get("/api/cluster/leader").json()["node_id"]
+    victim = next(node for node in nodes if node_id(node) != leader_id)
+    victim_id = node_id(victim)
+    survivor = next(node for node in nodes if node is not victim)
+    script = f'if [ "$OXIDE_NODE_ID" = "{victim_id}" ]; then sleep 300; fi; echo finished'
+    task = survivor.post("/execute", {"command": "sh", "args": ["-c", script],
+                                      "node": victim_id, "retries": 1}).json()
+    started_tasks.append(task["id"])
+    assert task["state"] == "running" and task["node_id"] == victim_id
+    victim.kill()
+    killed_at = time.monotonic()
+    lost = poll_until(lambda: (lambda t: t if t["state"] == "lost" else None)(
+        survivor.get(f"/task/{task['id']}").json()), timeout=10, message="task lost")
+    print(f"\nlost everywhere {time.monotonic() - killed_at:.2f}s after kill -9")
+    assert victim_id in lost["reason"] and "died" in lost["reason"]
+    for node in nodes:
+        if node is not victim:
+            assert node.get(f"/task/{task['id']}").json()["state"] == "lost"
+
+    def retry_finished():
+        for node in nodes:
+            if node is victim:
+                continue
+            for candidate in node.get("/tasks").json()["tasks"]:
+                if candidate["retry_of"] == task["id"] and candidate["state"] == "succeeded":
+                    return candidate
+        return None
+    retry = poll_until(retry_finished, timeout=15, message="the retry to finish elsewhere")
+    assert retry["attempt"] == 2 and retry["node_id"] != victim_id
+    output = survivor.get(f"/task/{retry['id']}/output").body
+    assert output == b"finished\n"
+
+
+def test_task_with_secret_env_is_lost_but_not_retried(cluster):
+    nodes, started_tasks = cluster
+    leader_id = nodes[0].get("/api/cluster/leader").json()["node_id"]
+    victim = next(node for node in nodes if node_id(node) != leader_id)
+    survivor = next(node for node in nodes if node is not victim)
+    task = survivor.post("/execute", {"command": "sleep", "args": ["300"], "retries": 2,
+                                      "node": node_id(victim),
+                                      "secret_env": {"TOKEN": "x"}}).json()
+    started_tasks.append(task["id"])
+    victim.kill()
+    lost = poll_until(lambda: (lambda t: t if t["state"] == "lost" else None)(
+        survivor.get(f"/task/{task['id']}").json()), timeout=10, message="task lost")
+    assert "not retried" in lost["reason"]
+    assert "TOKEN" not in str(lost) and "env" not in lost
