@@ -35,10 +35,23 @@ class Recovery:
             return
         if not self._node.elector.is_leader:
             return
-        node_id = event["node"]["node_id"]
-        recovering = defer.Deferred.fromCoroutine(self.recover_node(node_id, event["event"]))
+        self._recover_in_background(event["node"]["node_id"], event["event"])
+
+    def _recover_in_background(self, node_id: str, why: str) -> None:
+        recovering = defer.Deferred.fromCoroutine(self.recover_node(node_id, why))
         recovering.addErrback(lambda failure: self.log.failure(
             "recovering the tasks of node {node_id} failed", failure, node_id=node_id))
+
+    def leader_changed(self, leader: dict[str, Any]) -> None:
+        """A new leader takes over what its predecessor may not have finished: the work
+        of peers it has itself seen die (never of peers it merely has not heard yet)."""
+        if leader.get("node_id") != self._node.node_id or not self._node.elector.is_leader:
+            return
+        if self._node.discovery is None:
+            return
+        for peer in self._node.discovery.membership.peers():
+            if peer.state.value == "dead":
+                self._recover_in_background(peer.node_id, "dead")
 
     async def recover_node(self, node_id: str, why: str = "dead") -> list[dict[str, Any]]:
         """Mark the node's unfinished tasks lost; retry those that may be retried."""

@@ -167,6 +167,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     if directory is not None and node.discovery is not None:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
+        elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics)
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, config.listen)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import attrs
+import pytest_twisted
+from twisted.internet import task
+
+from oxide_cluster.recovery import Recovery
+
+
+class FakeDirectory:
+    def __init__(self, records):
+        self.records = {r["node_id"]: [dict(r)] for r in records}
+        self.lost = []
+
+    async def unfinished(self, node_id):
+        return self.records.pop(node_id, [])
+
+    async def record_lost(self, record):
+        self.lost.append(dict(record))
+
+
+@attrs.define
+class FakeElector:
+    is_leader: bool = True
+
+
+@attrs.define
+class FakeNode:
+    node_id: str = "leader"
+    elector: FakeElector = attrs.Factory(FakeElector)
+    discovery: object = None
+
+
+def record(node_id="b", retries=1, secret_keys=()):
+    return {"id": f"t-{node_id}", "node_id": node_id, "state": "running", "retries": retries,
+            "secret_env_keys": list(secret_keys), "env": {"A": "1"}, "attempt": 1}
+
+
+def make(records, is_leader=True):
+    retried, published = [], []
+
+    async def retry(rec):
+        retried.append(rec["id"])
+        return {"id": "new", "node_id": "c"}
+
+    node = FakeNode(elector=FakeElector(is_leader))
+    directory = FakeDirectory(records)
+    recovery = Recovery(task.Clock(), node, directory, retry, published.append)
+    return recovery, directory, retried, published
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_node_tasks_become_lost_and_retried():
+    recovery, directory, retried, published = make([record()])
+    lost = await recovery.recover_node("b")
+    assert [t["state"] for t in lost] == ["lost"] and "node b died" in lost[0]["reason"]
+    assert retried == ["t-b"]
+    assert directory.lost[0]["state"] == "lost"
+    assert published[0]["event"] == "lost" and "env" not in published[0]["task"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_retry_without_retries_or_with_secret_env():
+    recovery, _, retried, _ = make([record("b", retries=0), record("c", secret_keys=["T"])])
+    await recovery.recover_node("b")
+    lost = await recovery.recover_node("c")
+    assert retried == []
+    assert "not retried" in lost[0]["reason"]
+
+
+def test_only_the_leader_acts_and_only_on_gone_events():
+    recovery, directory, _, _ = make([record()], is_leader=False)
+    recovery.membership_event({"type": "node", "event": "dead", "node": {"node_id": "b"}})
+    assert directory.lost == []
+    recovery._node.elector.is_leader = True
+    recovery.membership_event({"type": "node", "event": "suspect", "node": {"node_id": "b"}})
+    assert directory.lost == []
+    recovery.membership_event({"type": "node", "event": "dead", "node": {"node_id": "b"}})
+    assert [r["id"] for r in directory.lost] == ["t-b"]
