@@ -338,7 +338,7 @@ class TaskView {
     if (task.started_at) parts.push(duration(task));
     if (task.exit_code !== null && task.exit_code !== undefined) parts.push(`exit ${task.exit_code}`);
     if (task.signal) parts.push(`signal ${task.signal}`);
-    if (task.reason) parts.push(task.reason);
+    if (task.reason && !task.reason.startsWith("exited with code")) parts.push(task.reason);
     $("tv-meta").textContent = parts.join(" · ");
   }
 
