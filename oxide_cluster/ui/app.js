@@ -545,7 +545,7 @@ class Live {
     this.socket = socket;
     socket.onopen = () => {
       this.delay = 500;
-      setConn("live", "live");
+      setConn("connecting", "subscribing…");
       this.send({op: "subscribe", topic: "cluster"});
       if (view) this.attach(view);
       refreshTasks();  // catch up on events missed while disconnected
@@ -576,7 +576,9 @@ class Live {
   }
 
   received(message) {
-    if (message.type === "task" && message.task) {
+    if (message.type === "subscribed") {
+      setConn("live", "live");  // from here on, no cluster event is missed
+    } else if (message.type === "task" && message.task) {
       upsertTask(message.task);
     } else if (message.type === "node" || message.type === "leader") {
       clearTimeout(this.nodesSoon);
