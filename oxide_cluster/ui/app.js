@@ -210,15 +210,25 @@ async function refreshTasks() {
   if (state) query.set("state", state);
   try {
     const body = await api(`/tasks?${query}`);
+    const known = new Map(tasks);
     tasks.clear();
-    for (const task of body.tasks) tasks.set(task.id, task);
+    for (const task of body.tasks) {
+      tasks.set(task.id, regresses(known.get(task.id), task) ? known.get(task.id) : task);
+    }
     renderTasks();
   } catch (error) {
     handleError(error);
   }
 }
 
+// Terminal states never change again; a late reply (e.g. the 202 snapshot of a cancel
+// that arrives after the "state" event) must not make a finished task look running.
+function regresses(known, task) {
+  return Boolean(known) && !ACTIVE.has(known.state) && ACTIVE.has(task.state);
+}
+
 function upsertTask(task) {
+  if (regresses(tasks.get(task.id), task)) return;
   const filter = $("state-filter").value;
   if (filter && task.state !== filter) tasks.delete(task.id);
   else tasks.set(task.id, task);
@@ -322,6 +332,7 @@ class TaskView {
   }
 
   update(task) {
+    if (regresses(this.task, task)) return;
     this.task = task;
     const state = $("tv-state");
     state.textContent = task.state;

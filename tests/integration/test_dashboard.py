@@ -81,7 +81,8 @@ def text_of(driver, element_id: str) -> str:
 
 
 def visible(driver, element_id: str) -> bool:
-    return not driver.execute_script(f"return document.getElementById('{element_id}').hidden")
+    """Really rendered (CSS included), not just without the ``hidden`` attribute."""
+    return css(driver, f"#{element_id}")[0].is_displayed()
 
 
 def sign_in(driver, agent, secret: str = SECRET) -> None:
@@ -213,7 +214,7 @@ def test_cancel_button_cancels_a_running_task(agent, browser) -> None:
     assert css(browser, "#tv-cancel")[0].get_attribute("disabled") is not None
 
 
-def test_wrong_secret_shows_a_clear_message_and_the_form_again(agent, browser) -> None:
+def test_wrong_secret_shows_a_clear_message_and_the_form_again(agent, browser, tmp_path) -> None:
     sign_in(browser, agent, secret="not-the-secret")
     wait(browser, lambda d: visible(d, "login-error"), message="the error message")
     message = text_of(browser, "login-error")
@@ -228,3 +229,4 @@ def test_wrong_secret_shows_a_clear_message_and_the_form_again(agent, browser) -
          message="the form after a 401")
     assert "refused (HTTP 401)" in text_of(browser, "login-error")
     assert not visible(browser, "app")
+    screenshot(browser, tmp_path, "dashboard-wrong-secret.png")
