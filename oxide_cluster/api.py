@@ -15,6 +15,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
+from oxide_cluster.dashboard import UiFiles
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import (
     FORWARDED_HEADER,
@@ -266,6 +267,18 @@ class TaskApi:
     def cluster_leader(self, request: Request) -> bytes:
         self._authorize(request)
         return render_json(request, self.node.leader())
+
+    @app.route("/", methods=["GET", "HEAD"])
+    @app.route("/ui", methods=["GET", "HEAD"])
+    def ui_redirect(self, request: Request) -> bytes:
+        """The dashboard lives under ``/ui/`` so its relative URLs resolve there."""
+        request.redirect(b"/ui/")
+        return b""
+
+    @app.route("/ui/", branch=True, methods=["GET", "HEAD"])
+    def ui_files(self, request: Request) -> Any:
+        """The dashboard's static files, without the secret: they hold no data."""
+        return UiFiles()
 
     @app.route("/ws", branch=False)
     def websocket(self, request: Request) -> Any:

@@ -1,0 +1,621 @@
+// oxide-cluster dashboard: nodes, leader and tasks of one node, live, in one small page.
+//
+// Why it is built this way:
+// * Plain ES module, no framework, no build step, no CDN: the file ships in the Python
+//   package and works offline; a node is an ops tool, not a web app, and a few hundred
+//   lines of DOM code are easier to audit than a bundle.
+// * Every data call carries the secret in the X-Cluster-Secret header; the secret lives in
+//   sessionStorage (this tab only) and never in a URL. The WebSocket cannot send headers,
+//   so it offers the subprotocols "oxide.v1" + "oxide.token.<base64url(secret)>".
+// * Untrusted text (commands, labels, task output) only ever goes into textContent, never
+//   innerHTML. ANSI colour codes are rendered as classes; other escapes are dropped.
+// * Live updates come from the WebSocket ("cluster" events, task output); a light poll
+//   (nodes every 2 s, tasks every 10 s) repairs anything missed while disconnected.
+
+const SECRET_KEY = "oxide.secret";
+const NODES_EVERY_MS = 2000;
+const TASKS_EVERY_MS = 10000;
+const TASK_LIMIT = 50;
+const MAX_OUTPUT_NODES = 20000;  // DOM nodes in the output pane before old ones are trimmed
+const ACTIVE = new Set(["queued", "running"]);
+
+const $ = (id) => document.getElementById(id);
+
+let secret = sessionStorage.getItem(SECRET_KEY);
+let timers = [];
+let live = null;
+const tasks = new Map();  // id -> task JSON
+let view = null;          // the open task view
+
+// -- HTTP ----------------------------------------------------------------------------
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}, withSecret = secret) {
+  const headers = {"X-Cluster-Secret": withSecret || "", ...(options.headers || {})};
+  let reply;
+  try {
+    reply = await fetch(path, {...options, headers, cache: "no-store"});
+  } catch (error) {
+    throw new Error(`cannot reach this node (${error.message})`);
+  }
+  if (reply.status === 401) throw new Unauthorized("wrong cluster secret");
+  const body = await reply.json().catch(() => ({}));
+  if (!reply.ok && reply.status !== 202) {
+    const message = body.error ? body.error.message : reply.statusText;
+    const error = new Error(`${reply.status}: ${message}`);
+    error.status = reply.status;
+    throw error;
+  }
+  return body;
+}
+
+function handleError(error) {
+  if (error instanceof Unauthorized) {
+    signOut("The cluster secret was refused (HTTP 401). Enter the right secret.");
+  } else {
+    showBanner(error.message);
+  }
+}
+
+function showBanner(text) {
+  $("banner").textContent = text;
+  $("banner").hidden = !text;
+}
+
+// -- sign in / out -------------------------------------------------------------------
+
+function signOut(message) {
+  secret = null;
+  sessionStorage.removeItem(SECRET_KEY);
+  timers.forEach(clearInterval);
+  timers = [];
+  if (live) live.stop();
+  live = null;
+  closeTask();
+  tasks.clear();
+  $("app").hidden = true;
+  $("logout").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  $("login-error").hidden = !message;
+  $("summary").textContent = "";
+  setConn("off", "offline");
+  showBanner("");
+  $("secret").focus();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const candidate = $("secret").value;
+  try {
+    await api("/api/cluster/leader", {}, candidate);
+  } catch (error) {
+    $("login-error").textContent = error instanceof Unauthorized
+      ? "Wrong secret: the node answered 401 Unauthorized." : error.message;
+    $("login-error").hidden = false;
+    return;
+  }
+  secret = candidate;
+  sessionStorage.setItem(SECRET_KEY, secret);
+  $("secret").value = "";
+  start();
+}
+
+function start() {
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("logout").hidden = false;
+  live = new Live();
+  live.connect();
+  refreshNodes();
+  refreshTasks();
+  timers.push(setInterval(refreshNodes, NODES_EVERY_MS));
+  timers.push(setInterval(refreshTasks, TASKS_EVERY_MS));
+  timers.push(setInterval(tickDurations, 1000));
+  openFromHash();
+}
+
+// -- nodes and leader ----------------------------------------------------------------
+
+async function refreshNodes() {
+  if (!secret) return;
+  try {
+    const [cluster, leader] = await Promise.all([
+      api("/api/cluster/nodes"), api("/api/cluster/leader")]);
+    renderNodes(cluster, leader);
+    showBanner("");
+  } catch (error) {
+    handleError(error);
+  }
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function bar(value, max, label) {
+  const cell = el("td", "bar-cell");
+  if (value === null || value === undefined || !max) {
+    cell.append(el("span", "muted", "—"));
+    return cell;
+  }
+  const fraction = Math.max(0, Math.min(1, value / max));
+  const outer = el("span", "bar");
+  const inner = el("span", "fill");
+  inner.style.width = `${(fraction * 100).toFixed(1)}%`;
+  if (fraction > 0.9) inner.classList.add("hot");
+  outer.append(inner);
+  cell.append(outer, el("span", "bar-label", label));
+  return cell;
+}
+
+function renderNodes(cluster, leader) {
+  const nodes = [cluster.local_node, ...(cluster.remote_nodes || [])];
+  $("summary").textContent =
+    `${cluster.healthy_nodes}/${cluster.total_nodes} nodes healthy · this node ` +
+    short(cluster.local_node.node_id);
+  const line = $("leader");
+  line.textContent = leader.node_id
+    ? `leader ${short(leader.node_id)} · token ${leader.token}` +
+      (leader.since ? ` · since ${new Date(leader.since).toLocaleTimeString()}` : "")
+    : "no leader";
+  line.dataset.leader = leader.node_id || "";
+  const rows = nodes.map((node) => {
+    const stats = node.stats || {};
+    const row = el("tr", "node");
+    row.dataset.nodeId = node.node_id;
+    row.dataset.state = node.state;
+    const name = el("td");
+    name.append(el("code", "", short(node.node_id)), " ", el("span", "muted", node.hostname));
+    if (node.node_id === cluster.local_node.node_id) name.append(" ", el("span", "tag", "this"));
+    if (leader.node_id && node.node_id === leader.node_id) {
+      row.classList.add("leader");
+      name.append(" ", el("span", "tag leader-badge", `leader · token ${leader.token}`));
+    }
+    const address = node.ip_address ? `${node.ip_address}:${node.api_port}`
+      : `${node.hostname}:${node.api_port}`;
+    const state = el("td");
+    state.append(el("span", `state state-${node.healthy ? "alive" : "down"}`, node.state));
+    const running = stats.running_tasks ?? null;
+    const slots = running === null || stats.free_slots == null ? null
+      : running + stats.free_slots;
+    const labels = el("td");
+    for (const [key, value] of Object.entries(node.labels || {})) {
+      labels.append(el("span", "tag", `${key}=${value}`), " ");
+    }
+    row.append(name, el("td", "", address), state,
+      bar(stats.cpu_percent, 100, pct(stats.cpu_percent)),
+      bar(stats.memory_percent, 100, pct(stats.memory_percent)),
+      bar(running, slots, slots === null ? "" : `${running}/${slots}`),
+      labels);
+    row.title = `${node.node_id}\nlast seen ${node.last_seen || "?"}`;
+    return row;
+  });
+  $("nodes").replaceChildren(...rows);
+}
+
+const pct = (value) => (value === null || value === undefined ? "" : `${Math.round(value)}%`);
+const short = (id) => (id ? String(id).slice(0, 12) : "?");
+
+// -- tasks ---------------------------------------------------------------------------
+
+async function refreshTasks() {
+  if (!secret) return;
+  const state = $("state-filter").value;
+  const query = new URLSearchParams({limit: String(TASK_LIMIT)});
+  if (state) query.set("state", state);
+  try {
+    const body = await api(`/tasks?${query}`);
+    const known = new Map(tasks);
+    tasks.clear();
+    for (const task of body.tasks) {
+      tasks.set(task.id, regresses(known.get(task.id), task) ? known.get(task.id) : task);
+    }
+    renderTasks();
+  } catch (error) {
+    handleError(error);
+  }
+}
+
+// Terminal states never change again; a late reply (e.g. the 202 snapshot of a cancel
+// that arrives after the "state" event) must not make a finished task look running.
+function regresses(known, task) {
+  return Boolean(known) && !ACTIVE.has(known.state) && ACTIVE.has(task.state);
+}
+
+function upsertTask(task) {
+  if (regresses(tasks.get(task.id), task)) return;
+  const filter = $("state-filter").value;
+  if (filter && task.state !== filter) tasks.delete(task.id);
+  else tasks.set(task.id, task);
+  renderTasks();
+  if (view && view.id === task.id) view.update(task);
+}
+
+function duration(task) {
+  if (!task.started_at) return "";
+  const end = task.finished_at ? Date.parse(task.finished_at) : Date.now();
+  const seconds = Math.max(0, (end - Date.parse(task.started_at)) / 1000);
+  if (seconds < 60) return `${seconds.toFixed(1)} s`;
+  const minutes = Math.floor(seconds / 60);
+  return minutes < 60 ? `${minutes} min ${Math.round(seconds % 60)} s`
+    : `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+function commandLine(task) {
+  return [task.command, ...(task.args || [])]
+    .map((part) => (/^[\w@%+=:,./-]+$/.test(part) ? part : `'${part.replace(/'/g, "'\\''")}'`))
+    .join(" ");
+}
+
+function renderTasks() {
+  const sorted = [...tasks.values()]
+    .sort((a, b) => (b.created_at || "").localeCompare(a.created_at || ""))
+    .slice(0, TASK_LIMIT);
+  const rows = sorted.map((task) => {
+    const row = el("tr", "task");
+    row.dataset.taskId = task.id;
+    row.dataset.state = task.state;
+    if (view && view.id === task.id) row.classList.add("selected");
+    const id = el("td");
+    const link = el("a", "", short(task.id));
+    link.href = `#task=${encodeURIComponent(task.id)}`;
+    id.append(link);
+    const state = el("td");
+    state.append(el("span", `state state-${task.state}`, task.state));
+    const command = el("td", "command", commandLine(task));
+    command.title = commandLine(task);
+    row.append(id, state, el("td", "", short(task.node_id)), command,
+      el("td", "duration", duration(task)),
+      el("td", "exit", task.exit_code ?? (task.signal ? `sig ${task.signal}` : "")));
+    row.addEventListener("click", (event) => {
+      if (event.target.tagName !== "A") location.hash = `task=${encodeURIComponent(task.id)}`;
+    });
+    return row;
+  });
+  $("tasks").replaceChildren(...rows);
+  $("tasks-empty").hidden = rows.length > 0;
+}
+
+function tickDurations() {
+  for (const row of $("tasks").querySelectorAll("tr.task")) {
+    const task = tasks.get(row.dataset.taskId);
+    if (task && ACTIVE.has(task.state)) row.querySelector(".duration").textContent = duration(task);
+  }
+  if (view) view.renderMeta();
+}
+
+// -- task view -----------------------------------------------------------------------
+
+function openFromHash() {
+  const match = /^#task=(.+)$/.exec(location.hash);
+  if (!secret) return;
+  if (!match) { closeTask(); return; }
+  const id = decodeURIComponent(match[1]);
+  if (view && view.id === id) return;
+  closeTask();
+  view = new TaskView(id);
+  renderTasks();
+}
+
+function closeTask() {
+  if (!view) return;
+  view.close();
+  view = null;
+  $("task-view").hidden = true;
+  if (location.hash.startsWith("#task=")) {
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  renderTasks();
+}
+
+class TaskView {
+  constructor(id) {
+    this.id = id;
+    this.task = tasks.get(id) || null;
+    this.offset = 0;  // bytes of output received so far
+    this.decoder = new TextDecoder("utf-8");
+    this.ansi = new AnsiWriter($("tv-output"));
+    $("tv-output").replaceChildren();
+    $("tv-id").textContent = id;
+    $("tv-status").textContent = "attaching…";
+    $("task-view").hidden = false;
+    if (this.task) this.update(this.task);
+    api(`/task/${encodeURIComponent(id)}`)
+      .then((task) => { if (view === this) this.update(task); })
+      .catch((error) => { if (view === this) $("tv-status").textContent = error.message; });
+    if (live) live.attach(this);
+  }
+
+  update(task) {
+    if (regresses(this.task, task)) return;
+    this.task = task;
+    const state = $("tv-state");
+    state.textContent = task.state;
+    state.className = `state state-${task.state}`;
+    $("tv-command").textContent = commandLine(task);
+    $("tv-cancel").disabled = !ACTIVE.has(task.state);
+    this.renderMeta();
+  }
+
+  renderMeta() {
+    const task = this.task;
+    if (!task) return;
+    const parts = [`node ${short(task.node_id)}`];
+    if (task.started_at) parts.push(duration(task));
+    if (task.exit_code !== null && task.exit_code !== undefined) parts.push(`exit ${task.exit_code}`);
+    if (task.signal) parts.push(`signal ${task.signal}`);
+    if (task.reason && !task.reason.startsWith("exited with code")) parts.push(task.reason);
+    $("tv-meta").textContent = parts.join(" · ");
+  }
+
+  output(message) {
+    let bytes = message.encoding === "base64" ? base64Bytes(message.data)
+      : new TextEncoder().encode(message.data);
+    // Replay after a reconnect may overlap what we already have: cut by byte offset.
+    if (message.offset < this.offset) bytes = bytes.slice(this.offset - message.offset);
+    if (!bytes.length) return;
+    this.offset = Math.max(this.offset, message.offset) + bytes.length;
+    this.ansi.write(this.decoder.decode(bytes, {stream: true}), message.stream);
+    if ($("tv-follow").checked) $("tv-output").scrollTop = $("tv-output").scrollHeight;
+  }
+
+  message(message) {
+    switch (message.type) {
+      case "attached":
+        $("tv-status").textContent = "replaying output…";
+        break;
+      case "output":
+        this.output(message);
+        break;
+      case "live":
+        $("tv-status").textContent = "live";
+        break;
+      case "state":
+        this.ansi.write(this.decoder.decode(), "stdout");
+        $("tv-status").textContent = `ended: ${message.state}` +
+          (message.reason ? ` (${message.reason})` : "");
+        this.update({...(this.task || {id: this.id}), ...message, type: undefined});
+        refreshTasks();
+        break;
+      case "error":
+        $("tv-status").textContent = `error: ${message.message}`;
+        break;
+      default:
+        break;
+    }
+  }
+
+  async cancel() {
+    $("tv-cancel").disabled = true;
+    try {
+      const task = await api(`/task/${encodeURIComponent(this.id)}/cancel`, {method: "POST"});
+      $("tv-status").textContent = "cancel requested";
+      this.update(task);
+    } catch (error) {
+      if (error instanceof Unauthorized) handleError(error);
+      $("tv-status").textContent = error.status === 409 ? "the task had already ended"
+        : `cancel failed: ${error.message}`;
+    }
+  }
+
+  close() {
+    if (live) live.detach(this.id);
+  }
+}
+
+function base64Bytes(data) {
+  const binary = atob(data);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+// -- ANSI colours --------------------------------------------------------------------
+
+// SGR sequences (colours, bold, ...) become classes; every other escape and control
+// character (cursor moves, titles, lone CR) is dropped, so output stays plain text.
+const ESCAPE = /\x1b\[([0-9;?]*)([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]|[\x00-\x08\x0b-\x1f\x7f]/g;
+const INCOMPLETE = /\x1b(\[[0-9;?]{0,32}|\][^\x07\x1b]{0,256})?$/;
+
+class AnsiWriter {
+  constructor(pre) {
+    this.pre = pre;
+    this.pending = "";
+    this.reset();
+  }
+
+  reset() {
+    this.fg = null;
+    this.bg = null;
+    this.bold = false;
+    this.dim = false;
+    this.italic = false;
+    this.underline = false;
+  }
+
+  write(text, stream) {
+    text = this.pending + text;
+    this.pending = "";
+    const tail = INCOMPLETE.exec(text);
+    if (tail) {  // an escape split across chunks: keep it for the next one
+      this.pending = tail[0];
+      text = text.slice(0, tail.index);
+    }
+    const fragment = document.createDocumentFragment();
+    let last = 0;
+    for (const match of text.matchAll(ESCAPE)) {
+      if (match.index > last) fragment.append(this.span(text.slice(last, match.index), stream));
+      if (match[2] === "m") this.sgr(match[1]);
+      last = match.index + match[0].length;
+    }
+    if (last < text.length) fragment.append(this.span(text.slice(last), stream));
+    this.pre.append(fragment);
+    if (this.pre.childNodes.length > MAX_OUTPUT_NODES) this.trim();
+  }
+
+  span(text, stream) {
+    const classes = [];
+    if (stream === "stderr") classes.push("stderr");
+    if (this.fg !== null && typeof this.fg === "number") classes.push(`fg${this.fg}`);
+    if (this.bg !== null && typeof this.bg === "number") classes.push(`bg${this.bg}`);
+    if (this.bold) classes.push("b");
+    if (this.dim) classes.push("dim");
+    if (this.italic) classes.push("i");
+    if (this.underline) classes.push("u");
+    if (!classes.length && this.fg === null && this.bg === null) {
+      return document.createTextNode(text);
+    }
+    const span = el("span", classes.join(" "), text);
+    if (typeof this.fg === "string") span.style.color = this.fg;
+    if (typeof this.bg === "string") span.style.backgroundColor = this.bg;
+    return span;
+  }
+
+  sgr(params) {
+    const codes = params === "" ? [0] : params.split(";").map((p) => Number(p) || 0);
+    for (let i = 0; i < codes.length; i++) {
+      const code = codes[i];
+      if (code === 0) this.reset();
+      else if (code === 1) this.bold = true;
+      else if (code === 2) this.dim = true;
+      else if (code === 3) this.italic = true;
+      else if (code === 4) this.underline = true;
+      else if (code === 22) { this.bold = false; this.dim = false; }
+      else if (code === 23) this.italic = false;
+      else if (code === 24) this.underline = false;
+      else if (code >= 30 && code <= 37) this.fg = code - 30;
+      else if (code >= 90 && code <= 97) this.fg = code - 90 + 8;
+      else if (code === 39) this.fg = null;
+      else if (code >= 40 && code <= 47) this.bg = code - 40;
+      else if (code >= 100 && code <= 107) this.bg = code - 100 + 8;
+      else if (code === 49) this.bg = null;
+      else if (code === 38 || code === 48) {
+        const [color, used] = extendedColor(codes, i + 1);
+        if (code === 38) this.fg = color; else this.bg = color;
+        i += used;
+      }
+    }
+  }
+
+  trim() {
+    const nodes = this.pre.childNodes;
+    const drop = Math.floor(nodes.length / 2);
+    for (let i = 0; i < drop; i++) this.pre.removeChild(this.pre.firstChild);
+    this.pre.prepend(el("span", "muted", "[earlier output trimmed in this view]\n"));
+  }
+}
+
+// 38;5;N (256 colours) and 38;2;R;G;B (true colour) → a CSS colour; returns [colour, used].
+function extendedColor(codes, at) {
+  if (codes[at] === 5 && at + 1 < codes.length) {
+    const n = codes[at + 1];
+    if (n < 16) return [n, 2];
+    if (n >= 232) { const v = 8 + (n - 232) * 10; return [`rgb(${v},${v},${v})`, 2]; }
+    const c = n - 16;
+    const scale = (x) => (x ? 55 + x * 40 : 0);
+    return [`rgb(${scale(Math.floor(c / 36))},${scale(Math.floor(c / 6) % 6)},${scale(c % 6)})`, 2];
+  }
+  if (codes[at] === 2 && at + 3 < codes.length) {
+    return [`rgb(${codes[at + 1]},${codes[at + 2]},${codes[at + 3]})`, 4];
+  }
+  return [null, 0];
+}
+
+// -- WebSocket -----------------------------------------------------------------------
+
+function tokenProtocol(value) {
+  const bytes = new TextEncoder().encode(value);
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return "oxide.token." + btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function setConn(state, text) {
+  $("conn").dataset.state = state;
+  $("conn").textContent = text;
+}
+
+class Live {
+  constructor() {
+    this.socket = null;
+    this.stopped = false;
+    this.delay = 500;
+  }
+
+  connect() {
+    if (this.stopped) return;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    setConn("connecting", "connecting…");
+    const socket = new WebSocket(`${scheme}//${location.host}/ws`,
+      ["oxide.v1", tokenProtocol(secret)]);
+    this.socket = socket;
+    socket.onopen = () => {
+      this.delay = 500;
+      setConn("connecting", "subscribing…");
+      this.send({op: "subscribe", topic: "cluster"});
+      if (view) this.attach(view);
+      refreshTasks();  // catch up on events missed while disconnected
+    };
+    socket.onmessage = (event) => this.received(JSON.parse(event.data));
+    socket.onclose = () => {
+      if (this.socket !== socket || this.stopped) return;
+      setConn("off", "reconnecting…");
+      // A refused handshake looks like any close here; the next HTTP call tells 401 apart.
+      refreshNodes();
+      setTimeout(() => this.connect(), this.delay);
+      this.delay = Math.min(this.delay * 2, 10000);
+    };
+  }
+
+  send(message) {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.send(JSON.stringify(message));
+    }
+  }
+
+  attach(taskView) {
+    this.send({op: "attach", task: taskView.id, offset: taskView.offset});
+  }
+
+  detach(id) {
+    this.send({op: "detach", task: id});
+  }
+
+  received(message) {
+    if (message.type === "subscribed") {
+      setConn("live", "live");  // from here on, no cluster event is missed
+    } else if (message.type === "task" && message.task) {
+      upsertTask(message.task);
+    } else if (message.type === "node" || message.type === "leader") {
+      clearTimeout(this.nodesSoon);
+      this.nodesSoon = setTimeout(refreshNodes, 100);
+    } else if (message.task && view && message.task === view.id) {
+      view.message(message);
+    }
+  }
+
+  stop() {
+    this.stopped = true;
+    if (this.socket) this.socket.close(1000, "signed out");
+  }
+}
+
+// -- wiring --------------------------------------------------------------------------
+
+$("login").addEventListener("submit", signIn);
+$("logout").addEventListener("click", () => signOut(""));
+$("state-filter").addEventListener("change", refreshTasks);
+$("tv-cancel").addEventListener("click", () => view && view.cancel());
+$("tv-close").addEventListener("click", closeTask);
+$("tv-output").addEventListener("scroll", () => {
+  const pre = $("tv-output");
+  $("tv-follow").checked = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 24;
+});
+window.addEventListener("hashchange", openFromHash);
+
+if (secret) start(); else signOut("");

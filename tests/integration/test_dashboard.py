@@ -1,0 +1,232 @@
+"""The /ui dashboard in headless Chromium (Selenium) against real twistd agents on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import SECRET, free_port, poll_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.skipif(
+    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
+
+# Prints a coloured first half, waits for a file, then prints the second half: the task
+# view must replay the first half and stream the second one live.
+HALVES = ("printf 'start \\033[31mred\\033[0m \\033[1;32mbold green\\033[0m\\n'; "
+          "for i in $(seq 1 50); do echo first-$i; done; "
+          "while [ ! -e \"$1\" ]; do sleep 0.05; done; "
+          "for i in $(seq 1 50); do echo second-$i; done; echo done >&2")
+EXPECTED = ("start red bold green\n"
+            + "".join(f"first-{i}\n" for i in range(1, 51))
+            + "".join(f"second-{i}\n" for i in range(1, 51)) + "done\n")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator:
+    """One headless Chromium for the module: starting it costs about a second."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="oxide-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser(chromium) -> Iterator:
+    """The shared browser on a blank page with an empty console, left blank afterwards
+    (a dashboard of a stopped agent keeps reconnecting and would log into the next test)."""
+    chromium.get("about:blank")
+    chromium.get_log("browser")
+    yield chromium
+    chromium.get("about:blank")
+
+
+def wait(driver, condition, timeout: float = 15.0, message: str = "the page"):
+    """Poll a condition on the page with a deadline (the page updates asynchronously)."""
+    return poll_until(lambda: condition(driver), timeout, 0.1, message)
+
+
+def css(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def text_of(driver, element_id: str) -> str:
+    return driver.execute_script(f"return document.getElementById('{element_id}').textContent")
+
+
+def visible(driver, element_id: str) -> bool:
+    """Really rendered (CSS included), not just without the ``hidden`` attribute."""
+    return css(driver, f"#{element_id}")[0].is_displayed()
+
+
+def sign_in(driver, agent, secret: str = SECRET) -> None:
+    driver.get(agent.url + "/")  # "/" redirects to /ui/
+    assert driver.current_url == agent.url + "/ui/"
+    wait(driver, lambda d: visible(d, "login"), message="the secret form")
+    field = css(driver, "#secret")[0]
+    field.clear()
+    field.send_keys(secret)
+    css(driver, "#login button[type=submit]")[0].click()
+
+
+def open_dashboard(driver, agent) -> None:
+    sign_in(driver, agent)
+    wait(driver, lambda d: visible(d, "app") and css(d, "tr.node"), message="the dashboard")
+    wait(driver, lambda d: text_of(d, "conn") == "live", message="the WebSocket to connect")
+    assert SECRET not in driver.current_url
+
+
+def severe_console_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser")
+            if entry["level"] == "SEVERE"]
+
+
+def screenshot(driver, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    driver.save_screenshot(str(path))
+    print(f"\ndashboard screenshot: {path}")
+    return path
+
+
+def test_dashboard_lists_every_node_of_a_three_node_cluster_and_the_leader(
+        agent_factory, browser, tmp_path) -> None:
+    ports = [free_port(socket.SOCK_DGRAM) for _ in range(3)]
+    agents = []
+    for index, port in enumerate(ports):
+        peers = ",".join(f"127.0.0.1:{other}" for other in ports if other != port)
+        # The later --discovery-port wins over the one AgentProcess picks on its own.
+        agents.append(agent_factory(discovery=True, extra_args=(
+            "--discovery-port", str(port), "--peers", peers,
+            "--labels", f"zone=z{index},pool=ci")))
+    ids = {a.get("/health").json()["node_id"] for a in agents}
+    poll_until(lambda: agents[0].get("/api/cluster/nodes").json()["healthy_nodes"] == 3,
+               message="node0 to see 3 healthy nodes")
+    agents[0].run_task("sh", "-c", "echo hello")
+
+    open_dashboard(browser, agents[0])
+    wait(browser, lambda d: {row.get_attribute("data-node-id") for row in css(d, "tr.node")}
+         == ids, message="all three nodes listed")
+    leader = agents[0].get("/api/cluster/leader").json()
+    badge = css(browser, "tr.node.leader .leader-badge")
+    assert len(badge) == 1
+    assert badge[0].text == f"leader · token {leader['token']}"
+    leader_row = css(browser, "tr.node.leader")[0]
+    assert leader_row.get_attribute("data-node-id") == leader["node_id"]
+    assert f"token {leader['token']}" in text_of(browser, "leader")
+    assert "3/3 nodes healthy" in text_of(browser, "summary")
+    rows = css(browser, "tr.node")
+    assert all(len(row.find_elements("css selector", ".bar .fill")) == 3 for row in rows)
+    assert {"zone=z0", "zone=z1", "zone=z2"} <= {tag.text for tag in css(browser, "tr.node .tag")}
+    wait(browser, lambda d: css(d, "tr.task[data-state=succeeded]"), message="the finished task")
+    screenshot(browser, tmp_path, "dashboard-cluster.png")
+    assert severe_console_errors(browser) == []
+
+
+def test_submitted_task_appears_live_and_its_output_streams_into_the_task_view(
+        agent, browser, tmp_path) -> None:
+    open_dashboard(browser, agent)
+    go = tmp_path / "go"
+    reply = agent.post("/execute", {"command": "sh", "args": ["-c", HALVES, "sh", str(go)]})
+    assert reply.status == 202, reply
+    task_id = reply.json()["id"]
+    # The list refreshes by itself only every 10 s: the row comes from the "task" event.
+    row = wait(browser, lambda d: css(d, f"tr.task[data-task-id='{task_id}']"), timeout=5,
+               message="the task row")[0]
+    assert row.get_attribute("data-state") == "running"
+    assert "sh -c" in row.text
+
+    row.click()
+    wait(browser, lambda d: "first-50" in text_of(d, "tv-output"), message="replayed output")
+    assert "second-" not in text_of(browser, "tv-output")
+    go.touch()
+    wait(browser, lambda d: text_of(d, "tv-state") == "succeeded", message="the end state")
+    wait(browser, lambda d: text_of(d, "tv-output") == EXPECTED, message="all output")
+    # ANSI colours are rendered as classes, never shown as escape codes.
+    assert css(browser, "#tv-output .fg1")[0].text == "red"
+    assert css(browser, "#tv-output .fg2.b")[0].text == "bold green"
+    assert css(browser, "#tv-output .stderr")[-1].text == "done"
+    assert "exit 0" in text_of(browser, "tv-meta")
+    assert css(browser, "#tv-cancel")[0].get_attribute("disabled") is not None
+    # Auto-scroll followed the output to the bottom.
+    assert browser.execute_script(
+        "const p = document.getElementById('tv-output');"
+        "return p.scrollHeight - p.scrollTop - p.clientHeight < 30")
+    wait(browser, lambda d: css(d, f"tr.task[data-task-id='{task_id}'][data-state=succeeded]"),
+         message="the row to show succeeded")
+    browser.execute_script("document.getElementById('tv-output').scrollTop = 0")
+    screenshot(browser, tmp_path, "dashboard-task.png")
+    assert severe_console_errors(browser) == []
+
+
+def test_state_filter_lists_only_tasks_in_that_state(agent, browser) -> None:
+    finished = agent.run_task("true")
+    running = agent.post("/execute", {"command": "sleep", "args": ["30"]}).json()
+    open_dashboard(browser, agent)
+    wait(browser, lambda d: len(css(d, "tr.task")) == 2, message="both tasks")
+    from selenium.webdriver.support.select import Select
+
+    Select(css(browser, "#state-filter")[0]).select_by_visible_text("running")
+    wait(browser, lambda d: [r.get_attribute("data-task-id") for r in css(d, "tr.task")]
+         == [running["id"]], message="only the running task")
+    Select(css(browser, "#state-filter")[0]).select_by_visible_text("succeeded")
+    wait(browser, lambda d: [r.get_attribute("data-task-id") for r in css(d, "tr.task")]
+         == [finished["id"]], message="only the succeeded task")
+    agent.post(f"/task/{running['id']}/cancel?wait=10")
+
+
+def test_cancel_button_cancels_a_running_task(agent, browser) -> None:
+    reply = agent.post("/execute", {"command": "sh", "args": ["-c", "echo waiting; sleep 60"]})
+    task_id = reply.json()["id"]
+    open_dashboard(browser, agent)
+    browser.execute_script(f"location.hash = 'task={task_id}'")
+    wait(browser, lambda d: "waiting" in text_of(d, "tv-output"), message="the task's output")
+    assert text_of(browser, "tv-state") == "running"
+    css(browser, "#tv-cancel")[0].click()
+    poll_until(lambda: agent.get(f"/task/{task_id}").json()["state"] == "cancelled",
+               timeout=15, message="the task to be cancelled")
+    wait(browser, lambda d: text_of(d, "tv-state") == "cancelled", message="cancelled shown")
+    assert css(browser, "#tv-cancel")[0].get_attribute("disabled") is not None
+
+
+def test_wrong_secret_shows_a_clear_message_and_the_form_again(agent, browser, tmp_path) -> None:
+    sign_in(browser, agent, secret="not-the-secret")
+    wait(browser, lambda d: visible(d, "login-error"), message="the error message")
+    message = text_of(browser, "login-error")
+    assert "Wrong secret" in message and "401" in message
+    assert not visible(browser, "app")
+    assert browser.execute_script("return sessionStorage.getItem('oxide.secret')") is None
+
+    # A secret that was right once but has been rotated: refused on the next load.
+    browser.execute_script("sessionStorage.setItem('oxide.secret', 'rotated-away')")
+    browser.refresh()
+    wait(browser, lambda d: visible(d, "login") and visible(d, "login-error"),
+         message="the form after a 401")
+    assert "refused (HTTP 401)" in text_of(browser, "login-error")
+    assert not visible(browser, "app")
+    screenshot(browser, tmp_path, "dashboard-wrong-secret.png")
