@@ -6,6 +6,7 @@ import hmac
 import json
 import math
 from typing import Any
+from urllib.parse import urlencode
 
 from klein import Klein
 from twisted.internet import defer
@@ -482,10 +483,35 @@ class TaskApi:
         node_id = _query(request, "node")
         found = await self.node.store.list_tasks(state=state, node_id=node_id,
                                                  limit=limit, before=cursor)
-        tasks = [self.node.executor.live_task(task.id) or task for task in found]
-        next_cursor = tasks[-1].id if len(tasks) == limit else None
-        return render_json(request, {"tasks": [self._task_json(t) for t in tasks],
-                                     "next_cursor": next_cursor})
+        tasks = [self._task_json(self.node.executor.live_task(task.id) or task)
+                 for task in found]
+        body: dict[str, Any] = {}
+        if _query(request, "scope") == "cluster" and self.peers is not None \
+                and self.node.discovery is not None:
+            body["unreachable"] = await self._gather_peer_tasks(request, tasks)
+            tasks = sorted(tasks, key=lambda task: task["id"], reverse=True)[:limit]
+        body["tasks"] = tasks
+        body["next_cursor"] = tasks[-1]["id"] if len(tasks) == limit else None
+        return render_json(request, body)
+
+    async def _gather_peer_tasks(self, request: Request, tasks: list[dict[str, Any]]
+                                 ) -> list[str]:
+        """``?scope=cluster``: the same page from every healthy peer, merged by id (time)."""
+        assert self.peers is not None
+        query = {key: values[-1] for key, values in request.args.items() if key != b"scope"}
+        path = b"/tasks?" + urlencode(query).encode()
+        peers = [peer.node_id for peer in self.node.discovery.membership.healthy()]
+        replies = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(self.peers.request(node_id, b"GET", path,
+                                                             timeout=10))
+             for node_id in peers], consumeErrors=True)
+        unreachable = []
+        for node_id, (ok, reply) in zip(peers, replies, strict=True):
+            if ok and reply.status == 200:
+                tasks.extend(json.loads(reply.body)["tasks"])
+            else:
+                unreachable.append(node_id)
+        return unreachable
 
     @app.route("/task/<task_id>", methods=["GET"])
     async def task(self, request: Request, task_id: str) -> bytes:

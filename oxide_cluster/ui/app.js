@@ -206,7 +206,8 @@ const short = (id) => (id ? String(id).slice(0, 12) : "?");
 async function refreshTasks() {
   if (!secret) return;
   const state = $("state-filter").value;
-  const query = new URLSearchParams({limit: String(TASK_LIMIT)});
+  // scope=cluster: the tasks of every healthy node, not just of the node serving the page.
+  const query = new URLSearchParams({limit: String(TASK_LIMIT), scope: "cluster"});
   if (state) query.set("state", state);
   try {
     const body = await api(`/tasks?${query}`);

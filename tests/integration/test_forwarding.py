@@ -132,3 +132,20 @@ def test_websocket_attach_on_a_node_that_does_not_own_the_task(trio, tmp_path):
     assert kinds[0] == "attached" and kinds[-1] == "state"
     assert message["exit_code"] == 4 and message["state"] == "failed"
     assert data == b.get(f"/task/{task['id']}/output").body
+
+
+def test_tasks_scope_cluster_lists_every_nodes_tasks(trio):
+    a, b, c = trio
+    ids = set()
+    for node in trio:
+        task = a.post("/execute?wait=10", {"command": "true", "node": node_id(node)}).json()
+        ids.add(task["id"])
+    local = {t["id"] for t in a.get("/tasks").json()["tasks"]}
+    assert len(local & ids) == 1
+    cluster = c.get("/tasks?scope=cluster&limit=50").json()
+    assert ids <= {t["id"] for t in cluster["tasks"]}
+    assert cluster["unreachable"] == []
+    listed = [t["id"] for t in cluster["tasks"]]
+    assert listed == sorted(listed, reverse=True)
+    page = c.get("/tasks?scope=cluster&limit=2").json()
+    assert len(page["tasks"]) == 2 and page["next_cursor"] == page["tasks"][-1]["id"]
