@@ -29,6 +29,7 @@ from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
+from oxide_cluster.store import StoreError
 from oxide_cluster.ws import output_messages
 
 MAX_WAIT = 300.0
@@ -200,6 +201,13 @@ class TaskApi:
         code = "not_found" if status == 404 else "bad_request"
         message = "no such route" if status == 404 else str(error.description)
         return render_json(request, {"error": {"code": code, "message": message}}, status)
+
+    @app.handle_errors(StoreError)
+    def _store_error(self, request: Request, failure: Failure) -> bytes:
+        """A full disk or unwritable store: the node says so and stays up."""
+        request.setHeader(b"Retry-After", b"5")
+        return render_json(request, {"error": {"code": "store_unavailable",
+                                               "message": failure.getErrorMessage()}}, 503)
 
     @app.handle_errors(Exception)
     def _internal_error(self, request: Request, failure: Failure) -> bytes:

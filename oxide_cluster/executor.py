@@ -361,6 +361,8 @@ class Executor(service.Service):
         self._waiters: dict[str, list[defer.Deferred[Task]]] = {}
         self._output_waiters: dict[str, list[tuple[int, defer.Deferred[None]]]] = {}
         self._stopping = False
+        self.store_failures = 0
+        self._store_failed_tasks: set[str] = set()
         self._output_paused = False
         self.ready = False
         self._recording = 0
@@ -460,7 +462,12 @@ class Executor(service.Service):
         stored = self._store.put_task(task)
         if task.state is TaskState.RUNNING:
             self._notify_state(task)
-        return stored.addCallback(lambda _: task)
+
+        def not_recorded(failure: Failure) -> Failure:
+            # A task the store cannot hold would be lost on restart: stop it at once.
+            run.stop(TaskState.FAILED, "the store cannot be written; task stopped")
+            return failure
+        return stored.addCallbacks(lambda _: task, not_recorded)
 
     def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
         run = self.runs.get(task_id)
@@ -560,4 +567,11 @@ class Executor(service.Service):
                 self.log.failure("state listener failed for task {task_id}", task_id=task.id)
 
     def _log_store_failure(self, failure: Failure, task_id: str) -> None:
-        self.log.failure("could not record task {task_id}", failure, task_id=task_id)
+        """Count every failed write; log the first of each task (a full disk fails them all)."""
+        self.store_failures += 1
+        if task_id not in self._store_failed_tasks:
+            if len(self._store_failed_tasks) > 10_000:
+                self._store_failed_tasks.clear()
+            self._store_failed_tasks.add(task_id)
+            self.log.error("could not record task {task_id}: {error}", task_id=task_id,
+                           error=failure.getErrorMessage())

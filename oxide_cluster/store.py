@@ -96,6 +96,8 @@ class Store(service.Service):
         self._pending_tasks: dict[str, tuple[str, str, str, str]] = {}
         self._pending_done: dict[str, defer.Deferred[Any]] = {}
         self.output_backlog = 0
+        self.failed_batches = 0
+        self._last_failure_log = float("-inf")
         self._drain_waiters: list[tuple[int, defer.Deferred[None]]] = []
         self.is_open = False
 
@@ -179,7 +181,7 @@ class Store(service.Service):
                 try:
                     results.append(operation(connection))
                 except sqlite3.Error as error:
-                    results.append(Failure(StoreError(str(error))))
+                    results.append(Failure(StoreError(f"the store cannot be written: {error}")))
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
@@ -193,7 +195,15 @@ class Store(service.Service):
             done.callback(result) if not isinstance(result, Failure) else done.errback(result)
 
     def _batch_failed(self, failure: Failure, batch: list[tuple[Operation, Any]]) -> None:
-        self.log.failure("store batch of {count} operations failed", failure, count=len(batch))
+        # A full disk fails every batch: say so once a minute, not once per batch.
+        self.failed_batches += 1
+        now = self._reactor.seconds()
+        if now - self._last_failure_log >= 60:
+            self._last_failure_log = now
+            self.log.error("store write failed ({count} failed batches so far): {error}",
+                           count=self.failed_batches, error=failure.getErrorMessage())
+        failure = Failure(StoreError(f"the store cannot be written: "
+                                     f"{failure.getErrorMessage()}"))
         self._finish_batch()
         for _, done in batch:
             done.errback(failure)
