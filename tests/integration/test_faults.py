@@ -116,3 +116,17 @@ def test_many_cancels_of_process_trees_leave_no_orphans(agent_factory):
     print(f"\n{len(ids)} process trees cancelled in {elapsed:.1f}s; orphans: {len(orphans)}")
     assert orphans == []
     assert psutil.pid_exists(node.pid)
+
+
+def test_concurrent_clients_get_answers_or_documented_refusals(agent_factory):
+    from bench.load import run_load
+    from tests.support import SECRET
+
+    node = agent_factory(extra_args=("--max-tasks", "4"))
+    result = run_load([node.port], SECRET, clients=60, tasks_per_client=3, time_limit=120)
+    print(f"\n{result['accepted']} accepted, statuses {result['statuses']}, "
+          f"p99 {result['p99_ms']:.0f} ms")
+    assert result["unexpected"] == []
+    assert set(result["statuses"]) <= {200, 202, 429, 503}
+    assert result["accepted"] == 180
+    assert result["unfinished"] == []
