@@ -193,3 +193,30 @@ class AgentProcess:
         if task["state"] in ("queued", "running"):
             task = self.get(f"/task/{task['id']}?wait={wait}").json()
         return task
+
+
+def loopback_cluster(home: Path, count: int, extra_args: tuple[str, ...] = ()
+                     ) -> list[AgentProcess]:
+    """``count`` agents on loopback that find each other through static ``--peers``."""
+    nodes = [AgentProcess(home / f"n{i}", discovery=True) for i in range(count)]
+    for node in nodes:
+        others = [f"127.0.0.1:{peer.discovery_port}" for peer in nodes if peer is not node]
+        node.extra_args = ("--peers", ",".join(others), *extra_args)
+    return nodes
+
+
+def start_meshed(nodes: list[AgentProcess]) -> None:
+    """Start every node and wait until each sees all of them healthy."""
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        poll_until(lambda node=node: node.get("/api/cluster/nodes").json()["healthy_nodes"]
+                   == len(nodes), message=f"{node.name} to see all {len(nodes)} nodes")
+
+
+def stop_all(nodes: list[AgentProcess], failed: bool) -> None:
+    """Stop every node; print each one's log when the test failed."""
+    for node in nodes:
+        node.terminate()
+        if failed:
+            print(f"\n===== log of {node.name} =====\n{node.log_text()}")

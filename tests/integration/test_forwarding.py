@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import AgentProcess, poll_until
+from tests.support import AgentProcess, loopback_cluster, poll_until, start_meshed, stop_all
 
 
 @pytest.fixture
 def trio(tmp_path, request):
-    nodes = [AgentProcess(tmp_path / f"n{i}", discovery=True) for i in range(3)]
-    for node in nodes:
-        others = [f"127.0.0.1:{peer.discovery_port}" for peer in nodes if peer is not node]
-        node.extra_args = ("--peers", ",".join(others), "--max-tasks", "2")
+    nodes = loopback_cluster(tmp_path, 3, ("--max-tasks", "2"))
     try:
-        for node in nodes:
-            node.start()
-        for node in nodes:
-            poll_until(lambda node=node: node.get("/api/cluster/nodes").json()["healthy_nodes"]
-                       == 3, message=f"{node.name} to see all three")
+        start_meshed(nodes)
         yield nodes
     finally:
-        failed = getattr(request.node, "rep_call", None)
-        for node in nodes:
-            node.terminate()
-            if failed is not None and failed.failed:
-                print(f"\n===== log of {node.name} =====\n{node.log_text()}")
+        report = getattr(request.node, "rep_call", None)
+        stop_all(nodes, report is not None and report.failed)
 
 
 def node_id(node):

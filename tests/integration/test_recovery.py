@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.test_node import task_processes
 from tests.redis_server import RedisServer
-from tests.support import AgentProcess, poll_until
+from tests.support import loopback_cluster, poll_until, start_meshed, stop_all
 
 
 @pytest.fixture
@@ -24,26 +24,16 @@ def redis(tmp_path):
 
 @pytest.fixture
 def cluster(tmp_path, redis, request):
-    nodes = [AgentProcess(tmp_path / f"r{i}", discovery=True) for i in range(3)]
-    for node in nodes:
-        others = [f"127.0.0.1:{peer.discovery_port}" for peer in nodes if peer is not node]
-        node.extra_args = ("--peers", ",".join(others), "--redis", redis.url)
+    nodes = loopback_cluster(tmp_path, 3, ("--redis", redis.url))
     started_tasks: list[str] = []
     try:
-        for node in nodes:
-            node.start()
-        for node in nodes:
-            poll_until(lambda node=node: node.get("/api/cluster/nodes").json()["healthy_nodes"]
-                       == 3, message=f"{node.name} to see all three")
+        start_meshed(nodes)
         poll_until(lambda: len({n.get("/api/cluster/leader").json()["node_id"]
                                 for n in nodes} - {None}) == 1, message="one leader")
         yield nodes, started_tasks
     finally:
-        failed = getattr(request.node, "rep_call", None)
-        for node in nodes:
-            node.terminate()
-            if failed is not None and failed.failed:
-                print(f"\n===== log of {node.name} =====\n{node.log_text()}")
+        report = getattr(request.node, "rep_call", None)
+        stop_all(nodes, report is not None and report.failed)
         for task_id in started_tasks:  # orphans of the killed agent
             for process in task_processes(task_id):
                 process.kill()
