@@ -175,6 +175,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
     node.api_port = _port_of(config.listen)
+    node.ip_address = _interface_of(config.listen) or node.ip_address
     return top, node
 
 
@@ -199,6 +200,15 @@ def _port_of(description: str) -> int:
         if not sep and part.isdigit():
             return int(part)
     return 0
+
+
+def _interface_of(description: str) -> str | None:
+    """The ``interface=`` address of an endpoint string, unless it is a wildcard."""
+    for part in description.split(":")[1:]:
+        key, sep, value = part.partition("=")
+        if sep and key == "interface" and value not in ("", "0.0.0.0", "::"):
+            return value
+    return None
 
 
 class _RecoverThenRun(service.Service):
