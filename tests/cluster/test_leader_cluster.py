@@ -29,6 +29,10 @@ from oxide import OxideNode
 from tests.integration.test_node import task_processes
 
 TTL = 2.0
+# kill -9 -> "lost": discovery's dead_after (2.5 s) plus up to one membership tick
+# (0.25 s), then the leader's recovery and our polling; measured 2.4-2.75 s, with 0.75 s
+# of slack for a loaded 2-core CI machine.
+LOST_BOUND = 3.5
 ROUTE = "/api/cluster/leader"
 
 
@@ -401,4 +405,4 @@ def test_node_death_mid_task_is_lost_everywhere_and_retried_elsewhere(redis_clus
           f"retry {retry['id'][-8:]} (attempt 2) succeeded on "
           f"{next(n.name for n in survivors if n.node_id == retry['node_id'])} "
           f"{retried_after:.3f} s after the kill")
-    assert lost_after <= 3.0
+    assert lost_after <= LOST_BOUND
