@@ -119,7 +119,7 @@ def test_many_cancels_of_process_trees_leave_no_orphans(agent_factory):
 
 
 def test_concurrent_clients_get_answers_or_documented_refusals(agent_factory):
-    from bench.load import run_load
+    from bench.overload import run_load
     from tests.support import SECRET
 
     node = agent_factory(extra_args=("--max-tasks", "4"))
