@@ -72,6 +72,11 @@ def _flag(value: Any) -> bool:
     raise ValueError("must be true or false")
 
 
+def _on_off(value: Any) -> bool:
+    """A boolean that defaults to off, so it is an option taking a value, not a --no- flag."""
+    return _flag(value)
+
+
 def _word_list(value: Any) -> tuple[str, ...]:
     """A comma separated string (environment, command line) or a YAML list."""
     if isinstance(value, list | tuple):
@@ -171,6 +176,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("leader_ttl", _positive_float, 2.0,
             "seconds a Redis leader lease lasts (failover after a crash takes about this)"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
+    Setting("access_log", _on_off, False,
+            "one log line per HTTP request (true/false); /metrics counts requests either way"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -204,6 +211,7 @@ class Config:
     redis: str | None
     leader_ttl: float
     log_format: str
+    access_log: bool = False
 
     @property
     def clustered(self) -> bool:

@@ -80,6 +80,13 @@ class _LargeReadProcessReader(process.ProcessReader):
         return None
 
 
+# Every signal back to its default in the child, as after a fork and exec with nothing
+# ignored: the same result as listing the agent's ignored signals (SIGPIPE, ...), without
+# asking for all 64 dispositions on every spawn.
+_CATCHABLE_SIGNALS = tuple(sorted(number for number in signal.valid_signals()
+                                  if number not in (signal.SIGKILL, signal.SIGSTOP)))
+
+
 class _GroupLeaderProcess(process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
@@ -105,13 +112,11 @@ class _GroupLeaderProcess(process.Process):
                 fd_state.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
             except OSError:
                 pass
-        ignored = [number for number in range(1, signal.NSIG)
-                   if signal.getsignal(number) == signal.SIG_IGN]
         self.pid = os.posix_spawnp(
             executable, args, environment,
             file_actions=file_actions(fd_state, kwargs.get("fdmap"), doClose=ps_close,
                                       doDup2=ps_dup2),
-            setsigdef=ignored, setsid=True)
+            setsigdef=_CATCHABLE_SIGNALS, setsid=True)
         self.status = -1
         return True
 

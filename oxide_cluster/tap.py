@@ -168,7 +168,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
-    site = MeteredSite(api.resource(), api.metrics)
+    site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log)
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, config.listen)
     listener = StreamServerEndpointService(endpoint, site)

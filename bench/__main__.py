@@ -1,0 +1,426 @@
+"""The benchmark suite: every figure next to a baseline measured in the same run.
+
+    python -m bench [--quick] [--sections tasks,latency,stream,discovery,failover,idle]
+                    [--skip SECTIONS] [--tasks 600] [--clients 8]
+
+Sections:
+
+* ``tasks``: tasks/s of ``/bin/true`` end to end over HTTP (``POST /execute?wait``,
+  keep-alive, ``--clients`` threads) through one node and through a 3-node cluster
+  (static peers, real redis-server, submitted on a non-leader), against raw spawn
+  (``subprocess.run``) and Celery + Redis (worker ``--concurrency 2 --pool prefork``,
+  same number of client threads). Rounds are interleaved; medians are shown.
+* ``latency``: submit-to-start and end-to-finish p50/p99 at fixed offered loads, open
+  loop, against Celery at the same loads.
+* ``stream``: line latency and throughput of live output over ``/ws`` against a plain
+  pipe, and the agent's RSS and CPU while it streams.
+* ``discovery``: join and crash detection at N=3 in network namespaces (root only).
+* ``failover``: leader failover after ``kill -9`` and after a clean stop.
+* ``idle``: agent RSS and CPU with 30 peers (29 simulated announcers) against a
+  standalone agent, both measured over the same window.
+
+Prints one table and writes ``bench/results/bench-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import celery_bench
+from bench.announcers import Announcers
+from bench.common import SECRET, Client, LocalAgent, print_table, save
+from bench.load import closed_loop, open_loop, parse_rfc3339, percentile
+from tests.redis_server import RedisServer
+from tests.support import AgentProcess, poll_until
+
+SECTIONS = ("tasks", "latency", "stream", "discovery", "failover", "idle")
+MB = 1024 * 1024
+
+
+class Report:
+    """Rows of the one table plus the raw figures for the JSON file."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+        self.data: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    def row(self, section: str, measure: str, value: str, baseline: str = "-",
+            base_value: str = "-", ratio: str = "-", goal: str = "-") -> None:
+        self.rows.append([section, measure, value, baseline, base_value, ratio, goal])
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gb":
+            round(psutil.virtual_memory().total / 2**30, 1), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+# -- the systems under test ---------------------------------------------------------------
+
+def http_task_call(port: int, refused: list[int]) -> Callable[[], Any]:
+    """One keep-alive connection; a call runs /bin/true to the end (retrying refusals)."""
+    client = Client(port)
+
+    def call() -> dict[str, Any]:
+        while True:
+            status, body = client.call("POST", "/execute?wait=30", {"command": "/bin/true"})
+            if status in (429, 503):
+                refused[0] += 1
+                time.sleep(0.001)
+                continue
+            assert status == 200 and body["state"] == "succeeded", (status, body)
+            return body
+    return call
+
+
+class Cluster:
+    """Three agents on loopback with static peers and a real redis-server."""
+
+    def __init__(self, home: Path, max_tasks: int) -> None:
+        self.redis = RedisServer(home / "redis")
+        self.nodes = [AgentProcess(home / f"node{i}", secret=SECRET, discovery=True)
+                      for i in range(3)]
+        for node in self.nodes:
+            others = [f"127.0.0.1:{peer.discovery_port}" for peer in self.nodes
+                      if peer is not node]
+            node.extra_args = ("--peers", ",".join(others), "--max-tasks", str(max_tasks))
+
+    def __enter__(self) -> Cluster:
+        self.redis.start()
+        for node in self.nodes:
+            node.extra_args += ("--redis", self.redis.url)
+            node.start()
+        for node in self.nodes:
+            poll_until(lambda node=node: node.get("/api/cluster/nodes").json()
+                       ["healthy_nodes"] == 3, 30, message=f"{node.name} to see all three")
+        poll_until(lambda: len({n.get("/api/cluster/leader").json()["node_id"]
+                                for n in self.nodes} - {None}) == 1, 30, message="a leader")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for node in self.nodes:
+            node.terminate()
+        self.redis.stop()
+
+    def non_leader(self) -> AgentProcess:
+        leader = self.nodes[0].get("/api/cluster/leader").json()["node_id"]
+        return next(n for n in self.nodes if n.get("/health").json()["node_id"] != leader)
+
+
+def raw_spawn_rate(count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        subprocess.run(["/bin/true"], check=True)
+    return count / (time.perf_counter() - started)
+
+
+# -- sections -----------------------------------------------------------------------------
+
+def section_tasks(report: Report, rigs: dict[str, Any], opts: argparse.Namespace) -> None:
+    single, cluster, celery = rigs["single"], rigs["cluster"], rigs["celery"]
+    entry = cluster.non_leader()
+    refused = [0]
+    runs: dict[str, list[float]] = {"raw": [], "single": [], "cluster": [], "celery": []}
+    measure = {
+        "raw": lambda: raw_spawn_rate(opts.tasks),
+        "single": lambda: closed_loop(opts.tasks, opts.clients,
+                                      lambda: http_task_call(single.port, refused)),
+        "cluster": lambda: closed_loop(opts.tasks, opts.clients,
+                                       lambda: http_task_call(entry.port, refused)),
+        "celery": lambda: celery.client("throughput", opts.tasks, opts.clients)["per_s"],
+    }
+    closed_loop(50, opts.clients, lambda: http_task_call(single.port, refused))  # warm up
+    closed_loop(50, opts.clients, lambda: http_task_call(entry.port, refused))
+    for round_ in range(opts.rounds):
+        order = list(measure) if round_ % 2 == 0 else list(reversed(measure))
+        for name in order:
+            runs[name].append(measure[name]())
+        print(f"  tasks round {round_ + 1}: "
+              + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items()), flush=True)
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    report.data["tasks"] = {"runs": runs, "median": med, "tasks": opts.tasks,
+                            "clients": opts.clients, "refused_retried": refused[0]}
+    what = f"tasks/s, {opts.tasks} x /bin/true, {opts.clients} clients"
+    report.row("tasks", "raw subprocess.run, 1 thread", f"{med['raw']:.0f}/s")
+    report.row("tasks", "Celery+Redis, prefork x2", f"{med['celery']:.0f}/s")
+    for name, label in (("single", "oxide 1 node, HTTP ?wait"),
+                        ("cluster", "oxide 3 nodes, via non-leader")):
+        report.row("tasks", label, f"{med[name]:.0f}/s", "raw spawn", f"{med['raw']:.0f}/s",
+                   f"{med[name] / med['raw']:.2f}", ">= 0.5")
+        report.row("tasks", label, f"{med[name]:.0f}/s", "Celery", f"{med['celery']:.0f}/s",
+                   f"{med[name] / med['celery']:.2f}", ">= 1.5")
+    report.notes.append(f"tasks: {what}; median of {opts.rounds} interleaved rounds; "
+                        f"{refused[0]} capacity refusals retried")
+
+
+def oxide_latency_call(port: int) -> Callable[[float], tuple[float, float]]:
+    client = Client(port)
+
+    def call(scheduled: float) -> tuple[float, float]:
+        # A refusal (all slots busy) is retried: the wait counts, from the scheduled time.
+        while (reply := client.call("POST", "/execute?wait=30",
+                                    {"command": "/bin/true"}))[0] in (429, 503):
+            time.sleep(0.002)
+        status, body = reply
+        received = time.time()
+        assert status == 200 and body["state"] == "succeeded", (status, body)
+        return (parse_rfc3339(body["started_at"]) - scheduled,
+                received - parse_rfc3339(body["finished_at"]))
+    return call
+
+
+def section_latency(report: Report, rigs: dict[str, Any], opts: argparse.Namespace) -> None:
+    single, cluster, celery = rigs["single"], rigs["cluster"], rigs["celery"]
+    entry = cluster.non_leader()
+    data: dict[str, Any] = {}
+    for rate in opts.rates:
+        figures: dict[str, dict[str, list[float]]] = {}
+        for name in ("single", "cluster", "celery"):
+            if name == "celery":
+                figures[name] = celery.client("latency", rate, opts.duration)
+                continue
+            port = single.port if name == "single" else entry.port
+            samples = open_loop(rate, opts.duration, lambda port=port: oxide_latency_call(port))
+            figures[name] = {"start": [s for s, _ in samples], "finish": [f for _, f in samples]}
+        data[str(rate)] = figures
+        for kind, label in (("start", "submit->start"), ("finish", "end->finish")):
+            for q in (0.5, 0.99):
+                base = percentile(figures["celery"][kind], q) * 1000
+                for name, who in (("single", "1 node"), ("cluster", "3 nodes")):
+                    value = percentile(figures[name][kind], q) * 1000
+                    report.row("latency", f"{label} p{int(q * 100)} @{rate}/s, {who}",
+                               f"{value:.1f} ms", "Celery", f"{base:.1f} ms",
+                               f"{value / base:.2f}" if base > 0 else "-")
+    report.data["latency"] = {"duration_s": opts.duration, "seconds": data}
+    report.notes.append(f"latency: open loop for {opts.duration:.0f} s per load, timed from "
+                        "the scheduled submit; task timestamps have 1 ms resolution")
+
+
+def section_stream(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import stream_latency
+    from oxide_cluster.client import Node
+
+    source = home / "chunk.txt"
+    source.write_bytes(base64.b64encode(os.urandom(786432)))  # 1 MiB of text
+    loop = f"for i in $(seq {opts.megabytes}); do cat {source}; done"
+    agent = AgentProcess(home / "stream-agent", extra_args=(
+        "--output-limit", str((opts.megabytes + 16) * MB)))
+    agent.start()
+    try:
+        node = Node(agent.url, agent.secret)
+        stream_latency.run_task(node, "true")
+        process = psutil.Process(agent.pid)
+        rss_before = process.memory_info().rss
+        delays = stream_latency.latency(node)
+        sampler = stream_latency.RssSampler(agent.pid)
+        sampler.start()
+        cpu_before = sum(process.cpu_times()[:2])
+        _, seconds, received = stream_latency.run_task(node, "sh", "-c", loop)
+        cpu = sum(process.cpu_times()[:2]) - cpu_before
+        sampler.stopped.set()
+        sampler.join()
+    finally:
+        agent.terminate()
+    started = time.perf_counter()
+    pipe = subprocess.Popen(["sh", "-c", loop], stdout=subprocess.PIPE)
+    assert pipe.stdout is not None
+    piped = 0
+    while chunk := pipe.stdout.read(65536):
+        piped += len(chunk)
+    pipe.wait()
+    pipe_rate = piped / MB / (time.perf_counter() - started)
+    ws_rate = received / MB / seconds
+    report.row("stream", "line latency p50 (/ws)", f"{percentile(delays, 0.5):.1f} ms")
+    report.row("stream", "line latency p99 (/ws)", f"{percentile(delays, 0.99):.1f} ms",
+               goal="< 50 ms")
+    report.row("stream", f"throughput /ws, {received // MB} MiB", f"{ws_rate:.0f} MiB/s",
+               "cat | pipe", f"{pipe_rate:.0f} MiB/s", f"{ws_rate / pipe_rate:.2f}")
+    report.row("resources", "agent RSS peak while streaming", f"{sampler.peak / MB:.0f} MiB",
+               "before", f"{rss_before / MB:.0f} MiB",
+               f"+{(sampler.peak - rss_before) / MB:.0f} MiB", "growth < 64 MiB")
+    report.row("resources", "agent CPU while streaming", f"{100 * cpu / seconds:.0f} %",
+               goal="of one core")
+    report.data["stream"] = {"megabytes": opts.megabytes, "line_delays_ms": delays,
+                             "ws_mib_s": ws_rate, "pipe_mib_s": pipe_rate,
+                             "rss_before": rss_before, "rss_peak": sampler.peak,
+                             "cpu_s": cpu, "seconds": seconds}
+
+
+def section_discovery(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    if os.geteuid() != 0:
+        report.row("discovery", "join / crash detection", "skipped (needs root)")
+        report.notes.append("discovery: skipped, network namespaces need root")
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench import discovery
+
+    discovery.harness.cleanup_stale()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        result = discovery.bench_size(3, opts.discovery_runs, home / "discovery", pool)
+    report.data["discovery"] = result
+    report.row("discovery", "join N=3 (from process start)",
+               f"{result['median_join_from_start_s'] * 1000:.0f} ms")
+    report.row("discovery", "join N=3 (from /ready)",
+               f"{result['median_join_from_ready_s'] * 1000:.0f} ms",
+               "poll round", f"{result['median_join_poll_round_s'] * 1000:.0f} ms")
+    report.row("discovery", "crash detection N=3", f"{result['median_crash_detect_s']:.2f} s",
+               "dead_after", "2.50 s")
+
+
+def section_failover(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import failover
+    from tests import support
+
+    redis = RedisServer(home / "failover-redis")
+    redis.start()
+    agents = [AgentProcess(home / f"failover{i}", secret=support.SECRET,
+                           extra_args=("--redis", redis.url)) for i in range(3)]
+    results: dict[str, list[float]] = {"kill -9": [], "clean stop": []}
+    try:
+        for agent in agents:
+            agent.start()
+        token = 1
+        for how in results:
+            for _ in range(opts.failover_runs):
+                elapsed, token = failover.one_run(agents, how, token)
+                results[how].append(elapsed)
+    finally:
+        for agent in agents:
+            agent.terminate()
+        redis.stop()
+    report.data["failover"] = results
+    for (how, times), goal in zip(results.items(), ("<= 3 s", "<= 0.5 s"), strict=True):
+        report.row("failover", f"new leader after {how} (median of {len(times)})",
+                   f"{statistics.median(times):.2f} s", "leader_ttl", "2.00 s", goal=goal)
+
+
+def section_idle(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    fakes = Announcers(29, SECRET, ("127.0.0.1", 0))
+    agent = AgentProcess(home / "idle-agent", secret=SECRET, discovery=True, extra_args=(
+        "--peers", ",".join(f"127.0.0.1:{port}" for port in fakes.ports)))
+    fakes.target = ("127.0.0.1", agent.discovery_port)
+    alone = LocalAgent()
+    agent.start()
+    fakes.start()
+    try:
+        with alone:
+            poll_until(lambda: agent.get("/api/cluster/nodes").json()["healthy_nodes"] == 30,
+                       30, message="30 healthy nodes")
+            time.sleep(1.0)  # let start-up work settle
+            procs = [psutil.Process(agent.pid), psutil.Process(alone.pid)]
+            cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
+            started = time.monotonic()
+            time.sleep(opts.idle)
+            wall = time.monotonic() - started
+            cpu = [100 * (sum(p.cpu_times()[:2]) - c) / wall for p, c in zip(procs, cpu0,
+                                                                             strict=True)]
+            rss = [p.memory_info().rss / MB for p in procs]
+            healthy = agent.get("/api/cluster/nodes").json()["healthy_nodes"]
+    finally:
+        fakes.stop()
+        agent.terminate()
+    report.data["idle"] = {"seconds": wall, "cpu_percent": cpu, "rss_mib": rss,
+                           "healthy_at_end": healthy, "datagrams_sent": fakes.sent,
+                           "datagrams_received": fakes.received}
+    report.row("resources", "agent CPU idle, 30 peers", f"{cpu[0]:.1f} %",
+               "standalone", f"{cpu[1]:.1f} %")
+    report.row("resources", "agent RSS idle, 30 peers", f"{rss[0]:.0f} MiB",
+               "standalone", f"{rss[1]:.0f} MiB")
+    report.notes.append(f"idle: {opts.idle:.0f} s window, both agents at once; 29 of the 30 "
+                        f"peers are simulated announcers (bench/announcers.py); "
+                        f"{healthy} healthy at the end")
+
+
+# -- driver -------------------------------------------------------------------------------
+
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 2 min)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of " + ",".join(SECTIONS))
+    parser.add_argument("--skip", default="", help="sections to leave out")
+    parser.add_argument("--tasks", type=int, default=600)
+    parser.add_argument("--clients", type=int, default=8)
+    opts = parser.parse_args(argv)
+    opts.chosen = [s for s in opts.sections.split(",") if s and s not in opts.skip.split(",")]
+    unknown = set(opts.chosen) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    quick = opts.quick
+    opts.rounds = 1 if quick else 3
+    opts.rates = (20, 100)
+    opts.duration = 2.0 if quick else 5.0
+    opts.megabytes = 128 if quick else 1024
+    opts.discovery_runs = 1 if quick else 2
+    opts.failover_runs = 1 if quick else 2
+    opts.idle = 4.0 if quick else 10.0
+    if quick:
+        opts.tasks = min(opts.tasks, 300)
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = options(argv)
+    report = Report()
+    began = time.monotonic()
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="oxide-bench-") as scratch, \
+            contextlib.ExitStack() as stack:
+        home = Path(scratch)
+        rigs: dict[str, Any] = {}
+        if {"tasks", "latency"} & set(opts.chosen):
+            started = time.monotonic()
+            timings["celery venv"] = celery_bench.ensure_venv()
+            rigs["single"] = stack.enter_context(LocalAgent("--max-tasks", str(opts.clients)))
+            rigs["cluster"] = stack.enter_context(Cluster(home / "cluster", opts.clients))
+            rigs["celery"] = stack.enter_context(celery_bench.CeleryRig(home / "celery"))
+            timings["start rigs"] = time.monotonic() - started
+        for name in opts.chosen:
+            print(f"== {name}", flush=True)
+            started = time.monotonic()
+            if name in ("tasks", "latency"):
+                globals()[f"section_{name}"](report, rigs, opts)
+            else:
+                globals()[f"section_{name}"](report, opts, home)
+            timings[name] = time.monotonic() - started
+            if name == "latency" or (name == "tasks" and "latency" not in opts.chosen):
+                stack.close()
+    total = time.monotonic() - began
+    info = machine()
+    print_table(f"python -m bench{' --quick' if opts.quick else ''}: {info['cores']} cores "
+                f"{info['cpu']}, Python {info['python']}, {total:.0f} s",
+                ["section", "measure", "oxide", "baseline", "baseline value", "ratio", "goal"],
+                report.rows)
+    for note in report.notes:
+        print(f"  {note}")
+    print("  seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    path = save("bench", {"machine": info, "quick": opts.quick, "sections": opts.chosen,
+                          "total_s": total, "timings_s": timings, "table": report.rows,
+                          "notes": report.notes, "data": report.data})
+    print(f"  saved {path}")
+
+
+if __name__ == "__main__":
+    main()
