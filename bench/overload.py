@@ -1,6 +1,6 @@
 """Bounded load: many concurrent clients submit tasks; count outcomes and API latency.
 
-    python -m bench.overload [--clients 200] [--tasks-per-client 5] [--cluster]
+    python -m bench.overload [--clients 200] [--tasks-per-client 5]
 
 Loopback only, a fixed number of tasks, and a time limit. Every client submits
 ``POST /execute?wait=30`` (``/bin/true``) on its own keep-alive connection; a capacity
@@ -111,7 +111,7 @@ def main() -> None:
     print_table("load on one node (loopback, --max-tasks 4)",
                 ["clients", "accepted", "429s", "unexpected", "unfinished", "p50 ms",
                  "p99 ms", "tasks/s"], rows)
-    print(f"saved {save("overload", result)}")
+    print(f"saved {save('overload', result)}")
 
 
 if __name__ == "__main__":
