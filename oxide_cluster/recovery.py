@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from oxide_cluster.model import TERMINAL_STATES, rfc3339
 
@@ -20,6 +21,7 @@ class Recovery:
     """Subscribed to membership; acts only while this node leads."""
 
     log = Logger()
+    MAX_ATTEMPTS = 10
 
     def __init__(self, reactor: Any, node: Any, directory: Any, retry: Any,
                  publish: Any = None) -> None:
@@ -37,10 +39,22 @@ class Recovery:
             return
         self._recover_in_background(event["node"]["node_id"], event["event"])
 
-    def _recover_in_background(self, node_id: str, why: str) -> None:
+    def _recover_in_background(self, node_id: str, why: str, attempt: int = 1) -> None:
+        """Recover now; on a failure (Redis slow or away) try again while still leading."""
         recovering = defer.Deferred.fromCoroutine(self.recover_node(node_id, why))
-        recovering.addErrback(lambda failure: self.log.failure(
-            "recovering the tasks of node {node_id} failed", failure, node_id=node_id))
+
+        def failed(failure: Failure) -> None:
+            self.log.warn("recovering the tasks of node {node_id} failed (attempt {n}): "
+                          "{error}", node_id=node_id, n=attempt,
+                          error=failure.getErrorMessage())
+            if attempt < self.MAX_ATTEMPTS:
+                self._reactor.callLater(min(attempt, 5), self._retry_recovery, node_id, why,
+                                        attempt + 1)
+        recovering.addErrback(failed)
+
+    def _retry_recovery(self, node_id: str, why: str, attempt: int) -> None:
+        if self._node.elector.is_leader:
+            self._recover_in_background(node_id, why, attempt)
 
     def leader_changed(self, leader: dict[str, Any]) -> None:
         """A new leader takes over what its predecessor may not have finished: the work

@@ -57,7 +57,7 @@ def test_node_death_mid_task_marks_it_lost_and_the_retry_completes(cluster):
     victim.kill()
     killed_at = time.monotonic()
     lost = poll_until(lambda: (lambda t: t if t["state"] == "lost" else None)(
-        survivor.get(f"/task/{task['id']}").json()), timeout=10, message="task lost")
+        survivor.get(f"/task/{task['id']}").json()), timeout=15, message="task lost")
     print(f"\nlost everywhere {time.monotonic() - killed_at:.2f}s after kill -9")
     assert victim_id in lost["reason"] and "died" in lost["reason"]
     for node in nodes:
@@ -89,6 +89,6 @@ def test_task_with_secret_env_is_lost_but_not_retried(cluster):
     started_tasks.append(task["id"])
     victim.kill()
     lost = poll_until(lambda: (lambda t: t if t["state"] == "lost" else None)(
-        survivor.get(f"/task/{task['id']}").json()), timeout=10, message="task lost")
+        survivor.get(f"/task/{task['id']}").json()), timeout=15, message="task lost")
     assert "not retried" in lost["reason"]
     assert "TOKEN" not in str(lost) and "env" not in lost

@@ -77,3 +77,21 @@ def test_only_the_leader_acts_and_only_on_gone_events():
     assert directory.lost == []
     recovery.membership_event({"type": "node", "event": "dead", "node": {"node_id": "b"}})
     assert [r["id"] for r in directory.lost] == ["t-b"]
+
+
+def test_a_failed_recovery_is_tried_again_while_leading():
+    recovery, directory, _, _ = make([record()])
+    clock = recovery._reactor
+    calls = []
+    real = directory.unfinished
+
+    async def flaky(node_id):
+        calls.append(node_id)
+        if len(calls) == 1:
+            raise ConnectionError("redis timed out")
+        return await real(node_id)
+    directory.unfinished = flaky
+    recovery.membership_event({"type": "node", "event": "dead", "node": {"node_id": "b"}})
+    assert directory.lost == []
+    clock.advance(1)
+    assert calls == ["b", "b"] and [r["id"] for r in directory.lost] == ["t-b"]
