@@ -28,6 +28,7 @@ from oxide_cluster.forwarding import (
 from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
 from oxide_cluster.node import Node
+from oxide_cluster.openapi import document as openapi_document
 from oxide_cluster.placement import Placement
 from oxide_cluster.ws import output_messages
 
@@ -110,7 +111,7 @@ def _chunks_json(task: Task, offset: int, chunks: list[tuple[int, str, bytes]],
 
 
 class TaskApi:
-    """Routes of one node. Every route but ``/health`` requires the cluster secret."""
+    """Routes of one node. All but ``/health``, ``/openapi.json`` and ``/ui/`` need the secret."""
 
     app = Klein()
     log = Logger()
@@ -215,6 +216,11 @@ class TaskApi:
         return render_json(request, {"status": "ok", "node_id": self.node.node_id,
                                      "version": __version__})
 
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        """The OpenAPI document, without the secret: it describes routes, holds no data."""
+        return render_json(request, openapi_document())
+
     @app.route("/ready", methods=["GET"])
     def ready(self, request: Request) -> bytes:
         self._authorize(request)
@@ -286,6 +292,11 @@ class TaskApi:
         """The WebSocket upgrade; ``oxide_cluster.ws`` checks the secret at the handshake."""
         if self._websocket is None:
             raise ApiError(404, "not_found", "no WebSocket endpoint on this node")
+        if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
+            # Not a handshake: refuse like any route (Autobahn would answer 200 with a page).
+            self._authorize(request)
+            raise ApiError(426, "upgrade_required", "/ws only accepts WebSocket upgrades",
+                           {"Upgrade": "websocket", "Connection": "Upgrade"})
         # The upgraded connection leaves HTTP: its idle timeout must not cut it later.
         request.channel.setTimeout(None)
         return self._websocket

@@ -135,7 +135,7 @@ def test_websocket_attach_on_a_node_that_does_not_own_the_task(trio, tmp_path):
 
 
 def test_tasks_scope_cluster_lists_every_nodes_tasks(trio):
-    a, b, c = trio
+    a, _b, c = trio
     ids = set()
     for node in trio:
         task = a.post("/execute?wait=10", {"command": "true", "node": node_id(node)}).json()
