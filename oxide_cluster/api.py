@@ -496,8 +496,11 @@ class TaskApi:
                                                  limit=limit, before=cursor)
         tasks = [self._task_json(self.node.executor.live_task(task.id) or task)
                  for task in found]
+        scope = _query(request, "scope")
+        if scope not in (None, "local", "cluster"):
+            raise ApiError(400, "bad_query", "scope must be local or cluster")
         body: dict[str, Any] = {}
-        if _query(request, "scope") == "cluster" and self.peers is not None \
+        if scope == "cluster" and self.peers is not None \
                 and self.node.discovery is not None:
             body["unreachable"] = await self._gather_peer_tasks(request, tasks)
             tasks = sorted(tasks, key=lambda task: task["id"], reverse=True)[:limit]
@@ -556,6 +559,9 @@ class TaskApi:
         stream = _query(request, "stream")
         if stream not in (None, "stdout", "stderr"):
             raise ApiError(400, "bad_query", "stream must be stdout or stderr")
+        output_format = _query(request, "format")
+        if output_format not in (None, "raw", "json"):
+            raise ApiError(400, "bad_query", "format must be raw or json")
         task = await self._find_task(task_id)
         chunks = await self.node.store.read_output(task_id, offset)
         if not chunks and wait:
@@ -566,7 +572,7 @@ class TaskApi:
                 await arrived.addErrback(lambda f: f.trap(defer.TimeoutError) and None)
                 task = await self._find_task(task_id)
                 chunks = await self.node.store.read_output(task_id, offset)
-        if _query(request, "format") == "json":
+        if output_format == "json":
             return render_json(request, _chunks_json(task, offset, chunks, stream))
         data = bytearray()
         end = offset

@@ -18,6 +18,12 @@ _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _STRING_OR_NULL = {"type": ["string", "null"]}
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+# What model.parse_task_request accepts: no NUL anywhere, at most 64 KiB of text.
+_TEXT = {"type": "string", "pattern": "^[^\u0000]*$", "maxLength": 65536}
+_NAME = {**_TEXT, "minLength": 1}
+_TEXT_MAP = {"type": "object", "propertyNames": _NAME, "additionalProperties": _TEXT}
+_ENV_MAP = {"type": "object", "propertyNames": {**_NAME, "pattern": "^[^=\u0000]+$"},
+            "additionalProperties": _TEXT}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -86,17 +92,18 @@ SCHEMAS: dict[str, Any] = {
         "required": ["command"],
         "additionalProperties": False,
         "properties": {
-            "command": {"type": "string", "minLength": 1,
-                        "description": "run without a shell, found on PATH"},
-            "args": {"type": "array", "items": {"type": "string"}},
-            "cwd": {"type": "string", "description": "absolute path"},
-            "env": _STRING_MAP,
-            "secret_env": {**_STRING_MAP, "description":
-                           "passed to the process, never in any response, log or stream"},
-            "timeout": {"type": "number", "exclusiveMinimum": 0},
-            "idle_timeout": {"type": "number", "exclusiveMinimum": 0},
-            "labels": _STRING_MAP,
-            "node": {"type": "string", "minLength": 1, "description": "pin to this node id"},
+            "command": {**_NAME, "description": "run without a shell, found on PATH"},
+            "args": {"type": "array", "items": _TEXT},
+            "cwd": {"type": ["string", "null"], "pattern": "^/[^\u0000]*$",
+                    "maxLength": 65536, "description": "absolute path"},
+            "env": _ENV_MAP,
+            "secret_env": {**_ENV_MAP, "description": "passed to the process, never in any "
+                           "response, log or stream; names must not also be in env"},
+            "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "idle_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "labels": _TEXT_MAP,
+            "node": {"type": ["string", "null"], "minLength": 1, "pattern": "^[^\u0000]*$",
+                     "maxLength": 65536, "description": "pin to this node id"},
             "retries": {"type": "integer", "minimum": 0, "maximum": 10},
         },
     },
