@@ -161,6 +161,8 @@ class TaskApi:
             return raw, json.loads(raw)
         except (UnicodeDecodeError, ValueError) as error:
             raise ApiError(400, "bad_json", f"request body is not valid JSON: {error}") from None
+        except RecursionError:  # ``[[[[…`` within max_body: refuse, not a 500
+            raise ApiError(400, "bad_json", "request body is nested too deeply") from None
 
     async def _find_task(self, task_id: str) -> Task:
         task = self.node.executor.live_task(task_id)

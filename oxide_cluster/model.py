@@ -146,6 +146,11 @@ def _string(field: str, value: Any, allow_empty: bool = False) -> str:
         raise RequestError(field, "must not be empty")
     if "\x00" in value:
         raise RequestError(field, "must not contain NUL bytes")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can carry lone surrogates (\ud800); argv, environ and SQLite cannot.
+        raise RequestError(field, "must be valid Unicode (no lone surrogates)") from None
     if len(value) > _MAX_TEXT:
         raise RequestError(field, f"must be at most {_MAX_TEXT} characters")
     return value
