@@ -12,6 +12,7 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -110,6 +111,26 @@ def _chunks_json(task: Task, offset: int, chunks: list[tuple[int, str, bytes]],
             "output_bytes": task.output_bytes, "chunks": messages}
 
 
+class _Utf8Paths(Resource):
+    """Refuse a path that is not UTF-8 in our error shape, before Klein does: Klein
+    answers it in plain text and logs a traceback, which any client could repeat."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: Request) -> Any:
+        try:  # what Klein decodes: the unquoted path segments and the host name
+            b"/".join([*(request.prepath or []), *(request.postpath or [])]).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return render_json(request, {"error": {"code": "bad_path",
+                                                   "message": "the URL is not UTF-8"}}, 400)
+        return self._inner.render(request)
+
+
 class TaskApi:
     """Routes of one node. All but ``/health``, ``/openapi.json`` and ``/ui/`` need the secret."""
 
@@ -128,7 +149,7 @@ class TaskApi:
         self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _Utf8Paths(self.app.resource())
 
     # -- plumbing ---------------------------------------------------------------
 

@@ -86,3 +86,15 @@ def test_ws_without_an_upgrade_is_refused_not_served_a_page(headers, status) -> 
     client.flush()
     assert replies[0].code == status
     assert json.loads(bodies[0])["error"]["code"] in ("unauthorized", "upgrade_required")
+
+
+@pytest.mark.parametrize("path", ["/task/%FF", "/task/%ED%A0%80/output", "/%C0%AF"])
+def test_a_path_that_is_not_utf8_is_a_400_in_the_error_shape(client, path) -> None:
+    replies: list = []
+    client.get("http://node" + path).addBoth(replies.append)
+    client.flush()
+    bodies: list = []
+    replies[0].content().addBoth(bodies.append)
+    client.flush()
+    assert replies[0].code == 400
+    assert json.loads(bodies[0])["error"]["code"] == "bad_path"
