@@ -242,7 +242,7 @@ class TaskApi:
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
         """The OpenAPI document, without the secret: it describes routes, holds no data."""
-        return render_json(request, openapi_document())
+        return render_json(request, openapi_document(self.node.config.max_timeout))
 
     @app.route("/ready", methods=["GET"])
     def ready(self, request: Request) -> bytes:

@@ -205,6 +205,8 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
     if overlap:
         raise RequestError(f"secret_env.{overlap[0]}", "is also given in env")
     retries = body.get("retries", 0)
+    if isinstance(retries, float) and retries.is_integer():
+        retries = int(retries)  # JSON has one number type: 3.0 is the integer 3
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise RequestError("retries", "must be a whole number from 0 to 10")
     node = body.get("node")

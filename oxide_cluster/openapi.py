@@ -99,8 +99,10 @@ SCHEMAS: dict[str, Any] = {
             "env": _ENV_MAP,
             "secret_env": {**_ENV_MAP, "description": "passed to the process, never in any "
                            "response, log or stream; names must not also be in env"},
-            "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0},
-            "idle_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                        "description": "seconds, at most the node's max_timeout"},
+            "idle_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                             "description": "seconds without output, at most max_timeout"},
             "labels": _TEXT_MAP,
             "node": {"type": ["string", "null"], "minLength": 1, "pattern": "^[^\u0000]*$",
                      "maxLength": 65536, "description": "pin to this node id"},
@@ -321,7 +323,7 @@ PATHS: dict[str, Any] = {
         "parameters": [
             _TASK_ID, _WAIT,
             {"name": "offset", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 0}},
+             "schema": {"type": "integer", "minimum": 0, "maximum": 2**62}},
             {"name": "stream", "in": "query", "required": False,
              "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
             {"name": "format", "in": "query", "required": False,
@@ -410,6 +412,12 @@ DOCUMENT: dict[str, Any] = {
 }
 
 
-def document() -> dict[str, Any]:
-    """A copy, so a caller (or a test hook) cannot change what the node serves."""
-    return copy.deepcopy(DOCUMENT)
+def document(max_timeout: float | None = None) -> dict[str, Any]:
+    """A copy, so a caller cannot change what the node serves; with ``max_timeout``, the
+    node's own limit on ``timeout`` and ``idle_timeout`` (it is configurable)."""
+    result = copy.deepcopy(DOCUMENT)
+    if max_timeout is not None:
+        fields = result["components"]["schemas"]["TaskRequest"]["properties"]
+        for name in ("timeout", "idle_timeout"):
+            fields[name]["maximum"] = max_timeout
+    return result

@@ -58,6 +58,11 @@ def _tame(case) -> None:
     command = case.body.get("command") if isinstance(case.body, dict) else None
     if isinstance(command, str) and 0 < len(command) <= 65536 and "\x00" not in command:
         case.body["command"] = "true"
+    if isinstance(case.body, dict) and isinstance(case.body.get("env"), dict) \
+            and isinstance(case.body.get("secret_env"), dict):
+        # A name in both is refused (400); JSON Schema cannot say so, the description does.
+        for name in set(case.body["env"]) & set(case.body["secret_env"]):
+            del case.body["secret_env"][name]
 
 
 @schema.exclude(path="/ws").parametrize()

@@ -57,7 +57,8 @@ def test_every_operation_but_the_public_ones_needs_the_secret() -> None:
 
 @pytest.fixture
 def client() -> StubTreq:
-    node = SimpleNamespace(secret="s3cret", executor=SimpleNamespace(state_listeners=[]))
+    node = SimpleNamespace(secret="s3cret", executor=SimpleNamespace(state_listeners=[]),
+                           config=SimpleNamespace(max_timeout=600.0))
     return StubTreq(TaskApi(node).resource())  # type: ignore[arg-type]
 
 
@@ -69,7 +70,10 @@ def test_openapi_json_is_served_without_the_secret(client) -> None:
     replies[0].content().addBoth(bodies.append)
     client.flush()
     assert replies[0].code == 200
-    assert json.loads(bodies[0]) == document()
+    served = json.loads(bodies[0])
+    assert served == document(max_timeout=600.0)
+    request_fields = served["components"]["schemas"]["TaskRequest"]["properties"]
+    assert request_fields["timeout"]["maximum"] == 600.0  # the node's own limit
 
 
 @pytest.mark.parametrize(("headers", "status"), [({}, 401),
