@@ -86,7 +86,10 @@ def test_websocket_refuses_a_wrong_token_subprotocol(agent, protocols) -> None:
     assert refused.value.status == 401
 
 
-def test_the_secret_never_appears_in_responses_streams_or_logs(agent) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_secret_never_appears_in_responses_streams_or_logs(agent_factory,
+                                                               log_format) -> None:
+    agent = agent_factory(extra_args=("--log-format", log_format))
     token = "secret-env-value-41d2"
     task = agent.run_task("sh", "-c", 'echo "len ${#TOKEN}"', secret_env={"TOKEN": token},
                           env={"PLAIN": "visible"})
