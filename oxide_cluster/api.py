@@ -12,6 +12,7 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -28,6 +29,7 @@ from oxide_cluster.forwarding import (
 from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
 from oxide_cluster.node import Node
+from oxide_cluster.openapi import document as openapi_document
 from oxide_cluster.placement import Placement
 from oxide_cluster.store import StoreError
 from oxide_cluster.ws import output_messages
@@ -110,8 +112,28 @@ def _chunks_json(task: Task, offset: int, chunks: list[tuple[int, str, bytes]],
             "output_bytes": task.output_bytes, "chunks": messages}
 
 
+class _Utf8Paths(Resource):
+    """Refuse a path that is not UTF-8 in our error shape, before Klein does: Klein
+    answers it in plain text and logs a traceback, which any client could repeat."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: Request) -> Any:
+        try:  # what Klein decodes: the unquoted path segments and the host name
+            b"/".join([*(request.prepath or []), *(request.postpath or [])]).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return render_json(request, {"error": {"code": "bad_path",
+                                                   "message": "the URL is not UTF-8"}}, 400)
+        return self._inner.render(request)
+
+
 class TaskApi:
-    """Routes of one node. Every route but ``/health`` requires the cluster secret."""
+    """Routes of one node. All but ``/health``, ``/openapi.json`` and ``/ui/`` need the secret."""
 
     app = Klein()
     log = Logger()
@@ -128,7 +150,7 @@ class TaskApi:
         self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _Utf8Paths(self.app.resource())
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -161,6 +183,8 @@ class TaskApi:
             return raw, json.loads(raw)
         except (UnicodeDecodeError, ValueError) as error:
             raise ApiError(400, "bad_json", f"request body is not valid JSON: {error}") from None
+        except RecursionError:  # ``[[[[…`` within max_body: refuse, not a 500
+            raise ApiError(400, "bad_json", "request body is nested too deeply") from None
 
     async def _find_task(self, task_id: str) -> Task:
         task = self.node.executor.live_task(task_id)
@@ -222,6 +246,11 @@ class TaskApi:
     def health(self, request: Request) -> bytes:
         return render_json(request, {"status": "ok", "node_id": self.node.node_id,
                                      "version": __version__})
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        """The OpenAPI document, without the secret: it describes routes, holds no data."""
+        return render_json(request, openapi_document(self.node.config.max_timeout))
 
     @app.route("/ready", methods=["GET"])
     def ready(self, request: Request) -> bytes:
@@ -294,6 +323,11 @@ class TaskApi:
         """The WebSocket upgrade; ``oxide_cluster.ws`` checks the secret at the handshake."""
         if self._websocket is None:
             raise ApiError(404, "not_found", "no WebSocket endpoint on this node")
+        if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
+            # Not a handshake: refuse like any route (Autobahn would answer 200 with a page).
+            self._authorize(request)
+            raise ApiError(426, "upgrade_required", "/ws only accepts WebSocket upgrades",
+                           {"Upgrade": "websocket", "Connection": "Upgrade"})
         # The upgraded connection leaves HTTP: its idle timeout must not cut it later.
         request.channel.setTimeout(None)
         return self._websocket
@@ -493,8 +527,11 @@ class TaskApi:
                                                  limit=limit, before=cursor)
         tasks = [self._task_json(self.node.executor.live_task(task.id) or task)
                  for task in found]
+        scope = _query(request, "scope")
+        if scope not in (None, "local", "cluster"):
+            raise ApiError(400, "bad_query", "scope must be local or cluster")
         body: dict[str, Any] = {}
-        if _query(request, "scope") == "cluster" and self.peers is not None \
+        if scope == "cluster" and self.peers is not None \
                 and self.node.discovery is not None:
             body["unreachable"] = await self._gather_peer_tasks(request, tasks)
             tasks = sorted(tasks, key=lambda task: task["id"], reverse=True)[:limit]
@@ -553,6 +590,9 @@ class TaskApi:
         stream = _query(request, "stream")
         if stream not in (None, "stdout", "stderr"):
             raise ApiError(400, "bad_query", "stream must be stdout or stderr")
+        output_format = _query(request, "format")
+        if output_format not in (None, "raw", "json"):
+            raise ApiError(400, "bad_query", "format must be raw or json")
         task = await self._find_task(task_id)
         chunks = await self.node.store.read_output(task_id, offset)
         if not chunks and wait:
@@ -563,7 +603,7 @@ class TaskApi:
                 await arrived.addErrback(lambda f: f.trap(defer.TimeoutError) and None)
                 task = await self._find_task(task_id)
                 chunks = await self.node.store.read_output(task_id, offset)
-        if _query(request, "format") == "json":
+        if output_format == "json":
             return render_json(request, _chunks_json(task, offset, chunks, stream))
         data = bytearray()
         end = offset

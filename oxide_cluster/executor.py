@@ -203,6 +203,11 @@ class TaskRun:
         except OSError as failure:
             self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure.strerror}")
             return
+        except Exception as failure:
+            # Anything else (text argv/environ cannot encode, ...) must still end the task:
+            # a run left half-started would hold its slot forever.
+            self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure}")
+            return
         self._process = proc
         self._pgid = proc.pid
         task.pid = proc.pid

@@ -146,6 +146,11 @@ def _string(field: str, value: Any, allow_empty: bool = False) -> str:
         raise RequestError(field, "must not be empty")
     if "\x00" in value:
         raise RequestError(field, "must not contain NUL bytes")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can carry lone surrogates (\ud800); argv, environ and SQLite cannot.
+        raise RequestError(field, "must be valid Unicode (no lone surrogates)") from None
     if len(value) > _MAX_TEXT:
         raise RequestError(field, f"must be at most {_MAX_TEXT} characters")
     return value
@@ -200,6 +205,8 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
     if overlap:
         raise RequestError(f"secret_env.{overlap[0]}", "is also given in env")
     retries = body.get("retries", 0)
+    if isinstance(retries, float) and retries.is_integer():
+        retries = int(retries)  # JSON has one number type: 3.0 is the integer 3
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise RequestError("retries", "must be a whole number from 0 to 10")
     node = body.get("node")

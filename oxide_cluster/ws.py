@@ -99,6 +99,8 @@ def parse_command(payload: bytes, is_binary: bool) -> Command:
         body = json.loads(payload)
     except (UnicodeDecodeError, ValueError):
         raise CommandError("frame is not valid JSON") from None
+    except RecursionError:
+        raise CommandError("frame is nested too deeply") from None
     if not isinstance(body, dict):
         raise CommandError("frame must be a JSON object")
     op = body.get("op")

@@ -381,3 +381,19 @@ def test_output_backpressure_pauses_and_resumes_task_pipes():
     assert paused == ["pause"]
     harness.store.commit_all()
     assert paused == ["pause", "resume"]
+
+
+def test_spawn_raising_anything_fails_the_task_and_frees_its_slot():
+    """A spawn error other than OSError (argv/environ that cannot be encoded) once left the
+    run half-started, holding its slot for ever: two such requests made a node refuse all."""
+    harness = Harness()
+
+    def refuse(*args, **kwargs):
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    harness.spawn = refuse  # type: ignore[method-assign]
+    harness.executor._spawn = refuse
+    failed = [started(harness), started(harness), started(harness)]
+    assert all(t.state is TaskState.FAILED for t in failed)
+    assert failed[0].reason.startswith("cannot start sh")
+    assert harness.executor.free_slots == 2

@@ -33,6 +33,9 @@ def test_minimal_request():
     ({"command": "ls", "timeout": 601}, "timeout"),
     ({"command": "ls", "timeout": True}, "timeout"),
     ({"command": "ls", "retries": -1}, "retries"),
+    ({"command": "ls", "retries": 1.5}, "retries"),
+    ({"command": "ls", "args": ["\ud800"]}, "args[0]"),
+    ({"command": "ls", "env": {"\udfff": "x"}}, "env.\udfff"),
     ({"command": "ls", "comand": "x"}, "comand"),
     ({"command": "ls", "env": {"K": "1"}, "secret_env": {"K": "2"}}, "secret_env.K"),
     ([], "body"),
@@ -88,3 +91,8 @@ def test_terminal_states():
     assert all(state.terminal for state in TaskState
                if state not in (TaskState.RUNNING, TaskState.QUEUED))
     assert rfc3339(None) is None
+
+
+def test_an_integral_float_is_a_whole_number_of_retries():
+    """JSON has one number type; the OpenAPI document (JSON Schema) calls 3.0 an integer."""
+    assert parse({"command": "ls", "retries": 3.0}).retries == 3

@@ -1,0 +1,423 @@
+"""The OpenAPI 3 description of the HTTP API, served at ``GET /openapi.json``.
+
+Kept as a Python dict next to the routes so one module owns it; a unit test compares its
+paths and methods with the Klein ``url_map``, and a schemathesis run against a live node
+checks every answer against it, so it cannot drift from what the agent really does.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from oxide_cluster import __version__
+from oxide_cluster.model import TaskState
+
+_REF = "#/components/schemas/"
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_STRING_OR_NULL = {"type": ["string", "null"]}
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+# What model.parse_task_request accepts: no NUL anywhere, at most 64 KiB of text.
+_TEXT = {"type": "string", "pattern": "^[^\u0000]*$", "maxLength": 65536}
+_NAME = {**_TEXT, "minLength": 1}
+_TEXT_MAP = {"type": "object", "propertyNames": _NAME, "additionalProperties": _TEXT}
+_ENV_MAP = {"type": "object", "propertyNames": {**_NAME, "pattern": "^[^=\u0000]+$"},
+            "additionalProperties": _TEXT}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF + name}
+
+
+def _json(schema: dict[str, Any], description: str,
+          headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description,
+                                "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    headers = {"Retry-After": {"schema": {"type": "string"},
+                               "description": "seconds to wait before trying again"}}
+    return _json(_ref("Error"), description, headers if retry_after else None)
+
+
+_UNAUTHORIZED = _error("missing or wrong cluster secret")
+_BAD_QUERY = _error("a query parameter is malformed (`bad_query`)")
+_NOT_FOUND = _error("no such task on this node, nor on a node known to own it")
+_UNAVAILABLE = _error("the node owning the task is known but not reachable", retry_after=True)
+
+_WAIT = {"name": "wait", "in": "query", "required": False,
+         "description": "long-poll: seconds to wait for the task to end (or output to arrive)",
+         "schema": {"type": "number", "minimum": 0, "maximum": 300}}
+_TASK_ID = {"name": "task_id", "in": "path", "required": True,
+            "description": "`<time><random>-<node id>`: names the node that owns the task",
+            "schema": {"type": "string", "minLength": 1}}
+
+
+def _secured(operation: dict[str, Any]) -> dict[str, Any]:
+    """Every operation but the documented public ones needs the cluster secret."""
+    operation.setdefault("security", [{"clusterSecret": []}, {"bearer": []}])
+    operation["responses"].setdefault("401", _UNAUTHORIZED)
+    return operation
+
+
+_NODE_STATS = {
+    "type": "object",
+    "required": ["cpu_percent", "memory_percent", "load", "running_tasks", "free_slots"],
+    "properties": {
+        "cpu_percent": _NUMBER_OR_NULL,
+        "memory_percent": _NUMBER_OR_NULL,
+        "load": {"type": ["array", "null"], "items": {"type": "number"}},
+        "running_tasks": {"type": "integer", "minimum": 0},
+        "free_slots": {"type": "integer", "minimum": 0},
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "additionalProperties": False,
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message"], "additionalProperties": False,
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }},
+    },
+    "TaskRequest": {
+        "type": "object",
+        "required": ["command"],
+        "additionalProperties": False,
+        "properties": {
+            "command": {**_NAME, "description": "run without a shell, found on PATH"},
+            "args": {"type": "array", "items": _TEXT},
+            "cwd": {"type": ["string", "null"], "pattern": "^/[^\u0000]*$",
+                    "maxLength": 65536, "description": "absolute path"},
+            "env": _ENV_MAP,
+            "secret_env": {**_ENV_MAP, "description": "passed to the process, never in any "
+                           "response, log or stream; names must not also be in env"},
+            "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                        "description": "seconds, at most the node's max_timeout"},
+            "idle_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                             "description": "seconds without output, at most max_timeout"},
+            "labels": _TEXT_MAP,
+            "node": {"type": ["string", "null"], "minLength": 1, "pattern": "^[^\u0000]*$",
+                     "maxLength": 65536, "description": "pin to this node id"},
+            "retries": {"type": "integer", "minimum": 0, "maximum": 10},
+        },
+    },
+    "Task": {
+        "type": "object",
+        "description": "The task JSON contract; never holds env values of secret_env.",
+        "required": ["id", "node_id", "state", "command", "args", "cwd", "labels",
+                     "exit_code", "signal", "reason", "created_at", "started_at",
+                     "finished_at", "attempt", "retry_of", "output_bytes"],
+        "properties": {
+            "id": {"type": "string"},
+            "node_id": {"type": "string"},
+            "state": {"type": "string", "enum": [state.value for state in TaskState]},
+            "command": {"type": "string"},
+            "args": {"type": "array", "items": {"type": "string"}},
+            "cwd": _STRING_OR_NULL,
+            "labels": _STRING_MAP,
+            "exit_code": {"type": ["integer", "null"]},
+            "signal": {"type": ["integer", "null"]},
+            "reason": _STRING_OR_NULL,
+            "created_at": _TIME,
+            "started_at": _TIME,
+            "finished_at": _TIME,
+            "attempt": {"type": "integer", "minimum": 1},
+            "retry_of": _STRING_OR_NULL,
+            "output_bytes": {"type": "integer", "minimum": 0},
+            "output_dropped": {"type": "integer", "minimum": 0},
+            "timeout": _NUMBER_OR_NULL,
+            "idle_timeout": _NUMBER_OR_NULL,
+            "retries": {"type": "integer", "minimum": 0},
+            "links": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "TaskPage": {
+        "type": "object",
+        "required": ["tasks", "next_cursor"],
+        "properties": {
+            "tasks": {"type": "array", "items": _ref("Task")},
+            "next_cursor": _STRING_OR_NULL,
+            "unreachable": {"type": "array", "items": {"type": "string"},
+                            "description": "with scope=cluster: peers that did not answer"},
+        },
+    },
+    "OutputChunks": {
+        "type": "object",
+        "required": ["task", "state", "next_offset", "output_bytes", "chunks"],
+        "properties": {
+            "task": {"type": "string"},
+            "state": {"type": "string"},
+            "next_offset": {"type": "integer", "minimum": 0},
+            "output_bytes": {"type": "integer", "minimum": 0},
+            "chunks": {"type": "array", "items": {
+                "type": "object",
+                "required": ["type", "task", "offset", "stream", "encoding", "data"],
+                "properties": {
+                    "type": {"const": "output"},
+                    "task": {"type": "string"},
+                    "offset": {"type": "integer", "minimum": 0},
+                    "stream": {"enum": ["stdout", "stderr"]},
+                    "encoding": {"enum": ["utf-8", "base64"]},
+                    "data": {"type": "string"},
+                },
+            }},
+        },
+    },
+    "Leader": {
+        "type": "object",
+        "required": ["node_id", "token", "since"],
+        "properties": {
+            "node_id": {"type": ["string", "null"]},
+            "token": {"type": ["integer", "null"]},
+            "since": _TIME,
+        },
+    },
+    "NodeStats": _NODE_STATS,
+    "Node": {
+        "type": "object",
+        "required": ["node_id", "hostname", "ip_address", "api_port", "state", "healthy",
+                     "last_seen", "labels", "services", "stats"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "hostname": {"type": ["string", "null"]},
+            "ip_address": _STRING_OR_NULL,
+            "api_port": {"type": ["integer", "null"]},
+            "state": {"type": "string"},
+            "healthy": {"type": "boolean"},
+            "last_seen": _TIME,
+            "labels": _STRING_MAP,
+            "services": {"type": "array", "items": {"type": "string"}},
+            "stats": {"type": ["object", "null"]},
+            "leader": {"type": "boolean"},
+        },
+    },
+    "ClusterNodes": {
+        "type": "object",
+        "required": ["total_nodes", "healthy_nodes", "leader", "local_node", "remote_nodes"],
+        "properties": {
+            "total_nodes": {"type": "integer", "minimum": 1},
+            "healthy_nodes": {"type": "integer", "minimum": 0},
+            "leader": _ref("Leader"),
+            "local_node": _ref("Node"),
+            "remote_nodes": {"type": "array", "items": _ref("Node")},
+        },
+    },
+}
+
+_TASK_RESPONSES = {
+    "200": _json(_ref("Task"), "the task, ended (within ?wait when given)"),
+    "202": _json(_ref("Task"), "accepted, still queued or running"),
+}
+
+PATHS: dict[str, Any] = {
+    "/health": {"get": {
+        "summary": "Liveness; needs no secret",
+        "security": [],
+        "responses": {"200": _json({
+            "type": "object", "required": ["status", "node_id", "version"],
+            "properties": {"status": {"const": "ok"}, "node_id": {"type": "string"},
+                           "version": {"type": "string"}}}, "alive")},
+    }},
+    "/openapi.json": {"get": {
+        "summary": "This document; needs no secret (it holds no data)",
+        "security": [],
+        "responses": {"200": _json({"type": "object", "required": ["openapi", "paths"]},
+                                   "the OpenAPI document")},
+    }},
+    "/ready": {"get": _secured({
+        "summary": "Readiness: store open, executor recovered, discovery bound",
+        "responses": {
+            "200": _json(_ref("Readiness"), "ready"),
+            "503": _json(_ref("Readiness"), "not ready; checks say which part"),
+        },
+    })},
+    "/stats": {"get": _secured({
+        "summary": "Load, slots, running tasks, discovery counters",
+        "responses": {"200": _json({
+            "allOf": [_ref("NodeStats"), {
+                "type": "object",
+                "required": ["node_id", "slots", "running", "queued", "finished_since_start"],
+                "properties": {"node_id": {"type": "string"},
+                               "slots": {"type": "integer"},
+                               "running": {"type": "integer"},
+                               "queued": {"type": "integer"},
+                               "finished_since_start": {"type": "integer"},
+                               "discovery": {"type": "object"}}}]}, "node statistics")},
+    })},
+    "/metrics": {"get": _secured({
+        "summary": "Prometheus text format",
+        "responses": {"200": {"description": "metrics",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    })},
+    "/api/cluster/health": {"get": _secured({
+        "summary": "This node's identity, load and view of the cluster",
+        "responses": {"200": _json({
+            "type": "object",
+            "required": ["node_id", "hostname", "services", "cpu_percent", "memory_percent",
+                         "active_tasks", "version", "total_nodes", "healthy_nodes", "leader"],
+            "properties": {"node_id": {"type": "string"}, "hostname": {"type": "string"},
+                           "services": {"type": "array", "items": {"type": "string"}},
+                           "cpu_percent": _NUMBER_OR_NULL, "memory_percent": _NUMBER_OR_NULL,
+                           "active_tasks": {"type": "integer"}, "version": {"type": "string"},
+                           "total_nodes": {"type": "integer"},
+                           "healthy_nodes": {"type": "integer"},
+                           "leader": _ref("Leader")}}, "cluster health")},
+    })},
+    "/api/cluster/nodes": {"get": _secured({
+        "summary": "Every node this node knows, itself first",
+        "responses": {"200": _json(_ref("ClusterNodes"), "nodes")},
+    })},
+    "/api/cluster/leader": {"get": _secured({
+        "summary": "The current leader (node_id null when there is none)",
+        "responses": {"200": _json(_ref("Leader"), "leader")},
+    })},
+    "/execute": {"post": _secured({
+        "summary": "Run a command (placed by the leader unless pinned with `node`)",
+        "parameters": [_WAIT],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": _ref("TaskRequest"),
+            "example": {"command": "true", "args": [], "timeout": 5}}}},
+        "responses": {
+            **_TASK_RESPONSES,
+            "400": _error("bad JSON or a bad field; the message names the field"),
+            "409": _error("placement with a stale leader token"),
+            "413": _error("body larger than max_body"),
+            "415": _error("Content-Type is not application/json"),
+            "429": _error("no free slot", retry_after=True),
+            "503": _error("the host is overloaded or the chosen node is unreachable",
+                          retry_after=True),
+        },
+    })},
+    "/tasks": {"get": _secured({
+        "summary": "Tasks, newest first",
+        "parameters": [
+            {"name": "state", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": [state.value for state in TaskState]}},
+            {"name": "node", "in": "query", "required": False, "schema": {"type": "string"}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            {"name": "cursor", "in": "query", "required": False,
+             "description": "next_cursor of the previous page", "schema": {"type": "string"}},
+            {"name": "scope", "in": "query", "required": False,
+             "description": "`cluster`: merge the same page from every healthy peer",
+             "schema": {"type": "string", "enum": ["local", "cluster"]}},
+        ],
+        "responses": {"200": _json(_ref("TaskPage"), "a page of tasks"), "400": _BAD_QUERY},
+    })},
+    "/task/{task_id}": {"get": _secured({
+        "summary": "One task, from any node (forwarded to its owner)",
+        "parameters": [_TASK_ID, _WAIT],
+        "responses": {"200": _json(_ref("Task"), "the task"), "400": _BAD_QUERY,
+                      "404": _NOT_FOUND, "503": _UNAVAILABLE},
+    })},
+    "/task/{task_id}/output": {"get": _secured({
+        "summary": "Output bytes from an offset (stdout and stderr in order)",
+        "parameters": [
+            _TASK_ID, _WAIT,
+            {"name": "offset", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": 2**62}},
+            {"name": "stream", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+            {"name": "format", "in": "query", "required": False,
+             "description": "`json`: chunks with their stream, as the WebSocket sends them",
+             "schema": {"type": "string", "enum": ["raw", "json"]}},
+        ],
+        "responses": {
+            "200": {"description": "raw bytes, or chunks with ?format=json",
+                    "headers": {"X-Task-State": {"schema": {"type": "string"}},
+                                "X-Next-Offset": {"schema": {"type": "string"}}},
+                    "content": {
+                        "application/octet-stream": {"schema": {"type": "string",
+                                                                "format": "binary"}},
+                        "application/json": {"schema": _ref("OutputChunks")}}},
+            "400": _BAD_QUERY, "404": _NOT_FOUND, "503": _UNAVAILABLE,
+        },
+    })},
+    "/task/{task_id}/cancel": {"post": _secured({
+        "summary": "TERM the task's process group, KILL after the grace",
+        "parameters": [_TASK_ID, _WAIT],
+        "responses": {**_TASK_RESPONSES, "400": _BAD_QUERY, "404": _NOT_FOUND,
+                      "409": _error("the task already ended"), "503": _UNAVAILABLE},
+    })},
+    "/ws": {"get": {
+        "summary": "WebSocket upgrade: live output and cluster events",
+        "description": "Send `Connection: Upgrade` and `Upgrade: websocket`. The secret goes "
+                       "in X-Cluster-Secret or Authorization: Bearer, or (browsers) as the "
+                       "subprotocol `oxide.token.<base64url(secret)>` next to `oxide.v1`. "
+                       "A request that is not an upgrade is answered 426 (after the same "
+                       "secret check).",
+        "security": [{"clusterSecret": []}, {"bearer": []}, {"subprotocolToken": []}],
+        "responses": {"101": {"description": "switching to the WebSocket protocol"},
+                      "401": _UNAUTHORIZED,
+                      "426": _error("not a WebSocket upgrade request")},
+    }},
+    "/": {"get": {
+        "summary": "Redirect to the dashboard", "security": [],
+        "responses": {"302": {"description": "to /ui/"}},
+    }},
+    "/ui": {"get": {
+        "summary": "Redirect to the dashboard", "security": [],
+        "responses": {"302": {"description": "to /ui/"}},
+    }},
+    "/ui/": {"get": {
+        "summary": "Dashboard page; static, no secret (it holds no data)", "security": [],
+        "responses": {"200": {"description": "index.html",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}},
+    }},
+    "/ui/{file}": {"get": {
+        "summary": "Dashboard static files (exact names only)", "security": [],
+        "parameters": [{"name": "file", "in": "path", "required": True,
+                        "schema": {"type": "string", "enum": ["app.js", "style.css",
+                                                              "index.html"]}}],
+        "responses": {"200": {"description": "the file"},
+                      "404": {"description": "no such file"}},
+    }},
+}
+
+SCHEMAS["Readiness"] = {
+    "type": "object", "required": ["ready", "checks"],
+    "properties": {"ready": {"type": "boolean"},
+                   "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}},
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "oxide-cluster node API",
+        "version": __version__,
+        "description": "Every node serves the same API; any node answers for any task. "
+                       "Errors are always {\"error\": {\"code\", \"message\"}}.",
+    },
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "clusterSecret": {"type": "apiKey", "in": "header", "name": "X-Cluster-Secret"},
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "the cluster secret as a bearer token"},
+            "subprotocolToken": {
+                "type": "apiKey", "in": "header", "name": "Sec-WebSocket-Protocol",
+                "description": "WebSocket only: oxide.v1, oxide.token.<base64url(secret)>"},
+        },
+    },
+    "security": [{"clusterSecret": []}, {"bearer": []}],
+}
+
+
+def document(max_timeout: float | None = None) -> dict[str, Any]:
+    """A copy, so a caller cannot change what the node serves; with ``max_timeout``, the
+    node's own limit on ``timeout`` and ``idle_timeout`` (it is configurable)."""
+    result = copy.deepcopy(DOCUMENT)
+    if max_timeout is not None:
+        fields = result["components"]["schemas"]["TaskRequest"]["properties"]
+        for name in ("timeout", "idle_timeout"):
+            fields[name]["maximum"] = max_timeout
+    return result
