@@ -385,6 +385,8 @@ class TaskApi:
         except CapacityError as error:
             raise ApiError(error.status, error.code, error.message,
                            {"Retry-After": str(error.retry_after)}) from None
+        if self.directory is not None:
+            await self.directory.recorded(task.id)
         finished = await _wait_for(self.node.executor.when_finished(task.id), wait,
                                    self.node.reactor)
         if finished is not None or task.state.terminal:

@@ -41,6 +41,7 @@ class TaskDirectory:
         self._redis = redis
         self._prefix = f"oxide:{cluster}"
         self.errors = 0
+        self._starting: dict[str, defer.Deferred[Any]] = {}
 
     def _active(self, node_id: str) -> str:
         return f"{self._prefix}:active:{node_id}"
@@ -48,22 +49,46 @@ class TaskDirectory:
     def _lost(self, task_id: str) -> str:
         return f"{self._prefix}:lost:{task_id}"
 
-    def _best_effort(self, reply: defer.Deferred[Any], what: str) -> None:
+    def _best_effort(self, reply: defer.Deferred[Any], what: str) -> defer.Deferred[Any]:
         def failed(failure: Failure) -> None:
             self.errors += 1
             self.log.warn("task directory: {what} failed: {error}", what=what,
                           error=failure.getErrorMessage())
-        reply.addErrback(failed)
+        return reply.addErrback(failed)
 
     def task_changed(self, task: Task) -> None:
         """Executor state listener: track the task while it runs."""
         if task.state is TaskState.RUNNING:
-            self._best_effort(self._redis.command(
+            written = self._best_effort(self._redis.command(
                 "HSET", self._active(task.node_id), task.id,
                 json.dumps(retry_record(task), separators=(",", ":"))), "HSET")
+            self._starting[task.id] = written
+
+            def settled(_: object) -> None:
+                # Returns None: returning the popped Deferred would chain it to itself.
+                del self._starting[task.id]
+            written.addBoth(settled)
         elif task.state.terminal:
             self._best_effort(self._redis.command(
                 "HDEL", self._active(task.node_id), task.id), "HDEL")
+
+    def recorded(self, task_id: str) -> defer.Deferred[Any]:
+        """Fires once the task's start is in Redis (or that write failed): the API answers
+        202 only then, so a node killed right after still leaves its task to recover."""
+        pending = self._starting.get(task_id)
+        if pending is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred[Any] = defer.Deferred()
+
+        def wake(result: Any) -> Any:
+            waiter.callback(None)
+            return result
+        pending.addBoth(wake)
+        return waiter
+
+    def connect(self) -> defer.Deferred[Any]:
+        """Open the connection at startup, so the first task does not wait for it."""
+        return self._best_effort(self._redis.command("PING"), "PING")
 
     async def unfinished(self, node_id: str) -> list[dict[str, Any]]:
         flat = await self._redis.command("HGETALL", self._active(node_id))

@@ -161,6 +161,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         directory = TaskDirectory(RedisLockBackend(reactor, RedisAddress.parse(config.redis)),
                                   config.cluster_name)
         executor.state_listeners.append(directory.task_changed)
+        reactor.callWhenRunning(directory.connect)
         reactor.addSystemEventTrigger("after", "shutdown", directory.close)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   peers=peers, placement=placement, directory=directory)

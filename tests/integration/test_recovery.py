@@ -28,8 +28,9 @@ def cluster(tmp_path, redis, request):
     started_tasks: list[str] = []
     try:
         start_meshed(nodes)
-        poll_until(lambda: len({n.get("/api/cluster/leader").json()["node_id"]
-                                for n in nodes} - {None}) == 1, message="one leader")
+        # A node that holds the lease reports itself leader only once it really leads.
+        poll_until(lambda: any(n.get("/api/cluster/leader").json()["node_id"] == node_id(n)
+                               for n in nodes), timeout=20, message="a node that leads")
         yield nodes, started_tasks
     finally:
         report = getattr(request.node, "rep_call", None)
