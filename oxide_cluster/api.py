@@ -416,6 +416,11 @@ class TaskApi:
             if reply.status in (429, 503):
                 refusals.append(f"{node_id}: busy ({reply.status})")
                 continue
+            if reply.status == 409 and b"stale_leader_token" in reply.body:
+                # A newer leader exists: this node must not place; the client asks again.
+                raise ApiError(503, "leader_changed",
+                               "this node no longer leads the cluster; try again",
+                               {"Retry-After": "1"})
             if reply.status == 202:  # still running there: count it until announced
                 self.placement.placed(node_id)
             return self._relay(request, reply)

@@ -91,8 +91,11 @@ class LockBackend(Protocol):
     def get(self, key: str) -> defer.Deferred[str | None]:
         """The value of ``key`` or None."""
 
-    def next_token(self, key: str, floor: int) -> defer.Deferred[tuple[int, bool]]:
-        """INCR ``key`` lifted above ``floor`` (atomic); True if it was missing or lower."""
+    def next_token(self, key: str, floor: int,
+                   quiet_ms: int) -> defer.Deferred[tuple[int, bool]]:
+        """INCR ``key`` lifted above ``floor`` (atomic). True while the epoch is new: for
+        ``quiet_ms`` after it was found missing or lower, every acquirer (not only the first)
+        must wait out a lease that Redis may have lost."""
 
     def close(self) -> defer.Deferred[None]:
         """Drop the connection; later calls may reconnect."""
@@ -311,7 +314,8 @@ class RedisElector(service.Service):
             else:
                 self._learn((node_id, token))
             return
-        token, fresh = await self.backend.next_token(self.epoch_key, self.highest_token)
+        token, fresh = await self.backend.next_token(self.epoch_key, self.highest_token,
+                                                     self.timing.ttl_ms)
         # A new or lost epoch means Redis may have lost a live lease: the old leader keeps
         # leading until its own deadline, at most a ttl from now. Hold the key that long.
         quiet_until = self._now() + self.timing.ttl if fresh else 0.0
@@ -424,17 +428,16 @@ end
 return 0
 """
 _NEXT_TOKEN = """
-local fresh = 1 - redis.call('EXISTS', KEYS[1])
 local n = redis.call('INCR', KEYS[1])
 local floor = tonumber(ARGV[1])
-if n <= floor then
-  fresh = 1
+if n == 1 or n <= floor then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 end
 if n <= floor then
   n = floor + 1
   redis.call('SET', KEYS[1], string.format('%d', n))
 end
-return {n, fresh}
+return {n, redis.call('EXISTS', KEYS[2])}
 """
 
 
@@ -598,11 +601,13 @@ class RedisLockBackend:
         value = await self._command("GET", key)
         return None if value is None else str(value)
 
-    def next_token(self, key: str, floor: int) -> defer.Deferred[tuple[int, bool]]:
-        return defer.Deferred.fromCoroutine(self._next_token(key, floor))
+    def next_token(self, key: str, floor: int,
+                   quiet_ms: int) -> defer.Deferred[tuple[int, bool]]:
+        return defer.Deferred.fromCoroutine(self._next_token(key, floor, quiet_ms))
 
-    async def _next_token(self, key: str, floor: int) -> tuple[int, bool]:
-        token, fresh = await self._command("EVAL", _NEXT_TOKEN, 1, key, floor)
+    async def _next_token(self, key: str, floor: int, quiet_ms: int) -> tuple[int, bool]:
+        token, fresh = await self._command("EVAL", _NEXT_TOKEN, 2, key, key + ":quiet",
+                                           floor, quiet_ms)
         return int(token), bool(int(fresh))
 
     def close(self) -> defer.Deferred[None]:

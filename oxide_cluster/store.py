@@ -52,11 +52,14 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
 
-@attrs.frozen
+@attrs.define
 class _TaskPut:
-    """Queued in place of a task write; the newest record is taken when the batch forms."""
+    """A queued task write; a later put of the same task that finds it at the tail of
+    the queue replaces its row instead of queueing a second write."""
 
     task_id: str
+    row: tuple[str, str, str, str]
+    waiters: list[defer.Deferred[None]] = attrs.Factory(list)
 
 
 def _insert_task(connection: sqlite3.Connection, row: tuple[str, str, str, str]) -> None:
@@ -93,8 +96,6 @@ class Store(service.Service):
         self._queue: list[tuple[Operation | _TaskPut, defer.Deferred[Any]]] = []
         self._writing = False
         self._idle: list[defer.Deferred[None]] = []
-        self._pending_tasks: dict[str, tuple[str, str, str, str]] = {}
-        self._pending_done: dict[str, defer.Deferred[Any]] = {}
         self.output_backlog = 0
         self.failed_batches = 0
         self._last_failure_log = float("-inf")
@@ -160,10 +161,8 @@ class Store(service.Service):
         batch = []
         for operation, done in queued:
             if isinstance(operation, _TaskPut):
-                # Taken on the reactor thread: later puts start a new pending entry.
-                row = self._pending_tasks.pop(operation.task_id)
-                self._pending_done.pop(operation.task_id)
-                operation = functools.partial(_insert_task, row=row)
+                # The row is final once the put leaves the queue (on the reactor thread).
+                operation = functools.partial(_insert_task, row=operation.row)
             batch.append((operation, done))
         self._writing = True
         result = self._run(lambda: self._execute(batch))
@@ -230,18 +229,30 @@ class Store(service.Service):
     def put_task(self, task: Task) -> defer.Deferred[None]:
         """Insert or replace a task; the record is snapshotted now, not at commit.
 
-        Puts of one task that wait in the same queue collapse into one write of the
-        newest record (a short task is queued ``running`` and ``succeeded`` at once).
+        Two puts of one task with nothing queued between them collapse into one write of
+        the newer record (a short task is queued ``running`` and ``succeeded`` at once).
+        Only at the tail: moving a task's end ahead of its queued output would let a
+        caller see the task finished before its output is stored.
         """
         row = (task.id, task.node_id, task.state.value, task_to_record(task))
-        waiting = task.id in self._pending_tasks
-        self._pending_tasks[task.id] = row
-        if waiting:
-            return self._pending_done[task.id]
-        done: defer.Deferred[None] = defer.Deferred()
-        self._pending_done[task.id] = done
-        self._submit(_TaskPut(task.id)).chainDeferred(done)
-        return done
+        tail = self._queue[-1][0] if self._queue else None
+        if isinstance(tail, _TaskPut) and tail.task_id == task.id:
+            put = tail
+            put.row = row
+        else:
+            put = _TaskPut(task.id, row)
+            self._submit(put).addBoth(self._release_put, put)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        put.waiters.append(waiter)
+        return waiter
+
+    @staticmethod
+    def _release_put(result: Any, put: _TaskPut) -> None:
+        for waiter in put.waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
 
     def append_output(self, task_id: str, offset: int, stream: str,
                       data: bytes) -> defer.Deferred[None]:

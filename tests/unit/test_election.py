@@ -109,14 +109,16 @@ class FakeBackend:
     def get(self, key: str) -> defer.Deferred[str | None]:
         return self._reply("get", lambda: self.store.read(key))
 
-    def next_token(self, key: str, floor: int) -> defer.Deferred[tuple[int, bool]]:
+    def next_token(self, key: str, floor: int,
+                   quiet_ms: int) -> defer.Deferred[tuple[int, bool]]:
         def op() -> tuple[int, bool]:
             before = self.store.read(key)
             number = int(before or 0) + 1
-            fresh = before is None or number <= floor
+            if before is None or number <= floor:
+                self.store.write(key + ":quiet", "1", quiet_ms)
             number = max(number, floor + 1)
             self.store.write(key, str(number))
-            return number, fresh
+            return number, self.store.read(key + ":quiet") is not None
         return self._reply("next_token", op)
 
     def close(self) -> defer.Deferred[None]:

@@ -140,11 +140,30 @@ async def test_queued_puts_of_one_task_collapse_to_the_newest(tmp_path):
         second = store.put_task(task)  # waits in the queue
         task.state = TaskState.SUCCEEDED
         third = store.put_task(task)  # joins the waiting put
-        assert third is second
+        assert len(store._queue) == 1  # one queued write for both
         await defer.gatherResults([first, second, third])
         assert (await store.get_task("t")).state is TaskState.SUCCEEDED
         task.state = TaskState.FAILED
         await store.put_task(task)
         assert (await store.get_task("t")).state is TaskState.FAILED
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_end_never_overtakes_its_queued_output(tmp_path):
+    store = await opened_store(tmp_path / "s.db")
+    try:
+        task = make_task("t", TaskState.RUNNING)
+        order = []
+        store.put_task(task)  # starts a batch at once
+        store.put_task(task).addCallback(lambda _: order.append("running"))
+        store.append_output("t", 0, "stdout", b"out").addCallback(
+            lambda _: order.append("output"))
+        task.state = TaskState.SUCCEEDED
+        ended = store.put_task(task).addCallback(lambda _: order.append("ended"))
+        await ended
+        assert order == ["running", "output", "ended"]
+        assert (await store.get_task("t")).state is TaskState.SUCCEEDED
     finally:
         await store.stopService()
