@@ -118,7 +118,7 @@ def cluster(network: Callable[[int], harness.Network], tmp_path: Path
 # --------------------------------------------------------------------------- fault report
 
 FAULT_REPORT_COLUMNS = ("scenario", "faults injected", "submitted", "accepted", "finished",
-                        "lost", "refused", "leader changes", "split-brain", "orphans",
+                        "lost", "unknown", "refused", "leader changes", "split-brain", "orphans",
                         "killed w/ agent")
 _fault_rows: list[dict[str, Any]] = []
 
