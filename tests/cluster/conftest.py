@@ -113,3 +113,35 @@ def cluster(network: Callable[[int], harness.Network], tmp_path: Path
             c.wait_meshed()
         return c
     return make
+
+
+# --------------------------------------------------------------------------- fault report
+
+FAULT_REPORT_COLUMNS = ("scenario", "faults injected", "submitted", "accepted", "finished",
+                        "lost", "unknown", "refused", "leader changes", "split-brain", "orphans",
+                        "killed w/ agent")
+_fault_rows: list[dict[str, Any]] = []
+
+
+@pytest.fixture(scope="session")
+def fault_report() -> list[dict[str, Any]]:
+    """Rows (dicts keyed by FAULT_REPORT_COLUMNS) that fault scenarios append; the table
+    is printed at the end of the session."""
+    return _fault_rows
+
+
+def format_fault_report(rows: list[dict[str, Any]]) -> list[str]:
+    table = [list(FAULT_REPORT_COLUMNS)] + [
+        [str(row.get(col, "")) for col in FAULT_REPORT_COLUMNS] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(FAULT_REPORT_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _fault_rows:
+        terminalreporter.write_sep("=", "fault injection report")
+        for line in format_fault_report(_fault_rows):
+            terminalreporter.write_line(line)
