@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 from harness import NodeUnreachable, poll_until
 from oxide import OxideNode
 
+from tests import split_brain
 from tests.integration.test_node import task_processes
 
 TTL = 2.0
@@ -79,60 +79,11 @@ def wait_for_self_leader(nodes: Sequence[OxideNode], newer_than: int,
     return found
 
 
-class SplitBrainChecker:
-    """Samples every node's leader view in its own thread; see the module docstring."""
-
-    def __init__(self, nodes: Sequence[OxideNode]) -> None:
-        self.ids = {n.name: n.node_id for n in nodes}  # read while every node answers
-        # (node_id, token) -> [first received, last sent] of its "I lead" samples
-        self.terms: dict[tuple[str, int], list[float]] = {}
-        self.samples = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample, args=(n,), daemon=True)
-                         for n in nodes]
-
-    def __enter__(self) -> SplitBrainChecker:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(5)
-        self.assert_no_overlap()
-
-    def _sample(self, node: OxideNode) -> None:
-        own = self.ids[node.name]
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            try:
-                view = leader_view(node, timeout=0.5)
-            except (NodeUnreachable, AssertionError):  # killed, stopped or frozen
-                self._stop.wait(0.02)
-                continue
-            received = time.monotonic()
-            with self._lock:
-                self.samples += 1
-                if view["node_id"] == own:
-                    term = self.terms.setdefault((own, view["token"]), [received, sent])
-                    term[0] = min(term[0], received)
-                    term[1] = max(term[1], sent)
-            self._stop.wait(0.01)
-
-    def assert_no_overlap(self) -> None:
-        with self._lock:
-            terms = sorted(self.terms.items(), key=lambda item: item[0][1])
-        print(f"\nsplit-brain checker: {self.samples} samples, terms "
-              f"{[(node[:8], token) for (node, token), _ in terms]}")
-        assert self.samples > 0
-        for i, ((node_a, token_a), (start_a, end_a)) in enumerate(terms):
-            for (node_b, token_b), (start_b, end_b) in terms[i + 1:]:
-                if node_a != node_b:
-                    overlap = min(end_a, end_b) - max(start_a, start_b)
-                    assert overlap <= 0, (f"{node_a}:{token_a} and {node_b}:{token_b} both "
-                                          f"led for {overlap:.3f} s")
+def split_brain_checker(nodes: Sequence[OxideNode]) -> split_brain.SplitBrainChecker:
+    """The shared checker over agents in network namespaces."""
+    return split_brain.SplitBrainChecker(
+        nodes, lambda node: node.node_id, lambda node: leader_view(node, timeout=0.5),
+        unreachable=(NodeUnreachable, AssertionError))
 
 
 def task_of(node: OxideNode, task_id: str) -> dict[str, Any]:
@@ -182,7 +133,7 @@ def orphans() -> Iterator[list[str]]:
 
 def test_exactly_one_leader_seen_alike_by_all_three_hosts(redis_cluster):
     c, redis = redis_cluster(3)
-    with SplitBrainChecker(c.nodes) as checker:
+    with split_brain_checker(c.nodes) as checker:
         leader, token = wait_for_leader(c.nodes)
         # Let the checker watch the steady state for a while (about 20 samples a node).
         poll_until(lambda: checker.samples >= 60, 15, message="checker samples")
@@ -198,7 +149,7 @@ def test_exactly_one_leader_seen_alike_by_all_three_hosts(redis_cluster):
 
 def test_kill_9_of_the_leader_fails_over_within_3_seconds(redis_cluster):
     c, _ = redis_cluster(3)
-    with SplitBrainChecker(c.nodes):
+    with split_brain_checker(c.nodes):
         leader, token = wait_for_leader(c.nodes)
         others = [n for n in c.nodes if n is not leader]
         killed = time.monotonic()
@@ -214,7 +165,7 @@ def test_kill_9_of_the_leader_fails_over_within_3_seconds(redis_cluster):
 
 def test_clean_stop_of_the_leader_hands_over_within_half_a_second(redis_cluster):
     c, _ = redis_cluster(3)
-    with SplitBrainChecker(c.nodes):
+    with split_brain_checker(c.nodes):
         leader, token = wait_for_leader(c.nodes)
         others = [n for n in c.nodes if n is not leader]
         stopped = time.monotonic()
@@ -230,7 +181,7 @@ def test_clean_stop_of_the_leader_hands_over_within_half_a_second(redis_cluster)
 
 def test_frozen_leader_steps_down_and_its_old_token_is_refused(redis_cluster):
     c, _ = redis_cluster(3)
-    with SplitBrainChecker(c.nodes):
+    with split_brain_checker(c.nodes):
         old, token = wait_for_leader(c.nodes)
         others = [n for n in c.nodes if n is not old]
         frozen = time.monotonic()
@@ -274,7 +225,7 @@ def test_frozen_leader_steps_down_and_its_old_token_is_refused(redis_cluster):
 
 def test_redis_restart_never_splits_and_elects_again(redis_cluster):
     c, redis = redis_cluster(3)
-    with SplitBrainChecker(c.nodes):
+    with split_brain_checker(c.nodes):
         _leader, token = wait_for_leader(c.nodes)
         redis.stop()
         restarted = time.monotonic()

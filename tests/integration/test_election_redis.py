@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests import split_brain
 from tests.redis_server import RedisServer
 from tests.support import AgentProcess, http, poll_until
 
@@ -41,60 +41,10 @@ def leader_of(agent: AgentProcess, timeout: float = 2.0) -> dict[str, Any]:
     return reply.json()
 
 
-class SplitBrainChecker:
-    """Samples every agent's leader view in its own thread; see the module docstring."""
-
-    def __init__(self, agents: list[AgentProcess]) -> None:
-        self.agents = agents
-        self.ids = {agent.name: node_id_of(agent) for agent in agents}
-        # (node_id, token) -> [first received, last sent] of "I lead" samples
-        self.terms: dict[tuple[str, int], list[float]] = {}
-        self.samples = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample, args=(agent,), daemon=True)
-                         for agent in agents]
-
-    def __enter__(self) -> SplitBrainChecker:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(5)
-        self.assert_no_overlap()
-
-    def _sample(self, agent: AgentProcess) -> None:
-        own = self.ids[agent.name]
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            try:
-                view = leader_of(agent, timeout=0.5)
-            except Exception:  # stopped, killed or frozen
-                self._stop.wait(0.02)
-                continue
-            received = time.monotonic()
-            with self._lock:
-                self.samples += 1
-                if view["node_id"] == own:
-                    term = self.terms.setdefault((own, view["token"]), [received, sent])
-                    term[0] = min(term[0], received)
-                    term[1] = max(term[1], sent)
-            self._stop.wait(0.01)
-
-    def assert_no_overlap(self) -> None:
-        with self._lock:
-            terms = sorted(self.terms.items(), key=lambda item: item[0][1])
-        print(f"\nsplit-brain checker: {self.samples} samples, terms "
-              f"{[(node, token) for (node, token), _ in terms]}")
-        for i, ((node_a, token_a), (start_a, end_a)) in enumerate(terms):
-            for (node_b, token_b), (start_b, end_b) in terms[i + 1:]:
-                if node_a != node_b:
-                    overlap = min(end_a, end_b) - max(start_a, start_b)
-                    assert overlap <= 0, (f"{node_a}:{token_a} and {node_b}:{token_b} both "
-                                          f"led for {overlap:.3f} s")
+def split_brain_checker(agents: list[AgentProcess]) -> split_brain.SplitBrainChecker:
+    """The shared checker over real agents on loopback."""
+    return split_brain.SplitBrainChecker(
+        agents, node_id_of, lambda agent: leader_of(agent, timeout=0.5))
 
 
 def start_cluster(agent_factory, redis: RedisServer, count: int = 3) -> list[AgentProcess]:
@@ -141,7 +91,7 @@ def wait_for_new_self_leader(agents: list[AgentProcess], token: int,
 
 def test_exactly_one_leader_and_every_node_sees_it(agent_factory, redis):
     agents = start_cluster(agent_factory, redis)
-    with SplitBrainChecker(agents):
+    with split_brain_checker(agents):
         leader, token = wait_for_leader(agents)
         views = [leader_of(agent) for agent in agents]
         assert {(v["node_id"], v["token"]) for v in views} == {(node_id_of(leader), token)}
@@ -153,7 +103,7 @@ def test_exactly_one_leader_and_every_node_sees_it(agent_factory, redis):
 
 def test_kill_9_of_the_leader_fails_over_within_3_seconds(agent_factory, redis):
     agents = start_cluster(agent_factory, redis)
-    with SplitBrainChecker(agents):
+    with split_brain_checker(agents):
         leader, token = wait_for_leader(agents)
         others = [agent for agent in agents if agent is not leader]
         killed = time.monotonic()
@@ -168,7 +118,7 @@ def test_kill_9_of_the_leader_fails_over_within_3_seconds(agent_factory, redis):
 
 def test_clean_stop_of_the_leader_hands_over_within_half_a_second(agent_factory, redis):
     agents = start_cluster(agent_factory, redis)
-    with SplitBrainChecker(agents):
+    with split_brain_checker(agents):
         leader, token = wait_for_leader(agents)
         others = [agent for agent in agents if agent is not leader]
         assert leader.process is not None
@@ -184,7 +134,7 @@ def test_clean_stop_of_the_leader_hands_over_within_half_a_second(agent_factory,
 
 def test_frozen_leader_steps_down_and_never_comes_back_as_leader(agent_factory, redis):
     agents = start_cluster(agent_factory, redis)
-    with SplitBrainChecker(agents):
+    with split_brain_checker(agents):
         leader, token = wait_for_leader(agents)
         others = [agent for agent in agents if agent is not leader]
         frozen = time.monotonic()
@@ -205,7 +155,7 @@ def test_frozen_leader_steps_down_and_never_comes_back_as_leader(agent_factory, 
 
 def test_redis_restart_never_splits_and_elects_again(agent_factory, redis):
     agents = start_cluster(agent_factory, redis)
-    with SplitBrainChecker(agents):
+    with split_brain_checker(agents):
         _leader, token = wait_for_leader(agents)
         redis.restart()  # non-persistent: the lease and the epoch are gone
         _new, new_token = wait_for_leader(agents, newer_than=token, timeout=15.0)
@@ -214,7 +164,7 @@ def test_redis_restart_never_splits_and_elects_again(agent_factory, redis):
 
 def test_redis_down_means_no_leader_then_one_again(agent_factory, redis):
     agents = start_cluster(agent_factory, redis, count=2)
-    with SplitBrainChecker(agents):
+    with split_brain_checker(agents):
         _leader, token = wait_for_leader(agents)
         redis.kill()
         poll_until(lambda: all(leader_of(a)["node_id"] is None for a in agents), 5,
