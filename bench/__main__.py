@@ -41,7 +41,7 @@ import psutil
 
 from bench import celery_bench
 from bench.announcers import Announcers
-from bench.common import SECRET, Client, LocalAgent, print_table, save
+from bench.common import SECRET, Client, LocalAgent, print_table, raw_spawn_rate, save
 from bench.load import closed_loop, open_loop, parse_rfc3339, percentile
 from tests.redis_server import RedisServer
 from tests.support import AgentProcess, poll_until
@@ -125,13 +125,6 @@ class Cluster:
     def non_leader(self) -> AgentProcess:
         leader = self.nodes[0].get("/api/cluster/leader").json()["node_id"]
         return next(n for n in self.nodes if n.get("/health").json()["node_id"] != leader)
-
-
-def raw_spawn_rate(count: int) -> float:
-    started = time.perf_counter()
-    for _ in range(count):
-        subprocess.run(["/bin/true"], check=True)
-    return count / (time.perf_counter() - started)
 
 
 # -- sections -----------------------------------------------------------------------------

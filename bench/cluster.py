@@ -21,7 +21,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attrs
 
-from bench.common import SECRET, Client, print_table, save
+from bench.common import SECRET, http_rate, print_table, save
 from oxide_cluster.membership import Peer, PeerState
 from oxide_cluster.placement import Placement
 from tests.redis_server import RedisServer
@@ -124,48 +123,6 @@ def placement_timing(peers: int, calls: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-def http_rate(port: int, count: int, clients: int) -> tuple[float, int, dict[str, int]]:
-    """(tasks/s, refusals retried, tasks per node id) for ``count`` tasks of /bin/true."""
-    remaining = [count]
-    refused = [0]
-    where: dict[str, int] = {}
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            client = Client(port)
-            while True:
-                with lock:
-                    if remaining[0] <= 0:
-                        return
-                    remaining[0] -= 1
-                while True:
-                    status, body = client.call("POST", "/execute?wait=30",
-                                               {"command": "/bin/true"})
-                    if status in (429, 503):
-                        with lock:
-                            refused[0] += 1
-                        time.sleep(0.005)
-                        continue
-                    assert status == 200 and body["state"] == "succeeded", (status, body)
-                    with lock:
-                        where[body["node_id"]] = where.get(body["node_id"], 0) + 1
-                    break
-        except BaseException as error:  # surfaced after join
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return count / (time.perf_counter() - started), refused[0], where
 
 
 def node_id(agent: AgentProcess) -> str:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,52 @@ def save(name: str, data: Any) -> Path:
     path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def raw_spawn_rate(count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        subprocess.run(["/bin/true"], check=True)
+    return count / (time.perf_counter() - started)
+
+
+def http_rate(port: int, count: int, clients: int) -> tuple[float, int, dict[str, int]]:
+    """(tasks/s, refusals retried, tasks per node id) for ``count`` tasks of /bin/true."""
+    remaining = [count]
+    refused = [0]
+    where: dict[str, int] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            client = Client(port)
+            while True:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                while True:
+                    status, body = client.call("POST", "/execute?wait=30",
+                                               {"command": "/bin/true"})
+                    if status in (429, 503):
+                        with lock:
+                            refused[0] += 1
+                        time.sleep(0.005)
+                        continue
+                    assert status == 200 and body["state"] == "succeeded", (status, body)
+                    with lock:
+                        where[body["node_id"]] = where.get(body["node_id"], 0) + 1
+                    break
+        except BaseException as error:  # surfaced after join
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return count / (time.perf_counter() - started), refused[0], where

@@ -9,49 +9,8 @@ the result, so a task counts once it has run and its final state is committed.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import threading
-import time
 
-from bench.common import Client, LocalAgent, print_table, save
-
-
-def raw_spawn_rate(count: int) -> float:
-    started = time.perf_counter()
-    for _ in range(count):
-        subprocess.run(["/bin/true"], check=True)
-    return count / (time.perf_counter() - started)
-
-
-def http_rate(port: int, count: int, clients: int) -> tuple[float, int]:
-    remaining = [count]
-    lock = threading.Lock()
-    refused = [0]
-
-    def worker() -> None:
-        client = Client(port)
-        while True:
-            with lock:
-                if remaining[0] <= 0:
-                    return
-                remaining[0] -= 1
-            while True:
-                status, body = client.call("POST", "/execute?wait=30",
-                                           {"command": "/bin/true"})
-                if status in (429, 503):
-                    with lock:
-                        refused[0] += 1
-                    continue
-                assert status == 200 and body["state"] == "succeeded", (status, body)
-                break
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return count / (time.perf_counter() - started), refused[0]
+from bench.common import LocalAgent, http_rate, print_table, raw_spawn_rate, save
 
 
 def main() -> None:
@@ -62,7 +21,7 @@ def main() -> None:
     raw = raw_spawn_rate(options.tasks)
     with LocalAgent("--max-tasks", str(options.clients)) as agent:
         http_rate(agent.port, 50, options.clients)  # warm up
-        rate, refused = http_rate(agent.port, options.tasks, options.clients)
+        rate, refused, _ = http_rate(agent.port, options.tasks, options.clients)
     rows = [
         ["raw subprocess.run(/bin/true), 1 thread", f"{raw:.0f}", "1.00"],
         [f"HTTP /execute?wait, {options.clients} clients", f"{rate:.0f}", f"{rate / raw:.2f}"],
