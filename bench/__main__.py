@@ -30,7 +30,6 @@ import contextlib
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -234,14 +233,8 @@ def section_stream(report: Report, opts: argparse.Namespace, home: Path) -> None
         sampler.join()
     finally:
         agent.terminate()
-    started = time.perf_counter()
-    pipe = subprocess.Popen(["sh", "-c", loop], stdout=subprocess.PIPE)
-    assert pipe.stdout is not None
-    piped = 0
-    while chunk := pipe.stdout.read(65536):
-        piped += len(chunk)
-    pipe.wait()
-    pipe_rate = piped / MB / (time.perf_counter() - started)
+    piped, pipe_seconds = stream_latency.pipe_baseline(loop)
+    pipe_rate = piped / MB / pipe_seconds
     ws_rate = received / MB / seconds
     report.row("stream", "line latency p50 (/ws)", f"{percentile(delays, 0.5):.1f} ms")
     report.row("stream", "line latency p99 (/ws)", f"{percentile(delays, 0.99):.1f} ms",

@@ -74,6 +74,18 @@ def latency(node: Node) -> list[float]:
     return delays
 
 
+def pipe_baseline(command: str) -> tuple[int, float]:
+    """The same output read from a plain pipe: (bytes, seconds), the throughput baseline."""
+    started = time.perf_counter()
+    pipe = subprocess.Popen(["sh", "-c", command], stdout=subprocess.PIPE)
+    assert pipe.stdout is not None
+    piped = 0
+    while chunk := pipe.stdout.read(65536):
+        piped += len(chunk)
+    pipe.wait()
+    return piped, time.perf_counter() - started
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -111,14 +123,7 @@ def main() -> None:
             rss_after = psutil.Process(agent.pid).memory_info().rss
         finally:
             agent.terminate()
-        started = time.perf_counter()
-        pipe = subprocess.Popen(["sh", "-c", loop], stdout=subprocess.PIPE)
-        assert pipe.stdout is not None
-        piped = 0
-        while chunk := pipe.stdout.read(65536):
-            piped += len(chunk)
-        pipe.wait()
-        pipe_seconds = time.perf_counter() - started
+        piped, pipe_seconds = pipe_baseline(loop)
     mb = 1024 * 1024
     ws_rate, pipe_rate = received / mb / seconds, piped / mb / pipe_seconds
     rows = [
