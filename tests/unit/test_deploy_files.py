@@ -217,7 +217,8 @@ def test_docker_stack_config_accepts_the_stack_file():
 def test_dockerfile_builds_a_wheel_then_installs_it_in_a_slim_image():
     builder, runtime = dockerfile.parse()
     assert builder.name == "builder"
-    assert any("pip wheel" in run for run in builder.all("RUN"))
+    assert any("pip wheel" in run and "-c requirements.txt" in run
+               for run in builder.all("RUN"))
     assert runtime.base == "python:3.11-slim"
     assert any(copy.startswith("--from=builder ") for copy in runtime.all("COPY"))
     assert any("--no-index" in run for run in runtime.all("RUN"))
@@ -282,3 +283,36 @@ def test_systemd_analyze_verifies_the_unit(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "oxide-cluster.service" not in result.stderr, result.stderr
+
+
+# -- install commands: README, CI and the systemd recipe use the pinned files ------------
+
+def _readme_command(after: str) -> str:
+    text = (REPO_ROOT / "README.rst").read_text()
+    block = text[text.index(after):].split("::\n\n", 1)[1]
+    return block.splitlines()[0].strip()
+
+
+def _normalised(step: str) -> str:
+    """A shell step without the flags and redirections that only make CI quieter."""
+    words = [word for word in step.split() if word not in ("-q", "-qq", ">/dev/null")]
+    return " ".join(words)
+
+
+def test_ci_runs_the_readme_test_command_step_by_step():
+    readme_steps = [_normalised(step) for step in
+                    _readme_command("sets up and runs the whole test suite").split(" && ")]
+    ci_lines = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
+    ci_steps = [_normalised(line) for line in ci_lines
+                if line and not line.startswith(("#", "set ", "cd ", "export "))]
+    assert ci_steps == readme_steps
+    assert "python3 -m venv --clear .venv" in ci_steps
+    assert "pip install -c constraints.txt '.[test]'" in ci_steps
+
+
+def test_node_command_installs_the_runtime_pins_into_a_virtualenv():
+    command = _readme_command("sets up and starts a node")
+    assert "python3 -m venv .venv" in command
+    assert ".venv/bin/pip install -c requirements.txt ." in command
+    assert command.endswith(".venv/bin/twistd -n --pidfile= oxide-cluster")
+    assert "-c requirements.txt" in UNIT.read_text()
