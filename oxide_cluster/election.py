@@ -1,6 +1,6 @@
 """Who leads the cluster: standalone (no Redis, this node leads itself) or a Redis lease.
 
-The Redis elector follows DESIGN.md "Leader election (Redis)": the key
+The Redis elector follows docs/architecture.rst, "Leader election": the key
 ``oxide:{cluster}:leader`` holds ``node_id:token`` and is set with ``SET NX PX ttl``; the
 fencing token comes from ``INCR oxide:{cluster}:epoch`` on every acquisition. The leader
 renews every ttl/3 with a compare-and-pexpire script and releases with compare-and-delete.
@@ -111,7 +111,7 @@ def parse_value(value: str) -> tuple[str, int] | None:
 
 @attrs.frozen
 class ElectionTiming:
-    """Lease timing derived from the ttl (seconds); see DESIGN.md and the README."""
+    """Lease timing derived from the ttl (seconds); see docs/architecture.rst and the README."""
 
     ttl: float = 2.0
 
