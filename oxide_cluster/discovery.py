@@ -60,7 +60,8 @@ def _check_peers(_: Any, attribute: attrs.Attribute[tuple[str, ...]], value: Any
 #   round trip fails with 1 - 0.8**2 = 0.36, and 6 probes before dead_after all fail
 #   with ~2e-3, so the estimate falls to ~5e-7 per node-minute.
 # - Cost: one ~600-byte datagram per node per 0.25 s, i.e. a 10-node LAN moves ~24 KB/s
-#   per receiver; broadcast stays fine to a few hundred nodes (see docs/architecture.rst, "Discovery protocol").
+#   per receiver; broadcast stays fine to a few hundred nodes (docs/architecture.rst,
+#   "Discovery protocol").
 # - replay_window 5 s tolerates modest clock skew between hosts (ts is wall time).
 # - prune_after 300 s keeps dead peers visible to operators and the leader for a while.
 def _as_tuple(values: Iterable[str]) -> tuple[str, ...]:
