@@ -128,7 +128,7 @@ def test_key_is_derived_not_the_raw_secret() -> None:
         (b'{"v":1e999}', "not_json"),
         (b'{"v":1,"v":1}', "not_json"),
         (b"{}", "bad_version"),
-        (b'{"v":2}', "bad_version"),
+        (b'{"v":3}', "bad_version"),
         (b'{"v":true}', "bad_version"),
         (b'{"v":1}', "bad_field"),
         (b" " * 1201, "oversized"),
