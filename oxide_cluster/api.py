@@ -548,22 +548,31 @@ class TaskApi:
 
     async def _gather_peer_tasks(self, request: Request, tasks: list[dict[str, Any]]
                                  ) -> list[str]:
-        """``?scope=cluster``: the same page from every healthy peer, merged by id (time)."""
+        """``?scope=cluster``: the same page from every node we can ask, merged by id (time).
+
+        Asked: healthy peers and nodes known only by gossip. Every other known node (silent,
+        dead, departed) and every node that did not answer is listed as unreachable: its
+        tasks are missing from the page.
+        """
         assert self.peers is not None
         query = {key: values[-1] for key, values in request.args.items() if key != b"scope"}
         path = b"/tasks?" + urlencode(query).encode()
-        peers = [peer.node_id for peer in self.node.discovery.membership.healthy()]
+        membership = self.node.discovery.membership
+        peers = [peer.node_id for peer in membership.healthy()]
+        peers += [rumour.node_id for rumour in membership.rumours()
+                  if rumour.node_id not in peers]
+        silent = [peer.node_id for peer in membership.peers() if peer.node_id not in peers]
         replies = await defer.DeferredList(
             [defer.Deferred.fromCoroutine(self.peers.request(node_id, b"GET", path,
                                                              timeout=10))
              for node_id in peers], consumeErrors=True)
-        unreachable = []
+        unreachable = silent
         for node_id, (ok, reply) in zip(peers, replies, strict=True):
             if ok and reply.status == 200:
                 tasks.extend(json.loads(reply.body)["tasks"])
             else:
                 unreachable.append(node_id)
-        return unreachable
+        return sorted(unreachable)
 
     @app.route("/task/<task_id>", methods=["GET"])
     async def task(self, request: Request, task_id: str) -> bytes:

@@ -1,7 +1,15 @@
 """UDP discovery: announce this node, learn peers, feed the membership table.
 
 ``DiscoveryProtocol`` only parses (through ``wire``) and hands over; ``DiscoveryService``
-owns the socket, the targets (broadcast addresses and static/DNS peers) and the timers.
+owns the socket, the targets (broadcast addresses, static/DNS peers and dynamic peers)
+and the timers.
+
+Gossip: every unicast announce (to a static or dynamic peer, and every answer to a
+``query``) carries up to ``wire.MAX_MEMBERS`` of the peers this node hears, rotating
+through them, as many as fit one datagram. A node named there that we do not hear
+becomes a dynamic peer (a unicast target) at once; so does a node that announces to us
+by unicast, so that it hears us directly too. Broadcast announces carry no members: the
+segment hears everyone anyway, and they stay readable by version-1 nodes.
 """
 
 from __future__ import annotations
@@ -130,6 +138,27 @@ def broadcast_addresses(interfaces: tuple[str, ...] = ()) -> list[str]:
     return sorted(set(found + literal))
 
 
+def broadcast_networks(interfaces: tuple[str, ...] = ()) -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks our broadcasts reach (same interfaces as ``broadcast_addresses``).
+
+    Literal broadcast addresses carry no netmask and are left out: a peer behind one is
+    then also announced to by unicast, which costs traffic but never reachability.
+    """
+    names = [name for name in interfaces if not _is_ipv4(name)]
+    if interfaces and not names:
+        return []
+    found: set[ipaddress.IPv4Network] = set()
+    for name, addresses in psutil.net_if_addrs().items():
+        if names and name not in names:
+            continue
+        for address in addresses:
+            if (address.family == socket.AF_INET and address.broadcast and address.netmask
+                    and not address.address.startswith("127.")):
+                found.add(ipaddress.IPv4Network(f"{address.address}/{address.netmask}",
+                                                strict=False))
+    return sorted(found)
+
+
 def _getaddrinfo_v4(host: str) -> list[str]:
     infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
     return sorted({str(info[4][0]) for info in infos})
@@ -142,6 +171,7 @@ def new_counters() -> Counters:
         "sent": dict.fromkeys(wire.TYPES, 0),
         "dropped": dict.fromkeys(wire.REASONS, 0),
         "ignored": {"own": 0},
+        "gossip": {"learned": 0, "dropped": 0},
         "errors": {"send": 0, "encode": 0, "handler": 0},
     }
 
@@ -260,6 +290,8 @@ class DiscoveryService(service.MultiService):
             suspect_after=settings.suspect_after,
             dead_after=settings.dead_after,
             prune_after=settings.prune_after,
+            # Long enough for a member to come round again in a big peer's rotation.
+            rumour_ttl=max(10.0, 4 * settings.dead_after),
             wall=self.wall,
         )
         self.counters = new_counters()
@@ -270,8 +302,12 @@ class DiscoveryService(service.MultiService):
         self._listening: Any = None
         self._limit = _RateLimit(reactor)
         self._broadcast_targets: list[Address] = []
+        self._broadcast_networks: list[ipaddress.IPv4Network] = []
         self._static_targets: dict[str, list[Address]] = {}
         self._resolving: set[str] = set()
+        #: Node ids learned by gossip or heard by unicast: we announce to them by unicast.
+        self._dynamic: set[str] = set()
+        self._gossip_cursor = 0
         self._pending: list[Any] = []  # IDelayedCall
         self._saving: defer.Deferred[None] | None = None
         self._loading: defer.Deferred[None] | None = None
@@ -344,11 +380,38 @@ class DiscoveryService(service.MultiService):
     # -- targets ------------------------------------------------------------------------
 
     def targets(self) -> list[Address]:
-        """Every address an announce goes to: broadcasts, then resolved static peers."""
+        """Every address an announce goes to: broadcasts, static peers, dynamic peers."""
         seen: dict[Address, None] = dict.fromkeys(self._broadcast_targets)
+        seen.update(dict.fromkeys(self.unicast_targets()))
+        return list(seen)
+
+    def unicast_targets(self) -> list[Address]:
+        """Resolved static peers, then dynamic ones: the addresses that get gossip."""
+        seen: dict[Address, None] = {}
         for addresses in self._static_targets.values():
             seen.update(dict.fromkeys(addresses))
+        for rumour in self.membership.rumours():
+            seen[(rumour.ip_address, rumour.discovery_port)] = None
+        for node_id in list(self._dynamic):
+            peer = self.membership.get(node_id)
+            if peer is None:
+                self._dynamic.discard(node_id)  # pruned: forget it here too
+            elif peer.state in (PeerState.ALIVE, PeerState.SUSPECT) \
+                    and not self._broadcast_reaches((peer.ip_address, peer.discovery_port)):
+                seen[(peer.ip_address, peer.discovery_port)] = None
+        for address in self._broadcast_targets:
+            seen.pop(address, None)
         return list(seen)
+
+    def _broadcast_reaches(self, address: Address) -> bool:
+        """Our broadcasts reach ``address``: unicast to it as well would only double traffic."""
+        if not self._broadcast_targets or address[1] != (self.settings.port or self.port):
+            return False
+        try:
+            ip = ipaddress.IPv4Address(address[0])
+        except ValueError:
+            return False
+        return any(ip in network for network in self._broadcast_networks)
 
     def _refresh_targets(self) -> None:
         if self.settings.broadcast:
@@ -356,6 +419,7 @@ class DiscoveryService(service.MultiService):
                 (address, self.settings.port or self.port or 0)
                 for address in broadcast_addresses(self.settings.interfaces)
             ]
+            self._broadcast_networks = broadcast_networks(self.settings.interfaces)
         for spec in self.settings.peers:
             host, port = parse_peer(spec, self.settings.port)
             if _is_ipv4(host):
@@ -418,13 +482,45 @@ class DiscoveryService(service.MultiService):
             self._send(type_, body, address)
 
     def _announce_to(self, addresses: list[Address]) -> None:
+        """Unicast announces, each with its share of gossip (answers, new targets)."""
         body = self.local_node()  # called every time so the stats are fresh
+        members = self.membership.gossip()
+        sent = 0
         for address in addresses:
-            self._send(wire.ANNOUNCE, body, address)
+            sent = self._send_announce(body, members, address)
+        if members:
+            self._gossip_cursor = (self._gossip_cursor + max(1, sent)) % len(members)
+
+    def _send_announce(self, body: dict[str, Any], members: list[wire.Member],
+                       address: Address) -> int:
+        """Send ``body`` plus as many members as fit, starting at the rotation cursor."""
+        others = [m for m in members if (m.ip, m.discovery_port) != address]
+        if others:
+            start = self._gossip_cursor % len(others)
+            others = (others[start:] + others[:start])[:wire.MAX_MEMBERS]
+        while True:
+            gossip = {**body, "members": [member.to_json() for member in others]}
+            if not others or self._fits(gossip):
+                self._send(wire.ANNOUNCE, gossip, address)
+                return len(others)
+            others = others[: len(others) // 2]
+
+    def _fits(self, body: dict[str, Any]) -> bool:
+        assert self.node_id is not None
+        try:
+            wire.encode(self.codec.key, wire.ANNOUNCE, self.node_id, body,
+                        ts=self.wall(), nonce="0" * 16)
+        except WireError as e:
+            return e.reason != "oversized"
+        return True
 
     def _announce(self) -> None:
-        if self.bound:
-            self._announce_to(self.targets())
+        if not self.bound:
+            return
+        body = self.local_node()
+        for address in self._broadcast_targets:
+            self._send(wire.ANNOUNCE, body, address)
+        self._announce_to(self.unicast_targets())
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -435,11 +531,32 @@ class DiscoveryService(service.MultiService):
         self.counters["received"][message.type] += 1
         if message.type == wire.ANNOUNCE:
             self.membership.announce_received(message.node_id, message.body, address)
+            if message.version >= 2:
+                self._gossip_received(message, address)
         elif message.type == wire.QUERY:
             self.membership.heard(message.node_id, address)
             self._announce_to([address])
         elif message.type == wire.LEAVE:
             self.membership.leave_received(message.node_id)
+
+    def _gossip_received(self, message: Message, address: Address) -> None:
+        # A unicast announce: the sender reaches us without broadcast, so answer in kind.
+        self._dynamic.add(message.node_id)
+        assert self.node_id is not None
+        new, refused = self.membership.gossip_received(
+            message.node_id, message.members, address, self.node_id)
+        self.counters["gossip"]["dropped"] += message.dropped_members + refused
+        self.counters["gossip"]["learned"] += len(new)
+        if message.dropped_members + refused \
+                and self._limit.allow("gossip:" + message.node_id) is not None:
+            log.warn("dropped {count} bad gossip entries from {node_id}",
+                         count=message.dropped_members + refused, node_id=message.node_id)
+        for rumour in new:
+            self._dynamic.add(rumour.node_id)
+            target = (rumour.ip_address, rumour.discovery_port)
+            # Ask and tell at once: the new node answers by unicast and learns of us.
+            self._send(wire.QUERY, {}, target)
+            self._announce_to([target])
 
     # -- timers -------------------------------------------------------------------------
 
@@ -476,6 +593,7 @@ __all__ = [
     "DiscoveryService",
     "DiscoverySettings",
     "broadcast_addresses",
+    "broadcast_networks",
     "new_counters",
     "parse_peer",
 ]

@@ -48,18 +48,28 @@ class PeerClient:
         self._pool.maxPersistentPerHost = 8
 
     def address_of(self, node_id: str) -> str | None:
-        """``http://ip:port`` of a healthy peer, or None."""
+        """``http://ip:port`` of a healthy peer, else of a node peers gossip about, or None.
+
+        A node only gossiped about (not heard by us yet, or no longer) is still worth one
+        request: a peer hears it now, and a 404 for a task it owns would be wrong.
+        """
         if self._discovery is None:
             return None
-        peer = self._discovery.membership.get(node_id)
-        if peer is None or not peer.healthy or not peer.ip_address or not peer.api_port:
-            return None
-        return f"http://{peer.ip_address}:{peer.api_port}"
+        membership = self._discovery.membership
+        peer = membership.get(node_id)
+        if peer is not None and peer.healthy and peer.ip_address and peer.api_port:
+            return f"http://{peer.ip_address}:{peer.api_port}"
+        rumour = membership.rumour(node_id)
+        if rumour is not None:
+            return f"http://{rumour.ip_address}:{rumour.api_port}"
+        return None
 
     def knows(self, node_id: str) -> bool:
-        """Heard of this node (healthy or not): task ids naming it can be routed."""
-        return self._discovery is not None and \
-            self._discovery.membership.get(node_id) is not None
+        """Heard of this node (healthy or not, or by gossip): task ids naming it route."""
+        if self._discovery is None:
+            return False
+        membership = self._discovery.membership
+        return membership.get(node_id) is not None or membership.rumour(node_id) is not None
 
     async def request(self, node_id: str, method: bytes, path: bytes, body: bytes | None = None,
                       headers: dict[bytes, bytes] | None = None,

@@ -3,13 +3,18 @@
 Liveness is judged on the injected clock only. A peer is never declared dead on one missed
 datagram: it turns ``suspect`` after ``suspect_after`` seconds of silence, ``dead`` after
 ``dead_after`` and is forgotten after ``prune_after``. Peers reloaded from disk are
-``stale`` until heard. A gossip (SWIM-style) transport would feed the same calls.
+``stale`` until heard.
+
+Gossip: peers pass on the members they hear themselves. What a node learns that way is a
+``Rumour`` (an address to contact), never a ``Peer``: only a node's own datagrams make it
+a peer or keep it alive, so a gossiped entry cannot keep a dead node alive. A rumour
+expires ``rumour_ttl`` seconds after it was last repeated.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -18,7 +23,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from oxide_cluster.model import rfc3339
-from oxide_cluster.wire import SecondsClock
+from oxide_cluster.wire import Member, SecondsClock
 
 log = Logger()
 
@@ -65,6 +70,22 @@ class Peer:
     @property
     def healthy(self) -> bool:
         return self.state is PeerState.ALIVE
+
+
+@attrs.define
+class Rumour:
+    """A node some peer hears and we have not heard ourselves yet: where to reach it."""
+
+    node_id: str
+    ip_address: str
+    api_port: int
+    discovery_port: int
+    via: str
+    heard_at: float
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.")
 
 
 def _parse_rfc3339(text: Any) -> float | None:
@@ -138,16 +159,21 @@ class Membership:
         suspect_after: float = 1.0,
         dead_after: float = 2.5,
         prune_after: float = 300.0,
+        rumour_ttl: float = 10.0,
         wall: Callable[[], float] | None = None,
     ) -> None:
         if not 0 < suspect_after < dead_after <= prune_after:
             raise ValueError("need 0 < suspect_after < dead_after <= prune_after")
+        if not rumour_ttl > 0:
+            raise ValueError("rumour_ttl must be positive")
         self.clock = clock
         self.wall = clock.seconds if wall is None else wall
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.prune_after = prune_after
+        self.rumour_ttl = rumour_ttl
         self._peers: dict[str, Peer] = {}
+        self._rumours: dict[str, Rumour] = {}
         self._listeners: list[Listener] = []
         #: Set when something worth persisting changed; cleared by ``records()``.
         self.dirty = False
@@ -162,6 +188,21 @@ class Membership:
 
     def healthy(self) -> list[Peer]:
         return [peer for peer in self._peers.values() if peer.healthy]
+
+    def rumours(self) -> list[Rumour]:
+        """Gossiped nodes not (or no longer) heard directly, still being repeated."""
+        return list(self._rumours.values())
+
+    def rumour(self, node_id: str) -> Rumour | None:
+        return self._rumours.get(node_id)
+
+    def gossip(self) -> list[Member]:
+        """What we pass on: the peers we hear ourselves, alive, with a usable address."""
+        return [
+            Member(peer.node_id, peer.ip_address, peer.api_port, peer.discovery_port)
+            for peer in sorted(self._peers.values(), key=lambda p: p.node_id)
+            if peer.healthy and peer.api_port > 0 and peer.discovery_port > 0
+        ]
 
     def __iter__(self) -> Iterator[Peer]:
         return iter(self.peers())
@@ -227,6 +268,7 @@ class Membership:
         peer.started_at = body["started_at"]
         peer.stats = dict(body["stats"])
         peer.leader = body["leader"]
+        self._rumours.pop(node_id, None)  # heard directly: the rumour has done its job
         self._touch(peer)
         if event is not None:
             self._emit(event, peer)
@@ -259,6 +301,43 @@ class Membership:
         peer.last_seen_wall = self.wall()
         self._emit("left", peer)
 
+    def gossip_received(
+        self, sender: str, members: Iterable[Member], address: tuple[str, int], self_id: str
+    ) -> tuple[list[Rumour], int]:
+        """``sender`` (at ``address``) hears ``members``: note the ones we do not hear.
+
+        Returns the rumours that are new and how many entries were refused: a loopback
+        address from a sender that is not on loopback would point at ourselves. Peers we
+        hear (alive or suspect) are left alone; a stale, dead or departed one becomes a
+        rumour too, so the transport contacts it, but its state changes only when it
+        speaks for itself.
+        """
+        now = self.clock.seconds()
+        new: list[Rumour] = []
+        refused = 0
+        for member in members:
+            if member.node_id in (self_id, sender):
+                continue
+            if _is_loopback(member.ip) and not _is_loopback(address[0]):
+                refused += 1
+                continue
+            peer = self._peers.get(member.node_id)
+            if peer is not None and peer.state in (PeerState.ALIVE, PeerState.SUSPECT):
+                continue
+            rumour = self._rumours.get(member.node_id)
+            if rumour is None:
+                rumour = Rumour(member.node_id, member.ip, member.api_port,
+                                member.discovery_port, sender, now)
+                self._rumours[member.node_id] = rumour
+                new.append(rumour)
+                log.info("peer {node_id} at {ip} learned from {via}",
+                         node_id=member.node_id, ip=member.ip, via=sender)
+            else:
+                rumour.ip_address, rumour.api_port = member.ip, member.api_port
+                rumour.discovery_port, rumour.via = member.discovery_port, sender
+                rumour.heard_at = now
+        return new, refused
+
     def _touch(self, peer: Peer) -> None:
         peer.state = PeerState.ALIVE
         peer.last_heard = self.clock.seconds()
@@ -269,6 +348,9 @@ class Membership:
     def check(self) -> None:
         """Apply the silence thresholds; call it at least every ``suspect_after / 2``."""
         now = self.clock.seconds()
+        for rumour in list(self._rumours.values()):
+            if now - rumour.heard_at >= self.rumour_ttl:
+                del self._rumours[rumour.node_id]
         for peer in list(self._peers.values()):
             silence = now - peer.last_heard
             if peer.state in (PeerState.ALIVE, PeerState.SUSPECT) and silence >= self.dead_after:

@@ -146,7 +146,8 @@ SCHEMAS: dict[str, Any] = {
             "tasks": {"type": "array", "items": _ref("Task")},
             "next_cursor": _STRING_OR_NULL,
             "unreachable": {"type": "array", "items": {"type": "string"},
-                            "description": "with scope=cluster: peers that did not answer"},
+                            "description": "with scope=cluster: known nodes whose tasks are "
+                                           "missing (not healthy, or did not answer)"},
         },
     },
     "OutputChunks": {

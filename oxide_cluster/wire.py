@@ -1,4 +1,4 @@
-"""The one encoder/decoder of discovery datagrams (contract, version 1).
+"""The one encoder/decoder of discovery datagrams (contract, versions 1 and 2).
 
 A datagram is canonical JSON::
 
@@ -16,6 +16,14 @@ an RFC 3339 string); ``stats.load`` is the 1/5/15-minute load average list or on
 
 Both sides go through this module: ``encode`` validates what it produces with the same
 rules ``decode`` applies, so a node cannot emit a datagram its peers would reject.
+
+Version 2 adds one thing: an ``announce`` may carry ``members``, the peers the sender hears
+itself (gossip), as at most ``MAX_MEMBERS`` objects ``{"node_id","ip","api_port",
+"discovery_port"}``. Every other field is unchanged. ``encode`` writes ``v`` 2 only for an
+announce that carries ``members`` (unicast announces), so broadcasts, queries and leaves
+stay version 1 and a version-1 node still understands them; ``decode`` accepts both. A
+malformed ``members`` list (not a list, too long) refuses the datagram; a malformed entry
+is dropped and counted in ``Message.dropped_members``, and the rest of the announce is kept.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import json
 import math
 import secrets
@@ -32,7 +41,11 @@ from typing import Any, Final, Protocol
 
 import attrs
 
-VERSION: Final = 1
+VERSION: Final = 2
+#: Versions ``decode`` accepts; 1 is every field of 2 but ``members``.
+VERSIONS: Final = (1, 2)
+#: Upper bound on gossiped members per datagram (``MAX_DATAGRAM`` usually binds first).
+MAX_MEMBERS: Final = 16
 MAX_DATAGRAM: Final = 1200
 KEY_CONTEXT: Final = b"oxide-cluster/discovery/v1"
 
@@ -70,6 +83,8 @@ _ANNOUNCE_KEYS = frozenset(
         "leader",
     }
 )
+_ANNOUNCE_V2_KEYS = _ANNOUNCE_KEYS | {"members"}
+_MEMBER_KEYS = frozenset({"node_id", "ip", "api_port", "discovery_port"})
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -91,14 +106,32 @@ class WireError(Exception):
 
 
 @attrs.frozen
+class Member:
+    """One gossiped peer: who it is and where its API and discovery socket are."""
+
+    node_id: str
+    ip: str
+    api_port: int
+    discovery_port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "ip": self.ip, "api_port": self.api_port,
+                "discovery_port": self.discovery_port}
+
+
+@attrs.frozen
 class Message:
-    """A decoded, authenticated datagram."""
+    """A decoded, authenticated datagram; ``body`` never holds ``members``."""
 
     type: str
     node_id: str
     ts: float
     nonce: str
     body: dict[str, Any]
+    version: int = 1
+    members: tuple[Member, ...] = ()
+    #: Gossip entries that failed validation and were left out of ``members``.
+    dropped_members: int = 0
 
 
 def derive_key(secret: str | bytes) -> bytes:
@@ -166,8 +199,33 @@ def _check_timestamp(value: Any, name: str) -> None:
         raise _bad(f"{name} must carry a UTC offset")
 
 
-def _check_announce(node_id: str, body: dict[str, Any]) -> None:
-    _check_keys(body, "body", _ANNOUNCE_KEYS)
+def parse_member(entry: Any) -> Member:
+    """One gossip entry, validated field by field; raises ``WireError`` (bad_field)."""
+    _check_keys(entry, "members[]", _MEMBER_KEYS)
+    node_id = _check_str(entry["node_id"], "members[].node_id", 128, 1)
+    ip = _check_str(entry["ip"], "members[].ip", 15, 7)
+    try:
+        address = ipaddress.IPv4Address(ip)
+    except ValueError:
+        raise _bad("members[].ip must be a dotted IPv4 address") from None
+    if address.is_unspecified or address.is_multicast or str(address) != ip \
+            or address == ipaddress.IPv4Address("255.255.255.255"):
+        raise _bad("members[].ip must be a unicast IPv4 address")
+    api_port = _check_int(entry["api_port"], "members[].api_port", 1, 65535)
+    discovery_port = _check_int(entry["discovery_port"], "members[].discovery_port", 1, 65535)
+    return Member(node_id, ip, api_port, discovery_port)
+
+
+def _check_members(value: Any) -> list[Any]:
+    if not isinstance(value, list) or len(value) > MAX_MEMBERS:
+        raise _bad(f"members must be a list of at most {MAX_MEMBERS} entries")
+    return value
+
+
+def _check_announce(node_id: str, body: dict[str, Any], version: int) -> None:
+    _check_keys(body, "body", _ANNOUNCE_V2_KEYS if version >= 2 else _ANNOUNCE_KEYS)
+    if version >= 2:
+        _check_members(body["members"])
     if body["node_id"] != node_id:
         raise _bad("body.node_id differs from node_id")
     _check_str(body["hostname"], "hostname", 253)
@@ -213,7 +271,8 @@ def _check_announce(node_id: str, body: dict[str, Any]) -> None:
             _check_timestamp(since, "leader.since")
 
 
-def _check_envelope(type_: Any, node_id: Any, ts: Any, nonce: Any, body: Any) -> None:
+def _check_envelope(type_: Any, node_id: Any, ts: Any, nonce: Any, body: Any,
+                    version: int) -> None:
     if type_ not in TYPES:
         raise WireError("unknown_type", f"type {str(type_)[:32]!r}")
     _check_str(node_id, "node_id", 128, 1)
@@ -224,7 +283,7 @@ def _check_envelope(type_: Any, node_id: Any, ts: Any, nonce: Any, body: Any) ->
     if not isinstance(body, dict):
         raise _bad("body must be an object")
     if type_ == ANNOUNCE:
-        _check_announce(node_id, body)
+        _check_announce(node_id, body, version)
     elif type_ == LEAVE:
         if body and body.keys() != {"reason"}:
             raise _bad("leave body may only carry 'reason'")
@@ -293,11 +352,18 @@ def encode(
     ts: float,
     nonce: str | None = None,
 ) -> bytes:
-    """Build a signed datagram; raise ``WireError`` if peers would refuse it."""
+    """Build a signed datagram; raise ``WireError`` if peers would refuse it.
+
+    Version 2 only when the body carries ``members``, whose every entry must be valid.
+    """
     nonce = secrets.token_hex(8) if nonce is None else nonce
-    _check_envelope(type_, node_id, ts, nonce, body)
+    version = VERSION if type_ == ANNOUNCE and "members" in body else 1
+    _check_envelope(type_, node_id, ts, nonce, body, version)
+    if version >= 2:
+        for entry in body["members"]:
+            parse_member(entry)
     envelope: dict[str, Any] = {
-        "v": VERSION,
+        "v": version,
         "type": type_,
         "node_id": node_id,
         "ts": ts,
@@ -350,7 +416,7 @@ def decode(key: bytes, data: bytes, guard: ReplayGuard | None = None) -> Message
     if not isinstance(obj, dict):
         raise WireError("not_json", "datagram is not a JSON object")
     version = obj.get("v")
-    if type(version) is not int or version != VERSION:
+    if type(version) is not int or version not in VERSIONS:
         raise WireError("bad_version", f"v={str(version)[:16]!r}")
     if obj.keys() != _ENVELOPE_KEYS:
         raise _bad(f"envelope keys {sorted(obj.keys())[:10]}")
@@ -359,12 +425,24 @@ def decode(key: bytes, data: bytes, guard: ReplayGuard | None = None) -> Message
         raise _bad("mac must be 64 lowercase hex characters")
     if not hmac.compare_digest(_mac(key, obj), mac):
         raise WireError("bad_mac", "MAC does not match")
-    _check_envelope(obj["type"], obj["node_id"], obj["ts"], obj["nonce"], obj["body"])
+    _check_envelope(obj["type"], obj["node_id"], obj["ts"], obj["nonce"], obj["body"],
+                    version)
     ts = float(obj["ts"])
     if guard is not None:
         guard.check(ts, obj["nonce"])
+    body = obj["body"]
+    members: list[Member] = []
+    dropped = 0
+    if "members" in body and obj["type"] == ANNOUNCE:
+        body = {k: v for k, v in body.items() if k != "members"}
+        for entry in obj["body"]["members"]:
+            try:
+                members.append(parse_member(entry))
+            except WireError:
+                dropped += 1
     return Message(
-        type=obj["type"], node_id=obj["node_id"], ts=ts, nonce=obj["nonce"], body=obj["body"]
+        type=obj["type"], node_id=obj["node_id"], ts=ts, nonce=obj["nonce"], body=body,
+        version=version, members=tuple(members), dropped_members=dropped,
     )
 
 

@@ -458,3 +458,96 @@ def test_late_store_answer_after_stop_sends_nothing(clock: Clock) -> None:
     pending.callback([{"node_id": "old", "ip_address": "10.0.0.5", "discovery_port": 4001}])
     assert a.counters["errors"]["send"] == 0
     assert not any(addr == ("10.0.0.5", 4001) for _, addr in port.written)
+
+
+# -- gossip -----------------------------------------------------------------------------
+
+
+def test_a_chain_of_static_peers_converges_to_full_membership(clock: Clock) -> None:
+    net = FakeNetwork(clock)
+    hub = "10.0.0.1:4001"
+    a = make_service(net, "10.0.0.1", "a", broadcast=False)
+    b = make_service(net, "10.0.0.2", "b", broadcast=False, peers=(hub,))
+    c = make_service(net, "10.0.0.3", "c", broadcast=False, peers=("10.0.0.2:4001",))
+    for service in (a, b, c):
+        service.startService()
+    run(clock, 1.0)  # four announce intervals
+    for service, others in ((a, ["b", "c"]), (b, ["a", "c"]), (c, ["a", "b"])):
+        assert sorted(p.node_id for p in service.membership.healthy()) == others
+        assert service.membership.rumours() == []
+    assert a.counters["gossip"]["learned"] == 1 and c.counters["gossip"]["learned"] == 1
+    # Stays converged: nobody flaps to suspect for lack of datagrams.
+    events: list[str] = []
+    for service in (a, b, c):
+        service.membership.subscribe(lambda e: events.append(e["event"]))
+    run(clock, 5.0, step=0.01)
+    assert events == []
+
+
+def test_a_crashed_node_is_not_kept_alive_by_gossip(clock: Clock) -> None:
+    net = FakeNetwork(clock)
+    a = make_service(net, "10.0.0.1", "a", broadcast=False)
+    b = make_service(net, "10.0.0.2", "b", broadcast=False, peers=("10.0.0.1:4001",))
+    c = make_service(net, "10.0.0.3", "c", broadcast=False, peers=("10.0.0.1:4001",))
+    for service in (a, b, c):
+        service.startService()
+    run(clock, 1.0)
+    assert b.membership.get("c") is not None
+    crashed = net.ports.pop(("10.0.0.3", 4001))  # no leave: a crash
+    crashed.open = False
+    run(clock, 3.0, step=0.01)
+    for service in (a, b):
+        peer = service.membership.get("c")
+        assert peer is not None and peer.state is PeerState.DEAD
+    run(clock, b.membership.rumour_ttl, step=0.05)
+    assert b.membership.rumours() == []
+    assert ("10.0.0.3", 4001) not in b.unicast_targets()
+
+
+def test_gossip_is_bounded_per_datagram_and_rotates_through_every_peer(clock: Clock) -> None:
+    net = FakeNetwork(clock)
+    a = make_service(net, "10.0.0.1", "a", broadcast=False)
+    a.startService()
+    run(clock, 0.01)
+    ids = {f"{i:03d}-" + "x" * 100 for i in range(30)}
+    for i, node_id in enumerate(sorted(ids)):
+        a.membership.announce_received(node_id, node_body(node_id), (f"10.0.1.{i}", 4001))
+    port = net.ports[("10.0.0.1", 4001)]
+    before = len(port.written)
+    for _ in range(15):
+        a._announce_to([("10.0.0.99", 4001)])
+    seen: set[str] = set()
+    for data, _ in port.written[before:]:
+        assert len(data) <= wire.MAX_DATAGRAM  # FakePort checks it too
+        members = json.loads(data)["body"]["members"]
+        assert 0 < len(members) <= wire.MAX_MEMBERS
+        seen.update(m["node_id"] for m in members)
+    assert seen == ids
+    assert a.counters["errors"]["encode"] == 0
+
+
+def test_bad_gossip_entries_are_dropped_and_counted(clock: Clock) -> None:
+    net = FakeNetwork(clock)
+    a = make_service(net, "10.0.0.1", "a", broadcast=False)
+    a.startService()
+    run(clock, 0.01)
+    port = net.ports[("10.0.0.1", 4001)]
+    good = {"node_id": "c", "ip": "10.0.0.3", "api_port": 4010, "discovery_port": 4011}
+    members = [good, {**good, "node_id": "d", "api_port": "x"},
+               {**good, "node_id": "e", "ip": "127.0.0.1"}, {"junk": True}]
+    codec = wire.Codec.from_secret(SECRET, clock)
+    data = codec.encode(wire.ANNOUNCE, "z", {**node_body("z"), "members": [good]})
+    obj = json.loads(data)
+    obj["body"]["members"] = members
+    obj.pop("mac")
+    obj["mac"] = wire._mac(codec.key, obj)
+    before = len(port.written)
+    port.protocol.datagramReceived(wire.canonical(obj), ("10.0.0.9", 4001))
+    assert a.counters["gossip"] == {"learned": 1, "dropped": 3}
+    assert a.counters["errors"]["handler"] == 0
+    peer = a.membership.get("z")
+    assert peer is not None and peer.healthy and a.membership.get("c") is None
+    assert a.membership.rumour("c") is not None
+    sent = [(json.loads(d)["type"], addr) for d, addr in port.written[before:]]
+    assert ("query", ("10.0.0.3", 4011)) in sent and ("announce", ("10.0.0.3", 4011)) in sent
+    assert ("10.0.0.9", 4001) in a.unicast_targets()  # it reached us by unicast: answer so

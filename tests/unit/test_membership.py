@@ -197,3 +197,82 @@ def test_failing_listener_does_not_stop_the_others() -> None:
 def test_thresholds_are_validated() -> None:
     with pytest.raises(ValueError):
         Membership(Clock(), suspect_after=3.0, dead_after=2.0)
+
+
+# -- gossip -----------------------------------------------------------------------------
+
+
+def member(node_id: str, ip: str = "10.0.0.3", api: int = 4010, disc: int = 4011) -> Any:
+    from oxide_cluster.wire import Member
+
+    return Member(node_id, ip, api, disc)
+
+
+def test_gossip_about_an_unknown_node_is_a_rumour_not_a_peer() -> None:
+    clock, members, events = make()
+    new, refused = members.gossip_received("node-b", [member("node-c")], ADDR, "node-a")
+    assert [r.node_id for r in new] == ["node-c"] and refused == 0
+    rumour = members.rumour("node-c")
+    assert rumour is not None and (rumour.ip_address, rumour.api_port,
+                                   rumour.discovery_port, rumour.via) == \
+        ("10.0.0.3", 4010, 4011, "node-b")
+    assert members.get("node-c") is None and events == []
+    # Repeating it is not news, and keeps it from expiring.
+    for _ in range(8):
+        advance(clock, members, 2.0)
+        assert members.gossip_received("node-b", [member("node-c")], ADDR, "node-a")[0] == []
+    assert members.rumour("node-c") is not None
+    advance(clock, members, members.rumour_ttl)
+    assert members.rumours() == []
+
+
+def test_hearing_a_rumoured_node_directly_makes_it_a_peer() -> None:
+    _, members, events = make()
+    members.gossip_received("node-b", [member("node-c")], ADDR, "node-a")
+    members.announce_received("node-c", body("node-c"), ("10.0.0.3", 4011))
+    assert members.rumours() == []
+    peer = members.get("node-c")
+    assert peer is not None and peer.state is PeerState.ALIVE
+    assert names(events) == ["joined"]
+
+
+def test_gossip_never_keeps_a_dead_peer_alive() -> None:
+    clock, members, events = make()
+    members.announce_received("node-c", body("node-c"), ("10.0.0.3", 4011))
+    for _ in range(20):  # node-b keeps saying node-c is there; node-c itself is silent
+        advance(clock, members, 0.25)
+        members.gossip_received("node-b", [member("node-c")], ADDR, "node-a")
+    peer = members.get("node-c")
+    assert peer is not None and peer.state is PeerState.DEAD
+    assert names(events) == ["joined", "suspect", "dead"]
+    # ...but it is worth contacting: the rumour says where.
+    assert members.rumour("node-c") is not None
+    assert "node-c" not in [m.node_id for m in members.gossip()]
+
+
+def test_gossip_skips_self_sender_live_peers_and_foreign_loopback() -> None:
+    _, members, _ = make()
+    members.announce_received("node-c", body("node-c"), ("10.0.0.3", 4011))
+    new, refused = members.gossip_received(
+        "node-b",
+        [member("node-a"), member("node-b"), member("node-c", ip="10.9.9.9"),
+         member("node-d", ip="127.0.0.1")],
+        ADDR, "node-a")
+    assert new == [] and refused == 1 and members.rumours() == []
+    peer = members.get("node-c")
+    assert peer is not None and peer.ip_address == "10.0.0.3"  # gossip moved nothing
+    # From a loopback sender a loopback address is the normal case (one host).
+    new, refused = members.gossip_received("node-b", [member("node-d", ip="127.0.0.1")],
+                                           ("127.0.0.1", 4001), "node-a")
+    assert [r.node_id for r in new] == ["node-d"] and refused == 0
+
+
+def test_gossip_lists_only_healthy_peers_heard_directly() -> None:
+    clock, members, _ = make()
+    members.announce_received("node-c", body("node-c"), ("10.0.0.3", 4011))
+    members.announce_received("node-d", {**body("node-d"), "api_port": 0}, ("10.0.0.4", 4011))
+    members.gossip_received("node-c", [member("node-e")], ("10.0.0.3", 4011), "node-a")
+    assert [(m.node_id, m.ip, m.api_port, m.discovery_port) for m in members.gossip()] == \
+        [("node-c", "10.0.0.3", 8080, 4011)]
+    advance(clock, members, 1.0)  # suspect now
+    assert members.gossip() == []

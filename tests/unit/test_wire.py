@@ -128,7 +128,7 @@ def test_key_is_derived_not_the_raw_secret() -> None:
         (b'{"v":1e999}', "not_json"),
         (b'{"v":1,"v":1}', "not_json"),
         (b"{}", "bad_version"),
-        (b'{"v":2}', "bad_version"),
+        (b'{"v":3}', "bad_version"),
         (b'{"v":true}', "bad_version"),
         (b'{"v":1}', "bad_field"),
         (b" " * 1201, "oversized"),
@@ -264,3 +264,96 @@ def test_mutated_datagrams_only_ever_raise_wire_error(data: bytes) -> None:
         return
     # Whitespace-only edits keep the canonical form, hence the MAC: same message.
     assert msg == wire.decode(KEY, valid_datagram(nonce="0123456789abcdef"), guard())
+
+
+# -- version 2: gossiped members -------------------------------------------------------
+
+
+def entry(node_id: str = "node-c", **overrides: Any) -> dict[str, Any]:
+    return {"node_id": node_id, "ip": "10.0.0.3", "api_port": 4010, "discovery_port": 4011,
+            **overrides}
+
+
+def test_announce_with_members_is_version_2_and_decodes_them() -> None:
+    body = {**announce_body(), "members": [entry("node-c"), entry("node-d", ip="10.0.0.4")]}
+    data = wire.encode(KEY, wire.ANNOUNCE, "node-a", body, ts=NOW)
+    assert json.loads(data)["v"] == 2
+    msg = wire.decode(KEY, data, guard())
+    assert msg.version == 2 and msg.dropped_members == 0
+    assert msg.members == (wire.Member("node-c", "10.0.0.3", 4010, 4011),
+                           wire.Member("node-d", "10.0.0.4", 4010, 4011))
+    assert msg.body == announce_body()  # the rest is the version-1 announce, unchanged
+
+
+def test_without_members_datagrams_stay_version_1_for_old_nodes() -> None:
+    for type_, body in [(wire.ANNOUNCE, announce_body()), (wire.QUERY, {}), (wire.LEAVE, {})]:
+        obj = json.loads(wire.encode(KEY, type_, "node-a", body, ts=NOW))
+        assert obj["v"] == 1 and obj["body"] == body
+
+
+def test_members_belong_to_version_2_only() -> None:
+    v1 = json.loads(valid_datagram())
+    v1["body"]["members"] = [entry()]
+    assert reason_of(resign(v1)) == "bad_field"
+    v2 = json.loads(valid_datagram())
+    v2["v"] = 2
+    assert reason_of(resign(v2)) == "bad_field"  # a version-2 announce names its members
+    v2["body"]["members"] = []
+    assert wire.decode(KEY, resign(v2), guard()).members == ()
+
+
+def with_members(members: Any) -> bytes:
+    obj = json.loads(valid_datagram())
+    obj["v"] = 2
+    obj["body"]["members"] = members
+    return resign(obj)
+
+
+@pytest.mark.parametrize("members", [
+    "node-c", {"node_id": "node-c"}, None, 3,
+    [0] * (wire.MAX_MEMBERS + 1),  # too long: refused before any entry is looked at
+])
+def test_a_malformed_member_list_refuses_the_datagram(members: Any) -> None:
+    assert reason_of(with_members(members)) == "bad_field"
+
+
+BAD_ENTRIES = [
+    "node-c", None, [1, 2], entry(api_port="4010"), entry(api_port=True), entry(api_port=0),
+    entry(api_port=65536), entry(discovery_port=-1), entry(discovery_port=4011.0),
+    entry(ip="localhost"), entry(ip="10.0.0"), entry(ip="0.0.0.0"),
+    entry(ip="255.255.255.255"), entry(ip="224.0.0.1"), entry(ip="::1"), entry(ip=7),
+    entry(node_id=""), entry(node_id="x" * 129), entry(node_id=5), entry(extra=1),
+    {k: v for k, v in entry().items() if k != "ip"},
+]
+
+
+def test_bad_member_entries_are_dropped_and_counted_the_rest_kept() -> None:
+    good = [entry("node-c"), entry("node-d")]
+    for bad in BAD_ENTRIES:
+        msg = wire.decode(KEY, with_members([good[0], bad, good[1]]), guard())
+        assert msg.dropped_members == 1, bad
+        assert [m.node_id for m in msg.members] == ["node-c", "node-d"], bad
+    assert wire.decode(KEY, with_members(BAD_ENTRIES[:8]), guard()).dropped_members == 8
+
+
+def test_encode_never_emits_a_bad_member() -> None:
+    for bad in BAD_ENTRIES:
+        with pytest.raises(WireError):
+            wire.encode(KEY, wire.ANNOUNCE, "node-a",
+                        {**announce_body(), "members": [bad]}, ts=NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.sampled_from(sorted(entry()) + ["x"]), inner,
+                                      max_size=5), max_leaves=20))
+def test_any_member_list_is_accepted_or_refused_never_crashes(members: Any) -> None:
+    data = with_members(members)
+    if len(data) > wire.MAX_DATAGRAM:
+        return
+    try:
+        msg = wire.decode(KEY, data, guard())
+    except WireError:
+        return
+    assert len(msg.members) + msg.dropped_members == len(members)
