@@ -98,8 +98,12 @@ def _parse_rfc3339(text: Any) -> float | None:
 
 
 def node_json(peer: Peer) -> dict[str, Any]:
-    """The contract node shape of ``/api/cluster/nodes``."""
-    result: dict[str, Any] = {
+    """The contract node shape of ``/api/cluster/nodes`` (``is_leader`` is added there).
+
+    ``peer.leader`` (the peer's own claim, since in unix seconds) stays internal: the API
+    states the leader once, at the top of ``/api/cluster/nodes``.
+    """
+    return {
         "node_id": peer.node_id,
         "hostname": peer.hostname,
         "ip_address": peer.ip_address,
@@ -111,9 +115,6 @@ def node_json(peer: Peer) -> dict[str, Any]:
         "services": list(peer.services),
         "stats": {key: peer.stats.get(key) for key in _EMPTY_STATS},
     }
-    if peer.leader is not None:
-        result["leader"] = dict(peer.leader)
-    return result
 
 
 def peer_record(peer: Peer) -> dict[str, Any]:

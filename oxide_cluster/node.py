@@ -84,9 +84,7 @@ class Node:
             "labels": self.config.labels,
             "services": list(self.services),
             "stats": self.stats(),
-            "leader": bool(self.elector.is_leader),
         }
-
 
     def peers_json(self) -> list[dict[str, Any]]:
         if self.discovery is None:
@@ -96,11 +94,21 @@ class Node:
         return [node_json(peer) for peer in self.discovery.membership.peers()]
 
     def cluster_nodes(self) -> dict[str, Any]:
+        """The contract shape of ``/api/cluster/nodes``.
+
+        The leader is stated once, as ``/api/cluster/leader`` gives it; each node only says
+        whether it is that leader (``is_leader``), so the two can never disagree.
+        """
+        leader = self.leader()
+        local = self.local_node_json()
         remote = self.peers_json()
+        for node in (local, *remote):
+            node["is_leader"] = leader["node_id"] is not None \
+                and node["node_id"] == leader["node_id"]
         return {
             "total_nodes": 1 + len(remote),
             "healthy_nodes": 1 + sum(1 for peer in remote if peer["healthy"]),
-            "leader": self.leader(),
-            "local_node": self.local_node_json(),
+            "leader": leader,
+            "local_node": local,
             "remote_nodes": remote,
         }

@@ -185,7 +185,7 @@ SCHEMAS: dict[str, Any] = {
     "Node": {
         "type": "object",
         "required": ["node_id", "hostname", "ip_address", "api_port", "state", "healthy",
-                     "last_seen", "labels", "services", "stats"],
+                     "last_seen", "labels", "services", "stats", "is_leader"],
         "properties": {
             "node_id": {"type": "string"},
             "hostname": {"type": ["string", "null"]},
@@ -197,7 +197,8 @@ SCHEMAS: dict[str, Any] = {
             "labels": _STRING_MAP,
             "services": {"type": "array", "items": {"type": "string"}},
             "stats": {"type": ["object", "null"]},
-            "leader": {"type": "boolean"},
+            "is_leader": {"type": "boolean",
+                          "description": "this node is the top-level leader.node_id"},
         },
     },
     "ClusterNodes": {

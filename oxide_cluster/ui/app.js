@@ -1,4 +1,4 @@
-// oxide-cluster dashboard: nodes, leader and tasks of one node, live, in one small page.
+// oxide-cluster dashboard: the cluster's nodes, leader and tasks, live, in one small page.
 //
 // Why it is built this way:
 // * Plain ES module, no framework, no build step, no CDN: the file ships in the Python
@@ -10,7 +10,9 @@
 // * Untrusted text (commands, labels, task output) only ever goes into textContent, never
 //   innerHTML. ANSI colour codes are rendered as classes; other escapes are dropped.
 // * Live updates come from the WebSocket ("cluster" events, task output); a light poll
-//   (nodes every 2 s, tasks every 10 s) repairs anything missed while disconnected.
+//   (nodes every 2 s, tasks every 10 s) repairs anything missed while disconnected. Tasks
+//   are the cluster's (scope=cluster); events only come for this node's own tasks, so
+//   while a task on another node is active the task list is polled every 2 s.
 
 const SECRET_KEY = "oxide.secret";
 const NODES_EVERY_MS = 2000;
@@ -26,6 +28,8 @@ let timers = [];
 let live = null;
 const tasks = new Map();  // id -> task JSON
 let view = null;          // the open task view
+let localNodeId = null;   // the node serving this page
+let ticks = 0;            // clock-driven refreshes so far (tests poll on #app[data-ticks])
 
 // -- HTTP ----------------------------------------------------------------------------
 
@@ -108,12 +112,11 @@ function start() {
   $("logout").hidden = false;
   live = new Live();
   live.connect();
-  refreshNodes();
-  refreshTasks();
   timers.push(setInterval(refreshNodes, NODES_EVERY_MS));
   timers.push(setInterval(refreshTasks, TASKS_EVERY_MS));
   timers.push(setInterval(tickDurations, 1000));
-  openFromHash();
+  // A #task= link opens once the lists are drawn, so they do not push the view away.
+  Promise.all([refreshNodes(), refreshTasks()]).then(openFromHash);
 }
 
 // -- nodes and leader ----------------------------------------------------------------
@@ -121,10 +124,12 @@ function start() {
 async function refreshNodes() {
   if (!secret) return;
   try {
-    const [cluster, leader] = await Promise.all([
-      api("/api/cluster/nodes"), api("/api/cluster/leader")]);
-    renderNodes(cluster, leader);
+    const cluster = await api("/api/cluster/nodes");
+    renderNodes(cluster);
     showBanner("");
+    // No "task" events reach this page for tasks on other nodes: poll while one is active.
+    if ([...tasks.values()].some((task) => ACTIVE.has(task.state)
+        && task.node_id !== localNodeId)) refreshTasks();
   } catch (error) {
     handleError(error);
   }
@@ -153,8 +158,10 @@ function bar(value, max, label) {
   return cell;
 }
 
-function renderNodes(cluster, leader) {
+function renderNodes(cluster) {
   const nodes = [cluster.local_node, ...(cluster.remote_nodes || [])];
+  const leader = cluster.leader;  // stated once; each node only says is_leader
+  localNodeId = cluster.local_node.node_id;
   $("summary").textContent =
     `${cluster.healthy_nodes}/${cluster.total_nodes} nodes healthy · this node ` +
     short(cluster.local_node.node_id);
@@ -172,7 +179,7 @@ function renderNodes(cluster, leader) {
     const name = el("td");
     name.append(el("code", "", short(node.node_id)), " ", el("span", "muted", node.hostname));
     if (node.node_id === cluster.local_node.node_id) name.append(" ", el("span", "tag", "this"));
-    if (leader.node_id && node.node_id === leader.node_id) {
+    if (node.is_leader) {
       row.classList.add("leader");
       name.append(" ", el("span", "tag leader-badge", `leader · token ${leader.token}`));
     }
@@ -211,12 +218,17 @@ async function refreshTasks() {
   if (state) query.set("state", state);
   try {
     const body = await api(`/tasks?${query}`);
+    const missing = body.unreachable || [];
+    $("tasks-unreachable").textContent = missing.length
+      ? `Not listed: the tasks of ${missing.map(short).join(", ")} (no answer).` : "";
+    $("tasks-unreachable").hidden = !missing.length;
     const known = new Map(tasks);
     tasks.clear();
     for (const task of body.tasks) {
       tasks.set(task.id, regresses(known.get(task.id), task) ? known.get(task.id) : task);
     }
     renderTasks();
+    if (view && tasks.has(view.id)) view.update(tasks.get(view.id));
   } catch (error) {
     handleError(error);
   }
@@ -237,10 +249,14 @@ function upsertTask(task) {
   if (view && view.id === task.id) view.update(task);
 }
 
+// From the task's own timestamps (the owner's clock, whichever node that is); "now" only
+// while the task is active, so an ended task's duration never moves. An ended task whose
+// finished_at has not arrived yet (a "state" event carries none) shows nothing until then.
 function duration(task) {
-  if (!task.started_at) return "";
-  const end = task.finished_at ? Date.parse(task.finished_at) : Date.now();
-  const seconds = Math.max(0, (end - Date.parse(task.started_at)) / 1000);
+  const start = Date.parse(task.started_at);
+  const end = ACTIVE.has(task.state) ? Date.now() : Date.parse(task.finished_at);
+  if (Number.isNaN(start) || Number.isNaN(end)) return "";
+  const seconds = Math.max(0, (end - start) / 1000);
   if (seconds < 60) return `${seconds.toFixed(1)} s`;
   const minutes = Math.floor(seconds / 60);
   return minutes < 60 ? `${minutes} min ${Math.round(seconds % 60)} s`
@@ -271,15 +287,36 @@ function renderTasks() {
     const command = el("td", "command", commandLine(task));
     command.title = commandLine(task);
     row.append(id, state, el("td", "", short(task.node_id)), command,
-      el("td", "duration", duration(task)),
-      el("td", "exit", task.exit_code ?? (task.signal ? `sig ${task.signal}` : "")));
+      el("td", "duration", duration(task)), outcomeCell(task));
     row.addEventListener("click", (event) => {
-      if (event.target.tagName !== "A") location.hash = `task=${encodeURIComponent(task.id)}`;
+      // Already open (the hash does not change): just bring the view back into sight.
+      if (view && view.id === task.id) $("task-view").scrollIntoView({block: "start"});
+      else if (event.target.tagName !== "A") location.hash = `task=${encodeURIComponent(task.id)}`;
     });
     return row;
   });
   $("tasks").replaceChildren(...rows);
   $("tasks-empty").hidden = rows.length > 0;
+}
+
+// The exit code, else the signal, else the end state; and why, unless the code says it all.
+function outcome(task) {
+  if (ACTIVE.has(task.state)) return {code: "", reason: ""};
+  const code = task.exit_code !== null && task.exit_code !== undefined ? String(task.exit_code)
+    : task.signal ? `signal ${task.signal}` : task.state;
+  const reason = task.reason && !/^exited with code -?\d+$/.test(task.reason) ? task.reason : "";
+  return {code, reason};
+}
+
+function outcomeCell(task) {
+  const {code, reason} = outcome(task);
+  const cell = el("td", "exit");
+  cell.append(el("span", "code", code));
+  if (reason) {
+    cell.append(" ", el("span", "reason muted", reason));
+    cell.title = reason;
+  }
+  return cell;
 }
 
 function tickDurations() {
@@ -288,6 +325,7 @@ function tickDurations() {
     if (task && ACTIVE.has(task.state)) row.querySelector(".duration").textContent = duration(task);
   }
   if (view) view.renderMeta();
+  $("app").dataset.ticks = String(++ticks);
 }
 
 // -- task view -----------------------------------------------------------------------
@@ -301,6 +339,8 @@ function openFromHash() {
   closeTask();
   view = new TaskView(id);
   renderTasks();
+  // The view sits below up to 50 task rows: bring it to the reader, not the other way.
+  $("task-view").scrollIntoView({block: "start"});
 }
 
 function closeTask() {
@@ -350,7 +390,8 @@ class TaskView {
     if (task.started_at) parts.push(duration(task));
     if (task.exit_code !== null && task.exit_code !== undefined) parts.push(`exit ${task.exit_code}`);
     if (task.signal) parts.push(`signal ${task.signal}`);
-    if (task.reason && !task.reason.startsWith("exited with code")) parts.push(task.reason);
+    const {reason} = outcome(task);
+    if (reason) parts.push(reason);
     $("tv-meta").textContent = parts.join(" · ");
   }
 
@@ -381,6 +422,11 @@ class TaskView {
         $("tv-status").textContent = `ended: ${message.state}` +
           (message.reason ? ` (${message.reason})` : "");
         this.update({...(this.task || {id: this.id}), ...message, type: undefined});
+        // The event has no timestamps: take the ended task's own finished_at from its
+        // record (any node answers for any task), so the duration stops where it ended.
+        api(`/task/${encodeURIComponent(this.id)}`)
+          .then((task) => { if (view === this) this.update(task); })
+          .catch(handleError);
         refreshTasks();
         break;
       case "error":

@@ -139,7 +139,7 @@ def test_exactly_one_leader_seen_alike_by_all_three_hosts(redis_cluster):
         poll_until(lambda: checker.samples >= 60, 15, message="checker samples")
         views = [leader_view(n) for n in c.nodes]
         assert {(v["node_id"], v["token"]) for v in views} == {(leader.node_id, token)}
-        flags = {n.name: n.nodes()["local_node"]["leader"] for n in c.nodes}
+        flags = {n.name: n.nodes()["local_node"]["is_leader"] for n in c.nodes}
         assert flags == {n.name: n is leader for n in c.nodes}, flags
         for node in c.nodes:
             assert node.nodes()["leader"]["node_id"] == leader.node_id
@@ -199,7 +199,7 @@ def test_frozen_leader_steps_down_and_its_old_token_is_refused(redis_cluster):
         learned = poll_until(lambda: leader_view(old)["token"] == new_token and
                              time.monotonic(), 5, message="the old leader to learn the new one")
         assert leader_view(old)["node_id"] == new.node_id
-        assert old.nodes()["local_node"]["leader"] is False
+        assert old.nodes()["local_node"]["is_leader"] is False
 
         # A placement the deposed leader might still send, with its old token: refused
         # on every node (the old one included: it has seen the newer token since).

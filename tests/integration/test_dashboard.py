@@ -230,3 +230,131 @@ def test_wrong_secret_shows_a_clear_message_and_the_form_again(agent, browser, t
     assert "refused (HTTP 401)" in text_of(browser, "login-error")
     assert not visible(browser, "app")
     screenshot(browser, tmp_path, "dashboard-wrong-secret.png")
+
+
+def rect(driver, element_id: str) -> dict:
+    return driver.execute_script(
+        f"const r = document.getElementById('{element_id}').getBoundingClientRect();"
+        "return {top: r.top, bottom: r.bottom, viewport: window.innerHeight};")
+
+
+def in_viewport(driver, element_id: str) -> bool:
+    box = rect(driver, element_id)
+    return box["top"] >= 0 and box["bottom"] <= box["viewport"]
+
+
+def ticks(driver) -> int:
+    """How many times the page's one-second clock has redrawn durations."""
+    return int(driver.execute_script("return document.getElementById('app').dataset.ticks")
+               or 0)
+
+
+def seconds_shown(text: str) -> float:
+    """The seconds of a short duration as the page writes it ("12.3 s")."""
+    import re
+
+    match = re.search(r"(\d+\.\d) s\b", text)
+    assert match, f"no duration in {text!r}"
+    return float(match.group(1))
+
+
+@pytest.fixture
+def pair(tmp_path, request):
+    """Two agents on loopback that know each other (static peers)."""
+    from tests.support import loopback_cluster, start_meshed, stop_all
+
+    nodes = loopback_cluster(tmp_path / "pair", 2)
+    try:
+        start_meshed(nodes)
+        yield nodes
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        stop_all(nodes, report is not None and report.failed)
+
+
+def test_a_remote_tasks_duration_stops_when_it_ends(pair, browser, tmp_path) -> None:
+    from datetime import datetime
+
+    a, b = pair
+    b_id = b.get("/health").json()["node_id"]
+    go = tmp_path / "go"
+    script = 'echo started; while [ ! -e "$1" ]; do sleep 0.05; done'
+    reply = a.post("/execute", {"command": "sh", "args": ["-c", script, "sh", str(go)],
+                                "node": b_id})
+    assert reply.status == 202, reply
+    task_id = reply.json()["id"]
+    assert reply.json()["node_id"] == b_id
+
+    open_dashboard(browser, a)
+    browser.execute_script(f"location.hash = 'task={task_id}'")
+    wait(browser, lambda d: "started" in text_of(d, "tv-output"), message="the remote output")
+    assert text_of(browser, "tv-state") == "running"
+    go.touch()
+    wait(browser, lambda d: text_of(d, "tv-state") == "succeeded", message="the end state")
+    row = f"tr.task[data-task-id='{task_id}']"
+    wait(browser, lambda d: css(d, f"{row}[data-state=succeeded]"), message="the row's end")
+    wait(browser, lambda d: " s" in text_of(d, "tv-meta"), message="the view's duration")
+
+    def shown() -> tuple[str, str]:
+        return text_of(browser, "tv-meta"), css(browser, f"{row} .duration")[0].text
+
+    first, seen_at = shown(), ticks(browser)
+    # Two redraws by the page's clock (each about a second) after the first read.
+    wait(browser, lambda d: ticks(d) >= seen_at + 2, message="two clock ticks")
+    assert shown() == first
+    task = a.get(f"/task/{task_id}").json()
+    took = (datetime.fromisoformat(task["finished_at"])
+            - datetime.fromisoformat(task["started_at"])).total_seconds()
+    assert abs(seconds_shown(first[0]) - took) <= 0.11, (first, task)
+    assert abs(seconds_shown(first[1]) - took) <= 0.11, (first, task)
+
+
+def test_opening_a_task_scrolls_it_into_view(agent, browser, tmp_path) -> None:
+    ids = [agent.run_task("true")["id"] for _ in range(45)]  # one at a time: no 429
+    open_dashboard(browser, agent)
+    wait(browser, lambda d: len(css(d, "tr.task")) == 45, message="45 task rows")
+    first = css(browser, f"tr.task[data-task-id='{ids[-1]}']")[0]
+    assert first.rect["y"] < 1000  # the newest row is near the top of the page
+    first.click()
+    wait(browser, lambda d: visible(d, "task-view") and text_of(d, "tv-state") == "succeeded",
+         message="the task view")
+    assert in_viewport(browser, "task-view"), rect(browser, "task-view")
+    screenshot(browser, tmp_path, "dashboard-task-opened.png")
+
+    # Scrolled away, a second click on the open task brings the view back.
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert not in_viewport(browser, "task-view")
+    css(browser, f"tr.task[data-task-id='{ids[-1]}'] .command")[0].click()
+    wait(browser, lambda d: in_viewport(d, "task-view"), message="the view back in sight")
+
+
+def test_failures_without_an_exit_code_show_the_state_or_signal_and_the_reason(
+        agent, browser, tmp_path) -> None:
+    running = agent.post("/execute", {"command": "sleep", "args": ["30"]}).json()
+    cancelled = agent.post(f"/task/{running['id']}/cancel?wait=10").json()
+    timed_out = agent.run_task("sleep", "30", timeout=0.3)
+    assert cancelled["state"] == "cancelled" and timed_out["state"] == "timed_out"
+    open_dashboard(browser, agent)
+    for task in (cancelled, timed_out):
+        assert task["exit_code"] is None and task["reason"], task
+        cell = wait(browser, lambda d, task=task: css(
+            d, f"tr.task[data-task-id='{task['id']}'] td.exit"), message="the row")[0]
+        code = f"signal {task['signal']}" if task["signal"] else task["state"]
+        assert cell.find_elements("css selector", ".code")[0].text == code
+        assert cell.find_elements("css selector", ".reason")[0].text == task["reason"]
+        assert cell.get_attribute("title") == task["reason"]
+    browser.execute_script(f"location.hash = 'task={timed_out['id']}'")
+    wait(browser, lambda d: timed_out["reason"] in text_of(d, "tv-meta"),
+         message="the reason in the task view")
+    screenshot(browser, tmp_path, "dashboard-failures.png")
+
+
+def test_login_card_says_where_the_secret_is(agent, browser, tmp_path) -> None:
+    browser.get(agent.url + "/ui/")
+    wait(browser, lambda d: visible(d, "login"), message="the secret form")
+    assert visible(browser, "secret-where")
+    where = text_of(browser, "secret-where")
+    for place in ("~/.oxide/secret", "--state-dir", "--secret", "OXIDE_CLUSTER_SECRET",
+                  "--secret-file"):
+        assert place in where, place
+    screenshot(browser, tmp_path, "dashboard-login.png")

@@ -98,7 +98,9 @@ def test_exactly_one_leader_and_every_node_sees_it(agent_factory, redis):
         assert sum(1 for agent, v in zip(agents, views, strict=True)
                    if v["node_id"] == node_id_of(agent)) == 1
         nodes = leader.get("/api/cluster/nodes").json()
-        assert nodes["local_node"]["leader"] is True
+        assert nodes["local_node"]["is_leader"] is True
+        assert nodes["leader"]["node_id"] == node_id_of(leader)
+        assert not any(node["is_leader"] for node in nodes["remote_nodes"])
 
 
 def test_kill_9_of_the_leader_fails_over_within_3_seconds(agent_factory, redis):

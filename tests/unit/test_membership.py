@@ -76,11 +76,13 @@ def test_announce_joins_and_node_json_has_contract_shape() -> None:
     }
 
 
-def test_leader_is_included_when_known() -> None:
+def test_a_peers_leader_claim_is_kept_but_not_a_second_leader_field() -> None:
+    """/api/cluster/nodes states the leader once at the top (see tests/unit/test_node.py)."""
     _, members, _ = make()
-    leader = {"node_id": "node-b", "token": 3, "since": None}
+    leader = {"node_id": "node-b", "token": 3, "since": 1_700_000_000.5}
     peer = members.announce_received("node-b", {**body(), "leader": leader}, ADDR)
-    assert node_json(peer)["leader"] == leader
+    assert peer.leader == leader
+    assert "leader" not in node_json(peer)
 
 
 def test_one_missed_interval_changes_nothing() -> None:
