@@ -186,6 +186,7 @@ def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
     out = stdout or sys.stdout.buffer
     err = stderr or sys.stderr.buffer
     deadline = None
+    refused_until = None  # errors for a task the cluster says still runs: not for ever
     while True:
         try:
             ws = node.websocket()
@@ -231,6 +232,10 @@ def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
             task = settled_state(node, task_id, problem)
             if task is not None:
                 return task
+            refused_until = refused_until or time.monotonic() + RECONNECT_FOR
+            if time.monotonic() > refused_until:
+                raise Failed(EXIT_SOFTWARE, f"task {task_id} runs, but cannot be "
+                                            f"followed: {problem}")
             _pause(RETRY_PAUSE)
 
 

@@ -119,3 +119,43 @@ def test_node_errors_map_to_exit_codes(status, code, exit_code):
 
 def test_a_lost_task_exits_75():
     assert cli.task_exit_code({"state": "lost", "exit_code": None}) == cli.EXIT_LOST == 75
+
+
+class ScriptedNode:
+    """Answers GET /task/ID from a script: NodeErrors are raised, dicts returned."""
+
+    url = "http://n:4000"
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+
+    def request(self, method, path, body=None, timeout=None):
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_a_broken_stream_waits_for_the_cluster_to_say_lost(monkeypatch):
+    monkeypatch.setattr(cli, "_pause", lambda seconds: None)
+    unavailable = NodeError(503, "node_unavailable", "node n2 is not reachable")
+    node = ScriptedNode(unavailable, unavailable, {"id": "t-n2", "state": "lost"})
+    task = cli.settled_state(node, "t-n2", "owner unreachable")  # type: ignore[arg-type]
+    assert task is not None and cli.task_exit_code(task) == cli.EXIT_LOST
+    assert node.answers == []
+
+
+def test_a_broken_stream_of_an_unknown_id_exits_67(monkeypatch):
+    node = ScriptedNode(NodeError(404, "task_not_found", "no task 'x' on this node"))
+    with pytest.raises(cli.Failed) as failed:
+        cli.settled_state(node, "x", "no task")  # type: ignore[arg-type]
+    assert failed.value.code == cli.EXIT_NO_TASK
+
+
+def test_a_running_task_is_followed_again_and_silence_ends_in_74(monkeypatch):
+    assert cli.settled_state(ScriptedNode({"state": "running"}), "t", "?") is None  # type: ignore[arg-type]
+    monkeypatch.setattr(cli, "_pause", lambda seconds: None)
+    node = ScriptedNode(*[NodeError(0, "unreachable", "cannot reach")] * 3)
+    with pytest.raises(cli.Failed) as failed:
+        cli.settled_state(node, "t", "?", settle_for=0)  # type: ignore[arg-type]
+    assert failed.value.code == cli.EXIT_CONNECTION
