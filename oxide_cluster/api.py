@@ -435,6 +435,7 @@ class TaskApi:
         fields = {name: record[name] for name in ("command", "args", "cwd", "env", "timeout",
                                                    "idle_timeout", "labels")}
         fields["retries"] = int(record["retries"]) - 1
+        fields["tty"] = bool(record.get("tty", False))
         task_request = parse_task_request(fields, self.node.config.max_timeout)
         attempt = int(record.get("attempt") or 1) + 1
         body = json.dumps(fields).encode()
@@ -588,7 +589,15 @@ class TaskApi:
                     raise
                 return render_json(request, lost)
         wait = _query_number(request, "wait", 0, MAX_WAIT)
-        task = await self._find_task(task_id)
+        try:
+            task = await self._find_task(task_id)
+        except ApiError:
+            # An owner long dead is forgotten by membership; the leader's record remains.
+            lost = None if owner_of(task_id) == self.node.node_id \
+                else await self._lost_elsewhere(task_id)
+            if lost is None:
+                raise
+            return render_json(request, lost)
         if not task.state.terminal:
             task = await _wait_for(self.node.executor.when_finished(task_id), wait,
                                    self.node.reactor) or task

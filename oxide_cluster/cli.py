@@ -1,32 +1,9 @@
 """``oxide-cluster``: run a command on a node from CI and exit with its exit code.
 
-    oxide-cluster run --node URL [--secret S] [--env K=V]... [--secret-env K[=V]]...
-                      [--cwd D] [--timeout S] [--idle-timeout S] [--label K=V]... -- CMD ARGS...
-    oxide-cluster status ID | logs ID [--follow] | cancel ID | tasks [--state S]
-
-The node URL comes from ``--node`` or ``OXIDE_NODE``, the secret from ``--secret`` or
-``OXIDE_CLUSTER_SECRET``. ``run`` streams the task's stdout to stdout and its stderr to
-stderr over the WebSocket as the output arrives; a dropped connection is resumed from the
-last byte received. Ctrl-C (SIGINT) or SIGTERM cancels the remote task.
-``--secret-env NAME`` (no ``=``) passes this process's ``$NAME`` without putting the
-value on the command line.
-
-Exit codes of ``run`` (and of ``logs --follow`` once the task ends):
-
-    0-123    the task's own exit code
-    124      the task timed out (as coreutils ``timeout``)
-    125      the task was cancelled (also after Ctrl-C/SIGTERM here)
-    126      the task failed without an exit code (command not found, bad cwd)
-    128+N    the task was killed by signal N
-    2        usage error (bad options)
-    65       the node rejected the request (400: bad field)
-    69       the node is at capacity (429/503) or refused the task
-    70       unexpected reply from the node
-    74       the node cannot be reached or the stream was lost for good
-    75       the task was lost (its agent restarted)
-    77       authentication failed (wrong or missing secret)
-
-A task exit code from 124 up collides with these; use ``status`` to tell them apart.
+``run`` streams the task's output over the WebSocket as it arrives (a dropped connection
+is resumed from the last byte received) and exits with the task's exit code; Ctrl-C or
+SIGTERM cancels the remote task. Exit codes are the :data:`EXIT_CODES` table, which
+renders ``--help``'s epilog and the README's table (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -36,7 +13,9 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import time
+import urllib.parse
 from typing import Any, BinaryIO
 
 from oxide_cluster.client import (
@@ -52,13 +31,53 @@ EXIT_CANCELLED = 125
 EXIT_NO_EXIT_CODE = 126
 EXIT_USAGE = 2
 EXIT_BAD_REQUEST = 65
+EXIT_NO_TASK = 67  # sysexits EX_NOUSER, "addressee unknown": no task has that id
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 EXIT_CONNECTION = 74
 EXIT_LOST = 75
 EXIT_AUTH = 77
 RECONNECT_FOR = 30.0
-EXIT_CODES_HELP = "exit codes" + (__doc__ or "").split("Exit codes", 1)[-1]
+# How long to keep asking the cluster about a task whose stream broke: the leader marks a
+# dead node's tasks lost after the node's ``dead_after`` (2.5 s) plus its recovery.
+SETTLE_FOR = 60.0
+RETRY_PAUSE = 0.5
+SECRET_HELP = ("give --secret or set OXIDE_CLUSTER_SECRET; a node started without one "
+               "generated it into ~/.oxide/secret (its state_dir) on the node's host")
+
+# The one exit-code table: --help's epilog and the README's table are rendered from it.
+EXIT_CODES: tuple[tuple[str, str], ...] = (
+    ("0-123", "the task's own exit code"),
+    ("124", "the task timed out (as coreutils timeout)"),
+    ("125", "the task was cancelled (also after Ctrl-C/SIGTERM here)"),
+    ("126", "the task failed without an exit code (command not found, bad cwd)"),
+    ("128+N", "the task was killed by signal N"),
+    (str(EXIT_USAGE), "usage error: bad options, or a node URL without http://"),
+    (str(EXIT_BAD_REQUEST), "the node rejected the request (400: bad field)"),
+    (str(EXIT_NO_TASK), "no task has that id (unknown task id)"),
+    (str(EXIT_UNAVAILABLE), "the node is at capacity (429/503) or refused the task"),
+    (str(EXIT_SOFTWARE), "unexpected reply from the node"),
+    (str(EXIT_CONNECTION), "the node cannot be reached or the stream was lost for good"),
+    (str(EXIT_LOST), "the task was lost: the node running it died or restarted"),
+    (str(EXIT_AUTH), "no secret given, or the node refused it"),
+)
+
+
+def exit_codes_text() -> str:
+    """The exit-code table as plain text, for ``--help``."""
+    rows = "\n".join(f"  {code:<7}{meaning}" for code, meaning in EXIT_CODES)
+    return ("exit codes of run (and of logs --follow once the task ends):\n" + rows +
+            "\n\nA task exit code from 124 up collides with these; use status to tell "
+            "them apart.")
+
+
+def exit_codes_rst() -> str:
+    """The exit-code table as an RST simple table, as README.rst has it."""
+    width = max(len(meaning) for _, meaning in EXIT_CODES)
+    rule = "=" * 7 + "  " + "=" * width
+    lines = [rule, f"{'code':<7}  meaning", rule]
+    lines += [f"{code:<7}  {meaning}" for code, meaning in EXIT_CODES]
+    return "\n".join([*lines, rule])
 
 
 class Interrupted(Exception):
@@ -99,13 +118,20 @@ def _node_failure(error: NodeError) -> Failed:
     if error.status == 0:
         return Failed(EXIT_CONNECTION, error.message)
     if error.status == 401:
-        return Failed(EXIT_AUTH, "the node refused the secret (--secret / "
-                                 "OXIDE_CLUSTER_SECRET)")
+        return Failed(EXIT_AUTH, "the node refused the secret: it is not the cluster's "
+                                 "(--secret / OXIDE_CLUSTER_SECRET)")
+    if error.status == 404 and error.code == "task_not_found":
+        return Failed(EXIT_NO_TASK, error.message)
     if error.status in (429, 503):
         return Failed(EXIT_UNAVAILABLE, f"the node is busy: {error.message}")
-    if error.status in (400, 404, 409, 413, 415):
+    if error.status in (400, 409, 413, 415):
         return Failed(EXIT_BAD_REQUEST, error.message)
     return Failed(EXIT_SOFTWARE, str(error))
+
+
+def _pause(seconds: float) -> None:
+    """Wait between two tries: this CLI is synchronous (no reactor) by design."""
+    time.sleep(seconds)
 
 
 def _pairs(values: list[str], option: str, from_environment: bool = False) -> dict[str, str]:
@@ -123,16 +149,44 @@ def _pairs(values: list[str], option: str, from_environment: bool = False) -> di
     return result
 
 
+def settled_state(node: Node, task_id: str, why: str,
+                  settle_for: float = SETTLE_FOR) -> dict[str, Any] | None:
+    """After the stream of a task broke: ask the cluster until it says the task ended.
+
+    Returns the task JSON once it is terminal (``lost`` when its node died), or None when
+    the task still runs and can be followed again. Raises Failed for an unknown id, or
+    when no answer comes within ``settle_for`` seconds.
+    """
+    deadline = time.monotonic() + settle_for
+    while True:
+        try:
+            task: dict[str, Any] = node.request("GET", f"/task/{task_id}")
+        except NodeError as error:
+            if error.status not in (0, 502, 503, 504):
+                raise _node_failure(error) from None
+            why = error.message  # the owner is unreachable and not yet recorded lost
+        else:
+            if task.get("state") in ("queued", "running"):
+                return None
+            return task
+        if time.monotonic() > deadline:
+            raise Failed(EXIT_CONNECTION, f"task {task_id}: {why}")
+        _pause(RETRY_PAUSE)
+
+
 def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
            stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> dict[str, Any]:
     """Stream a task's output from ``offset``; return the final ``state`` message.
 
-    Reconnects and resumes from the last byte received when the connection drops. With
-    ``until_live``, returns ``{}`` once the output so far has been replayed.
+    Reconnects and resumes from the last byte received when the connection drops. When
+    the node answers an error for the task (its owner died, no such id), the cluster is
+    asked what became of it. With ``until_live``, returns ``{}`` once the output so far
+    has been replayed.
     """
     out = stdout or sys.stdout.buffer
     err = stderr or sys.stderr.buffer
     deadline = None
+    refused_until = None  # errors for a task the cluster says still runs: not for ever
     while True:
         try:
             ws = node.websocket()
@@ -144,9 +198,10 @@ def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
             deadline = deadline or time.monotonic() + RECONNECT_FOR
             if time.monotonic() > deadline:
                 raise Failed(EXIT_CONNECTION, f"cannot reach {node.url}: {error}") from None
-            time.sleep(0.5)
+            _pause(RETRY_PAUSE)
             continue
         deadline = None
+        problem = None
         try:
             ws.send_json({"op": "attach", "task": task_id, "offset": offset})
             for message in ws.messages():
@@ -162,7 +217,8 @@ def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
                 elif kind == "live" and until_live:
                     return {}
                 elif kind == "error":
-                    raise Failed(EXIT_BAD_REQUEST, str(message.get("message")))
+                    problem = str(message.get("message"))
+                    break
         except (ConnectionClosed, OSError) as error:
             # Dropped (agent restart, network, idle timeout): resume where we were.
             deadline = time.monotonic() + RECONNECT_FOR
@@ -170,6 +226,17 @@ def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
                              f"byte {offset}\n")
         finally:
             ws.close()
+        if problem is not None:
+            # The node cannot stream it (owner dead, unknown id): the cluster's answer
+            # decides the exit code (75 lost, 67 unknown), not the stream's error.
+            task = settled_state(node, task_id, problem)
+            if task is not None:
+                return task
+            refused_until = refused_until or time.monotonic() + RECONNECT_FOR
+            if time.monotonic() > refused_until:
+                raise Failed(EXIT_SOFTWARE, f"task {task_id} runs, but cannot be "
+                                            f"followed: {problem}")
+            _pause(RETRY_PAUSE)
 
 
 def cmd_run(node: Node, options: argparse.Namespace) -> int:
@@ -188,13 +255,21 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
     labels = _pairs(options.label, "--label")
     if labels:
         body["labels"] = labels
-    for field in ("cwd", "timeout", "idle_timeout"):
+    for field in ("cwd", "timeout", "idle_timeout", "retries"):
         if getattr(options, field) is not None:
             body[field] = getattr(options, field)
+    if options.node_id is not None:
+        body["node"] = options.node_id
+    if options.tty:
+        body["tty"] = True
     task_id: str | None = None
     try:
         task = node.request("POST", "/execute", body)
         task_id = task["id"]
+        # One line to match a CI log with the dashboard.
+        sys.stderr.write(f"oxide-cluster: task {task_id} on node {task['node_id']} "
+                         f"({node.url}/ui/#task={task_id})\n")
+        sys.stderr.flush()
         if task["state"] in ("queued", "running"):
             state = follow(node, task["id"])
         else:
@@ -219,6 +294,8 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
 
 def cmd_logs(node: Node, options: argparse.Namespace) -> int:
     state = follow(node, options.task, until_live=not options.follow)
+    if state and state.get("state") == "lost":
+        sys.stderr.write(f"oxide-cluster: task {options.task} lost: {state.get('reason')}\n")
     return task_exit_code(state) if state else 0
 
 
@@ -236,59 +313,113 @@ def cmd_cancel(node: Node, options: argparse.Namespace) -> int:
 
 def cmd_tasks(node: Node, options: argparse.Namespace) -> int:
     query = f"?limit={options.limit}" + (f"&state={options.state}" if options.state else "")
-    for task in node.request("GET", "/tasks" + query)["tasks"]:
+    if options.scope != "local":
+        query += f"&scope={options.scope}"
+    page = node.request("GET", "/tasks" + query)
+    for task in page["tasks"]:
         code = "" if task["exit_code"] is None else task["exit_code"]
         command = " ".join([task["command"], *task["args"]])
         print(f"{task['id']}  {task['state']:<9}  {code!s:>4}  {command}")
+    if page.get("unreachable"):
+        sys.stderr.write("oxide-cluster: these nodes did not answer: "
+                         + ", ".join(page["unreachable"]) + "\n")
     return 0
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--node`` and ``--secret``, accepted before and after the subcommand: the
+    subcommands' copies default to SUPPRESS so they never overwrite the top level's."""
+    parser.add_argument("--node", metavar="URL", default=default,
+                        help="node URL with its scheme, e.g. http://ci-pool:4000 "
+                             "(env OXIDE_NODE)")
+    parser.add_argument("--secret", default=default,
+                        help="cluster secret (env OXIDE_CLUSTER_SECRET, preferred: a "
+                             "command line is visible to other users)")
 
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--node", default=os.environ.get("OXIDE_NODE"),
-                        help="node URL, e.g. http://ci-pool:4000 (env OXIDE_NODE)")
-    common.add_argument("--secret", default=os.environ.get("OXIDE_CLUSTER_SECRET"),
-                        help="cluster secret (env OXIDE_CLUSTER_SECRET; prefer the env)")
+    _global_options(common, argparse.SUPPRESS)
+    plain = argparse.RawDescriptionHelpFormatter
     top = argparse.ArgumentParser(
-        prog="oxide-cluster", description="Run commands on an oxide-cluster node.",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = top.add_subparsers(dest="action", required=True)
-    run = commands.add_parser("run", parents=[common], help="run a command, stream output",
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=EXIT_CODES_HELP)
-    run.add_argument("--env", action="append", default=[], metavar="K=V")
+        prog="oxide-cluster", formatter_class=plain, epilog=exit_codes_text(),
+        description=textwrap.fill(
+            "Run commands on an oxide-cluster node and follow them, from CI. The options "
+            "--node and --secret go before or after the subcommand."))
+    _global_options(top, None)
+    commands = top.add_subparsers(dest="action", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run", parents=[common], help="run a command, stream its output, exit with its code",
+        formatter_class=plain, epilog=exit_codes_text(),
+        description=textwrap.fill(
+            "Run CMD on a node and stream its output. The first line on stderr names the "
+            "task, its node and its dashboard link. Without --tty, set PYTHONUNBUFFERED=1 "
+            "(--env PYTHONUNBUFFERED=1) or pass --color=yes to the test runner for output "
+            "that arrives as it is written, in colour."))
+    run.add_argument("--env", action="append", default=[], metavar="K=V",
+                     help="environment variable for the task (repeatable)")
     run.add_argument("--secret-env", action="append", default=[], metavar="K[=V]",
                      help="passed to the task, never shown; K alone takes $K from here")
-    run.add_argument("--label", action="append", default=[], metavar="K=V")
+    run.add_argument("--label", action="append", default=[], metavar="K=V",
+                     help="run on a node with this label (repeatable)")
+    run.add_argument("--node-id", metavar="ID",
+                     help="run on this node id (the API's node field)")
+    run.add_argument("--retries", type=int, metavar="N",
+                     help="run again elsewhere up to N times (0-10) if its node dies")
+    run.add_argument("--tty", action="store_true",
+                     help="run on a pseudo-terminal (colours, line buffering); stdout and "
+                          "stderr then arrive as one stream, on stdout")
     run.add_argument("--cwd", help="absolute working directory on the node")
     run.add_argument("--timeout", type=float, help="wall-clock limit in seconds")
     run.add_argument("--idle-timeout", type=float, help="limit on seconds without output")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                     help="the command and its arguments, after --")
     run.set_defaults(handler=cmd_run)
     for name, handler, text in (("status", cmd_status, "show a task as JSON"),
                                 ("cancel", cmd_cancel, "cancel a running task")):
-        sub = commands.add_parser(name, parents=[common], help=text)
-        sub.add_argument("task")
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.add_argument("task", help="the task id")
         sub.set_defaults(handler=handler)
-    logs = commands.add_parser("logs", parents=[common], help="print a task's output")
-    logs.add_argument("task")
+    logs = commands.add_parser("logs", parents=[common], help="print a task's output",
+                               description="Print a task's output.",
+                               formatter_class=plain, epilog=exit_codes_text())
+    logs.add_argument("task", help="the task id")
     logs.add_argument("--follow", "-f", action="store_true",
                       help="keep streaming until the task ends; exit with its code")
     logs.set_defaults(handler=cmd_logs)
-    tasks = commands.add_parser("tasks", parents=[common], help="list recent tasks")
-    tasks.add_argument("--state")
-    tasks.add_argument("--limit", type=int, default=50)
+    tasks = commands.add_parser("tasks", parents=[common], help="list recent tasks",
+                                description="List recent tasks, newest first.")
+    tasks.add_argument("--state", help="only tasks in this state (running, failed, ...)")
+    tasks.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    tasks.add_argument("--scope", choices=("local", "cluster"), default="local",
+                       help="local: the node's tasks; cluster: every healthy node's")
     tasks.set_defaults(handler=cmd_tasks)
     return top
 
 
+def check_node_url(url: str | None) -> str:
+    """The node URL, or Failed(EXIT_USAGE) saying what is wrong with it."""
+    if not url:
+        raise Failed(EXIT_USAGE, "give --node URL or set OXIDE_NODE")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        hint = f"http://{url}" if "://" not in url else "http://HOST:PORT"
+        raise Failed(EXIT_USAGE, f"node URL {url!r} needs http:// or https://, "
+                                 f"e.g. {hint}")
+    return url
+
+
 def main(argv: list[str] | None = None) -> None:
     options = parser().parse_args(argv)
-    if not options.node:
-        sys.stderr.write("oxide-cluster: give --node URL or set OXIDE_NODE\n")
-        raise SystemExit(EXIT_USAGE)
-    node = Node(options.node, options.secret)
+    try:
+        url = check_node_url(options.node or os.environ.get("OXIDE_NODE"))
+        secret = options.secret or os.environ.get("OXIDE_CLUSTER_SECRET")
+        if not secret:
+            raise Failed(EXIT_AUTH, f"no cluster secret: {SECRET_HELP}")
+    except Failed as failure:
+        sys.stderr.write(f"oxide-cluster: {failure}\n")
+        raise SystemExit(failure.code) from None
+    node = Node(url, secret)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -148,9 +148,27 @@ class _TaskProtocol(protocol.ProcessProtocol):
         self._run.ended(reason)
 
 
+class _TerminalProcess(process.PTYProcess):
+    """A child on a new pseudo-terminal: Twisted's ``PTYProcess`` child calls ``setsid()``
+    and takes the pty as its controlling terminal, so it leads its own session and
+    process group (the group kill works as without a pty). stdout and stderr are one
+    stream, the terminal, read as stdout."""
+
+    def __init__(self, reactor: Any, executable: str, args: list[str],
+                 environment: dict[str, str], path: str | None,
+                 proto: protocol.ProcessProtocol) -> None:
+        super().__init__(reactor, executable, args, environment, path, proto)
+        # A pty has no stdin to close; an end-of-file (^D) in the line discipline makes
+        # a task that reads the terminal see EOF instead of waiting until its timeout.
+        self.write(b"\x04")
+
+
 def spawn_in_new_group(reactor: IReactorProcess, proto: protocol.ProcessProtocol,
                        executable: str, args: list[str], env: dict[str, str],
-                       path: str | None) -> process.Process:
+                       path: str | None, tty: bool = False) -> Any:
+    """Start a task's process in its own session; with ``tty``, on a new pseudo-terminal."""
+    if tty:
+        return _TerminalProcess(reactor, executable, args, env, path, proto)
     return _GroupLeaderProcess(reactor, executable, args, env, path, proto)
 
 
@@ -199,7 +217,7 @@ class TaskRun:
             return
         try:
             proc = self._spawn(self._reactor, _TaskProtocol(self), executable,
-                               [task.command, *task.args], env, task.cwd)
+                               [task.command, *task.args], env, task.cwd, tty=task.tty)
         except OSError as failure:
             self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure.strerror}")
             return
@@ -457,6 +475,7 @@ class Executor(service.Service):
             timeout=request.timeout or self._default_timeout,
             idle_timeout=request.idle_timeout,
             retries=request.retries,
+            tty=request.tty,
             created_at=now,
             attempt=attempt,
             retry_of=retry_of,

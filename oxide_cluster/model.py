@@ -80,6 +80,7 @@ class Task:
     output_bytes: int = 0
     output_dropped: int = 0
     pid: int | None = None
+    tty: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The contract shape of a task in every response and stream."""
@@ -104,6 +105,7 @@ class Task:
             "timeout": self.timeout,
             "idle_timeout": self.idle_timeout,
             "retries": self.retries,
+            "tty": self.tty,
         }
 
 
@@ -130,11 +132,12 @@ class TaskRequest:
     labels: Mapping[str, str] = attrs.field(factory=dict)
     node: str | None = None
     retries: int = 0
+    tty: bool = False
 
 
 _FIELDS = {
     "command", "args", "cwd", "env", "secret_env", "timeout", "idle_timeout",
-    "labels", "node", "retries",
+    "labels", "node", "retries", "tty",
 }
 _MAX_TEXT = 64 * 1024
 
@@ -212,6 +215,9 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
     node = body.get("node")
     if node is not None:
         node = _string("node", node)
+    tty = body.get("tty", False)
+    if not isinstance(tty, bool):
+        raise RequestError("tty", "must be true or false")
     return TaskRequest(
         command=command,
         args=checked_args,
@@ -223,4 +229,5 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
         labels=_string_map("labels", body.get("labels", {})),
         node=node,
         retries=retries,
+        tty=tty,
     )

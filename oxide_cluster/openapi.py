@@ -107,6 +107,10 @@ SCHEMAS: dict[str, Any] = {
             "node": {"type": ["string", "null"], "minLength": 1, "pattern": "^[^\u0000]*$",
                      "maxLength": 65536, "description": "pin to this node id"},
             "retries": {"type": "integer", "minimum": 0, "maximum": 10},
+            "tty": {"type": "boolean", "default": False,
+                    "description": "run on a pseudo-terminal: the task sees a terminal "
+                    "(colours, line buffering); stdout and stderr arrive as one stream, "
+                    "recorded as stdout, with CRLF line ends"},
         },
     },
     "Task": {
@@ -136,6 +140,7 @@ SCHEMAS: dict[str, Any] = {
             "timeout": _NUMBER_OR_NULL,
             "idle_timeout": _NUMBER_OR_NULL,
             "retries": {"type": "integer", "minimum": 0},
+            "tty": {"type": "boolean"},
             "links": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     },

@@ -147,7 +147,9 @@ def test_cli_exit_code_is_the_remote_exit_code(agent, script, code) -> None:
     out, err = process.communicate(timeout=30)
     assert process.returncode == code, err
     assert out == b"out\n"
-    assert err.startswith(b"err\n")
+    task_line, rest = err.split(b"\n", 1)
+    assert task_line.startswith(b"oxide-cluster: task ")
+    assert rest.startswith(b"err\n")
 
 
 def test_cli_ctrl_c_cancels_the_remote_task(agent) -> None:

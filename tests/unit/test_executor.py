@@ -76,7 +76,7 @@ class Harness:
                                  spawn=self.spawn, signal_group=self.signal, **defaults)
         self.executor.ready = True
 
-    def spawn(self, reactor, protocol, executable, args, env, path):
+    def spawn(self, reactor, protocol, executable, args, env, path, tty=False):
         process = FakeProcess(1000 + len(self.processes), protocol, args, env, path)
         self.processes.append(process)
         protocol.makeConnection(FakeTransport())

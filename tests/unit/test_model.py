@@ -34,6 +34,8 @@ def test_minimal_request():
     ({"command": "ls", "timeout": True}, "timeout"),
     ({"command": "ls", "retries": -1}, "retries"),
     ({"command": "ls", "retries": 1.5}, "retries"),
+    ({"command": "ls", "tty": 1}, "tty"),
+    ({"command": "ls", "tty": "yes"}, "tty"),
     ({"command": "ls", "args": ["\ud800"]}, "args[0]"),
     ({"command": "ls", "env": {"\udfff": "x"}}, "env.\udfff"),
     ({"command": "ls", "comand": "x"}, "comand"),
@@ -61,7 +63,7 @@ json_values = st.recursive(
 
 @given(st.dictionaries(
     st.sampled_from(["command", "args", "cwd", "env", "secret_env", "timeout",
-                     "idle_timeout", "labels", "node", "retries", "other"]),
+                     "idle_timeout", "labels", "node", "retries", "tty", "other"]),
     json_values, max_size=6))
 def test_any_json_body_parses_or_raises_request_error(body):
     try:
@@ -96,3 +98,12 @@ def test_terminal_states():
 def test_an_integral_float_is_a_whole_number_of_retries():
     """JSON has one number type; the OpenAPI document (JSON Schema) calls 3.0 an integer."""
     assert parse({"command": "ls", "retries": 3.0}).retries == 3
+
+
+def test_tty_is_a_boolean_kept_in_the_task_json():
+    assert parse({"command": "ls"}).tty is False
+    assert parse({"command": "ls", "tty": True}).tty is True
+    task = Task(id="t1", node_id="n1", command="ls", args=[], cwd=None, env={},
+                secret_env_keys=[], labels={}, timeout=5, idle_timeout=None, retries=0,
+                tty=True)
+    assert task.to_json()["tty"] is True
