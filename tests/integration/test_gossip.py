@@ -123,6 +123,9 @@ def test_local_cluster_script_starts_nodes_that_converge_and_stops_them(tmp_path
 
 def port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
     with socket.socket(socket.AF_INET, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            # Connections the node closed linger in TIME_WAIT; only a listener matters.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
