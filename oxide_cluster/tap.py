@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
 
+import attrs
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
 from oxide_cluster import logs
@@ -75,22 +80,157 @@ class Options(usage.Options):
                 command_line[setting.name] = self[setting.option]
         try:
             self.config = config_module.load(command_line, os.environ, self["config"])
+            check_usable(self.config)
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
         logs.use_config(getattr(self, "parent", None), self.config.log_format)
 
 
+def check_usable(config: Config) -> None:
+    """Catch what makes start-up fail before twistd starts anything: an unusable state
+    dir, a Redis URL that does not parse."""
+    prepare_state_dir(config.state_dir)
+    if config.redis:
+        try:
+            RedisAddress.parse(config.redis)
+        except ValueError as error:
+            raise ConfigError(f"bad value for 'redis': {error}") from None
+
+
+@attrs.frozen
+class BindOption:
+    """The option behind a listener, named in the one-line start-up error."""
+
+    name: str
+    value: str
+    flag: str  # the command-line option an operator changes
+
+    def problem(self, error: BaseException) -> str:
+        """``discovery_port 4001: address already in use (...)``: option, cause, advice."""
+        socket_error = error.socketError if isinstance(error, CannotListenError) else error
+        code = getattr(socket_error, "errno", None)
+        strerror = getattr(socket_error, "strerror", None)
+        cause = (strerror or str(socket_error) or type(error).__name__).lower()
+        advice = {
+            errno.EADDRINUSE: f"another node on this host? give each node its own {self.flag}",
+            errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+            errno.EADDRNOTAVAIL: "is the interface an address of this host?",
+        }.get(code or 0)
+        return f"{self.name} {self.value}: {cause}" + (f" ({advice})" if advice else "")
+
+
+class ListeningPort(Protocol):
+    """What :class:`HttpListener` uses of an ``IListeningPort``."""
+
+    def getHost(self) -> Any: ...
+
+    def stopListening(self) -> defer.Deferred[None] | None: ...
+
+
+class ServerEndpoint(Protocol):
+    """What :class:`HttpListener` uses of an ``IStreamServerEndpoint``."""
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]: ...
+
+
+class HttpListener(service.Service):
+    """The HTTP/WebSocket listener. It binds in ``privilegedStartService``, which twistd
+    runs for every service before starting any, so a taken port stops start-up while
+    nothing else runs."""
+
+    def __init__(self, endpoint: ServerEndpoint, factory: Site,
+                 scheme: str, fallback_host: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._scheme = scheme
+        self._fallback_host = fallback_host
+        self.port: ListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is not None:
+            return
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise OSError(0, "the endpoint does not bind synchronously")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+
+    def url(self) -> str:
+        """``http://HOST:PORT/`` of the bound port; a wildcard becomes the host's address."""
+        assert self.port is not None
+        address: Any = self.port.getHost()
+        host = getattr(address, "host", None)
+        if host is None:
+            return f"unix:{getattr(address, 'name', '?')}"
+        if host in ("", "0.0.0.0", "::"):
+            host = self._fallback_host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self._scheme}://{host}:{address.port}/"
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        stopped: defer.Deferred[Any] = defer.maybeDeferred(port.stopListening)
+        return stopped.addCallback(lambda _: None)
+
+
 class NodeService(service.MultiService):
     """The whole node; holds the state-dir lock for as long as it runs.
 
-    Children stop one after another in reverse start order (MultiService stops them all
-    at once): the executor must finish recording its cancelled tasks before the store
-    closes under it.
+    Listeners bind first (``privilegedStartService``); if one cannot, the process logs
+    one line and exits before any other service starts. Children stop one after another
+    in reverse start order (MultiService stops them all at once): the executor must
+    finish recording its cancelled tasks before the store closes under it.
     """
 
-    def __init__(self, lock: StateDirLock) -> None:
+    def __init__(self, lock: StateDirLock, node_id: str, state_dir: Path) -> None:
         super().__init__()
         self._lock = lock
+        self._node_id = node_id
+        self._state_dir = state_dir
+        self._bind_options: dict[service.Service, BindOption] = {}
+        self._api: HttpListener | None = None
+
+    def add_listener(self, child: service.Service, option: BindOption) -> None:
+        """Add a child that binds a port; its bind errors name ``option``."""
+        child.setServiceParent(self)
+        self._bind_options[child] = option
+        if isinstance(child, HttpListener):
+            self._api = child
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        for child in self:
+            option = self._bind_options.get(child)
+            if option is None:
+                child.privilegedStartService()
+                continue
+            try:
+                child.privilegedStartService()
+            except Exception as error:
+                self._refuse_to_start(option.problem(error))
+
+    def _refuse_to_start(self, problem: str) -> NoReturn:
+        """One line, then exit non-zero. Only sockets are open yet; exiting closes them
+        (closing a port by hand needs a reactor turn, and the reactor never runs)."""
+        self._lock.release()
+        log.critical("oxide-cluster: cannot start: {problem}", problem=problem)
+        raise SystemExit(1)
+
+    def startService(self) -> None:
+        if self._api is not None:
+            url = self._api.url()
+            dashboard = url + "ui/" if url.endswith("/") else url
+            log.info("oxide-cluster node {node_id} at {url} (dashboard: {dashboard}); "
+                     "state in {state_dir}", node_id=self._node_id, url=url,
+                     dashboard=dashboard, state_dir=self._state_dir)
+        super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
@@ -114,7 +254,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     lock.acquire()
     node_id = load_node_id(config.state_dir)
     secret = resolve_secret(config)
-    top = NodeService(lock)
+    top = NodeService(lock, node_id, config.state_dir)
 
     store = Store(reactor, config.state_dir / "oxide.sqlite3")
     store.setServiceParent(top)
@@ -142,7 +282,9 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     if config.discovery:
         node.discovery = DiscoveryService(reactor, discovery_settings(config),
                                           node.announcement, store, secret)
-        node.discovery.setServiceParent(top)
+        top.add_listener(node.discovery, BindOption("discovery_port",
+                                                    str(config.discovery_port),
+                                                    "--discovery-port"))
 
     hub = LiveHub(executor, store)
     hub.setServiceParent(top)
@@ -171,12 +313,15 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log)
     site.displayTracebacks = False
-    endpoint = endpoints.serverFromString(reactor, config.listen)
-    listener = StreamServerEndpointService(endpoint, site)
-    listener._raiseSynchronously = True
-    listener.setServiceParent(top)
+    try:
+        endpoint = endpoints.serverFromString(reactor, config.listen)
+    except ValueError as error:
+        raise ConfigError(f"bad value for 'listen': {error}") from None
     node.api_port = _port_of(config.listen)
     node.ip_address = _interface_of(config.listen) or node.ip_address
+    scheme = "https" if config.listen.startswith("ssl:") else "http"
+    listener = HttpListener(endpoint, site, scheme, node.ip_address or node.hostname)
+    top.add_listener(listener, BindOption("listen", config.listen, "--listen port"))
     return top, node
 
 
@@ -243,13 +388,12 @@ def makeService(options: Options) -> service.MultiService:
 
     config: Config = options.config
     try:
-        top, node = build_node(config, reactor)
+        top, _node = build_node(config, reactor)
     except ConfigError as error:
         sys.stderr.write(f"oxide-cluster: {error}\n")
         raise SystemExit(2) from None
-    log.info("oxide-cluster node {node_id} listening on {listen}, state in {state_dir}",
-             node_id=node.node_id, listen=config.listen, state_dir=config.state_dir)
     return top
 
 
-__all__ = ["Options", "build_node", "makeService"]
+__all__ = ["HttpListener", "NodeService", "Options", "build_node", "check_usable",
+           "makeService"]
