@@ -19,7 +19,7 @@ from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
 from oxide_cluster import logs
-from oxide_cluster.api import TaskApi
+from oxide_cluster.api import ApiRequest, TaskApi
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
@@ -51,13 +51,16 @@ log = Logger()
 def _option_table() -> tuple[list[list[Any]], list[list[Any]]]:
     parameters, flags = [], []
     for setting in config_module.SETTINGS:
+        if setting.parse is config_module._flag:
+            # The option is the negation, so "[default: True]" after it would read backwards.
+            flags.append([f"no-{setting.option}", None,
+                          f"turn off {setting.help}, which is on by default "
+                          f"(env {setting.env_name}=false does the same)"])
+            continue
         default = setting.default
         shown = f" [default: {default!r}]" if default not in (None, (), {}) else ""
-        help_text = f"{setting.help} (env {setting.env_name}){shown}"
-        if setting.parse is config_module._flag:
-            flags.append([f"no-{setting.option}", None, f"turn off: {help_text}"])
-        else:
-            parameters.append([setting.option, None, None, help_text])
+        parameters.append([setting.option, None, None,
+                           f"{setting.help} (env {setting.env_name}){shown}"])
     return parameters, flags
 
 
@@ -311,7 +314,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
-    site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log)
+    site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,
+                       requestFactory=ApiRequest)
     site.displayTracebacks = False
     try:
         endpoint = endpoints.serverFromString(reactor, config.listen)
