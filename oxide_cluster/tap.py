@@ -100,6 +100,25 @@ def check_usable(config: Config) -> None:
             raise ConfigError(f"bad value for 'redis': {error}") from None
 
 
+class StartupRefused(Exception):
+    """The node cannot start; the one line saying why is already logged.
+
+    An ordinary exception, so twistd still removes its pidfile and tells a daemonizing
+    parent (which would otherwise wait forever); :func:`makeService` keeps Python from
+    printing its traceback.
+    """
+
+
+def _quiet_refusals(previous: Any) -> Any:
+    """A ``sys.excepthook`` that stays silent for :class:`StartupRefused`."""
+
+    def hook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+        if not issubclass(kind, StartupRefused):
+            previous(kind, value, traceback)
+
+    return hook
+
+
 @attrs.frozen
 class BindOption:
     """The option behind a listener, named in the one-line start-up error."""
@@ -220,11 +239,12 @@ class NodeService(service.MultiService):
                 self._refuse_to_start(option.problem(error))
 
     def _refuse_to_start(self, problem: str) -> NoReturn:
-        """One line, then exit non-zero. Only sockets are open yet; exiting closes them
-        (closing a port by hand needs a reactor turn, and the reactor never runs)."""
+        """One line, then out of twistd before the reactor runs: the process exits with
+        status 1. Only sockets are open yet and the exit closes them (closing a port by
+        hand needs a reactor turn, and the reactor never runs)."""
         self._lock.release()
         log.critical("oxide-cluster: cannot start: {problem}", problem=problem)
-        raise SystemExit(1)
+        raise StartupRefused(problem)
 
     def startService(self) -> None:
         if self._api is not None:
@@ -391,6 +411,7 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     config: Config = options.config
+    sys.excepthook = _quiet_refusals(sys.excepthook)
     try:
         top, _node = build_node(config, reactor)
     except ConfigError as error:
@@ -399,5 +420,5 @@ def makeService(options: Options) -> service.MultiService:
     return top
 
 
-__all__ = ["HttpListener", "NodeService", "Options", "build_node", "check_usable",
+__all__ = ["HttpListener", "NodeService", "StartupRefused", "Options", "build_node", "check_usable",
            "makeService"]

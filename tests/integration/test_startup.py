@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import http.client
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support import AgentProcess, poll_until
+from tests.support import TWISTD, AgentProcess, poll_until
 
 DEADLINE = 5.0
 
@@ -89,6 +90,25 @@ def test_taken_http_port_ends_start_up_in_one_line(tmp_path, agents):
     # Discovery had bound its UDP port before the HTTP bind failed: the exit freed it.
     assert can_bind(socket.SOCK_DGRAM, agent.discovery_port, "0.0.0.0")
     print(f"exit {code} after {took:.2f}s")
+
+
+def test_a_daemonizing_twistd_reports_the_refusal_and_removes_its_pidfile(tmp_path):
+    """Without -n, twistd's parent waits for the daemon's verdict: it must get one."""
+    agent = AgentProcess(tmp_path / "daemon")
+    agent.home.mkdir()
+    with socket.socket() as first_node:
+        first_node.bind(("127.0.0.1", agent.port))
+        first_node.listen()
+        args = [arg for arg in agent.argv() if arg not in ("-n", "--pidfile=")]
+        args.insert(len(TWISTD), "--logfile=agent.log")
+        args.insert(len(TWISTD), "--pidfile=agent.pid")
+        parent = subprocess.run(args, cwd=agent.home, env=agent.environment(),
+                                capture_output=True, timeout=DEADLINE)
+    assert parent.returncode != 0
+    assert b"address already in use" in parent.stderr + parent.stdout
+    assert not (agent.home / "agent.pid").exists()
+    poll_until(lambda: "cannot start" in agent.log_text(), DEADLINE, message="the log line")
+    the_one_error_line(agent, "cannot start")
 
 
 def test_state_dir_under_a_file_is_refused(tmp_path, agents):
