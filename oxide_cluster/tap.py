@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -42,7 +44,7 @@ from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.stats import StatsSampler
-from oxide_cluster.store import Store
+from oxide_cluster.store import Store, StoreError
 from oxide_cluster.ws import LiveFactory, LiveHub
 
 log = Logger()
@@ -300,7 +302,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds())
-    _RecoverThenRun(store, executor).setServiceParent(top)
+    _RecoverThenRun(store, executor, lambda code: exit_after_stop(reactor, code),
+                    config.state_dir).setServiceParent(top)
     elector.setServiceParent(top)
     if config.discovery:
         node.discovery = DiscoveryService(reactor, discovery_settings(config),
@@ -381,12 +384,34 @@ def _interface_of(description: str) -> str | None:
     return None
 
 
+def exit_after_stop(reactor: Any, code: int) -> None:
+    """Stop the reactor (every service stops, ports close), then exit with ``code``.
+
+    twistd exits 0 whenever its reactor stops; the status is set at interpreter exit,
+    after twistd has removed its pidfile and the log is written.
+    """
+    atexit.register(_exit_now, code)
+    reactor.stop()
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 class _RecoverThenRun(service.Service):
     """Starts the executor only after the store is open and earlier tasks are settled."""
 
-    def __init__(self, store: Store, executor: Executor) -> None:
+    def __init__(self, store: Store, executor: Executor, stop: Callable[[int], None],
+                 state_dir: Path) -> None:
         self._store = store
         self._executor = executor
+        self._stop = stop
+        self._state_dir = state_dir
 
     def startService(self) -> None:
         super().startService()
@@ -395,12 +420,13 @@ class _RecoverThenRun(service.Service):
             lambda _: defer.Deferred.fromCoroutine(self._executor.recover())
         ).addErrback(self._fatal)
 
-    def _fatal(self, failure: Any) -> None:
-        log.failure("cannot open the store; stopping", failure)
-        from twisted.internet import reactor
-
-        stoppable: Any = reactor
-        stoppable.stop()
+    def _fatal(self, failure: Failure) -> None:
+        if failure.check(StoreError):  # its message names the file and the cause
+            log.critical("oxide-cluster: cannot start: state_dir {state_dir}: {problem}",
+                         state_dir=self._state_dir, problem=failure.getErrorMessage())
+        else:
+            log.failure("recovering earlier tasks failed; stopping", failure)
+        self._stop(1)
 
     def stopService(self) -> Any:
         super().stopService()

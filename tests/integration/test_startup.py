@@ -124,6 +124,20 @@ def test_state_dir_under_a_file_is_refused(tmp_path, agents):
     assert can_bind(socket.SOCK_STREAM, agent.port, "127.0.0.1")
 
 
+def test_a_store_that_is_no_database_ends_start_up_in_one_line(tmp_path, agents):
+    agent = AgentProcess(tmp_path / "node")
+    agents.append(agent)
+    agent.state_dir.mkdir(parents=True)
+    (agent.state_dir / "oxide.sqlite3").write_bytes(b"not a database" * 512)
+    code, _ = exit_code_within_deadline(agent)
+    assert code == 1  # twistd alone would exit 0 after its reactor stops
+    line = the_one_error_line(agent, "cannot start")
+    assert line.endswith(f"oxide-cluster: cannot start: state_dir {agent.state_dir}: cannot "
+                         f"open the store {agent.state_dir / 'oxide.sqlite3'}: file is not a "
+                         "database")
+    assert can_bind(socket.SOCK_STREAM, agent.port, "127.0.0.1")
+
+
 def test_bad_redis_url_is_refused(tmp_path, agents):
     agent = AgentProcess(tmp_path / "node", extra_args=("--redis", "localhost:6379"))
     agents.append(agent)

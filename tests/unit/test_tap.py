@@ -6,7 +6,7 @@ import errno
 
 import pytest
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs
@@ -16,7 +16,15 @@ from twisted.web.server import Site
 
 from oxide_cluster.api import ApiRequest
 from oxide_cluster.identity import StateDirLock
-from oxide_cluster.tap import BindOption, HttpListener, NodeService, Options, StartupRefused
+from oxide_cluster.store import StoreError
+from oxide_cluster.tap import (
+    BindOption,
+    HttpListener,
+    NodeService,
+    Options,
+    StartupRefused,
+    _RecoverThenRun,
+)
 
 
 class _Recorder(service.Service):
@@ -140,3 +148,32 @@ def test_every_status_line_has_its_reason_phrase(status, phrase):
     assert status_line == b"HTTP/1.1 %d %s" % (status, phrase)
     channel.connectionLost(None)
 
+
+
+class _Executor:
+    def startService(self) -> None:
+        pass
+
+    async def recover(self) -> None:
+        raise AssertionError("must not recover without a store")
+
+
+class _Store:
+    def __init__(self, error: Exception) -> None:
+        self.opened = defer.fail(error)
+
+
+@pytest.mark.parametrize("error, one_line", [
+    (StoreError("cannot open the store s/oxide.sqlite3: file is not a database"), True),
+    (RuntimeError("a bug"), False),  # not an operator's problem: keep the traceback
+])
+def test_an_unopenable_store_stops_the_node_with_status_1(tmp_path, error, one_line):
+    exits: list[int] = []
+    starter = _RecoverThenRun(_Store(error), _Executor(), exits.append, tmp_path)
+    with capturedLogs() as events:
+        starter.startService()
+    assert exits == [1]
+    (said,) = [e for e in events if e["log_level"] >= LogLevel.warn]
+    assert ("log_failure" not in said) is one_line
+    if one_line:
+        assert said["problem"] == error.args[0] and said["state_dir"] == tmp_path
