@@ -231,13 +231,12 @@ class NodeService(service.MultiService):
     def privilegedStartService(self) -> None:
         service.Service.privilegedStartService(self)
         for child in self:
-            option = self._bind_options.get(child)
-            if option is None:
-                child.privilegedStartService()
-                continue
             try:
                 child.privilegedStartService()
             except Exception as error:
+                option = self._bind_options.get(child)
+                if option is None:
+                    raise
                 self._refuse_to_start(option.problem(error))
 
     def _refuse_to_start(self, problem: str) -> NoReturn:
@@ -342,7 +341,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     site.displayTracebacks = False
     try:
         endpoint = endpoints.serverFromString(reactor, config.listen)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # syntax, or a TLS key file that is missing
         raise ConfigError(f"bad value for 'listen': {error}") from None
     node.api_port = _port_of(config.listen)
     node.ip_address = _interface_of(config.listen) or node.ip_address
