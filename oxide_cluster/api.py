@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
 
@@ -12,6 +13,7 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -54,6 +56,25 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+def reason_phrase(status: int) -> bytes | None:
+    """The standard reason phrase; Twisted's table lacks 422, 426, 429 and others."""
+    known = http.RESPONSES.get(status)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return None
+
+
+class ApiRequest(Request):
+    """The site's request: every status line carries its reason phrase, never
+    ``429 Unknown Status``, whichever handler, error page or relay set the code."""
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        super().setResponseCode(code, message if message is not None else reason_phrase(code))
 
 
 def render_json(request: Request, body: Any, status: int = 200) -> bytes:

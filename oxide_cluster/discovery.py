@@ -324,16 +324,26 @@ class DiscoveryService(service.MultiService):
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def startService(self) -> None:
-        if not self.settings.enabled:
-            service.Service.startService(self)
-            return
-        self.node_id = self.local_node()["node_id"]
+    def privilegedStartService(self) -> None:
+        """Bind the UDP socket before any service starts, so a taken port stops start-up."""
+        if self.settings.enabled and self._listening is None:
+            self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
         self._listening = self.reactor.listenUDP(
             self.settings.port, self.protocol, interface=self.settings.bind
         )
         self._listening.setBroadcastAllowed(True)
         self.port = self._listening.getHost().port
+
+    def startService(self) -> None:
+        if not self.settings.enabled:
+            service.Service.startService(self)
+            return
+        self.node_id = self.local_node()["node_id"]
+        if self._listening is None:
+            self._bind()
         self.bound = True
         log.info("discovery bound on {bind}:{port}", bind=self.settings.bind, port=self.port)
         self._refresh_targets()
@@ -350,7 +360,11 @@ class DiscoveryService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         if not self.bound:
-            return defer.maybeDeferred(super().stopService).addCallback(lambda _: None)
+            stopped = defer.maybeDeferred(super().stopService)
+            if self._listening is not None:  # bound at privileged start, never started
+                listening, self._listening = self._listening, None
+                stopped.addCallback(lambda _: listening.stopListening())
+            return stopped.addCallback(lambda _: None)
         for call in self._pending:
             if call.active():
                 call.cancel()

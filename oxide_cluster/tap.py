@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
+import errno
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
 
+import attrs
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
 from oxide_cluster import logs
-from oxide_cluster.api import TaskApi
+from oxide_cluster.api import ApiRequest, TaskApi
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
@@ -37,7 +44,7 @@ from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.stats import StatsSampler
-from oxide_cluster.store import Store
+from oxide_cluster.store import Store, StoreError
 from oxide_cluster.ws import LiveFactory, LiveHub
 
 log = Logger()
@@ -46,13 +53,16 @@ log = Logger()
 def _option_table() -> tuple[list[list[Any]], list[list[Any]]]:
     parameters, flags = [], []
     for setting in config_module.SETTINGS:
+        if setting.parse is config_module._flag:
+            # The option is the negation, so "[default: True]" after it would read backwards.
+            flags.append([f"no-{setting.option}", None,
+                          f"turn off {setting.help}, which is on by default "
+                          f"(env {setting.env_name}=false does the same)"])
+            continue
         default = setting.default
         shown = f" [default: {default!r}]" if default not in (None, (), {}) else ""
-        help_text = f"{setting.help} (env {setting.env_name}){shown}"
-        if setting.parse is config_module._flag:
-            flags.append([f"no-{setting.option}", None, f"turn off: {help_text}"])
-        else:
-            parameters.append([setting.option, None, None, help_text])
+        parameters.append([setting.option, None, None,
+                           f"{setting.help} (env {setting.env_name}){shown}"])
     return parameters, flags
 
 
@@ -75,22 +85,176 @@ class Options(usage.Options):
                 command_line[setting.name] = self[setting.option]
         try:
             self.config = config_module.load(command_line, os.environ, self["config"])
+            check_usable(self.config)
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
         logs.use_config(getattr(self, "parent", None), self.config.log_format)
 
 
+def check_usable(config: Config) -> None:
+    """Catch what makes start-up fail before twistd starts anything: an unusable state
+    dir, a Redis URL that does not parse."""
+    prepare_state_dir(config.state_dir)
+    if config.redis:
+        try:
+            RedisAddress.parse(config.redis)
+        except ValueError as error:
+            raise ConfigError(f"bad value for 'redis': {error}") from None
+
+
+class StartupRefused(Exception):
+    """The node cannot start; the one line saying why is already logged.
+
+    An ordinary exception, so twistd still removes its pidfile and tells a daemonizing
+    parent (which would otherwise wait forever); :func:`makeService` keeps Python from
+    printing its traceback.
+    """
+
+
+def _quiet_refusals(previous: Any) -> Any:
+    """A ``sys.excepthook`` that stays silent for :class:`StartupRefused`."""
+
+    def hook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+        if not issubclass(kind, StartupRefused):
+            previous(kind, value, traceback)
+
+    return hook
+
+
+@attrs.frozen
+class BindOption:
+    """The option behind a listener, named in the one-line start-up error."""
+
+    name: str
+    value: str
+    flag: str  # the command-line option an operator changes
+
+    def problem(self, error: BaseException) -> str:
+        """``discovery_port 4001: address already in use (...)``: option, cause, advice."""
+        socket_error = error.socketError if isinstance(error, CannotListenError) else error
+        code = getattr(socket_error, "errno", None)
+        strerror = getattr(socket_error, "strerror", None)
+        cause = (strerror or str(socket_error) or type(error).__name__).lower()
+        advice = {
+            errno.EADDRINUSE: f"another node on this host? give each node its own {self.flag}",
+            errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+            errno.EADDRNOTAVAIL: "is the interface an address of this host?",
+        }.get(code or 0)
+        return f"{self.name} {self.value}: {cause}" + (f" ({advice})" if advice else "")
+
+
+class ListeningPort(Protocol):
+    """What :class:`HttpListener` uses of an ``IListeningPort``."""
+
+    def getHost(self) -> Any: ...
+
+    def stopListening(self) -> defer.Deferred[None] | None: ...
+
+
+class ServerEndpoint(Protocol):
+    """What :class:`HttpListener` uses of an ``IStreamServerEndpoint``."""
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]: ...
+
+
+class HttpListener(service.Service):
+    """The HTTP/WebSocket listener. It binds in ``privilegedStartService``, which twistd
+    runs for every service before starting any, so a taken port stops start-up while
+    nothing else runs."""
+
+    def __init__(self, endpoint: ServerEndpoint, factory: Site,
+                 scheme: str, fallback_host: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._scheme = scheme
+        self._fallback_host = fallback_host
+        self.port: ListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is not None:
+            return
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise OSError(0, "the endpoint does not bind synchronously")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+
+    def url(self) -> str:
+        """``http://HOST:PORT/`` of the bound port; a wildcard becomes the host's address."""
+        assert self.port is not None
+        address: Any = self.port.getHost()
+        host = getattr(address, "host", None)
+        if host is None:
+            return f"unix:{getattr(address, 'name', '?')}"
+        if host in ("", "0.0.0.0", "::"):
+            host = self._fallback_host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self._scheme}://{host}:{address.port}/"
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        stopped: defer.Deferred[Any] = defer.maybeDeferred(port.stopListening)
+        return stopped.addCallback(lambda _: None)
+
+
 class NodeService(service.MultiService):
     """The whole node; holds the state-dir lock for as long as it runs.
 
-    Children stop one after another in reverse start order (MultiService stops them all
-    at once): the executor must finish recording its cancelled tasks before the store
-    closes under it.
+    Listeners bind first (``privilegedStartService``); if one cannot, the process logs
+    one line and exits before any other service starts. Children stop one after another
+    in reverse start order (MultiService stops them all at once): the executor must
+    finish recording its cancelled tasks before the store closes under it.
     """
 
-    def __init__(self, lock: StateDirLock) -> None:
+    def __init__(self, lock: StateDirLock, node_id: str, state_dir: Path) -> None:
         super().__init__()
         self._lock = lock
+        self._node_id = node_id
+        self._state_dir = state_dir
+        self._bind_options: dict[service.Service, BindOption] = {}
+        self._api: HttpListener | None = None
+
+    def add_listener(self, child: service.Service, option: BindOption) -> None:
+        """Add a child that binds a port; its bind errors name ``option``."""
+        child.setServiceParent(self)
+        self._bind_options[child] = option
+        if isinstance(child, HttpListener):
+            self._api = child
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except Exception as error:
+                option = self._bind_options.get(child)
+                if option is None:
+                    raise
+                self._refuse_to_start(option.problem(error))
+
+    def _refuse_to_start(self, problem: str) -> NoReturn:
+        """One line, then out of twistd before the reactor runs: the process exits with
+        status 1. Only sockets are open yet and the exit closes them (closing a port by
+        hand needs a reactor turn, and the reactor never runs)."""
+        self._lock.release()
+        log.critical("oxide-cluster: cannot start: {problem}", problem=problem)
+        raise StartupRefused(problem)
+
+    def startService(self) -> None:
+        if self._api is not None:
+            url = self._api.url()
+            dashboard = url + "ui/" if url.endswith("/") else url
+            log.info("oxide-cluster node {node_id} at {url} (dashboard: {dashboard}); "
+                     "state in {state_dir}", node_id=self._node_id, url=url,
+                     dashboard=dashboard, state_dir=self._state_dir)
+        super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
@@ -114,7 +278,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     lock.acquire()
     node_id = load_node_id(config.state_dir)
     secret = resolve_secret(config)
-    top = NodeService(lock)
+    top = NodeService(lock, node_id, config.state_dir)
 
     store = Store(reactor, config.state_dir / "oxide.sqlite3")
     store.setServiceParent(top)
@@ -137,12 +301,15 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds())
-    _RecoverThenRun(store, executor).setServiceParent(top)
+    _RecoverThenRun(store, executor, lambda code: exit_after_stop(reactor, code),
+                    config.state_dir).setServiceParent(top)
     elector.setServiceParent(top)
     if config.discovery:
         node.discovery = DiscoveryService(reactor, discovery_settings(config),
                                           node.announcement, store, secret)
-        node.discovery.setServiceParent(top)
+        top.add_listener(node.discovery, BindOption("discovery_port",
+                                                    str(config.discovery_port),
+                                                    "--discovery-port"))
 
     hub = LiveHub(executor, store)
     hub.setServiceParent(top)
@@ -169,14 +336,18 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
-    site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log)
+    site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,
+                       requestFactory=ApiRequest)
     site.displayTracebacks = False
-    endpoint = endpoints.serverFromString(reactor, config.listen)
-    listener = StreamServerEndpointService(endpoint, site)
-    listener._raiseSynchronously = True
-    listener.setServiceParent(top)
+    try:
+        endpoint = endpoints.serverFromString(reactor, config.listen)
+    except (ValueError, OSError) as error:  # syntax, or a TLS key file that is missing
+        raise ConfigError(f"bad value for 'listen': {error}") from None
     node.api_port = _port_of(config.listen)
     node.ip_address = _interface_of(config.listen) or node.ip_address
+    scheme = "https" if config.listen.startswith("ssl:") else "http"
+    listener = HttpListener(endpoint, site, scheme, node.ip_address or node.hostname)
+    top.add_listener(listener, BindOption("listen", config.listen, "--listen port"))
     return top, node
 
 
@@ -212,12 +383,34 @@ def _interface_of(description: str) -> str | None:
     return None
 
 
+def exit_after_stop(reactor: Any, code: int) -> None:
+    """Stop the reactor (every service stops, ports close), then exit with ``code``.
+
+    twistd exits 0 whenever its reactor stops; the status is set at interpreter exit,
+    after twistd has removed its pidfile and the log is written.
+    """
+    atexit.register(_exit_now, code)
+    reactor.stop()
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 class _RecoverThenRun(service.Service):
     """Starts the executor only after the store is open and earlier tasks are settled."""
 
-    def __init__(self, store: Store, executor: Executor) -> None:
+    def __init__(self, store: Store, executor: Executor, stop: Callable[[int], None],
+                 state_dir: Path) -> None:
         self._store = store
         self._executor = executor
+        self._stop = stop
+        self._state_dir = state_dir
 
     def startService(self) -> None:
         super().startService()
@@ -226,12 +419,13 @@ class _RecoverThenRun(service.Service):
             lambda _: defer.Deferred.fromCoroutine(self._executor.recover())
         ).addErrback(self._fatal)
 
-    def _fatal(self, failure: Any) -> None:
-        log.failure("cannot open the store; stopping", failure)
-        from twisted.internet import reactor
-
-        stoppable: Any = reactor
-        stoppable.stop()
+    def _fatal(self, failure: Failure) -> None:
+        if failure.check(StoreError):  # its message names the file and the cause
+            log.critical("oxide-cluster: cannot start: state_dir {state_dir}: {problem}",
+                         state_dir=self._state_dir, problem=failure.getErrorMessage())
+        else:
+            log.failure("recovering earlier tasks failed; stopping", failure)
+        self._stop(1)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -242,14 +436,14 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     config: Config = options.config
+    sys.excepthook = _quiet_refusals(sys.excepthook)
     try:
-        top, node = build_node(config, reactor)
+        top, _node = build_node(config, reactor)
     except ConfigError as error:
         sys.stderr.write(f"oxide-cluster: {error}\n")
         raise SystemExit(2) from None
-    log.info("oxide-cluster node {node_id} listening on {listen}, state in {state_dir}",
-             node_id=node.node_id, listen=config.listen, state_dir=config.state_dir)
     return top
 
 
-__all__ = ["Options", "build_node", "makeService"]
+__all__ = ["HttpListener", "NodeService", "StartupRefused", "Options", "build_node", "check_usable",
+           "makeService"]

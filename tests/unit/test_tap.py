@@ -1,0 +1,179 @@
+"""Start-up of the service tree: listeners bind first, a failure is one line and an exit."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, capturedLogs
+from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from oxide_cluster.api import ApiRequest
+from oxide_cluster.identity import StateDirLock
+from oxide_cluster.store import StoreError
+from oxide_cluster.tap import (
+    BindOption,
+    HttpListener,
+    NodeService,
+    Options,
+    StartupRefused,
+    _RecoverThenRun,
+)
+
+
+class _Recorder(service.Service):
+    """A child that records which start steps ran."""
+
+    def __init__(self, steps: list[str], name: str) -> None:
+        self._steps = steps
+        self._name = name
+
+    def privilegedStartService(self) -> None:
+        self._steps.append(f"{self._name} bind")
+
+    def startService(self) -> None:
+        super().startService()
+        self._steps.append(f"{self._name} start")
+
+
+class _TakenPort(service.Service):
+    def privilegedStartService(self) -> None:
+        raise CannotListenError("0.0.0.0", 4001,
+                                OSError(errno.EADDRINUSE, "Address already in use"))
+
+
+def _node_service(tmp_path) -> tuple[NodeService, StateDirLock]:
+    lock = StateDirLock(tmp_path)
+    lock.acquire()
+    return NodeService(lock, "n1", tmp_path), lock
+
+
+def test_a_taken_port_stops_start_up_before_any_service_starts(tmp_path):
+    top, lock = _node_service(tmp_path)
+    steps: list[str] = []
+    _Recorder(steps, "store").setServiceParent(top)
+    top.add_listener(_TakenPort(), BindOption("discovery_port", "4001", "--discovery-port"))
+    _Recorder(steps, "http").setServiceParent(top)
+    with capturedLogs() as events, pytest.raises(StartupRefused):
+        top.privilegedStartService()
+    assert steps == ["store bind"]  # nothing started, the next listener never bound
+    problems = [e for e in events if e["log_level"] >= LogLevel.warn]
+    assert len(problems) == 1 and "log_failure" not in problems[0]
+    assert problems[0]["log_level"] == LogLevel.critical
+    assert problems[0]["problem"] == (
+        "discovery_port 4001: address already in use "
+        "(another node on this host? give each node its own --discovery-port)")
+    assert lock._handle is None  # released: a restarted node can take the state dir
+
+
+def test_bind_option_names_the_cause_for_other_errors():
+    option = BindOption("listen", "tcp:80", "--listen port")
+    denied = CannotListenError("", 80, OSError(errno.EACCES, "Permission denied"))
+    assert option.problem(denied) == ("listen tcp:80: permission denied "
+                                      "(ports below 1024 need root or CAP_NET_BIND_SERVICE)")
+    assert option.problem(OSError(errno.ENOENT, "No such file or directory")) == (
+        "listen tcp:80: no such file or directory")
+
+
+def test_http_listener_binds_at_privileged_start_and_logs_its_url_after(tmp_path):
+    reactor = MemoryReactorClock()
+    endpoint = endpoints.serverFromString(reactor, "tcp:4321")
+    listener = HttpListener(endpoint, Site(Resource()), "http", "203.0.113.7")
+    top, _ = _node_service(tmp_path)
+    top.add_listener(listener, BindOption("listen", "tcp:4321", "--listen port"))
+    with capturedLogs() as events:
+        top.privilegedStartService()
+        assert reactor.tcpServers and not events  # bound, nothing said yet
+        top.startService()
+    # A wildcard address is no URL anyone can open: the host's address stands in.
+    assert listener.url() == "http://203.0.113.7:4321/"
+    said = [e for e in events if e.get("url")]
+    assert said and said[0]["dashboard"] == "http://203.0.113.7:4321/ui/"
+    assert said[0]["node_id"] == "n1"
+    top._lock.release()
+
+
+def test_http_listener_url_brackets_ipv6():
+    reactor = MemoryReactorClock()
+    endpoint = endpoints.serverFromString(reactor, r"tcp6:4321:interface=\:\:1")
+    listener = HttpListener(endpoint, Site(Resource()), "https", "unused")
+    listener.privilegedStartService()
+    assert listener.url() == "https://[::1]:4321/"
+
+
+def test_no_discovery_help_reads_the_right_way_round():
+    help_text = {flag[0]: flag[2] for flag in Options.optFlags}["no-discovery"]
+    assert help_text.startswith("turn off UDP discovery")
+    assert "default: True" not in help_text and "on by default" in help_text
+
+
+def test_options_refuse_a_state_dir_under_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("OXIDE_CONFIG", raising=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(usage.UsageError, match=r"state_dir .*file/state: Not a directory"):
+        Options().parseOptions(["--state-dir", str(blocker / "state")])
+
+
+@pytest.mark.parametrize("url", ["localhost:6379", "redis://host:port", "redis://h/db"])
+def test_options_refuse_a_bad_redis_url(tmp_path, url):
+    with pytest.raises(usage.UsageError, match="bad value for 'redis'"):
+        Options().parseOptions(["--state-dir", str(tmp_path), "--redis", url])
+
+
+@pytest.mark.parametrize("status, phrase", [
+    (429, b"Too Many Requests"), (422, b"Unprocessable Entity"),
+    (426, b"Upgrade Required"), (404, b"Not Found"),
+])
+def test_every_status_line_has_its_reason_phrase(status, phrase):
+    class Status(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setResponseCode(status)
+            return b"{}"
+
+    channel = Site(Status(), requestFactory=ApiRequest).buildProtocol(
+        ("127.0.0.1", 1))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    status_line = transport.value().split(b"\r\n", 1)[0]
+    assert status_line == b"HTTP/1.1 %d %s" % (status, phrase)
+    channel.connectionLost(None)
+
+
+
+class _Executor:
+    def startService(self) -> None:
+        pass
+
+    async def recover(self) -> None:
+        raise AssertionError("must not recover without a store")
+
+
+class _Store:
+    def __init__(self, error: Exception) -> None:
+        self.opened = defer.fail(error)
+
+
+@pytest.mark.parametrize("error, one_line", [
+    (StoreError("cannot open the store s/oxide.sqlite3: file is not a database"), True),
+    (RuntimeError("a bug"), False),  # not an operator's problem: keep the traceback
+])
+def test_an_unopenable_store_stops_the_node_with_status_1(tmp_path, error, one_line):
+    exits: list[int] = []
+    starter = _RecoverThenRun(_Store(error), _Executor(), exits.append, tmp_path)
+    with capturedLogs() as events:
+        starter.startService()
+    assert exits == [1]
+    (said,) = [e for e in events if e["log_level"] >= LogLevel.warn]
+    assert ("log_failure" not in said) is one_line
+    if one_line:
+        assert said["problem"] == error.args[0] and said["state_dir"] == tmp_path
