@@ -87,7 +87,9 @@ class Options(usage.Options):
             self.config = config_module.load(command_line, os.environ, self["config"])
             check_usable(self.config)
         except ConfigError as error:
-            raise usage.UsageError(str(error)) from None
+            # One line, not twistd's page of usage: the option is known, its value is not.
+            sys.stderr.write(f"oxide-cluster: cannot start: {error}\n")
+            raise SystemExit(1) from None
         logs.use_config(getattr(self, "parent", None), self.config.log_format)
 
 

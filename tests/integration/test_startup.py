@@ -41,6 +41,7 @@ def exit_code_within_deadline(agent: AgentProcess) -> tuple[int, float]:
 def the_one_error_line(agent: AgentProcess, needle: str) -> str:
     log = agent.log_text()
     assert "Traceback" not in log, log
+    assert "Usage:" not in log, log
     lines = [line for line in log.splitlines() if needle in line]
     assert len(lines) == 1, log
     return lines[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 import pytest
 from twisted.application import service
@@ -10,7 +11,6 @@ from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs
-from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -113,18 +113,26 @@ def test_no_discovery_help_reads_the_right_way_round():
     assert "default: True" not in help_text and "on by default" in help_text
 
 
-def test_options_refuse_a_state_dir_under_a_file(tmp_path, monkeypatch):
+def test_options_refuse_a_state_dir_under_a_file(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OXIDE_CONFIG", raising=False)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(usage.UsageError, match=r"state_dir .*file/state: Not a directory"):
+    with pytest.raises(SystemExit) as exit_info:
         Options().parseOptions(["--state-dir", str(blocker / "state")])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert re.search(r"^oxide-cluster: cannot start: .*state_dir .*file/state: Not a directory",
+                     lines[0])
 
 
 @pytest.mark.parametrize("url", ["localhost:6379", "redis://host:port", "redis://h/db"])
-def test_options_refuse_a_bad_redis_url(tmp_path, url):
-    with pytest.raises(usage.UsageError, match="bad value for 'redis'"):
+def test_options_refuse_a_bad_redis_url(tmp_path, url, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         Options().parseOptions(["--state-dir", str(tmp_path), "--redis", url])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith(
+        "oxide-cluster: cannot start: bad value for 'redis'")
 
 
 @pytest.mark.parametrize("status, phrase", [
