@@ -118,6 +118,13 @@ def _chunks_json(task: Task, offset: int, chunks: list[tuple[int, str, bytes]],
             "output_bytes": task.output_bytes, "chunks": messages}
 
 
+class _BlobFile(static.File):
+    """One stored file, streamed with Range support; a leaf, so Klein's leftover path
+    segments (an artifact's ``a/b.txt``) are not looked up as children of it."""
+
+    isLeaf = True
+
+
 class _Utf8Paths(Resource):
     """Refuse a path that is not UTF-8 in our error shape, before Klein does: Klein
     answers it in plain text and logs a traceback, which any client could repeat."""
@@ -708,7 +715,7 @@ class TaskApi:
         if not blobs.has(digest):
             raise ApiError(404, "blob_not_found", f"no blob {digest} on this node")
         blobs.touch(digest)
-        return static.File(str(blobs.path(digest)), defaultType="application/octet-stream")
+        return _BlobFile(str(blobs.path(digest)), defaultType="application/octet-stream")
 
     async def _artifact_listing(self, request: Request, task_id: str) -> ArtifactListing:
         workspaces = self._blobs()
@@ -741,7 +748,7 @@ class TaskApi:
         if entry is None:
             raise ApiError(404, "artifact_not_found",
                            f"task {task_id} kept no artifact {path!r}")
-        served = static.File(str(self._blobs().blobs.path(entry["sha256"])))
+        served = _BlobFile(str(self._blobs().blobs.path(entry["sha256"])))
         served.type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         served.encoding = None
         return served

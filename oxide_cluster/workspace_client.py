@@ -117,7 +117,9 @@ def scan_tree(root: str | Path, excludes: Sequence[str] = ()) -> LocalTree:
     listed = _git_files(root)
     names = [n for n in listed if not _excluded(n, excludes)] if listed is not None \
         else list(_walk(root, excludes))
-    files, links, sources = [], [], {}
+    files: list[FileEntry] = []
+    links: list[LinkEntry] = []
+    sources: dict[str, Path] = {}
     for relative in names:
         try:
             check_relative_path(relative)
