@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import math
+import mimetypes
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
@@ -13,12 +15,13 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web import http, static
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
+from oxide_cluster.cas import BlobError
 from oxide_cluster.dashboard import UiFiles
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import (
@@ -28,12 +31,14 @@ from oxide_cluster.forwarding import (
     PeerReply,
     PeerUnavailable,
 )
+from oxide_cluster.manifest import is_digest
 from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.openapi import document as openapi_document
 from oxide_cluster.placement import Placement
 from oxide_cluster.store import StoreError
+from oxide_cluster.workspace import ArtifactListing, Workspaces
 from oxide_cluster.ws import output_messages
 
 MAX_WAIT = 300.0
@@ -133,6 +138,13 @@ def _chunks_json(task: Task, offset: int, chunks: list[tuple[int, str, bytes]],
             "output_bytes": task.output_bytes, "chunks": messages}
 
 
+class _BlobFile(static.File):
+    """One stored file, streamed with Range support; a leaf, so Klein's leftover path
+    segments (an artifact's ``a/b.txt``) are not looked up as children of it."""
+
+    isLeaf = True
+
+
 class _Utf8Paths(Resource):
     """Refuse a path that is not UTF-8 in our error shape, before Klein does: Klein
     answers it in plain text and logs a traceback, which any client could repeat."""
@@ -160,8 +172,10 @@ class TaskApi:
     log = Logger()
 
     def __init__(self, node: Node, websocket: Any = None, peers: PeerClient | None = None,
-                 placement: Placement | None = None, directory: Any = None) -> None:
+                 placement: Placement | None = None, directory: Any = None,
+                 workspaces: Workspaces | None = None) -> None:
         self.node = node
+        self.workspaces = workspaces
         self.directory = directory
         self.peers = peers
         self.placement = placement
@@ -457,6 +471,8 @@ class TaskApi:
                                                    "idle_timeout", "labels")}
         fields["retries"] = int(record["retries"]) - 1
         fields["tty"] = bool(record.get("tty", False))
+        fields.update({name: record[name] for name in ("workspace", "artifacts")
+                       if record.get(name)})
         task_request = parse_task_request(fields, self.node.config.max_timeout)
         attempt = int(record.get("attempt") or 1) + 1
         body = json.dumps(fields).encode()
@@ -681,3 +697,96 @@ class TaskApi:
         if finished is not None:
             return render_json(request, self._task_json(finished), 200)
         return render_json(request, self._task_json(task), 202)
+
+    # -- content-addressed blobs and artifacts (logic in cas.py and workspace.py) -------
+
+    def _blobs(self) -> Workspaces:
+        if self.workspaces is None:
+            raise ApiError(404, "not_found", "this node keeps no blobs")
+        return self.workspaces
+
+    @staticmethod
+    def _digest(digest: str) -> str:
+        if not is_digest(digest):
+            raise ApiError(400, "bad_digest",
+                           "a digest is 64 lowercase hex characters (SHA-256)")
+        return digest
+
+    @app.route("/cas/missing", methods=["POST"])
+    async def cas_missing(self, request: Request) -> bytes:
+        """Which of these digests this node lacks: a client uploads only those."""
+        self._authorize(request)
+        workspaces = self._blobs()
+        _, body = self._json_body(request)
+        if not isinstance(body, list) or not all(is_digest(item) for item in body):
+            raise ApiError(400, "bad_request",
+                           "send a JSON list of digests (64 lowercase hex characters)")
+        await workspaces.blobs.loaded
+        return render_json(request, {"missing": workspaces.blobs.missing(body)})
+
+    @app.route("/cas/<digest>", methods=["PUT"])
+    async def cas_put(self, request: Request, digest: str) -> bytes:
+        """Store one blob; its bytes must hash to ``digest``."""
+        self._authorize(request)
+        blobs = self._blobs().blobs
+        self._digest(digest)
+        length = request.getHeader(b"content-length")
+        if length is not None and length.isdigit() and int(length) > blobs.capacity:
+            raise ApiError(413, "blob_too_large",
+                           f"blob is over the limit of {blobs.capacity} bytes "
+                           "(workspace_cache)")
+        content: Any = request.content if request.content is not None else io.BytesIO()
+        try:
+            created = await blobs.put_file(digest, content)
+        except BlobError as error:
+            raise ApiError(error.status, error.code, error.message) from None
+        return render_json(request, {"digest": digest, "size": blobs.size(digest),
+                                     "stored": created}, 201 if created else 200)
+
+    @app.route("/cas/<digest>", methods=["GET"])
+    async def cas_get(self, request: Request, digest: str) -> Any:
+        """One blob's bytes (node to node: a node fetches the blobs its task lacks)."""
+        self._authorize(request)
+        blobs = self._blobs().blobs
+        self._digest(digest)
+        await blobs.loaded
+        if not blobs.has(digest):
+            raise ApiError(404, "blob_not_found", f"no blob {digest} on this node")
+        blobs.touch(digest)
+        return _BlobFile(str(blobs.path(digest)), defaultType="application/octet-stream")
+
+    async def _artifact_listing(self, request: Request, task_id: str) -> ArtifactListing:
+        workspaces = self._blobs()
+        task = await self._find_task(task_id)
+        if task.state.terminal:
+            ending = self.node.executor.when_finished(task_id)
+            if ending is not None:  # ended, artifacts being kept: answer once they are
+                await ending
+        return await workspaces.listing(task_id) or ArtifactListing(task_id)
+
+    @app.route("/task/<task_id>/artifacts", methods=["GET"])
+    async def artifacts(self, request: Request, task_id: str) -> bytes:
+        """The files a task left that matched its ``artifacts`` globs (from any node)."""
+        self._authorize(request)
+        owner = self._remote_owner(request, task_id)
+        if owner is not None:
+            return await self._forward(request, owner, None, HOP_RUN)
+        listing = await self._artifact_listing(request, task_id)
+        return render_json(request, listing.to_json())
+
+    @app.route("/task/<task_id>/artifacts/<path:path>", methods=["GET"])
+    async def artifact(self, request: Request, task_id: str, path: str) -> Any:
+        """One artifact's bytes."""
+        self._authorize(request)
+        owner = self._remote_owner(request, task_id)
+        if owner is not None:
+            return await self._forward(request, owner, None, HOP_RUN)
+        listing = await self._artifact_listing(request, task_id)
+        entry = listing.find(path)
+        if entry is None:
+            raise ApiError(404, "artifact_not_found",
+                           f"task {task_id} kept no artifact {path!r}")
+        served = _BlobFile(str(self._blobs().blobs.path(entry["sha256"])))
+        served.type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        served.encoding = None
+        return served

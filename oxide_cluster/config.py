@@ -42,6 +42,13 @@ def _positive_float(value: Any) -> float:
     return number
 
 
+def _non_negative_float(value: Any) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be a number >= 0")
+    return number
+
+
 def _percent(value: Any) -> float:
     number = float(value)
     if not 0 < number <= 100:
@@ -176,6 +183,12 @@ SETTINGS: tuple[Setting, ...] = (
             env="OXIDE_REDIS_URL"),
     Setting("leader_ttl", _positive_float, 2.0,
             "seconds a Redis leader lease lasts (failover after a crash takes about this)"),
+    Setting("workspace_cache", _positive_int, 4 * 1024 ** 3,
+            "bytes of workspace and artifact blobs kept in the state dir (LRU beyond)"),
+    Setting("artifact_limit", _positive_int, 256 * 1024 * 1024,
+            "bytes of artifacts kept per task; the rest is not kept and the cut recorded"),
+    Setting("keep_failed_workspaces", _non_negative_float, 0.0,
+            "seconds to keep the directory of a task that did not succeed (0: remove)"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
     Setting("access_log", _on_off, False,
             "one log line per HTTP request (true/false); /metrics counts requests either way"),
@@ -213,6 +226,9 @@ class Config:
     leader_ttl: float
     log_format: str
     access_log: bool = False
+    workspace_cache: int = 4 * 1024 ** 3
+    artifact_limit: int = 256 * 1024 * 1024
+    keep_failed_workspaces: float = 0.0
 
     @property
     def clustered(self) -> bool:

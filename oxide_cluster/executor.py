@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet import defer, error, main, process, protocol
@@ -35,6 +35,17 @@ OUTPUT_BACKLOG_LOW = 2 * 1024 * 1024
 
 OutputListener = Callable[[Task, int, str, bytes], None]
 StateListener = Callable[[Task], None]
+
+
+class WorkspaceHook(Protocol):
+    """Builds a task's directory before it runs and collects its artifacts after
+    (``oxide_cluster.workspace.Workspaces``)."""
+
+    def prepare(self, task: Task) -> defer.Deferred[str]:
+        """Fires with the directory to run in, or fails with the reason."""
+
+    def finish(self, task: Task) -> defer.Deferred[None]:
+        """Fires once artifacts are kept and the directory is gone (or kept)."""
 
 
 def base_environment(task: Task) -> dict[str, str]:
@@ -200,14 +211,18 @@ class TaskRun:
 
     # -- start ------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Spawn the process, or end the task ``failed`` with a reason a human can act on."""
+    def start(self, directory: str | None = None) -> None:
+        """Spawn the process, or end the task ``failed`` with a reason a human can act on.
+
+        ``directory`` (a built workspace) replaces the task's own ``cwd``."""
         task = self.task
         env = base_environment(task)
         env.update(task.env)
         env.update(self._secret_env)
-        if task.cwd is not None and not os.path.isdir(task.cwd):
-            self._finish(TaskState.FAILED, f"cwd does not exist: {task.cwd}")
+        cwd = directory or task.cwd
+        if cwd is not None and not os.path.isdir(cwd):
+            where = f"{task.cwd} (in the workspace)" if directory else cwd
+            self._finish(TaskState.FAILED, f"cwd does not exist: {where}")
             return
         executable = shutil.which(task.command, path=env.get("PATH"))
         if executable is None and os.sep in task.command:
@@ -217,7 +232,7 @@ class TaskRun:
             return
         try:
             proc = self._spawn(self._reactor, _TaskProtocol(self), executable,
-                               [task.command, *task.args], env, task.cwd, tty=task.tty)
+                               [task.command, *task.args], env, cwd, tty=task.tty)
         except OSError as failure:
             self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure.strerror}")
             return
@@ -295,6 +310,9 @@ class TaskRun:
         """Begin the kill sequence (TERM, grace, KILL); False if already ending."""
         if self._done or self._stop is not None:
             return False
+        if self._process is None:  # not started yet (its workspace is being built)
+            self._finish(state, reason)
+            return True
         self._stop = (state, reason)
         self._cancel_timer("idle")
         self._cancel_timer("timeout")
@@ -336,6 +354,14 @@ class TaskRun:
         if timer is not None and timer.active():
             timer.cancel()
 
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def fail_to_start(self, reason: str) -> None:
+        """End a task that never started (its workspace could not be made)."""
+        self._finish(TaskState.FAILED, reason)
+
     def _finish(self, state: TaskState, reason: str) -> None:
         if self._done:
             return
@@ -372,9 +398,11 @@ class Executor(service.Service):
                  load: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0),
                  max_cpu_percent: float = 100.0, max_memory_percent: float = 100.0,
                  spawn: Callable[..., Any] = spawn_in_new_group,
-                 signal_group: Callable[[int, int], None] = os.killpg) -> None:
+                 signal_group: Callable[[int, int], None] = os.killpg,
+                 workspaces: WorkspaceHook | None = None) -> None:
         self._reactor = reactor
         self._store = store
+        self._workspaces = workspaces
         self._signal_group = signal_group
         self.node_id = node_id
         self.max_tasks = max_tasks
@@ -479,13 +507,18 @@ class Executor(service.Service):
             created_at=now,
             attempt=attempt,
             retry_of=retry_of,
+            workspace=request.workspace,
+            artifacts=list(request.artifacts) or None,
         )
         run = TaskRun(self._reactor, task, dict(request.secret_env),
                       kill_grace=self._kill_grace, output_limit=self._output_limit,
                       on_output=self._output, on_finished=self._finished, spawn=self._spawn,
                       signal_group=self._signal_group)
         self.runs[task.id] = run
-        run.start()
+        if task.workspace is not None:
+            self._start_in_workspace(run)
+        else:
+            run.start()
         if self._output_paused:
             run.pause_output()
         stored = self._store.put_task(task)
@@ -497,6 +530,29 @@ class Executor(service.Service):
             run.stop(TaskState.FAILED, "the store cannot be written; task stopped")
             return failure
         return stored.addCallbacks(lambda _: task, not_recorded)
+
+    def _start_in_workspace(self, run: TaskRun) -> None:
+        """The task stays ``queued`` (holding its slot) while its directory is built."""
+        if self._workspaces is None:
+            run.fail_to_start("this node cannot build workspaces")
+            return
+
+        def built(directory: str) -> None:
+            if run.done:  # cancelled meanwhile
+                return
+            run.start(directory)
+            if self._output_paused:
+                run.pause_output()
+            if run.task.state is TaskState.RUNNING:
+                self._store.put_task(run.task).addErrback(self._log_store_failure,
+                                                          run.task.id)
+                self._notify_state(run.task)
+
+        def not_built(failure: Failure) -> None:
+            if not run.done:
+                run.fail_to_start(failure.getErrorMessage())
+
+        self._workspaces.prepare(run.task).addCallbacks(built, not_built)
 
     def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
         run = self.runs.get(task_id)
@@ -554,6 +610,18 @@ class Executor(service.Service):
                 self.log.failure("output listener failed for task {task_id}", task_id=task.id)
 
     def _finished(self, run: TaskRun) -> None:
+        task = run.task
+        if task.workspace is not None and self._workspaces is not None:
+            # Artifacts are kept before the end is announced: a client that sees the
+            # task end finds them listed. The slot stays held meanwhile.
+            collected = self._workspaces.finish(task)
+            collected.addErrback(lambda failure: self.log.failure(
+                "cannot collect the artifacts of task {task_id}", failure, task_id=task.id))
+            collected.addCallback(lambda _: self._record_finished(run))
+        else:
+            self._record_finished(run)
+
+    def _record_finished(self, run: TaskRun) -> None:
         task = run.task
         self.runs.pop(task.id, None)
         self.finished_total += 1

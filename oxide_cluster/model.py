@@ -12,6 +12,8 @@ from typing import Any
 
 import attrs
 
+from oxide_cluster.manifest import ManifestError, check_glob, check_relative_path, is_digest
+
 
 class TaskState(str, enum.Enum):
     QUEUED = "queued"
@@ -77,6 +79,8 @@ class Task:
     finished_at: float | None = None
     attempt: int = 1
     retry_of: str | None = None
+    workspace: str | None = None
+    artifacts: list[str] | None = None
     output_bytes: int = 0
     output_dropped: int = 0
     pid: int | None = None
@@ -100,6 +104,8 @@ class Task:
             "finished_at": rfc3339(self.finished_at),
             "attempt": self.attempt,
             "retry_of": self.retry_of,
+            "workspace": self.workspace,
+            "artifacts": self.artifacts,
             "output_bytes": self.output_bytes,
             "output_dropped": self.output_dropped,
             "timeout": self.timeout,
@@ -133,12 +139,14 @@ class TaskRequest:
     node: str | None = None
     retries: int = 0
     tty: bool = False
+    workspace: str | None = None
+    artifacts: tuple[str, ...] = ()
 
 
 _FIELDS = {
     "command", "args", "cwd", "env", "secret_env", "timeout", "idle_timeout",
     "labels", "node", "retries", "tty",
-}
+} | {"workspace", "artifacts"}
 _MAX_TEXT = 64 * 1024
 
 
@@ -197,10 +205,17 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
     if not isinstance(args, list):
         raise RequestError("args", "must be a list of strings")
     checked_args = tuple(_string(f"args[{i}]", a, allow_empty=True) for i, a in enumerate(args))
+    workspace, artifacts = _workspace_fields(body)
     cwd = body.get("cwd")
     if cwd is not None:
         cwd = _string("cwd", cwd)
-        if not os.path.isabs(cwd):
+        if workspace is not None:
+            try:
+                check_relative_path(cwd, "cwd")
+            except ManifestError as error:
+                raise RequestError("cwd", f"with a workspace, must be relative to it: "
+                                          f"{error}") from None
+        elif not os.path.isabs(cwd):
             raise RequestError("cwd", "must be an absolute path")
     env = _string_map("env", body.get("env", {}), env_names=True)
     secret_env = _string_map("secret_env", body.get("secret_env", {}), env_names=True)
@@ -230,4 +245,26 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
         node=node,
         retries=retries,
         tty=tty,
+        workspace=workspace,
+        artifacts=artifacts,
     )
+
+
+def _workspace_fields(body: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """``workspace`` (a manifest digest) and ``artifacts`` (globs inside the task dir)."""
+    workspace = body.get("workspace")
+    if workspace is not None and not is_digest(workspace):
+        raise RequestError("workspace", "must be a manifest digest (64 lowercase hex "
+                                        "characters, SHA-256)")
+    globs = body.get("artifacts", [])
+    if not isinstance(globs, list) or len(globs) > 100:
+        raise RequestError("artifacts", "must be a list of at most 100 globs")
+    for index, pattern in enumerate(globs):
+        try:
+            check_glob(pattern)
+        except ManifestError as error:
+            raise RequestError(f"artifacts[{index}]", str(error)) from None
+    if globs and workspace is None:
+        raise RequestError("artifacts", "needs a workspace: artifacts are collected from "
+                                        "the task's own directory")
+    return workspace, tuple(globs)

@@ -53,6 +53,9 @@ _UNAVAILABLE = _error("the node owning the task is known but not reachable", ret
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "description": "long-poll: seconds to wait for the task to end (or output to arrive)",
          "schema": {"type": "number", "minimum": 0, "maximum": 300}}
+_DIGEST = {"name": "digest", "in": "path", "required": True,
+           "description": "SHA-256 of the blob, 64 lowercase hex characters",
+           "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}
 _TASK_ID = {"name": "task_id", "in": "path", "required": True,
             "description": "`<time><random>-<node id>`: names the node that owns the task",
             "schema": {"type": "string", "minLength": 1}}
@@ -111,6 +114,12 @@ SCHEMAS: dict[str, Any] = {
                     "description": "run on a pseudo-terminal: the task sees a terminal "
                     "(colours, line buffering); stdout and stderr arrive as one stream, "
                     "recorded as stdout, with CRLF line ends"},
+            "workspace": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$",
+                          "description": "manifest digest (see /cas): the task runs in a "
+                          "fresh directory built from it; cwd is then relative to it"},
+            "artifacts": {"type": "array", "maxItems": 100, "items": {**_NAME},
+                          "description": "globs relative to the task directory (needs "
+                          "workspace); matching files are kept after the task ends"},
         },
     },
     "Task": {
@@ -137,6 +146,8 @@ SCHEMAS: dict[str, Any] = {
             "retry_of": _STRING_OR_NULL,
             "output_bytes": {"type": "integer", "minimum": 0},
             "output_dropped": {"type": "integer", "minimum": 0},
+            "workspace": {"type": ["string", "null"]},
+            "artifacts": {"type": ["array", "null"], "items": {"type": "string"}},
             "timeout": _NUMBER_OR_NULL,
             "idle_timeout": _NUMBER_OR_NULL,
             "retries": {"type": "integer", "minimum": 0},
@@ -354,6 +365,64 @@ PATHS: dict[str, Any] = {
         "responses": {**_TASK_RESPONSES, "400": _BAD_QUERY, "404": _NOT_FOUND,
                       "409": _error("the task already ended"), "503": _UNAVAILABLE},
     })},
+    "/cas/missing": {"post": _secured({
+        "summary": "Which of these blob digests this node lacks (upload only those)",
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "array", "items": {"type": "string",
+                                                  "pattern": "^[0-9a-f]{64}$"}}}}},
+        "responses": {
+            "200": _json({"type": "object", "required": ["missing"],
+                          "properties": {"missing": {"type": "array",
+                                                     "items": {"type": "string"}}}},
+                         "the digests this node does not have"),
+            "400": _error("not a JSON list of SHA-256 digests"),
+            "413": _error("body larger than max_body"),
+            "415": _error("Content-Type is not application/json"),
+        },
+    })},
+    "/cas/{digest}": {
+        "put": _secured({
+            "summary": "Store one blob; its bytes must hash (SHA-256) to the digest",
+            "parameters": [_DIGEST],
+            "requestBody": {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}},
+            "responses": {
+                "200": _json(_ref("BlobStored"), "already stored"),
+                "201": _json(_ref("BlobStored"), "stored"),
+                "400": _error("bad digest, or the bytes do not match it "
+                              "(`digest_mismatch`)"),
+                "413": _error("blob larger than workspace_cache"),
+                "507": _error("no room: disk full, or the cache is full of blobs that "
+                              "queued or running tasks need"),
+            },
+        }),
+        "get": _secured({
+            "summary": "One blob's bytes (nodes fetch what their tasks lack from peers)",
+            "parameters": [_DIGEST],
+            "responses": {
+                "200": {"description": "the bytes", "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "400": _error("not a SHA-256 digest"),
+                "404": _error("this node does not have the blob"),
+            },
+        }),
+    },
+    "/task/{task_id}/artifacts": {"get": _secured({
+        "summary": "Files the task kept (its `artifacts` globs), from any node",
+        "parameters": [_TASK_ID],
+        "responses": {"200": _json(_ref("Artifacts"), "path, size and sha256 of each"),
+                      "404": _NOT_FOUND, "503": _UNAVAILABLE},
+    })},
+    "/task/{task_id}/artifacts/{path}": {"get": _secured({
+        "summary": "One artifact's bytes, from any node",
+        "parameters": [_TASK_ID, {"name": "path", "in": "path", "required": True,
+                                  "schema": {"type": "string", "minLength": 1}}],
+        "responses": {"200": {"description": "the file's bytes",
+                              "content": {"application/octet-stream": {
+                                  "schema": {"type": "string", "format": "binary"}}}},
+                      "404": _error("no such task, or it kept no such artifact"),
+                      "503": _UNAVAILABLE},
+    })},
     "/ws": {"get": {
         "summary": "WebSocket upgrade: live output and cluster events",
         "description": "Send `Connection: Upgrade` and `Upgrade: websocket`. The secret goes "
@@ -387,6 +456,27 @@ PATHS: dict[str, Any] = {
         "responses": {"200": {"description": "the file"},
                       "404": {"description": "no such file"}},
     }},
+}
+
+SCHEMAS["BlobStored"] = {
+    "type": "object", "required": ["digest", "size", "stored"],
+    "properties": {"digest": {"type": "string"}, "size": {"type": ["integer", "null"]},
+                   "stored": {"type": "boolean"}},
+}
+SCHEMAS["Artifacts"] = {
+    "type": "object", "required": ["task", "artifacts", "skipped", "cut"],
+    "properties": {
+        "task": {"type": "string"},
+        "artifacts": {"type": "array", "items": {
+            "type": "object", "required": ["path", "size", "sha256"],
+            "properties": {"path": {"type": "string"}, "size": {"type": "integer"},
+                           "sha256": {"type": "string"}}}},
+        "skipped": {"type": "array", "items": {
+            "type": "object", "required": ["path", "reason"],
+            "properties": {"path": {"type": "string"}, "reason": {"type": "string"}}}},
+        "cut": {"type": ["string", "null"],
+                "description": "set when artifact_limit stopped keeping files"},
+    },
 }
 
 SCHEMAS["Readiness"] = {

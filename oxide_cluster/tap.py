@@ -22,6 +22,7 @@ from twisted.web.server import Site
 from oxide_cluster import config as config_module
 from oxide_cluster import logs
 from oxide_cluster.api import ApiRequest, TaskApi
+from oxide_cluster.cas import BlobStore
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
@@ -45,6 +46,7 @@ from oxide_cluster.placement import Placement
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
+from oxide_cluster.workspace import PeerBlobs, Workspaces
 from oxide_cluster.ws import LiveFactory, LiveHub
 
 log = Logger()
@@ -286,12 +288,18 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     store.setServiceParent(top)
     sampler = StatsSampler(config.sample_interval, reactor)
     sampler.setServiceParent(top)
+    blobs = BlobStore(reactor, config.state_dir / "cas", config.workspace_cache)
+    blobs.setServiceParent(top)
+    workspaces = Workspaces(reactor, blobs, config.state_dir,
+                            artifact_limit=config.artifact_limit,
+                            keep_failed=config.keep_failed_workspaces)
+    workspaces.setServiceParent(top)
     executor = Executor(
         reactor, store, node_id,
         max_tasks=config.max_tasks, kill_grace=config.kill_grace,
         output_limit=config.output_limit, default_timeout=config.default_timeout,
         load=sampler.cpu_and_memory, max_cpu_percent=config.max_cpu_percent,
-        max_memory_percent=config.max_memory_percent,
+        max_memory_percent=config.max_memory_percent, workspaces=workspaces,
     )
     elector: Any = StandaloneElector(reactor, node_id)
     if config.redis:
@@ -325,6 +333,10 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         placement = Placement(reactor, node)
         reactor.addSystemEventTrigger("before", "shutdown", peers.close)
         hub.peers, hub.node_id, hub.reactor = peers, node_id, reactor
+        membership = node.discovery.membership
+        # Set before any service starts: the peer client exists only after discovery.
+        workspaces.source = PeerBlobs(
+            peers, lambda: [peer.node_id for peer in membership.healthy()])
     directory = None
     if config.redis:
         directory = TaskDirectory(RedisLockBackend(reactor, RedisAddress.parse(config.redis)),
@@ -333,7 +345,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         reactor.callWhenRunning(directory.connect)
         reactor.addSystemEventTrigger("after", "shutdown", directory.close)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
-                  peers=peers, placement=placement, directory=directory)
+                  peers=peers, placement=placement, directory=directory,
+                  workspaces=workspaces)
     if directory is not None and node.discovery is not None:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)

@@ -1,0 +1,285 @@
+"""The node's content-addressed blob store: files named by their SHA-256, in the state dir.
+
+A blob is written to a temporary file while its digest is computed, and renamed to its
+name only if the digest matches: a reader never sees a partial or wrong blob, and an agent
+killed mid-write leaves only a temporary file (swept at start). The cache has a size cap
+(``workspace_cache``); past it, the least recently used blobs go, except those pinned: a
+queued or running task pins its workspace's blobs, and a task's artifacts stay pinned
+for as long as the task keeps them. The index and the pins live on the reactor thread;
+every file operation runs on the store's own small thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from oxide_cluster.manifest import is_digest
+
+CHUNK = 1024 * 1024
+T = TypeVar("T")
+# Runs a blocking function somewhere that is not the reactor thread (tests: right away).
+Offload = Callable[[Callable[[], T]], "defer.Deferred[T]"]
+
+
+class BlobError(Exception):
+    """A blob is refused; ``status`` is the HTTP status that says why (400, 413, 507)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _copy_hashing(source: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, int]:
+    """Copy in chunks (never the whole blob in memory); stop past ``limit`` bytes."""
+    digest = hashlib.sha256()
+    size = 0
+    while True:
+        chunk = source.read(CHUNK)
+        if not chunk:
+            return digest.hexdigest(), size
+        size += len(chunk)
+        if size > limit:
+            raise BlobError(413, "blob_too_large",
+                            f"blob is over the limit of {limit} bytes (workspace_cache)")
+        digest.update(chunk)
+        target.write(chunk)
+
+
+class BlobStore(service.Service):
+    """SHA-256 blobs under ``<state_dir>/cas``, LRU-evicted past ``capacity`` bytes."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorThreads, root: Path, capacity: int,
+                 offload: Offload[object] | None = None) -> None:
+        self._reactor = reactor
+        self.root = root
+        self.capacity = capacity
+        self._pool: ThreadPool | None = None
+        self._offload = offload
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._pins: dict[str, int] = {}
+        self.used = 0
+        self.evicted = 0
+        self.loaded: defer.Deferred[None] = defer.Deferred()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._offload is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=4, name="oxide-cas")
+            self._pool.start()
+        self._run(self._scan).addCallbacks(self._indexed, self.loaded.errback)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+
+    def run(self, function: Callable[[], T]) -> defer.Deferred[T]:
+        """Run blocking file work off the reactor thread (shared with the workspaces)."""
+        return self._run(function)
+
+    def _run(self, function: Callable[[], T]) -> defer.Deferred[T]:
+        if self._offload is not None:
+            result: defer.Deferred[T] = self._offload(function)  # type: ignore[assignment]
+            return result
+        assert self._pool is not None, "the blob store is not running"
+        return threads.deferToThreadPool(self._reactor, self._pool, function)
+
+    def _scan(self) -> list[tuple[float, str, int]]:
+        """Existing blobs with their last use (atime or mtime), and no leftover temp files."""
+        tmp = self.root / "tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        found = []
+        for shard in self.root.iterdir():
+            if len(shard.name) != 2 or not shard.is_dir():
+                continue
+            for blob in shard.iterdir():
+                if is_digest(blob.name) and blob.name.startswith(shard.name):
+                    info = blob.stat()
+                    found.append((max(info.st_atime, info.st_mtime), blob.name, info.st_size))
+        found.sort()
+        return found
+
+    def _indexed(self, found: list[tuple[float, str, int]]) -> None:
+        for _, digest, size in found:
+            self._sizes[digest] = size
+            self.used += size
+        self.log.info("blob cache: {count} blobs, {used} bytes (cap {cap})",
+                      count=len(found), used=self.used, cap=self.capacity)
+        self.loaded.callback(None)
+
+    # -- queries (reactor thread, in memory) ------------------------------------
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def has(self, digest: str) -> bool:
+        return digest in self._sizes
+
+    def size(self, digest: str) -> int | None:
+        return self._sizes.get(digest)
+
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        """The digests this node lacks, in order; those it has count as just used, so
+        they are not evicted between a client's question and its task."""
+        lacking = []
+        for digest in digests:
+            if digest in self._sizes:
+                self._sizes.move_to_end(digest)
+            elif digest not in lacking:
+                lacking.append(digest)
+        return lacking
+
+    def touch(self, digest: str) -> None:
+        if digest in self._sizes:
+            self._sizes.move_to_end(digest)
+
+    # -- pins -------------------------------------------------------------------
+
+    def pin(self, digests: Iterable[str]) -> None:
+        """Keep these blobs until ``unpin``; pins count, so two tasks may share one."""
+        for digest in digests:
+            self._pins[digest] = self._pins.get(digest, 0) + 1
+            self.touch(digest)
+
+    def unpin(self, digests: Iterable[str]) -> None:
+        for digest in digests:
+            count = self._pins.get(digest, 0) - 1
+            if count > 0:
+                self._pins[digest] = count
+            else:
+                self._pins.pop(digest, None)
+
+    def pinned(self, digest: str) -> bool:
+        return digest in self._pins
+
+    # -- writes -----------------------------------------------------------------
+
+    async def put_file(self, digest: str, source: BinaryIO, pin: bool = False) -> bool:
+        """Store ``source``'s bytes as ``digest``; False if it was already there.
+
+        Raises BlobError: 400 when the bytes do not hash to ``digest``, 413 over the cap,
+        507 when pinned blobs leave no room. With ``pin``, the blob is pinned as it is
+        admitted (no eviction can slip in between).
+        """
+        if not is_digest(digest):
+            raise BlobError(400, "bad_digest", "a digest is 64 lowercase hex characters")
+        await self.loaded
+        if digest in self._sizes:
+            if pin:
+                self.pin([digest])
+            self.touch(digest)
+            return False
+        _, size = await self._run(lambda: self._write(digest, source))
+        return await self._admit(digest, size, pin)
+
+    async def put_bytes(self, digest: str, data: bytes, pin: bool = False) -> bool:
+        return await self.put_file(digest, io.BytesIO(data), pin)
+
+    async def put_stream(self, source: BinaryIO, pin: bool = False) -> tuple[str, int]:
+        """Store bytes whose digest is not known in advance (artifacts); their digest
+        and size."""
+        await self.loaded
+        digest, size = await self._run(lambda: self._write(None, source))
+        await self._admit(digest, size, pin)
+        return digest, size
+
+    def _write(self, expected: str | None, source: BinaryIO) -> tuple[str, int]:
+        fd, temp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="put-")
+        try:
+            with os.fdopen(fd, "wb") as target:
+                actual, size = _copy_hashing(source, target, self.capacity)
+            if expected is not None and actual != expected:
+                raise BlobError(400, "digest_mismatch",
+                                f"the bytes hash to {actual}, not {expected}")
+            os.chmod(temp_name, 0o444)
+            final = self.path(actual)
+            final.parent.mkdir(exist_ok=True)
+            os.replace(temp_name, final)
+            return actual, size
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise BlobError(507, "disk_full", "no space left for the blob") from None
+            raise
+        finally:
+            if os.path.exists(temp_name):
+                os.unlink(temp_name)
+
+    async def _admit(self, digest: str, size: int, pin: bool) -> bool:
+        if digest in self._sizes:  # a concurrent upload of the same bytes won
+            if pin:
+                self.pin([digest])
+            return False
+        victims = self._choose_victims(size)
+        if victims is None:
+            await self._run(lambda: _unlink(self.path(digest)))
+            raise BlobError(507, "cache_full",
+                            f"the blob cache holds {self.used} bytes of blobs that queued or "
+                            f"running tasks need; {size} more do not fit in "
+                            f"workspace_cache={self.capacity}")
+        self._sizes[digest] = size
+        self.used += size
+        if pin:
+            self.pin([digest])
+        if victims:
+            paths = [self.path(victim) for victim in victims]
+            await self._run(lambda: _unlink_all(paths))
+        return True
+
+    def _choose_victims(self, incoming: int) -> list[str] | None:
+        """Least recently used unpinned blobs to drop so ``incoming`` bytes fit; None if
+        even dropping all of them would not be enough. Dropped from the index at once."""
+        excess = self.used + incoming - self.capacity
+        if excess <= 0:
+            return []
+        chosen, freed = [], 0
+        for digest, size in self._sizes.items():
+            if freed >= excess:
+                break
+            if digest not in self._pins:
+                chosen.append(digest)
+                freed += size
+        if freed < excess:
+            return None
+        for digest in chosen:
+            self.used -= self._sizes.pop(digest)
+        self.evicted += len(chosen)
+        return chosen
+
+    def open(self, digest: str) -> BinaryIO:
+        """Open a stored blob for reading (blocking: call it off the reactor thread)."""
+        return open(self.path(digest), "rb")
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        _unlink(path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,448 @@
+"""Per-task workspaces built from the blob cache, and the artifacts a task leaves.
+
+A task with a ``workspace`` (a manifest digest) gets a fresh directory
+``<state_dir>/workspaces/<task id>``. Files are *copied* from the cache (a reflink where
+the filesystem offers one, else an in-kernel ``sendfile``), never hard-linked: the task
+runs as the agent's own user, so it could ``chmod u+w`` a hard-linked file and write
+through the shared inode into the cache,
+corrupting the blob for every later task. Blobs the node lacks are fetched from peers
+that have them; a task whose blobs nobody has fails naming them.
+
+After the task ends, whatever its state, files matching its ``artifacts`` globs are
+stored in the cache with the task (pinned, so never evicted) and listed in
+``<state_dir>/artifacts/<task id>.json``. Paths are opened one directory at a time with
+``O_NOFOLLOW`` below the task directory: a symlink planted by the task (to
+``/etc/shadow``, to the agent's state) is skipped with a reason, never followed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from oxide_cluster.cas import BlobError, BlobStore
+from oxide_cluster.forwarding import PeerClient, PeerUnavailable
+from oxide_cluster.manifest import (
+    Manifest,
+    ManifestError,
+    check_relative_path,
+    glob_regex,
+    parse_manifest,
+)
+from oxide_cluster.model import Task, TaskState
+
+_FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
+MAX_LISTED_MISSING = 5
+
+
+class WorkspaceError(Exception):
+    """The workspace cannot be made; the message is the task's reason."""
+
+
+class BlobSource(Protocol):
+    """Where a node gets blobs it lacks (its peers)."""
+
+    async def fetch(self, store: BlobStore, digests: list[str]) -> list[str]:
+        """Fetch what peers have into ``store``; the digests still missing after."""
+
+
+# -- building a tree (blocking: runs off the reactor thread) --------------------------
+
+
+def _clone_or_copy(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return
+        except OSError:
+            pass  # not a reflink filesystem (ext4, tmpfs): the kernel copies the bytes
+        size, offset = os.fstat(src.fileno()).st_size, 0
+        while offset < size:
+            sent = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
+            if not sent:
+                break
+            offset += sent
+
+
+def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path) -> None:
+    """Create ``root`` (which must not exist) holding the manifest's files and symlinks.
+
+    Raises WorkspaceError on a full disk (after removing what was made)."""
+    try:
+        root.mkdir(mode=0o755)
+        made: set[str] = set()
+        for entry in manifest.files:
+            parent = os.path.dirname(entry.path)
+            if parent and parent not in made:
+                (root / parent).mkdir(parents=True, exist_ok=True)
+                made.add(parent)
+            target = root / entry.path
+            _clone_or_copy(blob_path(entry.digest), target)
+            os.chmod(target, entry.mode)
+        for link in manifest.links:
+            parent = os.path.dirname(link.path)
+            if parent:
+                (root / parent).mkdir(parents=True, exist_ok=True)
+            os.symlink(link.target, root / link.path)
+    except OSError as error:
+        remove_tree(root)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WorkspaceError("disk full while building the workspace "
+                                 f"({error.strerror})") from None
+        raise WorkspaceError(f"cannot build the workspace: {error}") from None
+
+
+def remove_tree(root: Path) -> None:
+    """Remove a task directory, even one whose directories the task made read-only."""
+    def retry_writable(function: Any, path: str, _: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            if function is os.rmdir or function is os.unlink:
+                function(path)
+            elif os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+    if root.is_symlink():
+        root.unlink()
+    elif root.exists():
+        shutil.rmtree(root, onerror=retry_writable)
+
+
+# -- artifacts (blocking) ------------------------------------------------------------
+
+
+@attrs.frozen
+class Skipped:
+    path: str
+    reason: str
+
+
+def match_artifacts(root: Path, globs: Sequence[str]) -> tuple[list[str], list[Skipped]]:
+    """Relative paths of regular files under ``root`` matching any glob, and what
+    matched but is refused (symlinks, devices, FIFOs). Symlinked directories are not
+    entered."""
+    patterns = [glob_regex(pattern) for pattern in globs]
+    found: list[str] = []
+    skipped: list[Skipped] = []
+    for directory, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        relative_dir = os.path.relpath(directory, root)
+        prefix = "" if relative_dir == "." else relative_dir + "/"
+        for name in sorted(filenames) + [d for d in dirnames
+                                         if os.path.islink(os.path.join(directory, d))]:
+            relative = prefix + name
+            if not any(pattern.match(relative) for pattern in patterns):
+                continue
+            info = os.lstat(os.path.join(directory, name))
+            if stat.S_ISLNK(info.st_mode):
+                skipped.append(Skipped(relative, "is a symlink; only regular files inside "
+                                                 "the task directory are artifacts"))
+            elif not stat.S_ISREG(info.st_mode):
+                skipped.append(Skipped(relative, "is not a regular file"))
+            else:
+                found.append(relative)
+    return sorted(found), skipped
+
+
+def open_inside(root: Path, relative: str) -> BinaryIO:
+    """Open ``root/relative`` for reading without following any symlink on the way
+    (a component swapped for a symlink after the walk is refused with ELOOP/ENOTDIR)."""
+    check_relative_path(relative)
+    parts = relative.split("/")
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                            dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     dir_fd=directory)
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+@attrs.define
+class ArtifactListing:
+    """What ``GET /task/{id}/artifacts`` answers."""
+
+    task_id: str
+    files: list[dict[str, Any]] = attrs.Factory(list)
+    skipped: list[dict[str, str]] = attrs.Factory(list)
+    cut: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task_id, "artifacts": self.files, "skipped": self.skipped,
+                "cut": self.cut}
+
+    def find(self, path: str) -> dict[str, Any] | None:
+        for entry in self.files:
+            if entry["path"] == path:
+                return entry
+        return None
+
+
+def _write_json(path: Path, body: dict[str, Any]) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(json.dumps(body, separators=(",", ":")))
+    os.replace(temp, path)
+
+
+def _read_listings(directory: Path) -> list[dict[str, Any]]:
+    listings = []
+    for path in directory.glob("*.json"):
+        try:
+            listings.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return listings
+
+
+# -- the service ---------------------------------------------------------------------
+
+
+class Workspaces(service.Service):
+    """Prepares a task's directory before it runs and collects its artifacts after."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, blobs: BlobStore, state_dir: Path, *,
+                 artifact_limit: int, keep_failed: float = 0.0,
+                 source: BlobSource | None = None) -> None:
+        self._reactor = reactor
+        self.blobs = blobs
+        self.root = state_dir / "workspaces"
+        self.listings = state_dir / "artifacts"
+        self.artifact_limit = artifact_limit
+        self.keep_failed = keep_failed
+        self.source = source
+        self._pins: dict[str, list[str]] = {}
+        self._preparing: dict[str, defer.Deferred[str]] = {}
+        self._kept: dict[str, Any] = {}
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.ready = defer.Deferred.fromCoroutine(self._start())
+        self.ready.addErrback(lambda failure: self.log.failure(
+            "cannot prepare the workspace directories", failure))
+
+    async def _start(self) -> None:
+        def sweep() -> list[dict[str, Any]]:
+            # Task directories of an earlier agent run: their tasks are lost already.
+            remove_tree(self.root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.listings.mkdir(parents=True, exist_ok=True)
+            return _read_listings(self.listings)
+
+        await self.blobs.loaded
+        for listing in await self.blobs.run(sweep):
+            self.blobs.pin(entry["sha256"] for entry in listing.get("files", []))
+
+    def stopService(self) -> None:
+        super().stopService()
+        for call in self._kept.values():
+            if call.active():
+                call.cancel()
+
+    def directory(self, task_id: str) -> Path:
+        return self.root / task_id
+
+    # -- before the task ----------------------------------------------------------
+
+    def prepare(self, task: Task) -> defer.Deferred[str]:
+        """Fires with the directory the task runs in (its workspace root, or ``cwd``
+        within it); fails with WorkspaceError giving the reason."""
+        preparing = defer.Deferred.fromCoroutine(self._prepare(task))
+        self._preparing[task.id] = preparing
+        return preparing
+
+    async def _prepare(self, task: Task) -> str:
+        assert task.workspace is not None
+        await self.ready
+        digest = task.workspace
+        pins = self._pins.setdefault(task.id, [])
+        self.blobs.pin([digest])
+        pins.append(digest)
+        await self._fetch([digest])
+        raw = await self.blobs.run(lambda: self.blobs.path(digest).read_bytes())
+        try:
+            manifest = parse_manifest(raw)
+        except ManifestError as error:
+            raise WorkspaceError(f"workspace manifest {digest} is refused: {error}") from None
+        if manifest.total_size > self.blobs.capacity:
+            raise WorkspaceError(f"workspace of {manifest.total_size} bytes is larger than "
+                                 f"workspace_cache ({self.blobs.capacity} bytes)")
+        wanted = sorted(manifest.digests())
+        self.blobs.pin(wanted)
+        pins.extend(wanted)
+        await self._fetch(wanted)
+        root = self.directory(task.id)
+        await self.blobs.run(lambda: build_tree(manifest, self.blobs.path, root))
+        return str(root / task.cwd) if task.cwd else str(root)
+
+    async def _fetch(self, digests: list[str]) -> None:
+        missing = self.blobs.missing(digests)
+        if missing and self.source is not None:
+            missing = await self.source.fetch(self.blobs, missing)
+        if missing:
+            shown = ", ".join(missing[:MAX_LISTED_MISSING])
+            more = f" and {len(missing) - MAX_LISTED_MISSING} more" \
+                if len(missing) > MAX_LISTED_MISSING else ""
+            raise WorkspaceError(f"workspace blobs missing on this node and its peers: "
+                                 f"{shown}{more} ({len(missing)} in all)")
+
+    # -- after the task -----------------------------------------------------------
+
+    def finish(self, task: Task) -> defer.Deferred[None]:
+        """Collect artifacts, then remove the directory (or keep a failed one a while)."""
+        return defer.Deferred.fromCoroutine(self._finish(task))
+
+    async def _finish(self, task: Task) -> None:
+        preparing = self._preparing.pop(task.id, None)
+        if preparing is not None:  # a task cancelled while its tree was being built
+            try:
+                await preparing
+            except Exception:
+                pass
+        root = self.directory(task.id)
+        try:
+            if task.artifacts:
+                listing = await self._collect(task, root)
+                if listing.cut:
+                    task.reason = f"{task.reason}; {listing.cut}"
+        finally:
+            self.blobs.unpin(self._pins.pop(task.id, []))
+            if self.keep_failed > 0 and task.state is not TaskState.SUCCEEDED:
+                self._kept[task.id] = self._reactor.callLater(
+                    self.keep_failed, self._remove_kept, task.id)
+            else:
+                await self.blobs.run(lambda: remove_tree(root))
+
+    def _remove_kept(self, task_id: str) -> None:
+        self._kept.pop(task_id, None)
+        root = self.directory(task_id)
+        self.blobs.run(lambda: remove_tree(root)).addErrback(
+            lambda failure: self.log.failure("cannot remove {root}", failure, root=root))
+
+    async def _collect(self, task: Task, root: Path) -> ArtifactListing:
+        listing = ArtifactListing(task.id)
+        exists = await self.blobs.run(root.is_dir)
+        if exists:
+            found, skipped = await self.blobs.run(
+                lambda: match_artifacts(root, task.artifacts or []))
+            listing.skipped = [attrs.asdict(item) for item in skipped]
+            room, cut = self.artifact_limit, []
+            for relative in found:
+                try:
+                    handle = await self.blobs.run(partial(open_inside, root, relative))
+                except (OSError, ManifestError) as error:
+                    listing.skipped.append({"path": relative,
+                                            "reason": f"not opened: {error}"})
+                    continue
+                try:
+                    size = os.fstat(handle.fileno()).st_size
+                    if size > room:
+                        cut.append(relative)
+                        continue
+                    digest, size = await self.blobs.put_stream(handle, pin=True)
+                except BlobError as error:
+                    listing.skipped.append({"path": relative, "reason": error.message})
+                    continue
+                finally:
+                    handle.close()
+                room -= size
+                listing.files.append({"path": relative, "size": size, "sha256": digest})
+            if cut:
+                listing.cut = (f"artifact_limit of {self.artifact_limit} bytes reached: "
+                               f"{len(cut)} artifact(s) not kept, first {cut[0]!r}")
+        body = listing.to_json()
+        await self.blobs.run(lambda: _write_json(self.listings / f"{task.id}.json", body))
+        return listing
+
+    async def listing(self, task_id: str) -> ArtifactListing | None:
+        """The artifacts recorded for a task, or None if it kept none."""
+        path = self.listings / f"{task_id}.json"
+
+        def read() -> dict[str, Any] | None:
+            try:
+                result: dict[str, Any] = json.loads(path.read_text())
+                return result
+            except FileNotFoundError:
+                return None
+
+        body = await self.blobs.run(read)
+        if body is None:
+            return None
+        return ArtifactListing(body["task"], body["artifacts"], body["skipped"], body["cut"])
+
+
+class PeerBlobs:
+    """Blobs from peers, node to node with the cluster secret: ask each healthy peer
+    which of the wanted digests it lacks (``POST /cas/missing``), fetch the others
+    (``GET /cas/{digest}``, checked against the digest on arrival)."""
+
+    log = Logger()
+    BATCH = 5000
+    PARALLEL = 8
+
+    def __init__(self, peers: PeerClient, healthy: Callable[[], list[str]]) -> None:
+        self._peers = peers
+        self._healthy = healthy
+
+    async def fetch(self, store: BlobStore, digests: list[str]) -> list[str]:
+        wanted = list(digests)
+        for node_id in self._healthy():
+            if not wanted:
+                break
+            try:
+                lacking: set[str] = set()
+                for start in range(0, len(wanted), self.BATCH):
+                    reply = await self._peers.request(
+                        node_id, b"POST", b"/cas/missing",
+                        json.dumps(wanted[start:start + self.BATCH]).encode(),
+                        {b"Content-Type": b"application/json"})
+                    if reply.status != 200:
+                        raise PeerUnavailable(f"node {node_id} answered {reply.status}")
+                    lacking.update(json.loads(reply.body)["missing"])
+            except (PeerUnavailable, ValueError, KeyError) as error:
+                self.log.warn("cannot ask {node_id} for blobs: {error}", node_id=node_id,
+                              error=error)
+                continue
+            gate = defer.DeferredSemaphore(self.PARALLEL)
+            await defer.DeferredList(
+                [gate.run(self._get, node_id, store, digest)
+                 for digest in wanted if digest not in lacking], consumeErrors=True)
+            wanted = [digest for digest in wanted if not store.has(digest)]
+        return wanted
+
+    async def _get(self, node_id: str, store: BlobStore, digest: str) -> None:
+        try:
+            reply = await self._peers.request(node_id, b"GET", b"/cas/" + digest.encode(),
+                                              timeout=300)
+            if reply.status == 200:
+                await store.put_bytes(digest, reply.body)
+        except (PeerUnavailable, BlobError) as error:
+            self.log.warn("blob {digest} from {node_id}: {error}", digest=digest,
+                          node_id=node_id, error=error)

@@ -1,0 +1,336 @@
+"""Client side of workspaces: send a tree by content, bring artifacts back, read JUnit.
+
+Blocking and standard library only, like ``oxide_cluster.client`` (the CLI runs on CI
+hosts). The CLI calls :func:`upload_workspace` before ``POST /execute`` (putting the
+returned digest in the task's ``workspace`` field), then :func:`download_artifacts` and
+:func:`junit_summaries` after the task ends.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import http.client
+import json
+import os
+import re
+import stat
+import subprocess
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+from oxide_cluster.client import Node, NodeError
+from oxide_cluster.manifest import (
+    FileEntry,
+    LinkEntry,
+    Manifest,
+    ManifestError,
+    build_manifest,
+    check_relative_path,
+    normal_mode,
+)
+
+MISSING_BATCH = 5000
+
+
+class WorkspaceError(Exception):
+    """The local tree cannot be sent as it is, or artifacts cannot be written; the
+    message names the path."""
+
+
+@attrs.frozen
+class LocalTree:
+    """A manifest and, for each digest, one local file holding those bytes."""
+
+    manifest: Manifest
+    sources: dict[str, Path]
+
+
+@attrs.frozen
+class UploadResult:
+    """What :func:`upload_workspace` sent: ``digest`` goes into the task's ``workspace``."""
+
+    digest: str
+    files: int
+    total_bytes: int
+    uploaded_blobs: int
+    uploaded_bytes: int
+
+
+def _git_files(root: Path) -> list[str] | None:
+    """Tracked plus untracked-but-not-ignored files, or None outside a git work tree."""
+    try:
+        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-prefix"],
+                                capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return None
+    if inside.returncode != 0 or inside.stdout.strip():
+        return None  # not a work tree, or ``root`` is a subdirectory of one: walk it
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-co", "--exclude-standard",
+                             "-z"], capture_output=True, check=True)
+    names = {name.decode("utf-8", "surrogateescape")
+             for name in listed.stdout.split(b"\0") if name}
+    return sorted(names)
+
+
+def _excluded(relative: str, excludes: Sequence[str]) -> bool:
+    name = relative.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(relative, pattern) or fnmatch.fnmatchcase(name, pattern)
+               for pattern in excludes)
+
+
+def _walk(root: Path, excludes: Sequence[str]) -> Iterator[str]:
+    for directory, dirnames, filenames in os.walk(root):
+        relative_dir = os.path.relpath(directory, root)
+        prefix = "" if relative_dir == "." else relative_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not _excluded(prefix + d, excludes)
+                             and not os.path.islink(os.path.join(directory, d)))
+        for name in filenames:
+            if not _excluded(prefix + name, excludes):
+                yield prefix + name
+        for name in os.listdir(directory):  # symlinked directories travel as symlinks
+            path = os.path.join(directory, name)
+            if os.path.islink(path) and os.path.isdir(path) \
+                    and not _excluded(prefix + name, excludes):
+                yield prefix + name
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def scan_tree(root: str | Path, excludes: Sequence[str] = ()) -> LocalTree:
+    """The manifest of ``root``: what git would consider in a git work tree, else every
+    file minus ``excludes`` (fnmatch on the relative path or the name). A device, FIFO,
+    socket or a symlink leading out of the tree raises WorkspaceError naming it."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise WorkspaceError(f"workspace {root} is not a directory")
+    listed = _git_files(root)
+    names = [n for n in listed if not _excluded(n, excludes)] if listed is not None \
+        else list(_walk(root, excludes))
+    files: list[FileEntry] = []
+    links: list[LinkEntry] = []
+    sources: dict[str, Path] = {}
+    for relative in names:
+        try:
+            check_relative_path(relative)
+        except ManifestError as error:
+            raise WorkspaceError(str(error)) from None
+        path = root / relative
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue  # tracked by git but deleted in the work tree
+        if stat.S_ISLNK(info.st_mode):
+            links.append(LinkEntry(relative, os.readlink(path)))
+        elif stat.S_ISREG(info.st_mode):
+            digest = _file_digest(path)
+            files.append(FileEntry(relative, normal_mode(info.st_mode), info.st_size, digest))
+            sources.setdefault(digest, path)
+        elif stat.S_ISDIR(info.st_mode):
+            continue  # a git submodule: not part of this tree's content
+        else:
+            raise WorkspaceError(f"{relative} is a device, FIFO or socket; only files and "
+                                 "symlinks can be sent (exclude it with --exclude)")
+    try:
+        manifest = build_manifest(files, links)
+    except ManifestError as error:
+        raise WorkspaceError(f"{error} (exclude it with --exclude)") from None
+    return LocalTree(manifest, sources)
+
+
+class _Connection:
+    """One keep-alive HTTP connection for many small requests (thousands of blobs)."""
+
+    def __init__(self, node: Node) -> None:
+        parts = urllib.parse.urlsplit(node.url)
+        self._prefix = parts.path.rstrip("/")
+        factory = http.client.HTTPSConnection if parts.scheme == "https" \
+            else http.client.HTTPConnection
+        self._connection = factory(parts.netloc, timeout=node.timeout)
+        self._headers = {"X-Cluster-Secret": node.secret} if node.secret else {}
+        self.url = node.url
+
+    def call(self, method: str, path: str, body: bytes | None = None,
+             content_type: str = "application/octet-stream") -> tuple[int, bytes]:
+        headers = dict(self._headers)
+        if body is not None:
+            headers["Content-Type"] = content_type
+        for attempt in (1, 2):
+            try:
+                self._connection.request(method, self._prefix + path, body, headers)
+                reply = self._connection.getresponse()
+                return reply.status, reply.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._connection.close()  # the node closed an idle keep-alive: once more
+                if attempt == 2:
+                    raise
+            except OSError as error:
+                raise NodeError(0, "unreachable", f"cannot reach {self.url}: {error}") \
+                    from None
+        raise AssertionError("unreachable")
+
+    def checked(self, method: str, path: str, body: bytes | None = None,
+                content_type: str = "application/octet-stream") -> bytes:
+        status, data = self.call(method, path, body, content_type)
+        if status >= 400:
+            try:
+                detail = json.loads(data)["error"]
+                code, message = str(detail["code"]), str(detail["message"])
+            except (ValueError, KeyError, TypeError):
+                code, message = "http_error", data[:200].decode("utf-8", "replace")
+            raise NodeError(status, code, f"{method} {path}: {message}")
+        return data
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def missing_digests(connection: _Connection, digests: Sequence[str]) -> list[str]:
+    lacking: list[str] = []
+    for start in range(0, len(digests), MISSING_BATCH):
+        body = json.dumps(list(digests[start:start + MISSING_BATCH])).encode()
+        reply = connection.checked("POST", "/cas/missing", body, "application/json")
+        lacking.extend(json.loads(reply)["missing"])
+    return lacking
+
+
+def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = ()
+                     ) -> UploadResult:
+    """Send ``root`` by content: the blobs the node lacks, then the manifest. Returns the
+    manifest digest for the task's ``workspace`` field. Raises WorkspaceError (bad tree)
+    or NodeError (the node refused or cannot be reached)."""
+    tree = scan_tree(root, excludes)
+    manifest_bytes = tree.manifest.encode()
+    manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
+    connection = _Connection(node)
+    try:
+        wanted = sorted(tree.sources) + [manifest_digest]
+        lacking = missing_digests(connection, wanted)
+        sent_bytes = 0
+        for digest in lacking:
+            if digest == manifest_digest:
+                continue
+            data = tree.sources[digest].read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise WorkspaceError(f"{tree.sources[digest]} changed while being sent")
+            connection.checked("PUT", f"/cas/{digest}", data)
+            sent_bytes += len(data)
+        if manifest_digest in lacking:
+            connection.checked("PUT", f"/cas/{manifest_digest}", manifest_bytes)
+            sent_bytes += len(manifest_bytes)
+    finally:
+        connection.close()
+    return UploadResult(manifest_digest, len(tree.manifest.files), tree.manifest.total_size,
+                        len(lacking), sent_bytes)
+
+
+def download_artifacts(node: Node, task_id: str, directory: str | Path) -> list[Path]:
+    """Fetch every artifact of a task into ``directory``, keeping relative paths. Paths
+    from the node are checked again: nothing is written outside ``directory``."""
+    quoted_id = urllib.parse.quote(task_id, safe="")
+    listing = node.request("GET", f"/task/{quoted_id}/artifacts")
+    target_root = Path(directory).resolve()
+    written = []
+    connection = _Connection(node)
+    try:
+        for entry in listing["artifacts"]:
+            relative = entry["path"]
+            try:
+                check_relative_path(relative)
+            except ManifestError as error:
+                raise WorkspaceError(f"the node listed a bad artifact path: {error}") \
+                    from None
+            data = connection.checked(
+                "GET", f"/task/{quoted_id}/artifacts/{urllib.parse.quote(relative)}")
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise WorkspaceError(f"artifact {relative} does not match its sha256")
+            target = target_root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_symlink():
+                target.unlink()
+            target.write_bytes(data)
+            written.append(target)
+    finally:
+        connection.close()
+    return written
+
+
+# -- JUnit ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class JUnitSummary:
+    tests: int
+    failures: int
+    errors: int
+    skipped: int
+    time: float
+
+    def line(self, name: str = "") -> str:
+        """The one line the CLI prints per report."""
+        where = f"{name}: " if name else ""
+        return (f"{where}{self.tests} tests, {self.failures} failures, {self.errors} errors, "
+                f"{self.skipped} skipped in {self.time:.2f}s")
+
+
+_DOCTYPE = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+def _number(element: ElementTree.Element, name: str) -> float:
+    try:
+        return float(element.get(name) or 0)
+    except ValueError:
+        return 0.0
+
+
+def junit_summary(data: bytes) -> JUnitSummary | None:
+    """Totals of a JUnit XML report, or None if ``data`` is not one. A document with a
+    DOCTYPE or entity declarations is refused (no defusedxml here: no entity expansion,
+    so no billion laughs and no external entities)."""
+    if _DOCTYPE.search(data):
+        return None
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        return None
+    if root.tag == "testsuite":
+        suites = [root]
+    elif root.tag == "testsuites":
+        suites = root.findall("testsuite")
+    else:
+        return None
+    tests = failures = errors = skipped = 0
+    seconds = 0.0
+    for suite in suites:
+        cases = suite.findall("testcase")
+        tests += int(_number(suite, "tests")) if suite.get("tests") else len(cases)
+        failures += int(_number(suite, "failures")) if suite.get("failures") \
+            else sum(1 for case in cases if case.find("failure") is not None)
+        errors += int(_number(suite, "errors")) if suite.get("errors") \
+            else sum(1 for case in cases if case.find("error") is not None)
+        skipped += int(_number(suite, "skipped") or _number(suite, "skips")) \
+            if suite.get("skipped") or suite.get("skips") \
+            else sum(1 for case in cases if case.find("skipped") is not None)
+        seconds += _number(suite, "time")
+    return JUnitSummary(tests, failures, errors, skipped, seconds)
+
+
+def junit_summaries(paths: Sequence[Path]) -> list[tuple[Path, JUnitSummary]]:
+    """The JUnit reports among downloaded artifacts (``*.xml`` that parse as one)."""
+    found = []
+    for path in paths:
+        if path.suffix.lower() == ".xml":
+            summary = junit_summary(path.read_bytes())
+            if summary is not None:
+                found.append((path, summary))
+    return found

@@ -1,0 +1,132 @@
+"""Workspaces and artifacts on real agents: upload by content, run, collect, download."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from oxide_cluster.client import Node
+from oxide_cluster.workspace_client import download_artifacts, upload_workspace
+from tests.support import SECRET, loopback_cluster, start_meshed, stop_all
+
+JUNIT = (b'<?xml version="1.0"?><testsuite name="t" tests="3" failures="1" errors="0" '
+         b'skipped="1" time="0.5"><testcase name="a"/></testsuite>')
+
+
+def make_tree(root, files=20):
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "b.txt").write_text("hello from the workspace\n")
+    for index in range(files):
+        (root / f"f{index}.txt").write_text(f"file {index}\n")
+    (root / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(root / "run.sh", 0o755)
+    (root / "link").symlink_to("a/b.txt")
+
+
+def test_workspace_task_runs_in_its_own_directory_and_sends_only_changes(agent, tmp_path):
+    tree = tmp_path / "client-tree"
+    make_tree(tree)
+    node = Node(agent.url, SECRET)
+    first = upload_workspace(node, tree)
+    assert first.uploaded_blobs == first.files + 1  # every distinct file and the manifest
+    task = agent.run_task("sh", "-c", "pwd; cat a/b.txt; cat link; ./run.sh",
+                          workspace=first.digest)
+    assert task["state"] == "succeeded", task
+    out = agent.get(f"/task/{task['id']}/output").body.decode().splitlines()
+    assert out[0] == str(agent.state_dir / "workspaces" / task["id"])
+    assert out[0] != str(tree)
+    assert out[1:] == ["hello from the workspace", "hello from the workspace", "ran"]
+    assert not (agent.state_dir / "workspaces" / task["id"]).exists()  # removed after
+
+    (tree / "a" / "b.txt").write_text("changed\n")
+    second = upload_workspace(node, tree)
+    assert second.digest != first.digest
+    assert second.uploaded_blobs == 2  # the changed file and the new manifest
+    assert second.uploaded_bytes == len(b"changed\n") + len(
+        agent.get(f"/cas/{second.digest}").body)
+    task = agent.run_task("cat", "b.txt", workspace=second.digest, cwd="a")
+    assert agent.get(f"/task/{task['id']}/output").body == b"changed\n"
+
+
+def test_missing_blobs_fail_the_task_naming_them(agent):
+    digest = "ab" * 32
+    task = agent.run_task("true", workspace=digest)
+    assert task["state"] == "failed"
+    assert digest in task["reason"] and "missing" in task["reason"]
+
+
+def test_blob_digest_and_bad_requests_are_refused(agent):
+    good = b"some bytes"
+    wrong = "0" * 64
+    reply = agent.request("PUT", f"/cas/{wrong}", raw=good)
+    assert reply.status == 400 and reply.json()["error"]["code"] == "digest_mismatch"
+    assert agent.post("/cas/missing", [wrong]).json() == {"missing": [wrong]}
+    assert agent.request("PUT", "/cas/not-a-digest", raw=good).status == 400
+    assert agent.request("PUT", f"/cas/{wrong}", raw=good, secret=None).status == 401
+    reply = agent.post("/execute", {"command": "true", "workspace": "0" * 64,
+                                    "artifacts": ["../x"]})
+    assert reply.status == 400 and "artifacts[0]" in reply.json()["error"]["message"]
+
+
+def test_blob_over_the_cache_size_is_413(agent_factory):
+    small = agent_factory(extra_args=("--workspace-cache", "100"))
+    data = b"x" * 200
+    import hashlib
+
+    reply = small.request("PUT", f"/cas/{hashlib.sha256(data).hexdigest()}", raw=data)
+    assert reply.status == 413, reply
+
+
+@pytest.fixture
+def pair(tmp_path, request):
+    nodes = loopback_cluster(tmp_path, 2)
+    try:
+        start_meshed(nodes)
+        yield nodes
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        stop_all(nodes, report is not None and report.failed)
+
+
+def test_artifacts_from_another_node_and_blobs_fetched_from_a_peer(pair, tmp_path):
+    a, b = pair
+    b_id = b.get("/health").json()["node_id"]
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3)
+    uploaded = upload_workspace(Node(a.url, SECRET), tree)  # to a; the task runs on b
+    script = ("mkdir -p reports; printf '%s' \"$JUNIT\" > reports/junit.xml; "
+              "ln -s /etc/shadow shadow.xml; ln -s " + str(b.state_dir) + " state.xml; "
+              "echo out > out.txt; exit 3")
+    task = a.run_task("sh", "-c", script, workspace=uploaded.digest, node=b_id,
+                      env={"JUNIT": JUNIT.decode()},
+                      artifacts=["**/*.xml", "out.txt", "a/*.txt"])
+    assert task["state"] == "failed" and task["exit_code"] == 3, task
+    listing = a.get(f"/task/{task['id']}/artifacts").json()  # forwarded to b
+    paths = {entry["path"] for entry in listing["artifacts"]}
+    assert paths == {"reports/junit.xml", "out.txt", "a/b.txt"}
+    skipped = {entry["path"]: entry["reason"] for entry in listing["skipped"]}
+    assert set(skipped) == {"shadow.xml", "state.xml"}
+    assert all("symlink" in reason for reason in skipped.values())
+    assert a.get(f"/task/{task['id']}/artifacts/shadow.xml").status == 404
+    out = tmp_path / "artifacts"
+    written = download_artifacts(Node(a.url, SECRET), task["id"], out)
+    assert sorted(p.relative_to(out).as_posix() for p in written) == sorted(paths)
+    assert (out / "reports" / "junit.xml").read_bytes() == JUNIT
+    assert (out / "a" / "b.txt").read_text() == "hello from the workspace\n"
+
+
+def test_git_work_tree_sends_tracked_and_untracked_but_not_ignored(agent, tmp_path):
+    tree = tmp_path / "repo"
+    tree.mkdir()
+    subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    (tree / ".gitignore").write_text("ignored.txt\n")
+    (tree / "tracked.txt").write_text("t\n")
+    (tree / "untracked.txt").write_text("u\n")
+    (tree / "ignored.txt").write_text("i\n")
+    subprocess.run(["git", "-C", str(tree), "add", "tracked.txt", ".gitignore"], check=True)
+    uploaded = upload_workspace(Node(agent.url, SECRET), tree)
+    task = agent.run_task("sh", "-c", "ls -A", workspace=uploaded.digest)
+    listed = agent.get(f"/task/{task['id']}/output").body.decode().split()
+    assert sorted(listed) == [".gitignore", "tracked.txt", "untracked.txt"]

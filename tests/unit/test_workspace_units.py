@@ -1,0 +1,213 @@
+"""Manifests, the blob store's digests, LRU and pins, artifact globs and symlinks, JUnit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from oxide_cluster.cas import BlobError, BlobStore
+from oxide_cluster.manifest import (
+    FileEntry,
+    LinkEntry,
+    ManifestError,
+    build_manifest,
+    check_glob,
+    digest_bytes,
+    glob_regex,
+    parse_manifest,
+)
+from oxide_cluster.workspace import build_tree, match_artifacts, open_inside
+from oxide_cluster.workspace_client import junit_summary
+
+D = "a" * 64
+
+
+def manifest(*entries):
+    return json.dumps({"version": 1, "entries": list(entries)}).encode()
+
+
+def file(path, **extra):
+    return {"type": "file", "path": path, "mode": 0o644, "size": 1, "digest": D, **extra}
+
+
+def link(path, target):
+    return {"type": "symlink", "path": path, "target": target}
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (manifest(file("/etc/passwd")), "is absolute"),
+    (manifest(file("a/../../x")), "contains '..'"),
+    (manifest(file("a//b")), "not normalised"),
+    (manifest(file("./a")), "not normalised"),
+    (manifest(file("a"), file("a")), "duplicate path"),
+    (manifest(file("a"), file("a/b")), "its parent 'a' is a file"),
+    (manifest(file("dev", mode=0o020644)), "names a device"),
+    (manifest(file("pipe", mode=0o010644)), "names a FIFO"),
+    (manifest({"type": "fifo", "path": "p"}), "names a fifo"),
+    (manifest(file("suid", mode=0o4755)), "not a plain file mode"),
+    (manifest(file("a", digest="xyz")), "digest must be 64"),
+    (manifest(file("a", size=-1)), "size must be"),
+    (manifest(link("l", "/etc/shadow")), "is absolute"),
+    (manifest(link("l", "../outside")), "escapes the tree"),
+    (manifest(link("d/l", "../../x")), "escapes the tree"),
+    # each target stays inside lexically, but x is the root, so x/.. is its parent
+    (manifest(link("x", "."), link("y", "x/..")), "escapes the tree"),
+    (manifest(link("l1", "l2"), link("l2", "l1")), "symlink loop"),
+    (manifest(link("l", "d"), file("l/f")), "under the symlink 'l'"),
+    (json.dumps({"version": 2, "entries": []}).encode(), "version 2 is not supported"),
+    (b"[", "not JSON"),
+])
+def test_bad_manifests_are_refused_with_the_reason(raw, reason):
+    with pytest.raises(ManifestError, match=reason.replace("(", r"\(")):
+        parse_manifest(raw)
+
+
+def test_manifest_round_trip_is_canonical_and_keeps_inside_symlinks():
+    built = build_manifest([FileEntry("b", 0o700, 1, D), FileEntry("a/x", 0o600, 2, D)],
+                           [LinkEntry("a/l", "../b")])
+    assert [entry.path for entry in built.files] == ["a/x", "b"]
+    assert built.files[1].mode == 0o755 and built.files[0].mode == 0o644
+    assert parse_manifest(built.encode()) == built
+    assert built.digest() == digest_bytes(built.encode())
+
+
+@pytest.mark.parametrize("pattern", ["../x", "a/../../x", "/etc/shadow", "~/x", ""])
+def test_escaping_artifact_globs_are_refused(pattern):
+    with pytest.raises(ManifestError):
+        check_glob(pattern)
+
+
+def test_glob_semantics():
+    assert glob_regex("**/*.xml").match("junit.xml")
+    assert glob_regex("**/*.xml").match("a/b/junit.xml")
+    assert not glob_regex("*.xml").match("a/junit.xml")
+    assert glob_regex("reports/**").match("reports/a/b")
+    assert glob_regex("r[0-9].txt").match("r1.txt") and not glob_regex("r[0-9].txt").match("rx.txt")
+
+
+def offload(function):
+    return defer.maybeDeferred(function)
+
+
+def blob_store(tmp_path: Path, capacity: int) -> BlobStore:
+    store = BlobStore(Clock(), tmp_path / "cas", capacity, offload=offload)
+    store.startService()
+    return store
+
+
+def outcome(deferred):
+    """The result or Failure of a Deferred that has fired (the blob store runs inline
+    here), consumed so no "unhandled error" is logged."""
+    box = []
+    deferred.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    return box[0]
+
+
+def put(store, data: bytes, pin=False):
+    return outcome(defer.Deferred.fromCoroutine(store.put_bytes(digest_bytes(data), data,
+                                                                pin)))
+
+
+def test_a_blob_whose_bytes_do_not_match_is_refused_and_not_kept(tmp_path):
+    store = blob_store(tmp_path, 1000)
+    failure = outcome(defer.Deferred.fromCoroutine(store.put_bytes("0" * 64, b"data")))
+    assert isinstance(failure.value, BlobError) and failure.value.status == 400
+    failure.trap(BlobError)
+    assert not store.has("0" * 64) and not store.path("0" * 64).exists()
+    assert list((tmp_path / "cas" / "tmp").iterdir()) == []
+    failure = outcome(defer.Deferred.fromCoroutine(store.put_bytes("xyz", b"data")))
+    failure.trap(BlobError)
+    assert failure.value.code == "bad_digest"
+
+
+def test_lru_eviction_spares_pinned_and_recently_used_blobs(tmp_path):
+    store = blob_store(tmp_path, 30)
+    a, b, c, d = (bytes([65 + i]) * 10 for i in range(4))
+    for data in (a, b, c):
+        assert put(store, data) is True
+    store.pin([digest_bytes(a)])          # a queued task needs a
+    store.missing([digest_bytes(b)])      # a client was just told b is here
+    assert put(store, d) is True                  # over the cap: c is the LRU unpinned one
+    assert [store.has(digest_bytes(x)) for x in (a, b, c, d)] == [True, True, False, True]
+    assert not store.path(digest_bytes(c)).exists()
+    assert store.used == 30 and store.evicted == 1
+
+
+def test_a_blob_that_cannot_fit_beside_pinned_ones_is_refused(tmp_path):
+    store = blob_store(tmp_path, 20)
+    a, b, c = (bytes([65 + i]) * 10 for i in range(3))
+    assert put(store, a, pin=True) is True
+    assert put(store, b, pin=True) is True
+    failure = put(store, c)
+    failure.trap(BlobError)
+    assert failure.value.status == 507 and not store.has(digest_bytes(c))
+    store.unpin([digest_bytes(a)])
+    assert put(store, c) is True and not store.has(digest_bytes(a))
+
+
+def test_oversized_blob_is_413(tmp_path):
+    store = blob_store(tmp_path, 5)
+    failure = put(store, b"123456")
+    failure.trap(BlobError)
+    assert failure.value.status == 413
+
+
+def test_store_reindexes_blobs_on_restart(tmp_path):
+    store = blob_store(tmp_path, 100)
+    assert put(store, b"kept") is True
+    again = blob_store(tmp_path, 100)
+    assert again.has(digest_bytes(b"kept")) and again.used == 4
+
+
+def test_planted_symlinks_are_not_artifacts(tmp_path):
+    root = tmp_path / "task"
+    (root / "reports").mkdir(parents=True)
+    (root / "reports" / "ok.xml").write_text("<testsuite/>")
+    (root / "junit.xml").symlink_to("/etc/shadow")
+    (root / "state").symlink_to(tmp_path)  # a directory symlink: never entered
+    (tmp_path / "secret.xml").write_text("secret")
+    os.mkfifo(root / "fifo.xml")
+    found, skipped = match_artifacts(root, ["**/*.xml", "state", "state/**"])
+    assert found == ["reports/ok.xml"]
+    reasons = {item.path: item.reason for item in skipped}
+    assert set(reasons) == {"junit.xml", "fifo.xml", "state"}
+    assert "symlink" in reasons["junit.xml"] and "regular" in reasons["fifo.xml"]
+    with pytest.raises(OSError):
+        open_inside(root, "junit.xml")
+    with pytest.raises(OSError):
+        open_inside(root, "state/secret.xml")  # through a symlinked directory
+    with open_inside(root, "reports/ok.xml") as handle:
+        assert handle.read() == b"<testsuite/>"
+
+
+def test_build_tree_copies_files_so_a_task_cannot_write_into_the_cache(tmp_path):
+    store = blob_store(tmp_path, 100)
+    assert put(store, b"original") is True
+    built = build_manifest([FileEntry("x", 0o644, 8, digest_bytes(b"original"))],
+                           [LinkEntry("l", "x")])
+    root = tmp_path / "ws"
+    build_tree(built, store.path, root)
+    (root / "x").write_bytes(b"changed!")
+    assert store.path(digest_bytes(b"original")).read_bytes() == b"original"
+    assert os.readlink(root / "l") == "x"
+
+
+def test_junit_summary_counts_and_refuses_doctype():
+    report = (b'<testsuites><testsuite tests="4" failures="1" errors="1" skipped="1" '
+              b'time="1.5"/><testsuite time="0.5"><testcase/><testcase><failure/>'
+              b'</testcase></testsuite></testsuites>')
+    summary = junit_summary(report)
+    assert summary is not None
+    assert (summary.tests, summary.failures, summary.errors, summary.skipped,
+            summary.time) == (6, 2, 1, 1, 2.0)
+    assert "6 tests, 2 failures" in summary.line()
+    bomb = (b'<?xml version="1.0"?><!DOCTYPE t [<!ENTITY a "aaaa">]>'
+            b'<testsuite tests="1">&a;</testsuite>')
+    assert junit_summary(bomb) is None
+    assert junit_summary(b"not xml") is None and junit_summary(b"<html/>") is None
