@@ -25,6 +25,12 @@ from oxide_cluster.client import (
     NodeError,
     decode_output,
 )
+from oxide_cluster.workspace_client import (
+    WorkspaceError,
+    download_artifacts,
+    junit_summaries,
+    upload_workspace,
+)
 
 EXIT_TIMED_OUT = 124
 EXIT_CANCELLED = 125
@@ -262,6 +268,11 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         body["node"] = options.node_id
     if options.tty:
         body["tty"] = True
+    if options.workspace is not None:
+        body.update(_send_workspace(node, options))
+    elif options.artifacts:
+        raise Failed(EXIT_USAGE, "run: --artifacts needs --workspace (artifacts are "
+                                 "collected from the task's own directory)")
     task_id: str | None = None
     try:
         task = node.request("POST", "/execute", body)
@@ -278,6 +289,8 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         if state.get("state") != "succeeded" and state.get("exit_code") is None:
             sys.stderr.write(f"oxide-cluster: task {task_id} {state.get('state')}: "
                              f"{state.get('reason')}\n")
+        if options.artifacts:
+            _fetch_artifacts(node, task_id, options)
         return task_exit_code(state)
     except Interrupted as why:
         if task_id is None:
@@ -289,7 +302,44 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
             node.request("POST", f"/task/{task_id}/cancel?wait=10", timeout=15)
         except NodeError as error:
             sys.stderr.write(f"oxide-cluster: cancel failed: {error}\n")
+        if options.artifacts:
+            _fetch_artifacts(node, task_id, options)
         return EXIT_CANCELLED
+
+
+def _send_workspace(node: Node, options: argparse.Namespace) -> dict[str, Any]:
+    """Upload ``--workspace`` by content (only the blobs the cluster lacks) and return the
+    request fields that run the task in it."""
+    if options.cwd is not None and options.cwd.startswith("/"):
+        raise Failed(EXIT_USAGE, "run: with --workspace, --cwd is relative to the workspace")
+    try:
+        sent = upload_workspace(node, options.workspace, options.exclude)
+    except WorkspaceError as error:
+        raise Failed(EXIT_USAGE, f"run: --workspace {options.workspace}: {error}") from None
+    except NodeError as error:
+        raise _node_failure(error) from None
+    sys.stderr.write(f"oxide-cluster: workspace {options.workspace}: {sent.files} files, "
+                     f"{sent.total_bytes} bytes; sent {sent.uploaded_blobs} blobs, "
+                     f"{sent.uploaded_bytes} bytes\n")
+    fields: dict[str, Any] = {"workspace": sent.digest}
+    if options.artifacts:
+        fields["artifacts"] = options.artifacts
+    return fields
+
+
+def _fetch_artifacts(node: Node, task_id: str, options: argparse.Namespace) -> None:
+    """Download the task's artifacts and summarise JUnit reports. A failure here is said
+    on stderr but does not replace the task's own exit code."""
+    directory = options.artifacts_dir or os.path.join("oxide-artifacts", task_id)
+    try:
+        written = download_artifacts(node, task_id, directory)
+    except (WorkspaceError, NodeError, OSError) as error:
+        sys.stderr.write(f"oxide-cluster: artifacts of task {task_id} not downloaded: "
+                         f"{error}\n")
+        return
+    sys.stderr.write(f"oxide-cluster: {len(written)} artifacts in {directory}\n")
+    for path, summary in junit_summaries(written):
+        sys.stderr.write(f"oxide-cluster: junit {summary.line(str(path))}\n")
 
 
 def cmd_logs(node: Node, options: argparse.Namespace) -> int:
@@ -369,7 +419,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--tty", action="store_true",
                      help="run on a pseudo-terminal (colours, line buffering); stdout and "
                           "stderr then arrive as one stream, on stdout")
-    run.add_argument("--cwd", help="absolute working directory on the node")
+    run.add_argument("--cwd", help="working directory on the node: absolute, or relative "
+                     "to the workspace with --workspace")
+    run.add_argument("--workspace", metavar="DIR",
+                     help="send DIR by content (git: tracked and untracked-not-ignored "
+                     "files) and run the task in a fresh copy of it")
+    run.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                     help="leave matching paths out of the workspace (repeatable)")
+    run.add_argument("--artifacts", action="append", default=[], metavar="GLOB",
+                     help="after the task, download matching files of its directory "
+                     "(repeatable; needs --workspace)")
+    run.add_argument("--artifacts-dir", metavar="OUT",
+                     help="where artifacts go (default ./oxide-artifacts/TASK_ID/)")
     run.add_argument("--timeout", type=float, help="wall-clock limit in seconds")
     run.add_argument("--idle-timeout", type=float, help="limit on seconds without output")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
