@@ -36,6 +36,7 @@ from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
 from oxide_cluster.recovery import Recovery
+from oxide_cluster.scheduler import LabelBook, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store
 from oxide_cluster.ws import LiveFactory, LiveHub
@@ -137,12 +138,17 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds())
-    _RecoverThenRun(store, executor).setServiceParent(top)
+    labels = LabelBook(config.labels, lambda: _peer_labels(node))
+    scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
+                          labels=labels)
+    _RecoverThenRun(store, executor, scheduler).setServiceParent(top)
+    scheduler.setServiceParent(top)
     elector.setServiceParent(top)
     if config.discovery:
         node.discovery = DiscoveryService(reactor, discovery_settings(config),
                                           node.announcement, store, secret)
         node.discovery.setServiceParent(top)
+        node.discovery.membership.subscribe(labels.membership_event)
 
     hub = LiveHub(executor, store)
     hub.setServiceParent(top)
@@ -164,7 +170,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         reactor.callWhenRunning(directory.connect)
         reactor.addSystemEventTrigger("after", "shutdown", directory.close)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
-                  peers=peers, placement=placement, directory=directory)
+                  peers=peers, placement=placement, directory=directory, scheduler=scheduler)
     if directory is not None and node.discovery is not None:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
@@ -178,6 +184,13 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     node.api_port = _port_of(config.listen)
     node.ip_address = _interface_of(config.listen) or node.ip_address
     return top, node
+
+
+def _peer_labels(node: Node) -> list[dict[str, str]]:
+    """Labels of every peer membership knows, healthy or not (the 422 check)."""
+    if node.discovery is None:
+        return []
+    return [peer.labels for peer in node.discovery.membership]
 
 
 def discovery_settings(config: Config) -> DiscoverySettings:
@@ -215,16 +228,21 @@ def _interface_of(description: str) -> str | None:
 class _RecoverThenRun(service.Service):
     """Starts the executor only after the store is open and earlier tasks are settled."""
 
-    def __init__(self, store: Store, executor: Executor) -> None:
+    def __init__(self, store: Store, executor: Executor, scheduler: Scheduler) -> None:
         self._store = store
         self._executor = executor
+        self._scheduler = scheduler
 
     def startService(self) -> None:
         super().startService()
         self._executor.startService()
         self._store.opened.addCallback(
-            lambda _: defer.Deferred.fromCoroutine(self._executor.recover())
+            lambda _: defer.Deferred.fromCoroutine(self._recover())
         ).addErrback(self._fatal)
+
+    async def _recover(self) -> None:
+        await self._executor.recover()
+        await self._scheduler.recover()  # queued tasks wait again, in their order
 
     def _fatal(self, failure: Any) -> None:
         log.failure("cannot open the store; stopping", failure)
