@@ -155,8 +155,8 @@ class TaskApi:
         self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
-        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total,
-                                   scheduler.depth_by_priority if scheduler else None)
+        depth = scheduler.depth_by_priority if scheduler is not None else None
+        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total, depth)
 
     def resource(self) -> Any:
         return _Utf8Paths(self.app.resource())
@@ -426,16 +426,19 @@ class TaskApi:
 
     @staticmethod
     def _header_text(request: Request, name: bytes) -> str | None:
+        """A header's value as text; None when absent or blank."""
         raw = request.getHeader(name)
         if raw is None:
             return None
         try:
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
-            text = ""
-        if not text or len(text) > MAX_HEADER_VALUE or not text.isprintable():
-            raise ApiError(400, "bad_header", f"header {name.decode()} must be 1 to "
-                           f"{MAX_HEADER_VALUE} printable UTF-8 characters")
+            text = raw.decode("latin-1").strip()  # what HTTP/1.1 headers were
+        if not text:
+            return None
+        if len(text) > MAX_HEADER_VALUE or not text.isprintable():
+            raise ApiError(400, "bad_header", f"header {name.decode()} must be at most "
+                           f"{MAX_HEADER_VALUE} printable characters")
         return text
 
     async def _run_here(self, request: Request, task_request: Any, wait: float | None,

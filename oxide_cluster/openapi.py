@@ -318,11 +318,13 @@ PATHS: dict[str, Any] = {
                        "there yet: its leader still answers 429 when the pool is full.",
         "parameters": [_WAIT,
                        {"name": "Idempotency-Key", "in": "header", "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
-                        "description": "the same key within 24 h returns the same task"},
+                        "schema": {"type": "string", "maxLength": 256},
+                        "description": "the same key within 24 h returns the same task "
+                                       "(blank: no key)"},
                        {"name": "X-Oxide-Group", "in": "header", "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
-                        "description": "fair-share group when the body has no `group`"}],
+                        "schema": {"type": "string", "maxLength": 256},
+                        "description": "fair-share group when the body has no `group` "
+                                       "(blank: the client's address)"}],
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": _ref("TaskRequest"),
             "example": {"command": "true", "args": [], "timeout": 5}}}},

@@ -276,7 +276,7 @@ class Scheduler(service.Service):
         self._store = store
         self._executor = executor
         self._default_queue_timeout = default_queue_timeout
-        self._labels = labels or LabelBook({})
+        self._labels = labels if labels is not None else LabelBook({})
         self._ttl = idempotency_ttl
         self._queue = FairQueue()
         self._entries: dict[str, _Queued] = {}
