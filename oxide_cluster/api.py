@@ -382,6 +382,10 @@ class TaskApi:
                 self._scheduler.check_schedulable(task_request.labels)
             except Unschedulable as error:
                 raise ApiError(422, "unschedulable", str(error)) from None
+            if key is not None:  # before any forward: a repeat must not run elsewhere
+                earlier = await self._scheduler.idempotent(key)
+                if earlier is not None:
+                    return await self._answer(request, earlier, wait)
         # Standalone (no Redis), this node's scheduler queues what it cannot start now;
         # a placement from a leader wants "run now or refuse" to try the next node.
         queueable = self.directory is None and (hop != HOP_RUN or pinned == self.node.node_id)
@@ -453,8 +457,14 @@ class TaskApi:
                            {"Retry-After": str(error.retry_after)}) from None
         if self.directory is not None:
             await self.directory.recorded(task.id)
-        finished = await _wait_for(self._scheduler.when_finished(task.id), wait,
-                                   self.node.reactor)
+        return await self._answer(request, task, wait)
+
+    async def _answer(self, request: Request, task: Task, wait: float | None) -> bytes:
+        """200 with the ended task (waiting up to ``wait``), else 202 as it stands."""
+        finished = None
+        if not task.state.terminal:
+            finished = await _wait_for(self._scheduler.when_finished(task.id), wait,
+                                       self.node.reactor)
         if finished is not None or task.state.terminal:
             return render_json(request, self._task_json(finished or task), 200)
         return render_json(request, self._task_json(task), 202)

@@ -366,6 +366,10 @@ class Scheduler(service.Service):
             return await self._start(task, request.secret_env)
         return await self._queue_task(task, dict(request.secret_env))
 
+    async def idempotent(self, key: str) -> Task | None:
+        """The task an earlier submit with ``key`` made here within the last 24 h."""
+        return await self._idempotent(key)
+
     async def _idempotent(self, key: str) -> Task | None:
         now = self._reactor.seconds()
         self._forget_keys(now)
