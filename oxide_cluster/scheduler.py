@@ -374,6 +374,9 @@ class Scheduler(service.Service):
         now = self._reactor.seconds()
         self._forget_keys(now)
         known = self._keys.get(key)
+        if known is not None and known[1] <= now:  # remembered out of order, expired
+            del self._keys[key]
+            known = None
         if known is None:
             found = await self._store.find_idempotent(key, now - self._ttl)
             known = self._keys.get(key)  # admitted while the store was asked?
