@@ -276,6 +276,8 @@ class TaskApi:
         self._authorize(request)
         checks = {"store": bool(self.node.store.is_open),
                   "executor": bool(self.node.executor.ready)}
+        if self.scheduler is not None:  # queued tasks of the last run restored
+            checks["scheduler"] = self.scheduler.recovered
         if self.node.discovery is not None:
             checks["discovery"] = bool(self.node.discovery.bound)
         ok = all(checks.values())

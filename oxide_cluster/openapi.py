@@ -263,7 +263,7 @@ PATHS: dict[str, Any] = {
                                    "the OpenAPI document")},
     }},
     "/ready": {"get": _secured({
-        "summary": "Readiness: store open, executor recovered, discovery bound",
+        "summary": "Readiness: store open, executor recovered, queue restored, discovery bound",
         "responses": {
             "200": _json(_ref("Readiness"), "ready"),
             "503": _json(_ref("Readiness"), "not ready; checks say which part"),
