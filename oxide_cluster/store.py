@@ -147,10 +147,10 @@ class Store(service.Service):
         if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"store {self.path} has schema {row[0]}, newer than this "
                              f"agent understands ({SCHEMA_VERSION})")
-        self._migrate(connection, 1 if row is None else int(row[0]))
+        self._migrate(connection, 1 if row is None else int(row[0]), fresh=row is None)
         self._connection = connection
 
-    def _migrate(self, connection: sqlite3.Connection, version: int) -> None:
+    def _migrate(self, connection: sqlite3.Connection, version: int, fresh: bool) -> None:
         """Bring a store from ``version`` to ``SCHEMA_VERSION``, one transaction per step."""
         for target in range(version + 1, SCHEMA_VERSION + 1):
             try:
@@ -165,8 +165,9 @@ class Store(service.Service):
                     connection.execute("ROLLBACK")
                 raise StoreError(f"cannot migrate the store {self.path} to schema {target}: "
                                  f"{error}") from error
-            self.log.info("store {path} migrated to schema {version}", path=self.path,
-                          version=target)
+            if not fresh:
+                self.log.info("store {path} migrated to schema {version}", path=self.path,
+                              version=target)
 
     async def _stop(self) -> None:
         await self.flushed()
