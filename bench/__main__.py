@@ -1,6 +1,6 @@
 """The benchmark suite: every figure next to a baseline measured in the same run.
 
-    python -m bench [--quick] [--sections tasks,latency,stream,discovery,failover,idle]
+    python -m bench [--quick] [--sections tasks,latency,queue,stream,discovery,failover,idle]
                     [--skip SECTIONS] [--tasks 600] [--clients 8]
 
 Sections:
@@ -12,6 +12,9 @@ Sections:
   same number of client threads). Rounds are interleaved; medians are shown.
 * ``latency``: submit-to-start and end-to-finish p50/p99 at fixed offered loads, open
   loop, against Celery at the same loads.
+* ``queue``: 2,000 ``/bin/true`` queued at once on a 2-slot standalone node (``bench.queue``):
+  drain rate next to the same node's HTTP rate, queue wait p50/p99, submit p99 while the
+  queue fills, RSS, priority inversions, fair share between groups of 1,000 and 10.
 * ``stream``: line latency and throughput of live output over ``/ws`` against a plain
   pipe, and the agent's RSS and CPU while it streams.
 * ``discovery``: join and crash detection at N=3 in network namespaces (root only).
@@ -40,12 +43,20 @@ import psutil
 
 from bench import celery_bench
 from bench.announcers import Announcers
-from bench.common import SECRET, Client, LocalAgent, print_table, raw_spawn_rate, save
+from bench.common import (
+    SECRET,
+    Client,
+    LocalAgent,
+    http_rate,
+    print_table,
+    raw_spawn_rate,
+    save,
+)
 from bench.load import closed_loop, open_loop, parse_rfc3339, percentile
 from tests.redis_server import RedisServer
 from tests.support import AgentProcess, poll_until
 
-SECTIONS = ("tasks", "latency", "stream", "discovery", "failover", "idle")
+SECTIONS = ("tasks", "latency", "queue", "stream", "discovery", "failover", "idle")
 MB = 1024 * 1024
 
 
@@ -206,6 +217,28 @@ def section_latency(report: Report, rigs: dict[str, Any], opts: argparse.Namespa
     report.data["latency"] = {"duration_s": opts.duration, "seconds": data}
     report.notes.append(f"latency: open loop for {opts.duration:.0f} s per load, timed from "
                         "the scheduled submit; task timestamps have 1 ms resolution")
+
+
+def section_queue(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import queue
+
+    count = 500 if opts.quick else 2000
+    with LocalAgent("--max-tasks", "2") as agent:
+        http_rate(agent.port, 50, 2)  # warm up
+        baseline, _, _ = http_rate(agent.port, min(count, 600), 2)
+        figures = queue.measure(agent.port, agent.pid, count, 2, 16, home / "queue-gate")
+    report.data["queue"] = {"baseline_per_s": baseline, **figures}
+    report.row("queue", f"drain, {count} queued at once, 2 slots",
+               f"{figures['drain_per_s']:.0f}/s", "1 node HTTP ?wait", f"{baseline:.0f}/s",
+               f"{figures['drain_per_s'] / baseline:.2f}")
+    report.row("queue", "queue wait p50 / p99",
+               f"{figures['wait_p50_s']:.2f}/{figures['wait_p99_s']:.2f} s")
+    report.row("queue", "submit p99 while filling", f"{figures['submit_p99_ms']:.1f} ms")
+    report.row("queue", "RSS with the queue full", f"{figures['rss_mb']:.0f} MB")
+    report.row("queue", "priority inversions", str(figures["priority_inversions"]),
+               goal="0")
+    report.row("queue", f"groups {figures['fair_groups'][0]}+10: small done first",
+               str(figures["small_last_start_before_big_50th"]), goal="True")
 
 
 def section_stream(report: Report, opts: argparse.Namespace, home: Path) -> None:

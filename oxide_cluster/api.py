@@ -11,6 +11,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
 
+import attrs
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -37,6 +38,7 @@ from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_t
 from oxide_cluster.node import Node
 from oxide_cluster.openapi import document as openapi_document
 from oxide_cluster.placement import Placement
+from oxide_cluster.scheduler import Scheduler, Unschedulable
 from oxide_cluster.store import StoreError
 from oxide_cluster.workspace import ArtifactListing, Workspaces
 from oxide_cluster.ws import output_messages
@@ -49,6 +51,10 @@ HOP_PLACE = b"place"
 RETRY_OF_HEADER = b"X-Oxide-Retry-Of"
 ATTEMPT_HEADER = b"X-Oxide-Attempt"
 MAX_PAGE = 1000
+# The fair-share group of a request without a ``group`` field (the CLI sets it).
+GROUP_HEADER = b"X-Oxide-Group"
+IDEMPOTENCY_HEADER = b"Idempotency-Key"
+MAX_HEADER_VALUE = 256
 
 
 class ApiError(Exception):
@@ -173,16 +179,19 @@ class TaskApi:
 
     def __init__(self, node: Node, websocket: Any = None, peers: PeerClient | None = None,
                  placement: Placement | None = None, directory: Any = None,
-                 workspaces: Workspaces | None = None) -> None:
+                 workspaces: Workspaces | None = None,
+                 scheduler: Scheduler | None = None) -> None:
         self.node = node
         self.workspaces = workspaces
+        self.scheduler = scheduler
         self.directory = directory
         self.peers = peers
         self.placement = placement
         self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
-        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total)
+        depth = scheduler.depth_by_priority if scheduler is not None else None
+        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total, depth)
 
     def resource(self) -> Any:
         return _Utf8Paths(self.app.resource())
@@ -221,16 +230,26 @@ class TaskApi:
         except RecursionError:  # ``[[[[…`` within max_body: refuse, not a 500
             raise ApiError(400, "bad_json", "request body is nested too deeply") from None
 
+    @property
+    def _scheduler(self) -> Scheduler:
+        if self.scheduler is None:
+            raise ApiError(503, "starting", "this node has no scheduler yet")
+        return self.scheduler
+
+    def _live_task(self, task_id: str) -> Task | None:
+        """The in-memory record of a queued or running task of this node."""
+        return self._scheduler.live_task(task_id)
+
     async def _find_task(self, task_id: str) -> Task:
-        task = self.node.executor.live_task(task_id)
-        if task is None:
-            task = await self.node.store.get_task(task_id)
+        task = await self._scheduler.find(task_id)
         if task is None:
             raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
         return task
 
-    def _task_json(self, task: Task) -> dict[str, Any]:
+    def _task_json(self, task: Task, position: int | None = None) -> dict[str, Any]:
         body = task.to_json()
+        if task.state is TaskState.QUEUED and self.scheduler is not None:
+            body["queue_position"] = position or self.scheduler.position(task.id)
         body["links"] = {
             "self": f"/task/{task.id}",
             "output": f"/task/{task.id}/output",
@@ -292,6 +311,8 @@ class TaskApi:
         self._authorize(request)
         checks = {"store": bool(self.node.store.is_open),
                   "executor": bool(self.node.executor.ready)}
+        if self.scheduler is not None:  # queued tasks of the last run restored
+            checks["scheduler"] = self.scheduler.recovered
         if self.node.discovery is not None:
             checks["discovery"] = bool(self.node.discovery.bound)
         ok = all(checks.values())
@@ -306,7 +327,7 @@ class TaskApi:
             "node_id": self.node.node_id,
             "slots": executor.max_tasks,
             "running": executor.running_count,
-            "queued": 0,
+            "queued": len(self.scheduler) if self.scheduler is not None else 0,
             "finished_since_start": executor.finished_total,
         })
         if self.node.discovery is not None:
@@ -390,17 +411,34 @@ class TaskApi:
         self._check_leader_token(request)
         hop = request.getHeader(FORWARDED_HEADER)
         pinned = task_request.node
+        key = None
+        if hop is None:  # a client's request: settle its group, labels and key here
+            task_request, raw = self._with_group(request, task_request, body, raw)
+            key = self._idempotency_key(request)
+            try:
+                self._scheduler.check_schedulable(task_request.labels)
+            except Unschedulable as error:
+                raise ApiError(422, "unschedulable", str(error)) from None
+            if key is not None:  # before any forward: a repeat must not run elsewhere
+                earlier = await self._scheduler.idempotent(key)
+                if earlier is not None:
+                    return await self._answer(request, earlier, wait)
+        # Standalone (no Redis), this node's scheduler queues what it cannot start now;
+        # a placement from a leader wants "run now or refuse" to try the next node.
+        queueable = self.directory is None and (hop != HOP_RUN or pinned == self.node.node_id)
         if hop == HOP_RUN or pinned == self.node.node_id or self.peers is None:
             retry_of = request.getHeader(RETRY_OF_HEADER) if hop == HOP_RUN else None
             if retry_of is not None:
                 attempt = int(request.getHeader(ATTEMPT_HEADER) or b"2")
                 return await self._run_here(request, task_request, wait, attempt=attempt,
                                             retry_of=retry_of.decode("ascii", "replace"))
-            return await self._run_here(request, task_request, wait)
+            return await self._run_here(request, task_request, wait, key=key,
+                                        queueable=queueable)
         if pinned is not None:
             return await self._forward(request, pinned, raw, HOP_RUN, wait)
         if self.node.elector.is_leader:
-            return await self._place(request, task_request, raw, wait)
+            return await self._place(request, task_request, raw, wait, key=key,
+                                     queueable=queueable)
         leader = self.node.elector.leader().get("node_id")
         if hop is None and leader not in (None, self.node.node_id):
             try:
@@ -412,31 +450,75 @@ class TaskApi:
         # No leader reachable (or it handed the task back): local admission.
         return await self._run_here(request, task_request, wait)
 
-    async def _run_here(self, request: Request, task_request: Any, wait: float | None,
-                        attempt: int = 1, retry_of: str | None = None) -> bytes:
+    def _with_group(self, request: Request, task_request: Any, body: dict[str, Any],
+                    raw: bytes) -> tuple[Any, bytes]:
+        """The request with its fair-share group: the ``group`` field, else the
+        ``X-Oxide-Group`` header, else the client's address (kept when forwarded)."""
+        if task_request.group is not None:
+            return task_request, raw
+        group = self._header_text(request, GROUP_HEADER)
+        if group is None:
+            group = getattr(request.getClientAddress(), "host", None) or "local"
+        return (attrs.evolve(task_request, group=group),
+                json.dumps({**body, "group": group}).encode())
+
+    def _idempotency_key(self, request: Request) -> str | None:
+        return self._header_text(request, IDEMPOTENCY_HEADER)
+
+    @staticmethod
+    def _header_text(request: Request, name: bytes) -> str | None:
+        """A header's value as text; None when absent or blank."""
+        raw = request.getHeader(name)
+        if raw is None:
+            return None
         try:
-            task = await self.node.executor.submit(task_request, attempt=attempt,
-                                                   retry_of=retry_of)
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1").strip()  # what HTTP/1.1 headers were
+        if not text:
+            return None
+        if len(text) > MAX_HEADER_VALUE or not text.isprintable():
+            raise ApiError(400, "bad_header", f"header {name.decode()} must be at most "
+                           f"{MAX_HEADER_VALUE} printable characters")
+        return text
+
+    async def _run_here(self, request: Request, task_request: Any, wait: float | None,
+                        attempt: int = 1, retry_of: str | None = None,
+                        key: str | None = None, queueable: bool = False) -> bytes:
+        try:
+            task = await self._scheduler.submit(task_request, idempotency_key=key,
+                                                queueable=queueable, attempt=attempt,
+                                                retry_of=retry_of)
         except CapacityError as error:
             raise ApiError(error.status, error.code, error.message,
                            {"Retry-After": str(error.retry_after)}) from None
         if self.directory is not None:
             await self.directory.recorded(task.id)
-        finished = await _wait_for(self.node.executor.when_finished(task.id), wait,
-                                   self.node.reactor)
+        return await self._answer(request, task, wait)
+
+    async def _answer(self, request: Request, task: Task, wait: float | None) -> bytes:
+        """200 with the ended task (waiting up to ``wait``), else 202 as it stands."""
+        finished = None
+        if not task.state.terminal:
+            finished = await _wait_for(self._scheduler.when_finished(task.id), wait,
+                                       self.node.reactor)
         if finished is not None or task.state.terminal:
             return render_json(request, self._task_json(finished or task), 200)
         return render_json(request, self._task_json(task), 202)
 
     async def _place(self, request: Request, task_request: Any, raw: bytes,
-                     wait: float | None) -> bytes:
-        """As leader: try nodes best first; a node that refuses or fails is skipped."""
+                     wait: float | None, key: str | None = None,
+                     queueable: bool = False) -> bytes:
+        """As leader: try nodes best first; a node that refuses or fails is skipped.
+
+        Without Redis, a task no node can start now waits in this node's queue when
+        this node has its labels (queueing across a Redis cluster: next increment)."""
         assert self.placement is not None
         refusals = []
         for node_id in self.placement.choose(task_request.labels):
             if node_id == self.node.node_id:
                 try:
-                    return await self._run_here(request, task_request, wait)
+                    return await self._run_here(request, task_request, wait, key=key)
                 except ApiError as error:
                     if error.status not in (429, 503):
                         raise
@@ -460,6 +542,9 @@ class TaskApi:
                 self.placement.placed(node_id)
             return self._relay(request, reply)
         labels = task_request.labels
+        local_labels = self.node.config.labels
+        if queueable and all(local_labels.get(k) == v for k, v in labels.items()):
+            return await self._run_here(request, task_request, wait, key=key, queueable=True)
         detail = "; ".join(refusals) or f"no healthy node has the labels {dict(labels)}"
         raise ApiError(429, "no_capacity", f"no node can take the task now ({detail})",
                        {"Retry-After": "1"})
@@ -570,8 +655,7 @@ class TaskApi:
         node_id = _query(request, "node")
         found = await self.node.store.list_tasks(state=state, node_id=node_id,
                                                  limit=limit, before=cursor)
-        tasks = [self._task_json(self.node.executor.live_task(task.id) or task)
-                 for task in found]
+        tasks = [self._task_json(self._live_task(task.id) or task) for task in found]
         scope = _query(request, "scope")
         if scope not in (None, "local", "cluster"):
             raise ApiError(400, "bad_query", "scope must be local or cluster")
@@ -636,9 +720,23 @@ class TaskApi:
                 raise
             return render_json(request, lost)
         if not task.state.terminal:
-            task = await _wait_for(self.node.executor.when_finished(task_id), wait,
+            task = await _wait_for(self._scheduler.when_finished(task_id), wait,
                                    self.node.reactor) or task
         return render_json(request, self._task_json(task))
+
+    @app.route("/queue", methods=["GET"])
+    def queue(self, request: Request) -> bytes:
+        """This node's queued tasks in dispatch order (the first starts next)."""
+        self._authorize(request)
+        limit = int(_query_number(request, "limit", 1, MAX_PAGE, integer=True) or MAX_PAGE)
+        scheduler = self._scheduler
+        tasks = [self._task_json(task, position)
+                 for position, task in enumerate(scheduler.queued(limit), start=1)]
+        return render_json(request, {"queued": len(scheduler),
+                                     "by_priority": {str(priority): count for priority, count
+                                                     in sorted(scheduler.depth_by_priority()
+                                                               .items(), reverse=True)},
+                                     "tasks": tasks})
 
     @app.route("/task/<task_id>/output", methods=["GET"])
     async def output(self, request: Request, task_id: str) -> bytes:
@@ -691,11 +789,11 @@ class TaskApi:
         if task.state.terminal:
             raise ApiError(409, "task_finished",
                            f"task {task_id} already ended ({task.state.value})")
-        waiter = self.node.executor.when_finished(task_id)
-        self.node.executor.cancel(task_id)
+        waiter = self._scheduler.when_finished(task_id)
+        self._scheduler.cancel(task_id)
         finished = await _wait_for(waiter, wait, self.node.reactor)
-        if finished is not None:
-            return render_json(request, self._task_json(finished), 200)
+        if finished is not None or task.state.terminal:  # a queued task ends at once
+            return render_json(request, self._task_json(finished or task), 200)
         return render_json(request, self._task_json(task), 202)
 
     # -- content-addressed blobs and artifacts (logic in cas.py and workspace.py) -------

@@ -160,6 +160,8 @@ SETTINGS: tuple[Setting, ...] = (
             "task wall-clock timeout in seconds when a request gives none"),
     Setting("max_timeout", _positive_float, 86400.0,
             "largest task timeout a request may ask for, in seconds"),
+    Setting("queue_timeout", _positive_float, 3600.0,
+            "seconds a task may wait in the queue when a request gives none; then rejected"),
     Setting("kill_grace", _positive_float, 5.0,
             "seconds between SIGTERM and SIGKILL when a task is stopped"),
     Setting("max_body", _positive_int, 1024 * 1024,
@@ -212,6 +214,7 @@ class Config:
     output_limit: int
     default_timeout: float
     max_timeout: float
+    queue_timeout: float
     kill_grace: float
     max_body: int
     sample_interval: float

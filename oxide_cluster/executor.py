@@ -12,7 +12,7 @@ import fcntl
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from twisted.application import service
@@ -490,8 +490,14 @@ class Executor(service.Service):
                retry_of: str | None = None) -> defer.Deferred[Task]:
         """Admit and start a task; fires with the task once its record is committed."""
         self.check_capacity()
+        task = self.new_task(request, task_id=task_id, attempt=attempt, retry_of=retry_of)
+        return self.start(task, request.secret_env)
+
+    def new_task(self, request: TaskRequest, *, task_id: str | None = None, attempt: int = 1,
+                 retry_of: str | None = None) -> Task:
+        """The record of a task of this node, not started (state ``queued``)."""
         now = self._reactor.seconds()
-        task = Task(
+        return Task(
             id=task_id or new_task_id(now, self.node_id),
             node_id=self.node_id,
             command=request.command,
@@ -509,8 +515,14 @@ class Executor(service.Service):
             retry_of=retry_of,
             workspace=request.workspace,
             artifacts=list(request.artifacts) or None,
+            priority=request.priority,
+            group=request.group,
+            queue_timeout=request.queue_timeout,
         )
-        run = TaskRun(self._reactor, task, dict(request.secret_env),
+
+    def start(self, task: Task, secret_env: Mapping[str, str]) -> defer.Deferred[Task]:
+        """Start a task record made by ``new_task`` (capacity is the caller's check)."""
+        run = TaskRun(self._reactor, task, dict(secret_env),
                       kill_grace=self._kill_grace, output_limit=self._output_limit,
                       on_output=self._output, on_finished=self._finished, spawn=self._spawn,
                       signal_group=self._signal_group)
@@ -655,6 +667,10 @@ class Executor(service.Service):
         self._output_paused = False
         for run in self.runs.values():
             run.resume_output()
+
+    def publish_state(self, task: Task) -> None:
+        """Tell the state listeners of a change made outside a run (a queued task's end)."""
+        self._notify_state(task)
 
     def _notify_state(self, task: Task) -> None:
         for listener in self.state_listeners:

@@ -8,7 +8,7 @@ the global registry would mix them). Gauges are computed by a custom collector w
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -61,8 +61,10 @@ class NodeMetrics:
     """The node's registry; ``render`` refreshes what needs the store, then formats."""
 
     def __init__(self, node: Any, url_map: Map,
-                 requests_total: dict[tuple[str, int], int] | None = None) -> None:
+                 requests_total: dict[tuple[str, int], int] | None = None,
+                 queue_depth: Callable[[], dict[int, int]] | None = None) -> None:
         self.node = node
+        self.queue_depth = queue_depth  # the scheduler's queued tasks by priority
         self._url_map = url_map
         self.requests_total = requests_total if requests_total is not None else {}
         self.finished_total: dict[str, int] = {}
@@ -142,6 +144,14 @@ class _NodeCollector:
                                 value=executor.max_tasks)
         yield GaugeMetricFamily("oxide_task_slots_free", "Task slots free now",
                                 value=executor.free_slots)
+        if metrics.queue_depth is not None:
+            depth = GaugeMetricFamily("oxide_queue_depth",
+                                      "Tasks queued on this node, by priority",
+                                      labels=["priority"])
+            # Priority 0 always has a series, so an empty queue reads 0, not "no data".
+            for priority, count in sorted({0: 0, **metrics.queue_depth()}.items()):
+                depth.add_metric([str(priority)], count)
+            yield depth
 
         load = node.sampler.current
         yield GaugeMetricFamily("oxide_cpu_percent", "Host CPU use sampled by the node",

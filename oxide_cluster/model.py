@@ -85,6 +85,12 @@ class Task:
     output_dropped: int = 0
     pid: int | None = None
     tty: bool = False
+    priority: int = 0
+    group: str | None = None
+    queue_timeout: float | None = None
+    idempotency_key: str | None = None
+    # Order of admission to the queue (FIFO within a group, kept across restarts).
+    queue_seq: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The contract shape of a task in every response and stream."""
@@ -112,6 +118,9 @@ class Task:
             "idle_timeout": self.idle_timeout,
             "retries": self.retries,
             "tty": self.tty,
+            "priority": self.priority,
+            "group": self.group,
+            "queue_position": None,
         }
 
 
@@ -141,13 +150,21 @@ class TaskRequest:
     tty: bool = False
     workspace: str | None = None
     artifacts: tuple[str, ...] = ()
+    priority: int = 0
+    group: str | None = None
+    queue_timeout: float | None = None
+    queue: bool = True
 
 
 _FIELDS = {
     "command", "args", "cwd", "env", "secret_env", "timeout", "idle_timeout",
-    "labels", "node", "retries", "tty",
+    "labels", "node", "retries", "tty", "priority", "group", "queue_timeout", "queue",
 } | {"workspace", "artifacts"}
 _MAX_TEXT = 64 * 1024
+MAX_PRIORITY = 1_000_000
+MAX_GROUP = 256
+# A queued task waits at most a week, whatever the node's default says.
+MAX_QUEUE_TIMEOUT = 7 * 86400.0
 
 
 def _string(field: str, value: Any, allow_empty: bool = False) -> str:
@@ -233,6 +250,21 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
     tty = body.get("tty", False)
     if not isinstance(tty, bool):
         raise RequestError("tty", "must be true or false")
+    priority = body.get("priority", 0)
+    if isinstance(priority, float) and priority.is_integer():
+        priority = int(priority)
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise RequestError("priority",
+                           f"must be a whole number from {-MAX_PRIORITY} to {MAX_PRIORITY}")
+    group = body.get("group")
+    if group is not None:
+        group = _string("group", group)
+        if len(group) > MAX_GROUP:
+            raise RequestError("group", f"must be at most {MAX_GROUP} characters")
+    queue = body.get("queue", True)
+    if not isinstance(queue, bool):
+        raise RequestError("queue", "must be true or false")
     return TaskRequest(
         command=command,
         args=checked_args,
@@ -247,6 +279,10 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
         tty=tty,
         workspace=workspace,
         artifacts=artifacts,
+        priority=priority,
+        group=group,
+        queue_timeout=_seconds("queue_timeout", body.get("queue_timeout"), MAX_QUEUE_TIMEOUT),
+        queue=queue,
     )
 
 

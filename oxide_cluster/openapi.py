@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 from oxide_cluster import __version__
-from oxide_cluster.model import TaskState
+from oxide_cluster.model import MAX_GROUP, MAX_PRIORITY, MAX_QUEUE_TIMEOUT, TaskState
 
 _REF = "#/components/schemas/"
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -120,6 +120,21 @@ SCHEMAS: dict[str, Any] = {
             "artifacts": {"type": "array", "maxItems": 100, "items": {**_NAME},
                           "description": "globs relative to the task directory (needs "
                           "workspace); matching files are kept after the task ends"},
+            "priority": {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY,
+                         "description": "higher starts first; default 0"},
+            "group": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_GROUP,
+                      "pattern": "^[^\u0000]*$",
+                      "description": "fair-share group: groups of one priority take turns; "
+                                     "default: the X-Oxide-Group header, else the client's "
+                                     "address"},
+            "queue_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                              "maximum": MAX_QUEUE_TIMEOUT,
+                              "description": "seconds the task may wait in the queue before "
+                                             "it ends rejected; default: the node's "
+                                             "queue_timeout"},
+            "queue": {"type": "boolean",
+                      "description": "false: refuse with 429 when no slot is free instead "
+                                     "of queueing (default true)"},
         },
     },
     "Task": {
@@ -152,7 +167,22 @@ SCHEMAS: dict[str, Any] = {
             "idle_timeout": _NUMBER_OR_NULL,
             "retries": {"type": "integer", "minimum": 0},
             "tty": {"type": "boolean"},
+            "priority": {"type": "integer"},
+            "group": _STRING_OR_NULL,
+            "queue_position": {"type": ["integer", "null"], "minimum": 1,
+                               "description": "1-based place in dispatch order while queued"},
             "links": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "Queue": {
+        "type": "object",
+        "required": ["queued", "by_priority", "tasks"],
+        "properties": {
+            "queued": {"type": "integer", "minimum": 0},
+            "by_priority": {"type": "object",
+                            "additionalProperties": {"type": "integer", "minimum": 0}},
+            "tasks": {"type": "array", "items": _ref("Task"),
+                      "description": "queued tasks in dispatch order (the first starts next)"},
         },
     },
     "TaskPage": {
@@ -251,7 +281,7 @@ PATHS: dict[str, Any] = {
                                    "the OpenAPI document")},
     }},
     "/ready": {"get": _secured({
-        "summary": "Readiness: store open, executor recovered, discovery bound",
+        "summary": "Readiness: store open, executor recovered, queue restored, discovery bound",
         "responses": {
             "200": _json(_ref("Readiness"), "ready"),
             "503": _json(_ref("Readiness"), "not ready; checks say which part"),
@@ -299,7 +329,20 @@ PATHS: dict[str, Any] = {
     })},
     "/execute": {"post": _secured({
         "summary": "Run a command (placed by the leader unless pinned with `node`)",
-        "parameters": [_WAIT],
+        "description": "When no slot is free the task waits in the queue (202, state "
+                       "`queued`) unless the request says `queue: false` (429). A repeated "
+                       "submit with the same Idempotency-Key (kept 24 h) returns the first "
+                       "task, never a second run. Queueing across a Redis cluster is not "
+                       "there yet: its leader still answers 429 when the pool is full.",
+        "parameters": [_WAIT,
+                       {"name": "Idempotency-Key", "in": "header", "required": False,
+                        "schema": {"type": "string", "maxLength": 256},
+                        "description": "the same key within 24 h returns the same task "
+                                       "(blank: no key)"},
+                       {"name": "X-Oxide-Group", "in": "header", "required": False,
+                        "schema": {"type": "string", "maxLength": 256},
+                        "description": "fair-share group when the body has no `group` "
+                                       "(blank: the client's address)"}],
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": _ref("TaskRequest"),
             "example": {"command": "true", "args": [], "timeout": 5}}}},
@@ -309,7 +352,9 @@ PATHS: dict[str, Any] = {
             "409": _error("placement with a stale leader token"),
             "413": _error("body larger than max_body"),
             "415": _error("Content-Type is not application/json"),
-            "429": _error("no free slot", retry_after=True),
+            "422": _error("`unschedulable`: no known node has the labels the task asks for"),
+            "429": _error("no free slot and `queue: false`, or (with Redis) no node of the "
+                          "cluster has one", retry_after=True),
             "503": _error("the host is overloaded or the chosen node is unreachable",
                           retry_after=True),
         },
@@ -329,6 +374,12 @@ PATHS: dict[str, Any] = {
              "schema": {"type": "string", "enum": ["local", "cluster"]}},
         ],
         "responses": {"200": _json(_ref("TaskPage"), "a page of tasks"), "400": _BAD_QUERY},
+    })},
+    "/queue": {"get": _secured({
+        "summary": "This node's queued tasks in dispatch order",
+        "parameters": [{"name": "limit", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+        "responses": {"200": _json(_ref("Queue"), "the queue"), "400": _BAD_QUERY},
     })},
     "/task/{task_id}": {"get": _secured({
         "summary": "One task, from any node (forwarded to its owner)",
@@ -360,7 +411,8 @@ PATHS: dict[str, Any] = {
         },
     })},
     "/task/{task_id}/cancel": {"post": _secured({
-        "summary": "TERM the task's process group, KILL after the grace",
+        "summary": "TERM the task's process group, KILL after the grace; a queued task "
+                   "ends cancelled at once and never starts",
         "parameters": [_TASK_ID, _WAIT],
         "responses": {**_TASK_RESPONSES, "400": _BAD_QUERY, "404": _NOT_FOUND,
                       "409": _error("the task already ended"), "503": _UNAVAILABLE},

@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from oxide_cluster.model import Task, TaskState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,7 +48,21 @@ CREATE TABLE IF NOT EXISTS output (
 CREATE TABLE IF NOT EXISTS peers (node_id TEXT PRIMARY KEY, record TEXT NOT NULL);
 """
 
+# Schema changes, by the version they lead to; ``_SCHEMA`` is version 1's shape.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # The scheduler's queue: dispatch order and idempotency keys, queryable by index.
+    2: (
+        "ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN task_group TEXT",
+        "ALTER TABLE tasks ADD COLUMN queue_seq INTEGER",
+        "ALTER TABLE tasks ADD COLUMN idempotency_key TEXT",
+        "CREATE INDEX IF NOT EXISTS tasks_by_idempotency_key ON tasks (idempotency_key)"
+        " WHERE idempotency_key IS NOT NULL",
+    ),
+}
+
 T = TypeVar("T")
+TaskRow = tuple[str, str, str, str, int, str | None, int | None, str | None]
 Operation = Callable[[sqlite3.Connection], Any]
 
 
@@ -58,13 +72,19 @@ class _TaskPut:
     the queue replaces its row instead of queueing a second write."""
 
     task_id: str
-    row: tuple[str, str, str, str]
+    row: TaskRow
     waiters: list[defer.Deferred[None]] = attrs.Factory(list)
 
 
-def _insert_task(connection: sqlite3.Connection, row: tuple[str, str, str, str]) -> None:
+def _insert_task(connection: sqlite3.Connection, row: TaskRow) -> None:
     connection.execute(
-        "INSERT OR REPLACE INTO tasks (id, node_id, state, record) VALUES (?, ?, ?, ?)", row)
+        "INSERT OR REPLACE INTO tasks (id, node_id, state, record, priority, task_group,"
+        " queue_seq, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+
+def _task_row(task: Task) -> TaskRow:
+    return (task.id, task.node_id, task.state.value, task_to_record(task), task.priority,
+            task.group, task.queue_seq, task.idempotency_key)
 
 
 class StoreError(RuntimeError):
@@ -124,13 +144,30 @@ class Store(service.Service):
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.Error as error:
             raise StoreError(f"cannot open the store {self.path}: {error}") from error
-        if row is None:
-            connection.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                               (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"store {self.path} has schema {row[0]}, newer than this "
                              f"agent understands ({SCHEMA_VERSION})")
+        self._migrate(connection, 1 if row is None else int(row[0]), fresh=row is None)
         self._connection = connection
+
+    def _migrate(self, connection: sqlite3.Connection, version: int, fresh: bool) -> None:
+        """Bring a store from ``version`` to ``SCHEMA_VERSION``, one transaction per step."""
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            try:
+                connection.execute("BEGIN")
+                for statement in _MIGRATIONS[target]:
+                    connection.execute(statement)
+                connection.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                                   (str(target),))
+                connection.execute("COMMIT")
+            except sqlite3.Error as error:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise StoreError(f"cannot migrate the store {self.path} to schema {target}: "
+                                 f"{error}") from error
+            if not fresh:
+                self.log.info("store {path} migrated to schema {version}", path=self.path,
+                              version=target)
 
     async def _stop(self) -> None:
         await self.flushed()
@@ -234,7 +271,7 @@ class Store(service.Service):
         Only at the tail: moving a task's end ahead of its queued output would let a
         caller see the task finished before its output is stored.
         """
-        row = (task.id, task.node_id, task.state.value, task_to_record(task))
+        row = _task_row(task)
         tail = self._queue[-1][0] if self._queue else None
         if isinstance(tail, _TaskPut) and tail.task_id == task.id:
             put = tail
@@ -339,13 +376,36 @@ class Store(service.Service):
             return chunks
         return self._submit(select)
 
+    def queued_tasks(self, node_id: str) -> defer.Deferred[list[Task]]:
+        """The node's queued tasks in admission order (the scheduler reloads them)."""
+        def select(connection: sqlite3.Connection) -> list[Task]:
+            rows = connection.execute(
+                "SELECT record FROM tasks WHERE node_id = ? AND state = ? ORDER BY queue_seq",
+                (node_id, TaskState.QUEUED.value)).fetchall()
+            return [task_from_record(row[0]) for row in rows]
+        return self._submit(select)
+
+    def find_idempotent(self, key: str, since: float) -> defer.Deferred[Task | None]:
+        """The newest task submitted with ``key`` no earlier than ``since``, if any."""
+        def select(connection: sqlite3.Connection) -> Task | None:
+            rows = connection.execute(
+                "SELECT record FROM tasks WHERE idempotency_key = ? ORDER BY id DESC",
+                (key,)).fetchall()
+            for (record,) in rows:
+                task = task_from_record(record)
+                if task.created_at >= since:
+                    return task
+            return None
+        return self._submit(select)
+
     def mark_unfinished_lost(self, node_id: str, reason: str,
                              now: float) -> defer.Deferred[list[Task]]:
-        """Tasks of ``node_id`` still queued or running become ``lost`` (never resumed)."""
+        """Tasks of ``node_id`` still running become ``lost`` (never resumed); queued ones
+        stay queued for the scheduler."""
         def update(connection: sqlite3.Connection) -> list[Task]:
             rows = connection.execute(
-                "SELECT record FROM tasks WHERE node_id = ? AND state IN (?, ?)",
-                (node_id, TaskState.QUEUED.value, TaskState.RUNNING.value)).fetchall()
+                "SELECT record FROM tasks WHERE node_id = ? AND state = ?",
+                (node_id, TaskState.RUNNING.value)).fetchall()
             lost = []
             for (record,) in rows:
                 task = task_from_record(record)

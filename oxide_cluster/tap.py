@@ -44,6 +44,7 @@ from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Placement
 from oxide_cluster.recovery import Recovery
+from oxide_cluster.scheduler import LabelBook, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
 from oxide_cluster.workspace import PeerBlobs, Workspaces
@@ -311,8 +312,12 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds())
-    _RecoverThenRun(store, executor, lambda code: exit_after_stop(reactor, code),
+    labels = LabelBook(config.labels, lambda: _peer_labels(node))
+    scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
+                          labels=labels)
+    _RecoverThenRun(store, executor, scheduler, lambda code: exit_after_stop(reactor, code),
                     config.state_dir).setServiceParent(top)
+    scheduler.setServiceParent(top)
     elector.setServiceParent(top)
     if config.discovery:
         node.discovery = DiscoveryService(reactor, discovery_settings(config),
@@ -320,6 +325,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         top.add_listener(node.discovery, BindOption("discovery_port",
                                                     str(config.discovery_port),
                                                     "--discovery-port"))
+        node.discovery.membership.subscribe(labels.membership_event)
 
     hub = LiveHub(executor, store)
     hub.setServiceParent(top)
@@ -346,7 +352,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         reactor.addSystemEventTrigger("after", "shutdown", directory.close)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   peers=peers, placement=placement, directory=directory,
-                  workspaces=workspaces)
+                  workspaces=workspaces, scheduler=scheduler)
     if directory is not None and node.discovery is not None:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
@@ -364,6 +370,13 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     listener = HttpListener(endpoint, site, scheme, node.ip_address or node.hostname)
     top.add_listener(listener, BindOption("listen", config.listen, "--listen port"))
     return top, node
+
+
+def _peer_labels(node: Node) -> list[dict[str, str]]:
+    """Labels of every peer membership knows, healthy or not (the 422 check)."""
+    if node.discovery is None:
+        return []
+    return [peer.labels for peer in node.discovery.membership]
 
 
 def discovery_settings(config: Config) -> DiscoverySettings:
@@ -420,10 +433,11 @@ def _exit_now(code: int) -> None:
 class _RecoverThenRun(service.Service):
     """Starts the executor only after the store is open and earlier tasks are settled."""
 
-    def __init__(self, store: Store, executor: Executor, stop: Callable[[int], None],
-                 state_dir: Path) -> None:
+    def __init__(self, store: Store, executor: Executor, scheduler: Scheduler,
+                 stop: Callable[[int], None], state_dir: Path) -> None:
         self._store = store
         self._executor = executor
+        self._scheduler = scheduler
         self._stop = stop
         self._state_dir = state_dir
 
@@ -431,8 +445,12 @@ class _RecoverThenRun(service.Service):
         super().startService()
         self._executor.startService()
         self._store.opened.addCallback(
-            lambda _: defer.Deferred.fromCoroutine(self._executor.recover())
+            lambda _: defer.Deferred.fromCoroutine(self._recover())
         ).addErrback(self._fatal)
+
+    async def _recover(self) -> None:
+        await self._executor.recover()
+        await self._scheduler.recover()  # queued tasks wait again, in their order
 
     def _fatal(self, failure: Failure) -> None:
         if failure.check(StoreError):  # its message names the file and the cause

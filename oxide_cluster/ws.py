@@ -195,8 +195,10 @@ class Attachment:
             return
         self._session.send({"type": "attached", "task": self.task_id, "offset": self.sent,
                             "state": task.state.value})
-        # Not running here: whatever output exists is in the store already.
-        self.ended = task
+        # Not running here: whatever output exists is in the store already. A queued
+        # task has none yet; its start and end reach us through the state listeners.
+        if task.state is not TaskState.QUEUED:
+            self.ended = task
         self._read()
 
     def _failed(self, failure: Failure) -> None:

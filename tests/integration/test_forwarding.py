@@ -84,7 +84,9 @@ def test_labels_steer_placement(tmp_path):
             assert reply.status == 200, reply
             assert reply.json()["node_id"] == gpu_id
         refused = nodes[0].post("/execute", {"command": "true", "labels": {"tpu": "yes"}})
-        assert refused.status == 429 and "labels" in refused.json()["error"]["message"]
+        # No node has ever advertised tpu=yes: refused at once, not queued or retried.
+        assert refused.status == 422 and "tpu=yes" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["code"] == "unschedulable"
     finally:
         for node in nodes:
             node.terminate()

@@ -95,11 +95,11 @@ def test_timeout_ends_task_timed_out(agent):
     assert task["reason"] == "timed out after 0.5s"
 
 
-def test_capacity_refusal_has_retry_after(agent_factory):
+def test_capacity_refusal_with_queue_false_has_retry_after(agent_factory):
     node = agent_factory(extra_args=("--max-tasks", "1"))
     first = node.post("/execute", {"command": "sleep", "args": ["30"]})
     assert first.status == 202
-    refused = node.post("/execute", {"command": "true"})
+    refused = node.post("/execute", {"command": "true", "queue": False})
     assert refused.status == 429
     assert refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["code"] == "no_free_slots"

@@ -92,3 +92,14 @@ def test_any_yaml_mapping_loads_or_fails_with_config_error(tmp_path_factory, map
         config.load({}, {}, str(path))
     except ConfigError:
         pass
+
+
+def test_queue_timeout_has_a_default_and_comes_from_every_source(tmp_path):
+    assert config.load({}, {}).queue_timeout == 3600.0
+    path = tmp_path / "node.yaml"
+    path.write_text("queue_timeout: 120\n")
+    assert config.load({}, {}, str(path)).queue_timeout == 120.0
+    assert config.load({}, {"OXIDE_QUEUE_TIMEOUT": "60"}, str(path)).queue_timeout == 60.0
+    assert config.load({"queue_timeout": "5"}, {"OXIDE_QUEUE_TIMEOUT": "60"}).queue_timeout == 5
+    with pytest.raises(ConfigError, match="queue_timeout"):
+        config.load({"queue_timeout": "0"}, {})

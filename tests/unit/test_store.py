@@ -167,3 +167,70 @@ async def test_a_task_end_never_overtakes_its_queued_output(tmp_path):
         assert (await store.get_task("t")).state is TaskState.SUCCEEDED
     finally:
         await store.stopService()
+
+
+_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tasks (id TEXT PRIMARY KEY, node_id TEXT NOT NULL, state TEXT NOT NULL,
+                    record TEXT NOT NULL);
+CREATE INDEX tasks_by_state ON tasks (state, id);
+CREATE TABLE output (task_id TEXT NOT NULL, offset INTEGER NOT NULL, stream TEXT NOT NULL,
+                     data BLOB NOT NULL, PRIMARY KEY (task_id, offset)) WITHOUT ROWID;
+CREATE TABLE peers (node_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_1_store_is_migrated_and_keeps_its_tasks(tmp_path):
+    path = tmp_path / "s.db"
+    connection = sqlite3.connect(path)
+    connection.executescript(_V1_SCHEMA)
+    # A record written by the previous agent: none of the scheduler's fields.
+    old = ('{"id":"old","node_id":"n1","command":"ls","args":[],"cwd":null,"env":{},'
+           '"secret_env_keys":[],"labels":{},"timeout":5.0,"idle_timeout":null,"retries":0,'
+           '"state":"succeeded","created_at":1.0}')
+    connection.execute("INSERT INTO tasks VALUES ('old', 'n1', 'succeeded', ?)", (old,))
+    connection.commit()
+    connection.close()
+
+    store = await opened_store(path)
+    try:
+        task = await store.get_task("old")
+        assert task.state is TaskState.SUCCEEDED and task.priority == 0 and task.group is None
+        queued = make_task("q", TaskState.QUEUED)
+        queued.idempotency_key, queued.queue_seq, queued.priority = "k1", 3, 7
+        await store.put_task(queued)
+        assert await store.find_idempotent("k1", since=0.0) == queued
+        assert await store.find_idempotent("k1", since=2.0) is None  # older than the window
+        assert await store.queued_tasks("n1") == [queued]
+    finally:
+        await store.stopService()
+    check = sqlite3.connect(path)
+    try:
+        version = check.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        assert version.fetchone() == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 2
+        columns = {row[1] for row in check.execute("PRAGMA table_info(tasks)")}
+        assert {"priority", "task_group", "queue_seq", "idempotency_key"} <= columns
+        row = check.execute("SELECT priority, task_group, queue_seq, idempotency_key FROM tasks"
+                            " WHERE id = 'q'").fetchone()
+        assert row == (7, None, 3, "k1")
+    finally:
+        check.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_tasks_stay_queued_on_restart_and_load_in_admission_order(tmp_path):
+    store = await opened_store(tmp_path / "s.db")
+    try:
+        for task_id, seq in (("b", 2), ("a", 1), ("c", 0)):
+            task = make_task(task_id, TaskState.QUEUED)
+            task.queue_seq = seq
+            await store.put_task(task)
+        await store.put_task(make_task("run", TaskState.RUNNING))
+        lost = await store.mark_unfinished_lost("n1", "agent restart", 9.0)
+        assert [t.id for t in lost] == ["run"]
+        assert [t.id for t in await store.queued_tasks("n1")] == ["c", "a", "b"]
+        assert await store.queued_tasks("n2") == []
+    finally:
+        await store.stopService()

@@ -166,6 +166,11 @@ class _Executor:
         raise AssertionError("must not recover without a store")
 
 
+class _Scheduler:
+    async def recover(self) -> None:
+        raise AssertionError("must not restore the queue without a store")
+
+
 class _Store:
     def __init__(self, error: Exception) -> None:
         self.opened = defer.fail(error)
@@ -177,7 +182,7 @@ class _Store:
 ])
 def test_an_unopenable_store_stops_the_node_with_status_1(tmp_path, error, one_line):
     exits: list[int] = []
-    starter = _RecoverThenRun(_Store(error), _Executor(), exits.append, tmp_path)
+    starter = _RecoverThenRun(_Store(error), _Executor(), _Scheduler(), exits.append, tmp_path)
     with capturedLogs() as events:
         starter.startService()
     assert exits == [1]

@@ -1,0 +1,580 @@
+"""The node's scheduler: admission, a durable fair queue, and dispatch onto the executor.
+
+A task that cannot start now waits in the queue instead of being refused (``queue: false``
+keeps the old 429). Dispatch order: higher ``priority`` first; within one priority the
+groups take turns (deficit round robin where every start costs its group one turn), so a
+group of 200 tasks and a group of 1 interleave; first in, first out within a group.
+Queued tasks are records in the node's store (state ``queued``), so they survive an
+agent restart. This increment schedules the local node only: a cluster with Redis still
+places through the leader (``TaskApi._place``) and answers 429 when the pool is full.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+import attrs
+from sortedcontainers import SortedList
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.base import DelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from oxide_cluster.executor import CapacityError
+from oxide_cluster.model import Task, TaskRequest, TaskState
+
+IDEMPOTENCY_TTL = 24 * 3600.0
+# Refusals that end when time passes or a slot frees: the task waits for them.
+_WAITABLE = frozenset({"no_free_slots", "cpu_busy", "memory_busy"})
+
+
+class Unschedulable(Exception):
+    """No known node has ever advertised the labels a task asks for."""
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        names = ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
+        super().__init__(f"no known node has the labels {names}: the task could never start")
+        self.labels = dict(labels)
+
+
+class QueueStore(Protocol):
+    """What the scheduler needs from the store (``oxide_cluster.store.Store``)."""
+
+    def put_task(self, task: Task) -> defer.Deferred[None]: ...
+
+    def get_task(self, task_id: str) -> defer.Deferred[Task | None]: ...
+
+    def queued_tasks(self, node_id: str) -> defer.Deferred[list[Task]]: ...
+
+    def find_idempotent(self, key: str, since: float) -> defer.Deferred[Task | None]: ...
+
+
+class LocalExecutor(Protocol):
+    """What the scheduler needs from the executor (``oxide_cluster.executor.Executor``)."""
+
+    node_id: str
+    state_listeners: list[Callable[[Task], None]]
+
+    def check_capacity(self) -> None: ...
+
+    def new_task(self, request: TaskRequest, *, task_id: str | None = None,
+                 attempt: int = 1, retry_of: str | None = None) -> Task: ...
+
+    def start(self, task: Task, secret_env: Mapping[str, str]) -> defer.Deferred[Task]: ...
+
+    def live_task(self, task_id: str) -> Task | None: ...
+
+    def when_finished(self, task_id: str) -> defer.Deferred[Task] | None: ...
+
+    def cancel(self, task_id: str, reason: str = ...) -> bool: ...
+
+    def publish_state(self, task: Task) -> None: ...
+
+
+class Clock(Protocol):
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any,
+                  **kw: Any) -> DelayedCall: ...
+
+
+# -- the ordering structure ---------------------------------------------------------------
+
+
+class _Group:
+    """One group's queued tasks in one priority band, as (sequence, task id), FIFO."""
+
+    __slots__ = ("in_ring", "items", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.items: SortedList = SortedList()
+        self.in_ring = False
+
+
+class _Band:
+    """One priority: its groups and the ring of turns between them."""
+
+    __slots__ = ("count", "groups", "ring")
+
+    def __init__(self) -> None:
+        self.groups: dict[str, _Group] = {}
+        # Groups in turn order; an emptied group may linger here until its turn comes.
+        self.ring: collections.deque[_Group] = collections.deque()
+        self.count = 0
+
+    def live_ring(self) -> list[_Group]:
+        return [group for group in self.ring if group.items]
+
+
+class FairQueue:
+    """Dispatch order of queued task ids: priority, then group turns, then FIFO.
+
+    ``push``, ``pop`` and ``remove`` cost O(log n) (amortised: emptied groups and bands
+    are dropped lazily, when their turn comes); ``position`` costs O(log n) plus the
+    number of groups and priorities.
+    """
+
+    def __init__(self) -> None:
+        self._bands: dict[int, _Band] = {}
+        self._heap: list[int] = []  # negated priorities with a band (may hold stale ones)
+        self._index: dict[str, tuple[int, str, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._index
+
+    def push(self, task_id: str, priority: int, group: str, seq: int) -> None:
+        if task_id in self._index:
+            raise ValueError(f"task {task_id} is queued already")
+        band = self._bands.get(priority)
+        if band is None:
+            band = self._bands[priority] = _Band()
+            heapq.heappush(self._heap, -priority)
+        members = band.groups.get(group)
+        if members is None:
+            members = band.groups[group] = _Group(group)
+        members.items.add((seq, task_id))
+        if not members.in_ring:
+            members.in_ring = True
+            band.ring.append(members)
+        band.count += 1
+        self._index[task_id] = (priority, group, seq)
+
+    def pop(self) -> str | None:
+        """The next task id to start, removed from the queue; None when empty."""
+        while self._heap:
+            priority = -self._heap[0]
+            band = self._bands.get(priority)
+            if band is None or band.count == 0:
+                heapq.heappop(self._heap)
+                if band is not None and self._bands.get(priority) is band:
+                    del self._bands[priority]
+                continue
+            while band.ring:
+                members = band.ring.popleft()
+                if not members.items:
+                    members.in_ring = False  # emptied by ``remove``: drop it now
+                    continue
+                _, task_id = members.items.pop(0)
+                band.count -= 1
+                if members.items:
+                    band.ring.append(members)  # its turn is spent: to the back
+                else:
+                    members.in_ring = False
+                    del band.groups[members.name]
+                del self._index[task_id]
+                return task_id
+            band.count = 0  # unreachable unless counts drifted; drop the band
+        return None
+
+    def remove(self, task_id: str) -> bool:
+        found = self._index.pop(task_id, None)
+        if found is None:
+            return False
+        priority, group, seq = found
+        band = self._bands[priority]
+        members = band.groups[group]
+        members.items.remove((seq, task_id))
+        band.count -= 1
+        if not members.items:
+            del band.groups[group]  # the ring drops it at its turn
+        return True
+
+    def position(self, task_id: str) -> int | None:
+        """1-based place in dispatch order, or None when not queued."""
+        found = self._index.get(task_id)
+        if found is None:
+            return None
+        priority, group, seq = found
+        ahead = sum(band.count for other, band in self._bands.items() if other > priority)
+        band = self._bands[priority]
+        members = band.groups[group]
+        turn = members.items.index((seq, task_id))  # served in round ``turn`` of the ring
+        passed_own = False
+        for other in band.live_ring():
+            size = len(other.items)
+            ahead += min(size, turn)
+            if other is members:
+                passed_own = True
+            elif not passed_own and size > turn:
+                ahead += 1
+        return ahead + 1
+
+    def ordered(self, limit: int | None = None) -> Iterator[str]:
+        """Task ids in dispatch order (the order ``pop`` would return them now)."""
+        emitted = 0
+        for priority in sorted(self._bands, reverse=True):
+            alive = self._bands[priority].live_ring()
+            turn = 0
+            while alive:
+                following = []
+                for members in alive:
+                    if limit is not None and emitted >= limit:
+                        return
+                    yield members.items[turn][1]
+                    emitted += 1
+                    if len(members.items) > turn + 1:
+                        following.append(members)
+                alive = following
+                turn += 1
+
+    def depth_by_priority(self) -> dict[int, int]:
+        return {priority: band.count for priority, band in self._bands.items() if band.count}
+
+
+# -- the service ----------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Queued:
+    task: Task
+    secret_env: dict[str, str]
+    timer: DelayedCall | None = None
+    waiters: list[defer.Deferred[Task]] = attrs.Factory(list)
+
+
+class LabelBook:
+    """Every label set a node has advertised (this one, and peers alive or not)."""
+
+    def __init__(self, local: Mapping[str, str],
+                 current: Callable[[], Iterable[Mapping[str, str]]] = lambda: ()) -> None:
+        self._local = dict(local)
+        self._current = current
+        self._seen: dict[str, dict[str, str]] = {}
+
+    def membership_event(self, event: dict[str, Any]) -> None:
+        """A membership listener: remember each peer's labels, even after it is pruned."""
+        node = event.get("node")
+        if isinstance(node, dict) and isinstance(node.get("labels"), dict):
+            self._seen[str(node.get("node_id"))] = dict(node["labels"])
+
+    def schedulable(self, labels: Mapping[str, str]) -> bool:
+        if not labels:
+            return True
+        for known in (self._local, *self._seen.values(), *self._current()):
+            if all(known.get(key) == value for key, value in labels.items()):
+                return True
+        return False
+
+
+class Scheduler(service.Service):
+    """Owns the life of a local task before it runs: admit, queue, dispatch, expire."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Clock, store: QueueStore, executor: LocalExecutor, *,
+                 default_queue_timeout: float, labels: LabelBook | None = None,
+                 idempotency_ttl: float = IDEMPOTENCY_TTL) -> None:
+        self._reactor = reactor
+        self._store = store
+        self._executor = executor
+        self._default_queue_timeout = default_queue_timeout
+        self._labels = labels if labels is not None else LabelBook({})
+        self._ttl = idempotency_ttl
+        self._queue = FairQueue()
+        self._entries: dict[str, _Queued] = {}
+        self._seq = 0
+        self._keys: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self._retry: DelayedCall | None = None
+        self.recovered = False
+        self.started_total = 0
+        self.rejected_total = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._executor.state_listeners.append(self._task_changed)
+        self._dispatch()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Queued tasks stay queued in the store: the next start dispatches them."""
+        super().stopService()
+        if self._task_changed in self._executor.state_listeners:
+            self._executor.state_listeners.remove(self._task_changed)
+        for entry in self._entries.values():
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        return defer.succeed(None)
+
+    async def recover(self) -> list[Task]:
+        """Queue again what the store holds as queued; call once the executor is ready."""
+        tasks: list[Task] = await self._store.queued_tasks(self._executor.node_id)
+        now = self._reactor.seconds()
+        requeued = []
+        for task in tasks:
+            self._seq = max(self._seq, (task.queue_seq or 0) + 1)
+            if task.secret_env_keys:
+                self._end(task, TaskState.REJECTED,
+                          "its secret_env values are kept in memory only and were lost "
+                          "when the agent restarted; submit it again")
+                continue
+            remaining = (task.created_at + self._timeout_of(task)) - now
+            if remaining <= 0:
+                self.rejected_total += 1
+                self._end(task, TaskState.REJECTED, self._waited(task, now))
+                continue
+            entry = _Queued(task, {})
+            self._enqueue(entry, remaining)
+            requeued.append(task)
+        if requeued:
+            self.log.info("{count} queued tasks restored from the store", count=len(requeued))
+        self.recovered = True
+        self._dispatch()
+        return requeued
+
+    # -- admission ------------------------------------------------------------------
+
+    def check_schedulable(self, labels: Mapping[str, str]) -> None:
+        """Raise Unschedulable for labels no known node has ever advertised."""
+        if not self._labels.schedulable(labels):
+            raise Unschedulable(labels)
+
+    async def submit(self, request: TaskRequest, *, idempotency_key: str | None = None,
+                     queueable: bool = True, attempt: int = 1,
+                     retry_of: str | None = None) -> Task:
+        """Start the task now, or queue it (``queueable`` and ``request.queue``), or raise
+        CapacityError; a known ``idempotency_key`` returns the task it first made."""
+        if idempotency_key is not None:
+            earlier = await self._idempotent(idempotency_key)
+            if earlier is not None:
+                return earlier
+        if not self.recovered:
+            raise CapacityError(503, "starting", "the node is still starting", 1)
+        queueable = queueable and request.queue
+        task = self._executor.new_task(request, attempt=attempt, retry_of=retry_of)
+        task.idempotency_key = idempotency_key
+        if not self._queue:
+            try:
+                self._executor.check_capacity()
+            except CapacityError as error:
+                if not queueable or error.code not in _WAITABLE:
+                    raise
+            else:
+                return await self._start(task, request.secret_env)
+        elif not queueable:
+            self._executor.check_capacity()  # refuse as before if it is full
+            return await self._start(task, request.secret_env)
+        return await self._queue_task(task, dict(request.secret_env))
+
+    async def idempotent(self, key: str) -> Task | None:
+        """The task an earlier submit with ``key`` made here within the last 24 h."""
+        return await self._idempotent(key)
+
+    async def _idempotent(self, key: str) -> Task | None:
+        now = self._reactor.seconds()
+        self._forget_keys(now)
+        known = self._keys.get(key)
+        if known is not None and known[1] <= now:  # remembered out of order, expired
+            del self._keys[key]
+            known = None
+        if known is None:
+            found = await self._store.find_idempotent(key, now - self._ttl)
+            known = self._keys.get(key)  # admitted while the store was asked?
+            if known is None:
+                if found is not None:
+                    self._remember(key, found.id, found.created_at)
+                return found
+        return await self.find(known[0])
+
+    def _remember(self, key: str, task_id: str, created_at: float) -> None:
+        self._keys[key] = (task_id, created_at + self._ttl)
+        self._keys.move_to_end(key)
+
+    def _forget_keys(self, now: float) -> None:
+        while self._keys:
+            key, (_, expires) = next(iter(self._keys.items()))
+            if expires > now:
+                break
+            del self._keys[key]
+
+    async def _start(self, task: Task, secret_env: Mapping[str, str]) -> Task:
+        if task.idempotency_key is not None:
+            self._remember(task.idempotency_key, task.id, task.created_at)
+        self.started_total += 1
+        started: Task = await self._executor.start(task, secret_env)
+        return started
+
+    async def _queue_task(self, task: Task, secret_env: dict[str, str]) -> Task:
+        task.group = task.group or "default"
+        task.queue_seq = self._seq
+        self._seq += 1
+        entry = _Queued(task, secret_env)
+        self._enqueue(entry, self._timeout_of(task))
+        if task.idempotency_key is not None:
+            self._remember(task.idempotency_key, task.id, task.created_at)
+        try:
+            await self._store.put_task(task)
+        except Exception:
+            self._drop(task.id)
+            if task.idempotency_key is not None:
+                self._keys.pop(task.idempotency_key, None)
+            raise
+        # A slot may have freed while the record was written.
+        self._dispatch()
+        return task
+
+    def _timeout_of(self, task: Task) -> float:
+        return task.queue_timeout or self._default_queue_timeout
+
+    def _enqueue(self, entry: _Queued, remaining: float) -> None:
+        task = entry.task
+        self._entries[task.id] = entry
+        self._queue.push(task.id, task.priority, task.group or "default", task.queue_seq or 0)
+        entry.timer = self._reactor.callLater(max(0.0, remaining), self._expired, task.id)
+
+    def _drop(self, task_id: str) -> _Queued | None:
+        entry = self._entries.pop(task_id, None)
+        self._queue.remove(task_id)
+        if entry is not None and entry.timer is not None and entry.timer.active():
+            entry.timer.cancel()
+        return entry
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def _task_changed(self, task: Task) -> None:
+        if task.state.terminal:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start queued tasks while the executor has room, in dispatch order."""
+        if not self.running or not self.recovered:
+            return
+        while self._queue:
+            try:
+                self._executor.check_capacity()
+            except CapacityError as error:
+                if error.code in ("cpu_busy", "memory_busy") and \
+                        (self._retry is None or not self._retry.active()):
+                    # No task end will wake us for a load that falls: look again later.
+                    self._retry = self._reactor.callLater(error.retry_after, self._dispatch)
+                return
+            task_id = self._queue.pop()
+            assert task_id is not None
+            entry = self._entries.pop(task_id)
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+            self.started_total += 1
+            started = self._executor.start(entry.task, entry.secret_env)
+            started.addErrback(self._start_failed, task_id)
+            for waiter in entry.waiters:
+                self._follow(waiter, entry.task, started)
+
+    def _follow(self, waiter: defer.Deferred[Task], task: Task,
+                started: defer.Deferred[Task]) -> None:
+        """Hand a queued task's waiter over to the executor's end of the task."""
+        if waiter.called:
+            return
+        def wake(result: object) -> None:
+            if not waiter.called:
+                waiter.callback(result if isinstance(result, Task) else task)
+
+        finished = self._executor.when_finished(task.id)
+        if finished is None:  # ended at once (command not found, ...)
+            started.addBoth(wake)
+        else:
+            finished.addCallback(wake)
+
+    def _start_failed(self, failure: Failure, task_id: str) -> None:
+        self.log.error("queued task {task_id} could not be recorded as started: {error}",
+                       task_id=task_id, error=failure.getErrorMessage())
+
+    def _expired(self, task_id: str) -> None:
+        entry = self._entries.get(task_id)
+        if entry is None:
+            return
+        entry.timer = None
+        self.rejected_total += 1
+        self._finish_queued(task_id, TaskState.REJECTED,
+                            self._waited(entry.task, self._reactor.seconds()))
+
+    def _waited(self, task: Task, now: float) -> str:
+        return (f"waited {now - task.created_at:.0f}s in the queue without a free slot "
+                f"(queue_timeout {self._timeout_of(task):g}s)")
+
+    def _finish_queued(self, task_id: str, state: TaskState, reason: str) -> Task | None:
+        entry = self._drop(task_id)
+        if entry is None:
+            return None
+        self._end(entry.task, state, reason, entry.waiters)
+        return entry.task
+
+    def _end(self, task: Task, state: TaskState, reason: str,
+             waiters: Iterable[defer.Deferred[Task]] = ()) -> defer.Deferred[None]:
+        task.state = state
+        task.reason = reason
+        task.finished_at = self._reactor.seconds()
+        stored = self._store.put_task(task)
+        stored.addErrback(lambda failure: self.log.error(
+            "could not record the end of queued task {task_id}: {error}", task_id=task.id,
+            error=failure.getErrorMessage()))
+        waiting = list(waiters)
+
+        def wake(_: object) -> None:
+            for waiter in waiting:
+                if not waiter.called:
+                    waiter.callback(task)
+        stored.addCallback(wake)
+        self._executor.publish_state(task)
+        return stored
+
+    # -- queries and cancel --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def queued_task(self, task_id: str) -> Task | None:
+        entry = self._entries.get(task_id)
+        return entry.task if entry is not None else None
+
+    def live_task(self, task_id: str) -> Task | None:
+        """The in-memory record of a queued or running task."""
+        return self.queued_task(task_id) or self._executor.live_task(task_id)
+
+    async def find(self, task_id: str) -> Task | None:
+        live = self.live_task(task_id)
+        if live is not None:
+            return live
+        found: Task | None = await self._store.get_task(task_id)
+        return found
+
+    def position(self, task_id: str) -> int | None:
+        return self._queue.position(task_id)
+
+    def queued(self, limit: int | None = None) -> list[Task]:
+        """Queued tasks in dispatch order."""
+        return [self._entries[task_id].task for task_id in self._queue.ordered(limit)]
+
+    def depth_by_priority(self) -> dict[int, int]:
+        return self._queue.depth_by_priority()
+
+    def when_finished(self, task_id: str) -> defer.Deferred[Task] | None:
+        """Fires with the task once it ends, queued or running; None if neither here.
+
+        A waiter cancelled (a long-poll's timeout) is forgotten at once.
+        """
+        entry = self._entries.get(task_id)
+        if entry is None:
+            return self._executor.when_finished(task_id)
+
+        def forget(waiter: defer.Deferred[Task]) -> None:
+            if waiter in entry.waiters:
+                entry.waiters.remove(waiter)
+        waiter: defer.Deferred[Task] = defer.Deferred(forget)
+        entry.waiters.append(waiter)
+        return waiter
+
+    def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
+        """Cancel a queued task (it never starts) or begin stopping a running one."""
+        if self._finish_queued(task_id, TaskState.CANCELLED, reason) is not None:
+            return True
+        return self._executor.cancel(task_id, reason)
