@@ -48,6 +48,7 @@ RECONNECT_FOR = 30.0
 # dead node's tasks lost after the node's ``dead_after`` (2.5 s) plus its recovery.
 SETTLE_FOR = 60.0
 RETRY_PAUSE = 0.5
+QUEUE_POLL = 1.0  # how often a queued task's place is asked for while it waits
 SECRET_HELP = ("give --secret or set OXIDE_CLUSTER_SECRET; a node started without one "
                "generated it into ~/.oxide/secret (its state_dir) on the node's host")
 
@@ -61,7 +62,8 @@ EXIT_CODES: tuple[tuple[str, str], ...] = (
     (str(EXIT_USAGE), "usage error: bad options, or a node URL without http://"),
     (str(EXIT_BAD_REQUEST), "the node rejected the request (400: bad field)"),
     (str(EXIT_NO_TASK), "no task has that id (unknown task id)"),
-    (str(EXIT_UNAVAILABLE), "the node is at capacity (429/503) or refused the task"),
+    (str(EXIT_UNAVAILABLE), "not run: waited queue_timeout (rejected), labels no node has "
+                            "(422), or refused (429, 503)"),
     (str(EXIT_SOFTWARE), "unexpected reply from the node"),
     (str(EXIT_CONNECTION), "the node cannot be reached or the stream was lost for good"),
     (str(EXIT_LOST), "the task was lost: the node running it died or restarted"),
@@ -128,6 +130,8 @@ def _node_failure(error: NodeError) -> Failed:
                                  "(--secret / OXIDE_CLUSTER_SECRET)")
     if error.status == 404 and error.code == "task_not_found":
         return Failed(EXIT_NO_TASK, error.message)
+    if error.status == 422:
+        return Failed(EXIT_UNAVAILABLE, f"no node can run this task: {error.message}")
     if error.status in (429, 503):
         return Failed(EXIT_UNAVAILABLE, f"the node is busy: {error.message}")
     if error.status in (400, 409, 413, 415):
@@ -268,6 +272,11 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         body["node"] = options.node_id
     if options.tty:
         body["tty"] = True
+    for field in ("priority", "group", "queue_timeout"):
+        if getattr(options, field) is not None:
+            body[field] = getattr(options, field)
+    if options.no_queue:
+        body["queue"] = False
     if options.workspace is not None:
         body.update(_send_workspace(node, options))
     elif options.artifacts:
@@ -281,6 +290,8 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         sys.stderr.write(f"oxide-cluster: task {task_id} on node {task['node_id']} "
                          f"({node.url}/ui/#task={task_id})\n")
         sys.stderr.flush()
+        if task["state"] == "queued":
+            task = wait_in_queue(node, task)
         if task["state"] in ("queued", "running"):
             state = follow(node, task["id"])
         else:
@@ -305,6 +316,26 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         if options.artifacts:
             _fetch_artifacts(node, task_id, options)
         return EXIT_CANCELLED
+
+
+def wait_in_queue(node: Node, task: dict[str, Any]) -> dict[str, Any]:
+    """Say where a queued task stands (on each change) until it leaves the queue."""
+    said = None
+    while task["state"] == "queued":
+        position = task.get("queue_position")
+        if position is not None and position != said:
+            sys.stderr.write(f"oxide-cluster: queued: {position - 1} ahead\n")
+            sys.stderr.flush()
+            said = position
+        _pause(QUEUE_POLL)
+        try:
+            task = node.request("GET", f"/task/{urllib.parse.quote(task['id'], safe='')}")
+        except NodeError as error:
+            raise _node_failure(error) from None
+    if task.get("started_at"):  # running, or already ended: it did start
+        sys.stderr.write(f"oxide-cluster: started on node {task['node_id']}\n")
+        sys.stderr.flush()
+    return task
 
 
 def _send_workspace(node: Node, options: argparse.Namespace) -> dict[str, Any]:
@@ -416,6 +447,16 @@ def parser() -> argparse.ArgumentParser:
                      help="run on this node id (the API's node field)")
     run.add_argument("--retries", type=int, metavar="N",
                      help="run again elsewhere up to N times (0-10) if its node dies")
+    run.add_argument("--priority", type=int, metavar="N",
+                     help="queue priority: higher starts first (default 0)")
+    run.add_argument("--group", metavar="NAME",
+                     help="fair-share group: groups of one priority take turns (default: "
+                     "this client's address)")
+    run.add_argument("--queue-timeout", type=float, metavar="S",
+                     help="give up (exit 69) if the task has not started after S seconds "
+                     "in the queue (default: the node's queue_timeout)")
+    run.add_argument("--no-queue", action="store_true",
+                     help="fail at once (exit 69) instead of queueing when the pool is full")
     run.add_argument("--tty", action="store_true",
                      help="run on a pseudo-terminal (colours, line buffering); stdout and "
                           "stderr then arrive as one stream, on stdout")
