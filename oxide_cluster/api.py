@@ -822,7 +822,8 @@ class TaskApi:
         await workspaces.blobs.loaded
         return render_json(request, {"missing": workspaces.blobs.missing(body)})
 
-    @app.route("/cas/<digest>", methods=["PUT"])
+    # 64 characters, so /cas/missing is never taken for a digest (PUT there is a 405).
+    @app.route("/cas/<string(length=64):digest>", methods=["PUT"])
     async def cas_put(self, request: Request, digest: str) -> bytes:
         """Store one blob; its bytes must hash to ``digest``."""
         self._authorize(request)
@@ -841,7 +842,7 @@ class TaskApi:
         return render_json(request, {"digest": digest, "size": blobs.size(digest),
                                      "stored": created}, 201 if created else 200)
 
-    @app.route("/cas/<digest>", methods=["GET"])
+    @app.route("/cas/<string(length=64):digest>", methods=["GET"])
     async def cas_get(self, request: Request, digest: str) -> Any:
         """One blob's bytes (node to node: a node fetches the blobs its task lacks)."""
         self._authorize(request)

@@ -226,7 +226,9 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
     cwd = body.get("cwd")
     if cwd is not None:
         cwd = _string("cwd", cwd)
-        if workspace is not None:
+        if workspace is not None and cwd.rstrip("/") in ("", "."):
+            cwd = None  # the workspace root itself
+        elif workspace is not None:
             try:
                 check_relative_path(cwd, "cwd")
             except ManifestError as error:

@@ -443,6 +443,7 @@ PATHS: dict[str, Any] = {
                 "201": _json(_ref("BlobStored"), "stored"),
                 "400": _error("bad digest, or the bytes do not match it "
                               "(`digest_mismatch`)"),
+                "404": _error("the path is not /cas/ and 64 characters"),
                 "413": _error("blob larger than workspace_cache"),
                 "507": _error("no room: disk full, or the cache is full of blobs that "
                               "queued or running tasks need"),
@@ -455,7 +456,8 @@ PATHS: dict[str, Any] = {
                 "200": {"description": "the bytes", "content": {"application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"}}}},
                 "400": _error("not a SHA-256 digest"),
-                "404": _error("this node does not have the blob"),
+                "404": _error("this node does not have the blob, or the path is not /cas/ "
+                              "and 64 characters"),
             },
         }),
     },

@@ -9,6 +9,8 @@ be refused with 400) and generated ``labels`` are dropped (the node has none).
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Iterator
 
@@ -63,6 +65,17 @@ def _tame(case) -> None:
         # A name in both is refused (400); JSON Schema cannot say so, the description does.
         for name in set(case.body["env"]) & set(case.body["secret_env"]):
             del case.body["secret_env"][name]
+    if isinstance(case.body, dict) and isinstance(case.body.get("workspace"), str) \
+            and isinstance(case.body.get("cwd"), str) and case.body["cwd"].startswith("/"):
+        # With a workspace, cwd is relative to it (the description says so).
+        case.body["cwd"] = case.body["cwd"].lstrip("/") or "."
+    if case.operation.label == "PUT /cas/{digest}" and isinstance(case.body, bytes | str) \
+            and _valid_digest(case.path_parameters.get("digest")):
+        if isinstance(case.body, str):
+            case.body = case.body.encode()
+        # Random bytes never hash to a random digest: name them by their own, so a valid
+        # upload is tried (a wrong one is checked in tests/integration/test_workspace.py).
+        case.path_parameters["digest"] = hashlib.sha256(case.body).hexdigest()
     labels = case.body.get("labels") if isinstance(case.body, dict) else None
     if isinstance(labels, dict) and all(_valid_text(k, 1) and _valid_text(v, 0)
                                         for k, v in labels.items()):
@@ -70,6 +83,10 @@ def _tame(case) -> None:
         # (documented; tests/integration/test_queue.py checks it), which says nothing
         # about the rest. Invalid ones stay: they must be refused with 400.
         case.body["labels"] = {}
+
+
+def _valid_digest(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None
 
 
 def _valid_text(value: object, minimum: int) -> bool:
