@@ -22,7 +22,7 @@ def routes_of_the_app() -> set[tuple[str, str]]:
     found = set()
     for rule in TaskApi.app.url_map.iter_rules():
         # <task_id> -> {task_id}; the /ui/ branch's catch-all is the static file route.
-        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        path = re.sub(r"<(?:[a-z]+(?:\([^)]*\))?:)?([a-z_]+)>", r"{\1}", rule.rule)
         path = path.replace("{__rest__}", "{file}")
         methods = {m.lower() for m in rule.methods or ()} & _METHODS
         if not rule.methods:  # /ws takes any method; only GET can be an upgrade
