@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 import urllib.parse
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from oxide_cluster.client import (
     ConnectionClosed,
@@ -86,6 +86,14 @@ def exit_codes_rst() -> str:
     lines = [rule, f"{'code':<7}  meaning", rule]
     lines += [f"{code:<7}  {meaning}" for code, meaning in EXIT_CODES]
     return "\n".join([*lines, rule])
+
+
+class Sink(Protocol):
+    """Where :func:`follow` writes output: a binary stream, or a fan-out shard's."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> object: ...
 
 
 class Interrupted(Exception):
@@ -185,7 +193,7 @@ def settled_state(node: Node, task_id: str, why: str,
 
 
 def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
-           stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> dict[str, Any]:
+           stdout: Sink | None = None, stderr: Sink | None = None) -> dict[str, Any]:
     """Stream a task's output from ``offset``; return the final ``state`` message.
 
     Reconnects and resumes from the last byte received when the connection drops. When
@@ -249,12 +257,8 @@ def follow(node: Node, task_id: str, offset: int = 0, until_live: bool = False,
             _pause(RETRY_PAUSE)
 
 
-def cmd_run(node: Node, options: argparse.Namespace) -> int:
-    command = list(options.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        raise Failed(EXIT_USAGE, "run: give the command after --")
+def request_body(options: argparse.Namespace, command: list[str]) -> dict[str, Any]:
+    """The ``POST /execute`` fields that ``run``'s options give (no workspace)."""
     body: dict[str, Any] = {"command": command[0], "args": command[1:]}
     env = _pairs(options.env, "--env")
     if env:
@@ -277,6 +281,21 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
             body[field] = getattr(options, field)
     if options.no_queue:
         body["queue"] = False
+    return body
+
+
+def cmd_run(node: Node, options: argparse.Namespace) -> int:
+    command = list(options.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise Failed(EXIT_USAGE, "run: give the command after --")
+    if options.parallel is not None:
+        from oxide_cluster.fanout import run_parallel  # it imports this module
+        return run_parallel(node, options, command)
+    if options.split or options.junit or options.group_output:
+        raise Failed(EXIT_USAGE, "run: --split, --junit and --group-output need --parallel N")
+    body = request_body(options, command)
     if options.workspace is not None:
         body.update(_send_workspace(node, options))
     elif options.artifacts:
@@ -471,7 +490,24 @@ def parser() -> argparse.ArgumentParser:
                      help="after the task, download matching files of its directory "
                      "(repeatable; needs --workspace)")
     run.add_argument("--artifacts-dir", metavar="OUT",
-                     help="where artifacts go (default ./oxide-artifacts/TASK_ID/)")
+                     help="where artifacts go (default ./oxide-artifacts/TASK_ID/; with "
+                     "--parallel OUT/shard-I/ per shard, OUT defaulting to "
+                     "./oxide-artifacts/GROUP or the first shard's task id)")
+    run.add_argument("--parallel", type=int, metavar="N",
+                     help="run N shards of CMD at once (one workspace upload), each with "
+                     "OXIDE_SHARD_INDEX/OXIDE_SHARD_TOTAL, CI_NODE_INDEX/CI_NODE_TOTAL and "
+                     "BUILDKITE_PARALLEL_JOB(_COUNT); output prefixed [i/N]; exits with the "
+                     "lowest-numbered failing shard's code")
+    run.add_argument("--split", action="append", default=[], metavar="GLOB",
+                     help="with --parallel and --workspace: split the workspace files "
+                     "matching GLOB (repeatable) over the shards, balanced by size, and put "
+                     "each shard's files in place of the {files} argument of CMD")
+    run.add_argument("--junit", action="append", default=[], metavar="GLOB",
+                     help="with --parallel and --workspace: collect JUnit XML reports "
+                     "matching GLOB from every shard and merge them into OUT/junit.xml")
+    run.add_argument("--group-output", action="store_true",
+                     help="with --parallel: print each shard's output in one piece when "
+                     "all have ended, in shard order, instead of prefixed lines as they come")
     run.add_argument("--timeout", type=float, help="wall-clock limit in seconds")
     run.add_argument("--idle-timeout", type=float, help="limit on seconds without output")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",

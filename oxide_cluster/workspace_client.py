@@ -209,7 +209,11 @@ def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = ()
     """Send ``root`` by content: the blobs the node lacks, then the manifest. Returns the
     manifest digest for the task's ``workspace`` field. Raises WorkspaceError (bad tree)
     or NodeError (the node refused or cannot be reached)."""
-    tree = scan_tree(root, excludes)
+    return upload_tree(node, scan_tree(root, excludes))
+
+
+def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
+    """Send an already scanned tree (the fan-out splits files from the same scan)."""
     manifest_bytes = tree.manifest.encode()
     manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
     connection = _Connection(node)

@@ -1,0 +1,503 @@
+"""``oxide-cluster run --parallel N``: one command as N shards over the pool, one exit code,
+one JUnit report.
+
+The CLI is synchronous, so each shard is followed by a thread of its own running the same
+:func:`oxide_cluster.cli.follow` as a single ``run`` (``Node`` keeps no connection, so the
+threads share it); the main thread only waits for their results, which keeps Ctrl-C (a
+signal, delivered to the main thread) able to cancel every shard. Output passes through a
+:class:`ShardOutput` per shard and stream: whole lines, prefixed ``[i/N] ``, under one lock.
+
+Files given by ``--split`` are balanced by size (greedy longest-processing-time): the
+cluster keeps no per-file durations yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import shlex
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+from oxide_cluster.cli import (
+    EXIT_CANCELLED,
+    EXIT_SOFTWARE,
+    EXIT_USAGE,
+    QUEUE_POLL,
+    Failed,
+    Interrupted,
+    _node_failure,
+    _pause,
+    follow,
+    request_body,
+    task_exit_code,
+)
+from oxide_cluster.client import Node, NodeError
+from oxide_cluster.manifest import ManifestError, glob_regex
+from oxide_cluster.workspace_client import (
+    JUnitSummary,
+    WorkspaceError,
+    download_artifacts,
+    junit_summary,
+    scan_tree,
+    upload_tree,
+)
+
+FILES = "{files}"
+MAX_PARALLEL = 256
+MAX_LINE = 64 * 1024  # a longer line without a newline is cut, or one shard holds the lock
+CANCEL_WAIT = 15.0  # after Ctrl-C, how long the shards' ends are awaited
+GROUPED_IN_MEMORY = 8 * 1024 * 1024  # --group-output spills to a temporary file beyond
+
+
+def shard_env(index: int, total: int) -> dict[str, str]:
+    """The environment that tells shard ``index`` (0-based) of ``total`` which part is
+    its own, under the names of our own, GitLab's (1-based) and Buildkite's (0-based)."""
+    return {
+        "OXIDE_SHARD_INDEX": str(index),
+        "OXIDE_SHARD_TOTAL": str(total),
+        "CI_NODE_INDEX": str(index + 1),
+        "CI_NODE_TOTAL": str(total),
+        "BUILDKITE_PARALLEL_JOB": str(index),
+        "BUILDKITE_PARALLEL_JOB_COUNT": str(total),
+    }
+
+
+def expand_globs(paths: Iterable[str], globs: Sequence[str]) -> list[str]:
+    """The relative ``paths`` matching any glob (``**`` for any depth, as artifact globs),
+    sorted. Raises ValueError for a glob that is absolute or leaves the tree."""
+    try:
+        patterns = [glob_regex(pattern) for pattern in globs]
+    except ManifestError as error:
+        raise ValueError(str(error).replace("artifact glob", "--split glob")) from None
+    return sorted({path for path in paths if any(p.match(path) for p in patterns)})
+
+
+def split_by_size(sizes: Mapping[str, int], shards: int) -> list[list[str]]:
+    """Split files into at most ``shards`` parts of nearly equal total size: largest file
+    first (ties by name) onto the lightest part so far (ties: the lowest index). The same
+    input gives the same split; no part is empty (fewer files than shards: fewer parts);
+    each part is sorted by name."""
+    if shards < 1:
+        raise ValueError("the number of shards must be at least 1")
+    parts: list[list[str]] = [[] for _ in range(min(shards, len(sizes)))]
+    loads = [0] * len(parts)
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        lightest = min(range(len(parts)), key=lambda i: (loads[i], i))
+        parts[lightest].append(name)
+        loads[lightest] += sizes[name]
+    return [sorted(part) for part in parts]
+
+
+def substitute(command: Sequence[str], files: Sequence[str]) -> list[str]:
+    """``command`` with each shard's files in place of ``{files}``: an argument that is
+    exactly ``{files}`` becomes one argument per file; inside a longer argument (``sh -c
+    'pytest {files}'``) it becomes the shell-quoted list."""
+    result: list[str] = []
+    for argument in command:
+        if argument == FILES:
+            result.extend(files)
+        else:
+            result.append(argument.replace(FILES, shlex.join(files)))
+    return result
+
+
+class ShardOutput:
+    """One shard's stdout or stderr: whole lines, each prefixed, written under a lock
+    shared by every shard so that lines of two shards never mix."""
+
+    def __init__(self, target: IO[bytes], prefix: bytes, lock: threading.Lock) -> None:
+        self._target = target
+        self._prefix = prefix
+        self._lock = lock
+        self._pending = bytearray()
+
+    def write(self, data: bytes, /) -> int:
+        self._pending += data
+        end = self._pending.rfind(b"\n") + 1
+        if not end and len(self._pending) > MAX_LINE:
+            end = len(self._pending)
+        if end:
+            chunk = bytes(self._pending[:end])
+            del self._pending[:end]
+            self._emit(chunk)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing: a partial line waits for its end (or :meth:`close`)."""
+
+    def close(self) -> None:
+        """Write what is left of the last line, ended by a newline."""
+        if self._pending:
+            chunk = bytes(self._pending)
+            self._pending.clear()
+            self._emit(chunk)
+
+    def _emit(self, chunk: bytes) -> None:
+        lines = chunk.splitlines(keepends=True)
+        text = b"".join(self._prefix + line if line.endswith(b"\n")
+                        else self._prefix + line + b"\n" for line in lines)
+        with self._lock:
+            self._target.write(text)
+            self._target.flush()
+
+
+@attrs.define
+class Shard:
+    """One shard's task and what became of it."""
+
+    index: int
+    total: int
+    files: list[str]
+    task_id: str | None = None
+    node_id: str | None = None
+    code: int | None = None
+    state: str | None = None
+    reason: str | None = None
+    seconds: float | None = None  # run time on its node (started_at to finished_at)
+    artifacts: list[Path] = attrs.Factory(list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.index + 1}/{self.total}"
+
+
+def first_failure(shards: Sequence[Shard]) -> Shard | None:
+    """The failing shard that decides the exit code: the lowest-numbered one, so the code
+    does not depend on which shard happened to end first."""
+    return next((shard for shard in shards if shard.code != 0), None)
+
+
+# -- JUnit merge --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class MergedJUnit:
+    """The merged report, its total and each shard's counts (shard order)."""
+
+    document: bytes
+    total: JUnitSummary
+    per_shard: list[JUnitSummary]
+
+
+def _suites(data: bytes) -> list[ElementTree.Element]:
+    if junit_summary(data) is None:  # not JUnit, or refused (DOCTYPE/entities)
+        return []
+    root = ElementTree.fromstring(data)
+    return [root] if root.tag == "testsuite" else root.findall("testsuite")
+
+
+def _add(a: JUnitSummary, b: JUnitSummary) -> JUnitSummary:
+    return JUnitSummary(a.tests + b.tests, a.failures + b.failures, a.errors + b.errors,
+                        a.skipped + b.skipped, a.time + b.time)
+
+
+ZERO = JUnitSummary(0, 0, 0, 0, 0.0)
+
+
+def merge_junit(reports: Sequence[Sequence[bytes]], name: str = "oxide-cluster"
+                ) -> MergedJUnit:
+    """One ``<testsuites>`` holding every shard's suites (``reports[i]``: shard i's report
+    files). Each suite gets its counts as attributes and an ``oxide.shard`` property
+    (``2/4``); the root has the totals. Files that are not JUnit are left out."""
+    root = ElementTree.Element("testsuites", name=name)
+    per_shard = []
+    total = ZERO
+    for index, documents in enumerate(reports):
+        shard_total = ZERO
+        for data in documents:
+            for suite in _suites(data):
+                counts = junit_summary(ElementTree.tostring(suite))
+                assert counts is not None  # a <testsuite> always has counts
+                for key in ("tests", "failures", "errors", "skipped"):
+                    suite.set(key, str(getattr(counts, key)))
+                suite.set("time", f"{counts.time:.3f}")
+                properties = suite.find("properties")
+                if properties is None:
+                    properties = ElementTree.Element("properties")
+                    suite.insert(0, properties)
+                ElementTree.SubElement(properties, "property", name="oxide.shard",
+                                       value=f"{index + 1}/{len(reports)}")
+                root.append(suite)
+                shard_total = _add(shard_total, counts)
+        per_shard.append(shard_total)
+        total = _add(total, shard_total)
+    for key in ("tests", "failures", "errors", "skipped"):
+        root.set(key, str(getattr(total, key)))
+    root.set("time", f"{total.time:.3f}")
+    document = ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+    return MergedJUnit(document, total, per_shard)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def _seconds(task: Mapping[str, Any]) -> float | None:
+    try:
+        started = datetime.fromisoformat(str(task["started_at"]))
+        finished = datetime.fromisoformat(str(task["finished_at"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (finished - started).total_seconds()
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(f"oxide-cluster: {text}\n")
+    sys.stderr.flush()
+
+
+def _plan(node: Node, options: argparse.Namespace, command: list[str]
+          ) -> tuple[list[list[str]], dict[str, Any]]:
+    """Each shard's files (empty lists without --split) and the workspace fields."""
+    if not 1 <= options.parallel <= MAX_PARALLEL:
+        raise Failed(EXIT_USAGE, f"run: --parallel takes 1 to {MAX_PARALLEL}")
+    if options.workspace is None:
+        for flag, given in (("--split", options.split), ("--junit", options.junit),
+                            ("--artifacts", options.artifacts)):
+            if given:
+                raise Failed(EXIT_USAGE, f"run: {flag} needs --workspace (files are "
+                                         "taken from and collected in the workspace)")
+        return [[] for _ in range(options.parallel)], {}
+    if options.split and FILES not in " ".join(command):
+        raise Failed(EXIT_USAGE, f"run: --split needs {FILES} in the command, where each "
+                                 "shard's files go")
+    if options.cwd is not None and options.cwd.startswith("/"):
+        raise Failed(EXIT_USAGE, "run: with --workspace, --cwd is relative to the workspace")
+    try:
+        tree = scan_tree(options.workspace, options.exclude)
+    except WorkspaceError as error:
+        raise Failed(EXIT_USAGE, f"run: --workspace {options.workspace}: {error}") from None
+    parts: list[list[str]] = [[] for _ in range(options.parallel)]
+    if options.split:
+        sizes = {entry.path: entry.size for entry in tree.manifest.files}
+        try:
+            chosen = expand_globs(sizes, options.split)
+        except ValueError as error:
+            raise Failed(EXIT_USAGE, f"run: {error}") from None
+        if not chosen:
+            raise Failed(EXIT_USAGE, "run: --split " + " ".join(options.split) +
+                         f" matches no file of the workspace {options.workspace}")
+        parts = split_by_size({name: sizes[name] for name in chosen}, options.parallel)
+        if len(parts) < options.parallel:
+            _say(f"{len(chosen)} files for {options.parallel} shards: running "
+                 f"{len(parts)} shards")
+        _say(f"split {len(chosen)} files by size: " +
+             ", ".join(f"{len(part)}" for part in parts))
+    try:
+        sent = upload_tree(node, tree)
+    except WorkspaceError as error:
+        raise Failed(EXIT_USAGE, f"run: --workspace {options.workspace}: {error}") from None
+    except NodeError as error:
+        raise _node_failure(error) from None
+    _say(f"workspace {options.workspace}: {sent.files} files, {sent.total_bytes} bytes; "
+         f"sent {sent.uploaded_blobs} blobs, {sent.uploaded_bytes} bytes")
+    fields: dict[str, Any] = {"workspace": sent.digest}
+    if options.artifacts or options.junit:
+        fields["artifacts"] = [*options.artifacts, *options.junit]
+    return parts, fields
+
+
+def _wait_started(node: Node, shard: Shard, task: dict[str, Any]) -> dict[str, Any]:
+    said = None
+    while task["state"] == "queued":
+        position = task.get("queue_position")
+        if position is not None and position != said:
+            _say(f"[{shard.label}] queued: {position - 1} ahead")
+            said = position
+        _pause(QUEUE_POLL)
+        try:
+            task = node.request("GET", f"/task/{urllib.parse.quote(task['id'], safe='')}")
+        except NodeError as error:
+            raise _node_failure(error) from None
+    return task
+
+
+def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
+               err: ShardOutput, artifacts_dir: Path | None) -> None:
+    """Follow one shard to its end and fetch its artifacts (in a thread of its own)."""
+    assert shard.task_id is not None
+    try:
+        task = _wait_started(node, shard, task)
+        if task["state"] in ("queued", "running"):
+            state = follow(node, shard.task_id, stdout=out, stderr=err)
+        else:
+            follow(node, shard.task_id, until_live=True, stdout=out, stderr=err)
+            state = task
+        shard.code, shard.state = task_exit_code(state), state.get("state")
+        shard.reason = state.get("reason")
+    except Failed as failure:
+        shard.code, shard.reason = failure.code, str(failure)
+    except NodeError as error:
+        mapped = _node_failure(error)
+        shard.code, shard.reason = mapped.code, str(mapped)
+    except Exception as error:  # a thread must always report back
+        shard.code, shard.reason = EXIT_SOFTWARE, f"{type(error).__name__}: {error}"
+    finally:
+        out.close()
+        err.close()
+    try:
+        shard.seconds = _seconds(node.request(
+            "GET", f"/task/{urllib.parse.quote(shard.task_id, safe='')}"))
+    except NodeError:
+        pass  # only the timing line lacks it
+    if artifacts_dir is not None:
+        target = artifacts_dir / f"shard-{shard.index + 1}"
+        try:
+            shard.artifacts = download_artifacts(node, shard.task_id, target)
+        except (WorkspaceError, NodeError, OSError) as error:
+            _say(f"[{shard.label}] artifacts of task {shard.task_id} not downloaded: "
+                 f"{error}")
+
+
+def _shard_thread(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
+                  err: ShardOutput, artifacts_dir: Path | None, ended: queue.Queue[Shard]
+                  ) -> None:
+    try:
+        _run_shard(node, shard, task, out, err, artifacts_dir)
+    except Exception as error:  # the main thread waits for all
+        _say(f"[{shard.label}] {type(error).__name__}: {error}")
+        if shard.code is None:
+            shard.code = EXIT_SOFTWARE
+    finally:
+        ended.put(shard)
+
+
+def _cancel(node: Node, shards: Sequence[Shard]) -> None:
+    for shard in shards:
+        if shard.task_id is not None and shard.code is None:
+            try:
+                node.request("POST", f"/task/{shard.task_id}/cancel", timeout=10)
+            except NodeError as error:
+                _say(f"[{shard.label}] cancel of task {shard.task_id} failed: {error}")
+
+
+def run_parallel(node: Node, options: argparse.Namespace, command: list[str]) -> int:
+    """``run --parallel N``: submit the shards, follow them all, report, and return the
+    exit code of the lowest-numbered failing shard (0 when all succeeded)."""
+    with contextlib.ExitStack() as buffers:
+        return _run_all(node, options, command, buffers)
+
+
+def _run_all(node: Node, options: argparse.Namespace, command: list[str],
+             buffers: contextlib.ExitStack) -> int:
+    began = time.monotonic()
+    parts, workspace_fields = _plan(node, options, command)
+    total = len(parts)
+    shards = [Shard(index, total, files) for index, files in enumerate(parts)]
+    lock = threading.Lock()
+    grouped: list[tuple[IO[bytes], IO[bytes]]] = []
+    ended: queue.Queue[Shard] = queue.Queue()
+    artifacts_dir: Path | None = None
+    try:
+        for shard in shards:
+            body = request_body(options, substitute(command, shard.files))
+            body["env"] = {**body.get("env", {}), **shard_env(shard.index, total)}
+            body.update(workspace_fields)
+            task = node.request("POST", "/execute", body)
+            shard.task_id, shard.node_id = task["id"], task["node_id"]
+            _say(f"[{shard.label}] task {shard.task_id} on node {shard.node_id} "
+                 f"({node.url}/ui/#task={shard.task_id})")
+            if workspace_fields.get("artifacts") and artifacts_dir is None:
+                artifacts_dir = Path(options.artifacts_dir or os.path.join(
+                    "oxide-artifacts", options.group or shard.task_id))
+            if options.group_output:
+                pair = (_spool(buffers), _spool(buffers))
+                grouped.append(pair)
+                out = ShardOutput(pair[0], b"", threading.Lock())
+                err = ShardOutput(pair[1], b"", threading.Lock())
+            else:
+                prefix = f"[{shard.label}] ".encode()
+                out = ShardOutput(sys.stdout.buffer, prefix, lock)
+                err = ShardOutput(sys.stderr.buffer, prefix, lock)
+            threading.Thread(target=_shard_thread, name=f"shard-{shard.label}", daemon=True,
+                             args=(node, shard, task, out, err, artifacts_dir, ended)).start()
+        for _ in range(sum(1 for shard in shards if shard.task_id is not None)):
+            ended.get()
+    except (Interrupted, NodeError, Failed) as why:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if isinstance(why, Interrupted):
+            _say(f"{why}: cancelling {sum(1 for s in shards if s.task_id)} shards")
+        _cancel(node, shards)
+        deadline = time.monotonic() + CANCEL_WAIT
+        for shard in shards:
+            while shard.task_id is not None and shard.code is None \
+                    and time.monotonic() < deadline:
+                _pause(0.1)
+        if isinstance(why, NodeError):
+            raise _node_failure(why) from None
+        if isinstance(why, Failed):
+            raise
+        return EXIT_CANCELLED
+    wall = time.monotonic() - began
+    if options.group_output:
+        _print_grouped(shards, grouped)
+    return _report(shards, options, artifacts_dir, wall)
+
+
+def _spool(buffers: contextlib.ExitStack) -> IO[bytes]:
+    """A buffer for one stream of one shard under --group-output, closed with ``buffers``."""
+    spooled = tempfile.SpooledTemporaryFile(GROUPED_IN_MEMORY)  # noqa: SIM115 - the stack owns it
+    return buffers.enter_context(spooled)
+
+
+def _print_grouped(shards: Sequence[Shard], grouped: Sequence[tuple[IO[bytes], IO[bytes]]]
+                   ) -> None:
+    for shard, (out, err) in zip(shards, grouped, strict=True):
+        sys.stdout.buffer.write(f"==> shard {shard.label}, task {shard.task_id}: exit "
+                                f"{shard.code} <==\n".encode())
+        for buffer, target in ((out, sys.stdout.buffer), (err, sys.stderr.buffer)):
+            buffer.seek(0)
+            while block := buffer.read(1024 * 1024):
+                target.write(block)
+            target.flush()
+
+
+def _report(shards: Sequence[Shard], options: argparse.Namespace,
+            artifacts_dir: Path | None, wall: float) -> int:
+    for shard in shards:
+        took = "" if shard.seconds is None else f" in {shard.seconds:.2f}s"
+        files = f" ({len(shard.files)} files)" if options.split else ""
+        why = f": {shard.state} ({shard.reason})" if shard.reason else ""
+        _say(f"shard {shard.label} task {shard.task_id}: exit {shard.code}{took}{files}{why}")
+    timed = [shard for shard in shards if shard.seconds is not None]
+    slowest = max(timed, key=lambda s: s.seconds or 0.0) if timed else None
+    slow = f"; slowest shard {slowest.label} {slowest.seconds:.2f}s" if slowest else ""
+    if options.junit and artifacts_dir is not None:
+        patterns = [glob_regex(pattern) for pattern in options.junit]
+        reports = []
+        for shard in shards:
+            root = artifacts_dir / f"shard-{shard.index + 1}"
+            reports.append([path.read_bytes() for path in sorted(shard.artifacts)
+                            if any(p.match(path.relative_to(root).as_posix())
+                                   for p in patterns)])
+        merged = merge_junit(reports)
+        target = artifacts_dir / "junit.xml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(merged.document)
+        for shard, counts in zip(shards, merged.per_shard, strict=True):
+            _say(f"junit shard {shard.label}: {counts.line()}")
+        _say(f"junit total {target}: {merged.total.line()}; wall {wall:.2f}s{slow}")
+    else:
+        _say(f"{len(shards)} shards in {wall:.2f}s wall{slow}")
+    failed = first_failure(shards)
+    if failed is None:
+        return 0
+    others = sum(1 for shard in shards if shard.code != 0) - 1
+    _say(f"shard {failed.label} (task {failed.task_id}) failed with exit {failed.code}" +
+         (f"; {others} more failed" if others else "") +
+         " (the exit code is the lowest-numbered failing shard's)")
+    assert failed.code is not None
+    return failed.code
