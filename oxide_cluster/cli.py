@@ -577,4 +577,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module, not this __main__ copy: oxide_cluster.fanout imports
+    # oxide_cluster.cli, and its Failed and Interrupted must be the classes main catches.
+    from oxide_cluster.cli import main as module_main
+    module_main()

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import os
 import queue
+import re
 import shlex
 import signal
 import sys
@@ -310,6 +311,13 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
     return parts, fields
 
 
+def _directory_name(group: str | None, task_id: str) -> str:
+    """``group`` when it is a plain name (no ``/``, no leading dot), else the task id."""
+    if group and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", group):
+        return group
+    return task_id
+
+
 def _wait_started(node: Node, shard: Shard, task: dict[str, Any]) -> dict[str, Any]:
     said = None
     while task["state"] == "queued":
@@ -412,7 +420,7 @@ def _run_all(node: Node, options: argparse.Namespace, command: list[str],
                  f"({node.url}/ui/#task={shard.task_id})")
             if workspace_fields.get("artifacts") and artifacts_dir is None:
                 artifacts_dir = Path(options.artifacts_dir or os.path.join(
-                    "oxide-artifacts", options.group or shard.task_id))
+                    "oxide-artifacts", _directory_name(options.group, shard.task_id)))
             if options.group_output:
                 pair = (_spool(buffers), _spool(buffers))
                 grouped.append(pair)
@@ -470,7 +478,8 @@ def _report(shards: Sequence[Shard], options: argparse.Namespace,
     for shard in shards:
         took = "" if shard.seconds is None else f" in {shard.seconds:.2f}s"
         files = f" ({len(shard.files)} files)" if options.split else ""
-        why = f": {shard.state} ({shard.reason})" if shard.reason else ""
+        why = f": {shard.state or 'not followed'} ({shard.reason})" \
+            if shard.code != 0 and shard.reason else ""
         _say(f"shard {shard.label} task {shard.task_id}: exit {shard.code}{took}{files}{why}")
     timed = [shard for shard in shards if shard.seconds is not None]
     slowest = max(timed, key=lambda s: s.seconds or 0.0) if timed else None
