@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oxide_cluster import config
+from oxide_cluster import config, fanout
 from tests import dockerfile
 from tests.support import REPO_ROOT
 
@@ -26,9 +26,11 @@ ENV_EXAMPLE = REPO_ROOT / "deploy" / "oxide-cluster.env.example"
 STATE_DIR = "/var/lib/oxide-cluster"
 NODES = ("node1", "node2", "node3")
 
-# Config names, the CLI's node URL and config file, and the names every task receives.
+# Config names, the CLI's node URL and config file, the names every task receives, and
+# those of a fan-out's shards.
 KNOWN_ENV = ({setting.env_name for setting in config.SETTINGS} | {"OXIDE_NODE", "OXIDE_CONFIG"}
-             | {"OXIDE_TASK_ID", "OXIDE_NODE_ID"})
+             | {"OXIDE_TASK_ID", "OXIDE_NODE_ID"}
+             | {name for name in fanout.shard_env(0, 2) if name.startswith("OXIDE_")})
 
 
 def load(path: Path) -> dict:
