@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -149,6 +150,36 @@ def test_a_blob_that_cannot_fit_beside_pinned_ones_is_refused(tmp_path):
     assert failure.value.status == 507 and not store.has(digest_bytes(c))
     store.unpin([digest_bytes(a)])
     assert put(store, c) is True and not store.has(digest_bytes(a))
+
+
+def frames(*blobs: bytes) -> io.BytesIO:
+    return io.BytesIO(b"".join(f"{digest_bytes(b)} {len(b)}\n".encode() + b for b in blobs))
+
+
+def test_a_batch_stores_each_frame_checked_in_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr("oxide_cluster.cas.BATCH_STEP_BLOBS", 2)  # several thread steps
+    store = blob_store(tmp_path, 1000)
+    blobs = [bytes([65 + i]) * (i + 1) for i in range(5)]
+    assert put(store, blobs[0]) is True
+    result = outcome(defer.Deferred.fromCoroutine(store.put_batch(frames(*blobs))))
+    assert (result.stored, result.present, result.size) == (4, 1, 15)
+    assert all(store.path(digest_bytes(b)).read_bytes() == b for b in blobs)
+    assert store.used == 15
+
+
+def test_a_batch_over_the_room_left_by_pinned_blobs_stops_at_the_frame_that_does_not_fit(
+        tmp_path):
+    store = blob_store(tmp_path, 25)
+    assert put(store, b"p" * 10, pin=True) is True
+    # a fits; b evicts a; c cannot fit; d (written in the same step) must not be left
+    batch = frames(b"a" * 10, b"b" * 10, b"c" * 10, b"d")
+    store.pin([digest_bytes(b"b" * 10)])  # a queued task needs b before it arrives
+    failure = outcome(defer.Deferred.fromCoroutine(store.put_batch(batch)))
+    failure.trap(BlobError)
+    assert failure.value.status == 507 and "the 2 before it were kept" in str(failure.value)
+    assert store.has(digest_bytes(b"b" * 10)) and not store.has(digest_bytes(b"c" * 10))
+    on_disk = {path.name for path in (tmp_path / "cas").glob("??/*")}
+    assert on_disk == {digest_bytes(b"p" * 10), digest_bytes(b"b" * 10)}
 
 
 def test_oversized_blob_is_413(tmp_path):
