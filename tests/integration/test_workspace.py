@@ -124,6 +124,33 @@ def test_a_batch_with_a_bad_frame_keeps_the_checked_frames_before_it(agent):
     assert agent.request("POST", "/cas/batch", raw=b"", secret=None).status == 401
 
 
+def test_a_queued_task_keeps_its_blobs_while_other_uploads_fill_the_cache(agent_factory,
+                                                                           tmp_path):
+    small = agent_factory(extra_args=("--max-tasks", "1", "--workspace-cache", "8000"))
+    tree = tmp_path / "queued-tree"
+    tree.mkdir()
+    for index in range(3):
+        (tree / f"part{index}.txt").write_bytes(bytes([65 + index]) * 1000)
+    sent = upload_workspace(Node(small.url, SECRET), tree)
+    gate = tmp_path / "gate"
+    busy = small.post("/execute", {"command": "sh", "args": [
+        "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"]})
+    assert busy.status in (200, 202), busy
+    queued = small.post("/execute", {"command": "sh", "args": ["-c", "cat part*.txt | wc -c"],
+                                     "workspace": sent.digest})
+    assert queued.status == 202 and queued.json()["state"] == "queued", queued
+    # Other uploads go past the cap: the least recently used blobs are the queued task's.
+    for index in range(6):
+        filler = bytes([97 + index]) * 1500
+        reply = small.request("PUT", f"/cas/{digest_bytes(filler)}", raw=filler)
+        assert reply.status == 201, reply.body
+    assert small.post("/cas/missing", [sent.digest]).json() == {"missing": []}
+    gate.touch()
+    task = small.get(f"/task/{queued.json()['id']}?wait=30").json()
+    assert task["state"] == "succeeded", task
+    assert small.get(f"/task/{task['id']}/output").body.strip() == b"3000"
+
+
 def test_blob_over_the_cache_size_is_413(agent_factory):
     small = agent_factory(extra_args=("--workspace-cache", "100"))
     data = b"x" * 200

@@ -22,7 +22,9 @@ from oxide_cluster.manifest import (
     glob_regex,
     parse_manifest,
 )
-from oxide_cluster.workspace import build_tree, match_artifacts, open_inside
+from oxide_cluster.model import TaskState, parse_task_request
+from oxide_cluster.scheduler import Scheduler
+from oxide_cluster.workspace import Workspaces, build_tree, match_artifacts, open_inside
 from oxide_cluster.workspace_client import junit_summary
 
 D = "a" * 64
@@ -242,3 +244,73 @@ def test_junit_summary_counts_and_refuses_doctype():
             b'<testsuite tests="1">&a;</testsuite>')
     assert junit_summary(bomb) is None
     assert junit_summary(b"not xml") is None and junit_summary(b"<html/>") is None
+
+
+# -- queued tasks pin their workspace blobs (scheduler → Workspaces.hold/release) ------
+
+
+def queued_rig(tmp_path: Path, capacity: int):
+    """A one-slot scheduler (fake executor) whose queue pins through real Workspaces."""
+    from tests.unit.test_scheduler import MemoryStore, SlotExecutor
+
+    class WorkspaceExecutor(SlotExecutor):
+        def new_task(self, request, **kwargs):
+            made = super().new_task(request, **kwargs)
+            made.workspace = request.workspace
+            return made
+
+    clock = Clock()
+    store = MemoryStore()
+    blobs = blob_store(tmp_path, capacity)
+    workspaces = Workspaces(clock, blobs, tmp_path / "state", artifact_limit=100)
+    workspaces.startService()
+    executor = WorkspaceExecutor(clock, 1, store)
+    scheduler = Scheduler(clock, store, executor, default_queue_timeout=100.0,
+                          pins=workspaces)
+    scheduler.startService()
+    defer.Deferred.fromCoroutine(scheduler.recover())
+    return scheduler, executor, blobs, workspaces
+
+
+def submit(scheduler: Scheduler, command: str, **fields):
+    request = parse_task_request({"command": command, **fields}, 3600)
+    return outcome(defer.Deferred.fromCoroutine(scheduler.submit(request)))
+
+
+def test_a_queued_task_pins_its_manifest_and_files_until_it_leaves_the_queue(tmp_path):
+    scheduler, _, blobs, _ = queued_rig(tmp_path, 300)
+    content = b"w" * 20
+    tree = build_manifest([FileEntry("f.txt", 0o644, len(content), digest_bytes(content))])
+    raw = tree.encode()
+    assert put(blobs, content) is True and put(blobs, raw) is True
+    submit(scheduler, "busy")
+    queued = submit(scheduler, "needs-tree", workspace=tree.digest())
+    assert queued.state is TaskState.QUEUED
+    assert blobs.pinned(digest_bytes(content)) and blobs.pinned(tree.digest())
+    # Other clients fill the cache: the queued task's blobs are the least recently used,
+    # yet never the victims; the newer unpinned blob goes instead.
+    room = 300 - len(content) - len(raw)
+    assert put(blobs, b"x" * room) is True
+    assert put(blobs, b"y" * 10) is True
+    assert blobs.has(digest_bytes(content)) and blobs.has(tree.digest())
+    assert not blobs.has(digest_bytes(b"x" * room))
+    scheduler.cancel(queued.id)  # leaves the queue: its blobs may go now
+    assert not blobs.pinned(digest_bytes(content)) and not blobs.pinned(tree.digest())
+    assert put(blobs, b"z" * (300 - 10)) is True
+    assert not blobs.has(digest_bytes(content)) and not blobs.has(tree.digest())
+
+
+def test_prepare_takes_over_the_pins_a_queued_task_held(tmp_path):
+    scheduler, _, blobs, workspaces = queued_rig(tmp_path, 1000)
+    content = b"kept"
+    tree = build_manifest([FileEntry("f.txt", 0o644, len(content), digest_bytes(content))])
+    assert put(blobs, content) is True and put(blobs, tree.encode()) is True
+    submit(scheduler, "busy")
+    queued = submit(scheduler, "needs-tree", workspace=tree.digest())
+    prepared = outcome(workspaces.prepare(queued))  # what the executor does at start
+    assert prepared == str(workspaces.directory(queued.id))
+    workspaces.release(queued.id)  # the scheduler's release after start: a no-op now
+    assert blobs.pinned(digest_bytes(content)) and blobs.pinned(tree.digest())
+    queued.state = TaskState.SUCCEEDED
+    outcome(workspaces.finish(queued))
+    assert not blobs.pinned(digest_bytes(content)) and not blobs.pinned(tree.digest())
