@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -471,11 +472,15 @@ class PeerBlobs:
         return wanted
 
     async def _get(self, node_id: str, store: BlobStore, digest: str) -> None:
-        try:
-            reply = await self._peers.request(node_id, b"GET", b"/cas/" + digest.encode(),
-                                              timeout=300)
-            if reply.status == 200:
-                await store.put_bytes(digest, reply.body)
-        except (PeerUnavailable, BlobError) as error:
-            self.log.warn("blob {digest} from {node_id}: {error}", digest=digest,
-                          node_id=node_id, error=error)
+        # Spooled to a file in the store's temp dir as it arrives, then checked and
+        # stored like an upload: a large blob is never held in memory.
+        with tempfile.TemporaryFile(dir=store.root / "tmp", prefix="peer-") as spool:
+            try:
+                status = await self._peers.download(node_id, b"/cas/" + digest.encode(),
+                                                    spool, timeout=300)
+                if status == 200:
+                    spool.seek(0)
+                    await store.put_file(digest, spool)
+            except (PeerUnavailable, BlobError) as error:
+                self.log.warn("blob {digest} from {node_id}: {error}", digest=digest,
+                              node_id=node_id, error=error)
