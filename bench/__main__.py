@@ -1,6 +1,7 @@
 """The benchmark suite: every figure next to a baseline measured in the same run.
 
-    python -m bench [--quick] [--sections tasks,latency,queue,stream,discovery,failover,idle]
+    python -m bench [--quick] [--sections tasks,latency,queue,stream,workspace,discovery,
+                               failover,idle]
                     [--skip SECTIONS] [--tasks 600] [--clients 8]
 
 Sections:
@@ -17,6 +18,10 @@ Sections:
   queue fills, RSS, priority inversions, fair share between groups of 1,000 and 10.
 * ``stream``: line latency and throughput of live output over ``/ws`` against a plain
   pipe, and the agent's RSS and CPU while it streams.
+* ``workspace``: a 5,000-file / 100 MB tree sent by content and run (``true``), first
+  and after one changed file, against ``tar | HTTP POST`` of the same tree (to a sink that
+  stores it, and one that unpacks it), and artifact download against reading the same
+  bytes as output (``bench.workspace``).
 * ``discovery``: join and crash detection at N=3 in network namespaces (root only).
 * ``failover``: leader failover after ``kill -9`` and after a clean stop.
 * ``idle``: agent RSS and CPU with 30 peers (29 simulated announcers) against a
@@ -56,7 +61,8 @@ from bench.load import closed_loop, open_loop, parse_rfc3339, percentile
 from tests.redis_server import RedisServer
 from tests.support import AgentProcess, poll_until
 
-SECTIONS = ("tasks", "latency", "queue", "stream", "discovery", "failover", "idle")
+SECTIONS = ("tasks", "latency", "queue", "stream", "workspace", "discovery", "failover",
+            "idle")
 MB = 1024 * 1024
 
 
@@ -283,6 +289,18 @@ def section_stream(report: Report, opts: argparse.Namespace, home: Path) -> None
                              "ws_mib_s": ws_rate, "pipe_mib_s": pipe_rate,
                              "rss_before": rss_before, "rss_peak": sampler.peak,
                              "cpu_s": cpu, "seconds": seconds}
+
+
+def section_workspace(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import workspace
+
+    figures = workspace.measure(5000, 100, home / "workspace")
+    report.data["workspace"] = figures
+    for row in workspace.rows(figures):
+        report.row(*row)
+    report.notes.append("workspace: baselines are tar -c piped into one chunked POST to a "
+                        "stdlib sink process (writing the tar; or piping it into tar -x); "
+                        "the faster of two sink runs is kept")
 
 
 def section_discovery(report: Report, opts: argparse.Namespace, home: Path) -> None:

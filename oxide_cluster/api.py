@@ -822,6 +822,19 @@ class TaskApi:
         await workspaces.blobs.loaded
         return render_json(request, {"missing": workspaces.blobs.missing(body)})
 
+    @app.route("/cas/batch", methods=["POST"])
+    async def cas_batch(self, request: Request) -> bytes:
+        """Many small blobs in one body of ``<sha256> <length>\\n<bytes>`` frames."""
+        self._authorize(request)
+        blobs = self._blobs().blobs
+        content: Any = request.content if request.content is not None else io.BytesIO()
+        try:
+            result = await blobs.put_batch(content)
+        except BlobError as error:
+            raise ApiError(error.status, error.code, error.message) from None
+        return render_json(request, {"stored": result.stored, "present": result.present,
+                                     "bytes": result.size})
+
     # 64 characters, so /cas/missing is never taken for a digest (PUT there is a 405).
     @app.route("/cas/<string(length=64):digest>", methods=["PUT"])
     async def cas_put(self, request: Request, digest: str) -> bytes:

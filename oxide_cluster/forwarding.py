@@ -7,7 +7,8 @@ back unchanged. Peers are found in the membership table, by node id.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import attrs
 import treq
@@ -21,6 +22,12 @@ TOKEN_HEADER = b"X-Oxide-Leader-Token"
 # Headers of a peer's answer that a client needs; hop-by-hop ones are not copied.
 _PASSED_HEADERS = (b"content-type", b"retry-after", b"x-next-offset", b"x-task-state",
                    b"allow", b"www-authenticate")
+
+
+def _writer(target: BinaryIO) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        target.write(data)
+    return write
 
 
 class PeerUnavailable(Exception):
@@ -96,6 +103,26 @@ class PeerClient:
             if value:
                 passed[name] = value[-1].encode() if isinstance(value[-1], str) else value[-1]
         return PeerReply(response.code, passed, content)
+
+    async def download(self, node_id: str, path: bytes, target: BinaryIO,
+                       timeout: float | None = None) -> int:
+        """``GET path`` from a peer, its body written to ``target`` as it arrives (a
+        blob is never held whole in memory); the status. Raises PeerUnavailable."""
+        base = self.address_of(node_id)
+        if base is None:
+            raise PeerUnavailable(f"node {node_id} is not a healthy peer")
+        headers = Headers({b"X-Cluster-Secret": [self._secret], FORWARDED_HEADER: [b"1"]})
+        try:
+            response = await treq.request(
+                "GET", base.encode("ascii") + path, headers=headers, pool=self._pool,
+                reactor=self._reactor, timeout=timeout or self._timeout)
+            if response.code != 200:
+                await treq.content(response)
+                return int(response.code)
+            await treq.collect(response, _writer(target))
+        except (defer.CancelledError, Exception) as error:
+            raise PeerUnavailable(f"node {node_id} did not answer: {error}") from None
+        return 200
 
     def close(self) -> defer.Deferred[None]:
         return self._pool.closeCachedConnections()

@@ -432,6 +432,28 @@ PATHS: dict[str, Any] = {
             "415": _error("Content-Type is not application/json"),
         },
     })},
+    "/cas/batch": {"post": _secured({
+        "summary": "Store many blobs in one request (a client sends its small files so)",
+        "description": "The body is frames, each `<sha256> <length>\\n` (ASCII, one "
+                       "space) followed by exactly `length` bytes that must hash to "
+                       "`sha256`. Frames are stored in order, each checked; a bad frame "
+                       "stops the batch and the error says how many frames before it were "
+                       "kept. Large blobs go by `PUT /cas/{digest}`.",
+        "requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        "responses": {
+            "200": _json({"type": "object", "required": ["stored", "present", "bytes"],
+                          "properties": {"stored": {"type": "integer"},
+                                         "present": {"type": "integer"},
+                                         "bytes": {"type": "integer"}}},
+                         "blobs newly stored, blobs already here, bytes received"),
+            "400": _error("a malformed frame (`bad_batch`), a bad digest, or bytes that do "
+                          "not match their digest (`digest_mismatch`)"),
+            "413": _error("a frame larger than workspace_cache"),
+            "507": _error("no room: disk full, or the cache is full of blobs that "
+                          "queued or running tasks need"),
+        },
+    })},
     "/cas/{digest}": {
         "put": _secured({
             "summary": "Store one blob; its bytes must hash (SHA-256) to the digest",

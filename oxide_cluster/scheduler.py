@@ -75,6 +75,15 @@ class LocalExecutor(Protocol):
     def publish_state(self, task: Task) -> None: ...
 
 
+class QueuePins(Protocol):
+    """Keeps what a queued task needs from being dropped while it waits (its workspace
+    blobs: ``oxide_cluster.workspace.Workspaces``); the executor takes over at start."""
+
+    def hold(self, task: Task) -> None: ...
+
+    def release(self, task_id: str) -> None: ...
+
+
 class Clock(Protocol):
     def seconds(self) -> float: ...
 
@@ -271,8 +280,10 @@ class Scheduler(service.Service):
 
     def __init__(self, reactor: Clock, store: QueueStore, executor: LocalExecutor, *,
                  default_queue_timeout: float, labels: LabelBook | None = None,
-                 idempotency_ttl: float = IDEMPOTENCY_TTL) -> None:
+                 idempotency_ttl: float = IDEMPOTENCY_TTL,
+                 pins: QueuePins | None = None) -> None:
         self._reactor = reactor
+        self._pins = pins
         self._store = store
         self._executor = executor
         self._default_queue_timeout = default_queue_timeout
@@ -431,12 +442,16 @@ class Scheduler(service.Service):
         self._entries[task.id] = entry
         self._queue.push(task.id, task.priority, task.group or "default", task.queue_seq or 0)
         entry.timer = self._reactor.callLater(max(0.0, remaining), self._expired, task.id)
+        if self._pins is not None:
+            self._pins.hold(task)
 
     def _drop(self, task_id: str) -> _Queued | None:
         entry = self._entries.pop(task_id, None)
         self._queue.remove(task_id)
         if entry is not None and entry.timer is not None and entry.timer.active():
             entry.timer.cancel()
+        if entry is not None and self._pins is not None:
+            self._pins.release(task_id)
         return entry
 
     # -- dispatch -------------------------------------------------------------------
@@ -465,6 +480,8 @@ class Scheduler(service.Service):
                 entry.timer.cancel()
             self.started_total += 1
             started = self._executor.start(entry.task, entry.secret_env)
+            if self._pins is not None:  # a no-op once the executor took the pins over
+                self._pins.release(task_id)
             started.addErrback(self._start_failed, task_id)
             for waiter in entry.waiters:
                 self._follow(waiter, entry.task, started)

@@ -314,7 +314,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                 started_at=reactor.seconds())
     labels = LabelBook(config.labels, lambda: _peer_labels(node))
     scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
-                          labels=labels)
+                          labels=labels, pins=workspaces)
     _RecoverThenRun(store, executor, scheduler, lambda code: exit_after_stop(reactor, code),
                     config.state_dir).setServiceParent(top)
     scheduler.setServiceParent(top)

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -238,6 +239,7 @@ class Workspaces(service.Service):
         self.keep_failed = keep_failed
         self.source = source
         self._pins: dict[str, list[str]] = {}
+        self._held: dict[str, list[str]] = {}  # queued tasks (scheduler), not started
         self._preparing: dict[str, defer.Deferred[str]] = {}
         self._kept: dict[str, Any] = {}
         self.ready: defer.Deferred[None] = defer.Deferred()
@@ -269,6 +271,37 @@ class Workspaces(service.Service):
     def directory(self, task_id: str) -> Path:
         return self.root / task_id
 
+    # -- while the task waits in the scheduler's queue -----------------------------
+
+    def hold(self, task: Task) -> None:
+        """Pin a queued task's manifest now and, once read, the blobs it lists, so the
+        cache never evicts what the task will need. ``prepare`` takes the pins over."""
+        if task.workspace is None or task.id in self._held:
+            return
+        held = self._held[task.id] = [task.workspace]
+        self.blobs.pin(held)
+        reading = defer.Deferred.fromCoroutine(self._hold_listed(task.id, task.workspace))
+        reading.addErrback(lambda failure: self.log.failure(
+            "cannot pin the blobs of queued task {task_id}", failure, task_id=task.id))
+
+    async def _hold_listed(self, task_id: str, digest: str) -> None:
+        await self.blobs.loaded
+        if not self.blobs.has(digest):
+            return  # not here yet: fetched from peers when the task starts
+        raw = await self.blobs.run(lambda: self.blobs.path(digest).read_bytes())
+        try:
+            wanted = sorted(parse_manifest(raw).digests())
+        except ManifestError:
+            return  # refused with the reason when the task starts
+        held = self._held.get(task_id)
+        if held is not None:  # still queued (not started, not cancelled)
+            self.blobs.pin(wanted)
+            held.extend(wanted)
+
+    def release(self, task_id: str) -> None:
+        """A queued task left the queue without starting (cancelled, expired)."""
+        self.blobs.unpin(self._held.pop(task_id, []))
+
     # -- before the task ----------------------------------------------------------
 
     def prepare(self, task: Task) -> defer.Deferred[str]:
@@ -280,9 +313,10 @@ class Workspaces(service.Service):
 
     async def _prepare(self, task: Task) -> str:
         assert task.workspace is not None
+        pins = self._pins.setdefault(task.id, [])
+        pins.extend(self._held.pop(task.id, []))  # what it held while queued
         await self.ready
         digest = task.workspace
-        pins = self._pins.setdefault(task.id, [])
         self.blobs.pin([digest])
         pins.append(digest)
         await self._fetch([digest])
@@ -438,11 +472,15 @@ class PeerBlobs:
         return wanted
 
     async def _get(self, node_id: str, store: BlobStore, digest: str) -> None:
-        try:
-            reply = await self._peers.request(node_id, b"GET", b"/cas/" + digest.encode(),
-                                              timeout=300)
-            if reply.status == 200:
-                await store.put_bytes(digest, reply.body)
-        except (PeerUnavailable, BlobError) as error:
-            self.log.warn("blob {digest} from {node_id}: {error}", digest=digest,
-                          node_id=node_id, error=error)
+        # Spooled to a file in the store's temp dir as it arrives, then checked and
+        # stored like an upload: a large blob is never held in memory.
+        with tempfile.TemporaryFile(dir=store.root / "tmp", prefix="peer-") as spool:
+            try:
+                status = await self._peers.download(node_id, b"/cas/" + digest.encode(),
+                                                    spool, timeout=300)
+                if status == 200:
+                    spool.seek(0)
+                    await store.put_file(digest, spool)
+            except (PeerUnavailable, BlobError) as error:
+                self.log.warn("blob {digest} from {node_id}: {error}", digest=digest,
+                              node_id=node_id, error=error)

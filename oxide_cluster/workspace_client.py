@@ -18,7 +18,8 @@ import stat
 import subprocess
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -35,6 +36,12 @@ from oxide_cluster.manifest import (
 )
 
 MISSING_BATCH = 5000
+# Blobs up to this size travel together in ``POST /cas/batch`` bodies of up to
+# BATCH_BYTES (thousands of single PUTs cost a round trip each); larger ones by PUT.
+BATCH_BLOB_MAX = 1024 * 1024
+BATCH_BYTES = 64 * 1024 * 1024
+BATCH_BLOBS = 4096
+_WRITE = 256 * 1024
 
 
 class WorkspaceError(Exception):
@@ -148,6 +155,9 @@ def scan_tree(root: str | Path, excludes: Sequence[str] = ()) -> LocalTree:
     return LocalTree(manifest, sources)
 
 
+Body = bytes | tuple[int, Callable[[], Iterable[bytes]]] | None
+
+
 class _Connection:
     """One keep-alive HTTP connection for many small requests (thousands of blobs)."""
 
@@ -160,14 +170,18 @@ class _Connection:
         self._headers = {"X-Cluster-Secret": node.secret} if node.secret else {}
         self.url = node.url
 
-    def call(self, method: str, path: str, body: bytes | None = None,
+    def call(self, method: str, path: str, body: Body = None,
              content_type: str = "application/octet-stream") -> tuple[int, bytes]:
+        """One request; a streamed body is (length, a function making its chunks)."""
         headers = dict(self._headers)
         if body is not None:
             headers["Content-Type"] = content_type
+        if isinstance(body, tuple):
+            headers["Content-Length"] = str(body[0])
         for attempt in (1, 2):
             try:
-                self._connection.request(method, self._prefix + path, body, headers)
+                sent = body[1]() if isinstance(body, tuple) else body
+                self._connection.request(method, self._prefix + path, sent, headers)
                 reply = self._connection.getresponse()
                 return reply.status, reply.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
@@ -179,7 +193,7 @@ class _Connection:
                     from None
         raise AssertionError("unreachable")
 
-    def checked(self, method: str, path: str, body: bytes | None = None,
+    def checked(self, method: str, path: str, body: Body = None,
                 content_type: str = "application/octet-stream") -> bytes:
         status, data = self.call(method, path, body, content_type)
         if status >= 400:
@@ -204,11 +218,61 @@ def missing_digests(connection: _Connection, digests: Sequence[str]) -> list[str
     return lacking
 
 
+def _read_checked(path: Path, digest: str) -> bytes:
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise WorkspaceError(f"{path} changed while being sent")
+    return data
+
+
+def _file_chunks(path: Path, digest: str) -> Iterator[bytes]:
+    """A large blob's bytes, streamed and checked against its digest on the way."""
+    hashed = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+            hashed.update(chunk)
+            yield chunk
+    if hashed.hexdigest() != digest:
+        raise WorkspaceError(f"{path} changed while being sent")
+
+
+def _frames(blobs: Sequence[tuple[str, int]], sources: dict[str, Path]) -> Iterator[bytes]:
+    """A ``POST /cas/batch`` body, read file by file and written in pieces of about
+    ``_WRITE`` bytes (never the whole batch in memory)."""
+    pending: list[bytes] = []
+    pending_size = 0
+    for digest, size in blobs:
+        data = _read_checked(sources[digest], digest)
+        if len(data) != size:
+            raise WorkspaceError(f"{sources[digest]} changed while being sent")
+        pending += [f"{digest} {size}\n".encode(), data]
+        pending_size += len(data) + 80
+        if pending_size >= _WRITE:
+            yield b"".join(pending)
+            pending, pending_size = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+def _batches(blobs: Sequence[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
+    batch: list[tuple[str, int]] = []
+    size = 0
+    for blob in blobs:
+        if batch and (size + blob[1] > BATCH_BYTES or len(batch) >= BATCH_BLOBS):
+            yield batch
+            batch, size = [], 0
+        batch.append(blob)
+        size += blob[1]
+    if batch:
+        yield batch
+
+
 def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = ()
                      ) -> UploadResult:
-    """Send ``root`` by content: the blobs the node lacks, then the manifest. Returns the
-    manifest digest for the task's ``workspace`` field. Raises WorkspaceError (bad tree)
-    or NodeError (the node refused or cannot be reached)."""
+    """Send ``root`` by content: the blobs the node lacks (small ones in batches, large
+    ones one PUT each), then the manifest. Returns the manifest digest for the task's
+    ``workspace`` field. Raises WorkspaceError (bad tree) or NodeError (the node refused
+    or cannot be reached)."""
     return upload_tree(node, scan_tree(root, excludes))
 
 
@@ -216,19 +280,24 @@ def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
     """Send an already scanned tree (the fan-out splits files from the same scan)."""
     manifest_bytes = tree.manifest.encode()
     manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
+    sizes = {entry.digest: entry.size for entry in tree.manifest.files}
     connection = _Connection(node)
     try:
         wanted = sorted(tree.sources) + [manifest_digest]
         lacking = missing_digests(connection, wanted)
+        blobs = [(digest, sizes[digest]) for digest in lacking if digest != manifest_digest]
+        small = [blob for blob in blobs if blob[1] <= BATCH_BLOB_MAX]
         sent_bytes = 0
-        for digest in lacking:
-            if digest == manifest_digest:
-                continue
-            data = tree.sources[digest].read_bytes()
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise WorkspaceError(f"{tree.sources[digest]} changed while being sent")
-            connection.checked("PUT", f"/cas/{digest}", data)
-            sent_bytes += len(data)
+        for batch in _batches(small):
+            length = sum(len(f"{digest} {size}\n") + size for digest, size in batch)
+            connection.checked("POST", "/cas/batch",
+                               (length, partial(_frames, batch, tree.sources)))
+            sent_bytes += sum(size for _, size in batch)
+        for digest, size in blobs:
+            if size > BATCH_BLOB_MAX:
+                connection.checked("PUT", f"/cas/{digest}",
+                                   (size, partial(_file_chunks, tree.sources[digest], digest)))
+                sent_bytes += size
         if manifest_digest in lacking:
             connection.checked("PUT", f"/cas/{manifest_digest}", manifest_bytes)
             sent_bytes += len(manifest_bytes)

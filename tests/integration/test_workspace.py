@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
 
 from oxide_cluster.client import Node
-from oxide_cluster.workspace_client import download_artifacts, upload_workspace
+from oxide_cluster.manifest import digest_bytes
+from oxide_cluster.workspace_client import (
+    BATCH_BLOB_MAX,
+    download_artifacts,
+    upload_workspace,
+)
 from tests.support import SECRET, loopback_cluster, start_meshed, stop_all
 
 JUNIT = (b'<?xml version="1.0"?><testsuite name="t" tests="3" failures="1" errors="0" '
@@ -63,11 +69,86 @@ def test_blob_digest_and_bad_requests_are_refused(agent):
     reply = agent.request("PUT", f"/cas/{wrong}", raw=good)
     assert reply.status == 400 and reply.json()["error"]["code"] == "digest_mismatch"
     assert agent.post("/cas/missing", [wrong]).json() == {"missing": [wrong]}
-    assert agent.request("PUT", "/cas/not-a-digest", raw=good).status == 400
+    # Blob routes take 64 characters only: anything else is no route at all.
+    assert agent.request("PUT", "/cas/not-a-digest", raw=good).status == 404
     assert agent.request("PUT", f"/cas/{wrong}", raw=good, secret=None).status == 401
     reply = agent.post("/execute", {"command": "true", "workspace": "0" * 64,
                                     "artifacts": ["../x"]})
     assert reply.status == 400 and "artifacts[0]" in reply.json()["error"]["message"]
+
+
+def _requests(agent, route: str) -> dict[str, float]:
+    """``oxide_http_requests`` of one route, by status, from the node's /metrics."""
+    counts = {}
+    for line in agent.get("/metrics").body.decode().splitlines():
+        match = re.match(r'oxide_http_requests_total\{route="([^"]*)",status="(\d+)"\} (\S+)',
+                         line)
+        if match and match.group(1) == route:
+            counts[match.group(2)] = float(match.group(3))
+    return counts
+
+
+def test_many_small_files_go_in_one_batch_and_large_ones_by_put(agent, tmp_path):
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for index in range(300):
+        (tree / f"small{index}.txt").write_text(f"small file {index}\n")
+    (tree / "large.bin").write_bytes(os.urandom(BATCH_BLOB_MAX + 1))
+    node = Node(agent.url, SECRET)
+    sent = upload_workspace(node, tree)
+    assert sent.uploaded_blobs == 302  # 300 small, 1 large, the manifest
+    assert _requests(agent, "/cas/batch") == {"200": 1.0}
+    assert agent.post("/cas/missing", [sent.digest]).json() == {"missing": []}
+    task = agent.run_task("sh", "-c", "cat small299.txt; wc -c < large.bin",
+                          workspace=sent.digest)
+    assert task["state"] == "succeeded", task
+    assert agent.get(f"/task/{task['id']}/output").body.split() == [
+        b"small", b"file", b"299", str(BATCH_BLOB_MAX + 1).encode()]
+
+
+def test_a_batch_with_a_bad_frame_keeps_the_checked_frames_before_it(agent):
+    good, bad = b"first blob", b"second blob"
+    body = (f"{digest_bytes(good)} {len(good)}\n".encode() + good
+            + f"{'0' * 64} {len(bad)}\n".encode() + bad)
+    reply = agent.request("POST", "/cas/batch", raw=body)
+    assert reply.status == 400, reply.body
+    error = reply.json()["error"]
+    assert error["code"] == "digest_mismatch" and "frame 2" in error["message"], error
+    assert agent.post("/cas/missing", [digest_bytes(good), "0" * 64]).json() == {
+        "missing": ["0" * 64]}
+    reply = agent.request("POST", "/cas/batch", raw=b"not a frame header\n")
+    assert reply.status == 400 and reply.json()["error"]["code"] == "bad_batch"
+    truncated = f"{digest_bytes(bad)} 100\n".encode() + bad
+    reply = agent.request("POST", "/cas/batch", raw=truncated)
+    assert reply.status == 400 and "short" in reply.json()["error"]["message"]
+    assert agent.request("POST", "/cas/batch", raw=b"", secret=None).status == 401
+
+
+def test_a_queued_task_keeps_its_blobs_while_other_uploads_fill_the_cache(agent_factory,
+                                                                           tmp_path):
+    small = agent_factory(extra_args=("--max-tasks", "1", "--workspace-cache", "8000"))
+    tree = tmp_path / "queued-tree"
+    tree.mkdir()
+    for index in range(3):
+        (tree / f"part{index}.txt").write_bytes(bytes([65 + index]) * 1000)
+    sent = upload_workspace(Node(small.url, SECRET), tree)
+    gate = tmp_path / "gate"
+    busy = small.post("/execute", {"command": "sh", "args": [
+        "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"]})
+    assert busy.status in (200, 202), busy
+    queued = small.post("/execute", {"command": "sh", "args": ["-c", "cat part*.txt | wc -c"],
+                                     "workspace": sent.digest})
+    assert queued.status == 202 and queued.json()["state"] == "queued", queued
+    # Other uploads go past the cap: the least recently used blobs are the queued task's.
+    for index in range(6):
+        filler = bytes([97 + index]) * 1500
+        reply = small.request("PUT", f"/cas/{digest_bytes(filler)}", raw=filler)
+        assert reply.status == 201, reply.body
+    assert small.post("/cas/missing", [sent.digest]).json() == {"missing": []}
+    gate.touch()
+    task = small.get(f"/task/{queued.json()['id']}?wait=30").json()
+    assert task["state"] == "succeeded", task
+    assert small.get(f"/task/{task['id']}/output").body.strip() == b"3000"
 
 
 def test_blob_over_the_cache_size_is_413(agent_factory):

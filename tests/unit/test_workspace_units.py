@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,9 @@ from oxide_cluster.manifest import (
     glob_regex,
     parse_manifest,
 )
-from oxide_cluster.workspace import build_tree, match_artifacts, open_inside
+from oxide_cluster.model import TaskState, parse_task_request
+from oxide_cluster.scheduler import Scheduler
+from oxide_cluster.workspace import Workspaces, build_tree, match_artifacts, open_inside
 from oxide_cluster.workspace_client import junit_summary
 
 D = "a" * 64
@@ -151,6 +154,36 @@ def test_a_blob_that_cannot_fit_beside_pinned_ones_is_refused(tmp_path):
     assert put(store, c) is True and not store.has(digest_bytes(a))
 
 
+def frames(*blobs: bytes) -> io.BytesIO:
+    return io.BytesIO(b"".join(f"{digest_bytes(b)} {len(b)}\n".encode() + b for b in blobs))
+
+
+def test_a_batch_stores_each_frame_checked_in_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr("oxide_cluster.cas.BATCH_STEP_BLOBS", 2)  # several thread steps
+    store = blob_store(tmp_path, 1000)
+    blobs = [bytes([65 + i]) * (i + 1) for i in range(5)]
+    assert put(store, blobs[0]) is True
+    result = outcome(defer.Deferred.fromCoroutine(store.put_batch(frames(*blobs))))
+    assert (result.stored, result.present, result.size) == (4, 1, 15)
+    assert all(store.path(digest_bytes(b)).read_bytes() == b for b in blobs)
+    assert store.used == 15
+
+
+def test_a_batch_over_the_room_left_by_pinned_blobs_stops_at_the_frame_that_does_not_fit(
+        tmp_path):
+    store = blob_store(tmp_path, 25)
+    assert put(store, b"p" * 10, pin=True) is True
+    # a fits; b evicts a; c cannot fit; d (written in the same step) must not be left
+    batch = frames(b"a" * 10, b"b" * 10, b"c" * 10, b"d")
+    store.pin([digest_bytes(b"b" * 10)])  # a queued task needs b before it arrives
+    failure = outcome(defer.Deferred.fromCoroutine(store.put_batch(batch)))
+    failure.trap(BlobError)
+    assert failure.value.status == 507 and "the 2 before it were kept" in str(failure.value)
+    assert store.has(digest_bytes(b"b" * 10)) and not store.has(digest_bytes(b"c" * 10))
+    on_disk = {path.name for path in (tmp_path / "cas").glob("??/*")}
+    assert on_disk == {digest_bytes(b"p" * 10), digest_bytes(b"b" * 10)}
+
+
 def test_oversized_blob_is_413(tmp_path):
     store = blob_store(tmp_path, 5)
     failure = put(store, b"123456")
@@ -211,3 +244,73 @@ def test_junit_summary_counts_and_refuses_doctype():
             b'<testsuite tests="1">&a;</testsuite>')
     assert junit_summary(bomb) is None
     assert junit_summary(b"not xml") is None and junit_summary(b"<html/>") is None
+
+
+# -- queued tasks pin their workspace blobs (scheduler → Workspaces.hold/release) ------
+
+
+def queued_rig(tmp_path: Path, capacity: int):
+    """A one-slot scheduler (fake executor) whose queue pins through real Workspaces."""
+    from tests.unit.test_scheduler import MemoryStore, SlotExecutor
+
+    class WorkspaceExecutor(SlotExecutor):
+        def new_task(self, request, **kwargs):
+            made = super().new_task(request, **kwargs)
+            made.workspace = request.workspace
+            return made
+
+    clock = Clock()
+    store = MemoryStore()
+    blobs = blob_store(tmp_path, capacity)
+    workspaces = Workspaces(clock, blobs, tmp_path / "state", artifact_limit=100)
+    workspaces.startService()
+    executor = WorkspaceExecutor(clock, 1, store)
+    scheduler = Scheduler(clock, store, executor, default_queue_timeout=100.0,
+                          pins=workspaces)
+    scheduler.startService()
+    defer.Deferred.fromCoroutine(scheduler.recover())
+    return scheduler, executor, blobs, workspaces
+
+
+def submit(scheduler: Scheduler, command: str, **fields):
+    request = parse_task_request({"command": command, **fields}, 3600)
+    return outcome(defer.Deferred.fromCoroutine(scheduler.submit(request)))
+
+
+def test_a_queued_task_pins_its_manifest_and_files_until_it_leaves_the_queue(tmp_path):
+    scheduler, _, blobs, _ = queued_rig(tmp_path, 300)
+    content = b"w" * 20
+    tree = build_manifest([FileEntry("f.txt", 0o644, len(content), digest_bytes(content))])
+    raw = tree.encode()
+    assert put(blobs, content) is True and put(blobs, raw) is True
+    submit(scheduler, "busy")
+    queued = submit(scheduler, "needs-tree", workspace=tree.digest())
+    assert queued.state is TaskState.QUEUED
+    assert blobs.pinned(digest_bytes(content)) and blobs.pinned(tree.digest())
+    # Other clients fill the cache: the queued task's blobs are the least recently used,
+    # yet never the victims; the newer unpinned blob goes instead.
+    room = 300 - len(content) - len(raw)
+    assert put(blobs, b"x" * room) is True
+    assert put(blobs, b"y" * 10) is True
+    assert blobs.has(digest_bytes(content)) and blobs.has(tree.digest())
+    assert not blobs.has(digest_bytes(b"x" * room))
+    scheduler.cancel(queued.id)  # leaves the queue: its blobs may go now
+    assert not blobs.pinned(digest_bytes(content)) and not blobs.pinned(tree.digest())
+    assert put(blobs, b"z" * (300 - 10)) is True
+    assert not blobs.has(digest_bytes(content)) and not blobs.has(tree.digest())
+
+
+def test_prepare_takes_over_the_pins_a_queued_task_held(tmp_path):
+    scheduler, _, blobs, workspaces = queued_rig(tmp_path, 1000)
+    content = b"kept"
+    tree = build_manifest([FileEntry("f.txt", 0o644, len(content), digest_bytes(content))])
+    assert put(blobs, content) is True and put(blobs, tree.encode()) is True
+    submit(scheduler, "busy")
+    queued = submit(scheduler, "needs-tree", workspace=tree.digest())
+    prepared = outcome(workspaces.prepare(queued))  # what the executor does at start
+    assert prepared == str(workspaces.directory(queued.id))
+    workspaces.release(queued.id)  # the scheduler's release after start: a no-op now
+    assert blobs.pinned(digest_bytes(content)) and blobs.pinned(tree.digest())
+    queued.state = TaskState.SUCCEEDED
+    outcome(workspaces.finish(queued))
+    assert not blobs.pinned(digest_bytes(content)) and not blobs.pinned(tree.digest())
