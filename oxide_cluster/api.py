@@ -316,7 +316,9 @@ class TaskApi:
         if self.node.discovery is not None:
             checks["discovery"] = bool(self.node.discovery.bound)
         ok = all(checks.values())
-        return render_json(request, {"ready": ok, "checks": checks}, 200 if ok else 503)
+        return render_json(request, {"ready": ok, "checks": checks,
+                                     "cgroups": self.node.executor.cgroups.mode},
+                           200 if ok else 503)
 
     @app.route("/stats", methods=["GET"])
     def stats(self, request: Request) -> bytes:
@@ -329,6 +331,7 @@ class TaskApi:
             "running": executor.running_count,
             "queued": len(self.scheduler) if self.scheduler is not None else 0,
             "finished_since_start": executor.finished_total,
+            "cgroups": executor.cgroups.describe(),
         })
         if self.node.discovery is not None:
             body["discovery"] = dict(self.node.discovery.counters)

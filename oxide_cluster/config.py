@@ -16,6 +16,8 @@ from typing import Any
 import attrs
 import yaml
 
+from oxide_cluster.cgroups import MODES, ResourceError, Resources, parse_resources
+
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the key."""
@@ -113,6 +115,22 @@ def _log_format(value: Any) -> str:
     return text
 
 
+def _cgroup_mode(value: Any) -> str:
+    text = _text(value).strip().lower()
+    if text not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}")
+    return text
+
+
+def _resources(value: Any) -> Resources:
+    """``cpus=1,memory=2G,pids=512`` (environment, command line) or a YAML mapping."""
+    raw = value if isinstance(value, Mapping) else _labels(value)
+    try:
+        return parse_resources(raw, "default_resources")
+    except ResourceError as error:
+        raise ValueError(str(error)) from None
+
+
 @attrs.frozen
 class Setting:
     """One configuration key: its parser, default and the help shown everywhere."""
@@ -191,6 +209,12 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes of artifacts kept per task; the rest is not kept and the cut recorded"),
     Setting("keep_failed_workspaces", _non_negative_float, 0.0,
             "seconds to keep the directory of a task that did not succeed (0: remove)"),
+    Setting("cgroups", _cgroup_mode, "auto",
+            "a cgroup per task: auto (v2, else v1, else off), or force v2, v1 or off"),
+    Setting("cgroup_root", _optional_text, None,
+            "delegated cgroup v2 directory for tasks (default: the agent's own cgroup)"),
+    Setting("default_resources", _resources, Resources(),
+            "limits of a task that declares none, cpus=1.5,memory=2G,pids=512"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
     Setting("access_log", _on_off, False,
             "one log line per HTTP request (true/false); /metrics counts requests either way"),
@@ -232,6 +256,9 @@ class Config:
     workspace_cache: int = 4 * 1024 ** 3
     artifact_limit: int = 256 * 1024 * 1024
     keep_failed_workspaces: float = 0.0
+    cgroups: str = "auto"
+    cgroup_root: str | None = None
+    default_resources: Resources = attrs.field(factory=Resources)
 
     @property
     def clustered(self) -> bool:

@@ -3,7 +3,9 @@
 Each task runs in its own session and process group, so a cancel or a timeout reaches
 every process the command started (``sh -c 'sleep 300 & sleep 300'`` included). When the
 main process exits, whatever it left behind in its group is killed: a task ends when its
-command ends, and no orphan keeps the pipes (and the slot) open.
+command ends, and no orphan keeps the pipes (and the slot) open. Where the host allows,
+each task also has its own cgroup (``oxide_cluster.cgroups``): limits, usage, and a kill
+that reaches processes which left the group (``setsid``, double fork).
 """
 
 from __future__ import annotations
@@ -22,12 +24,21 @@ from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.cgroups import (
+    CgroupProvider,
+    OffProvider,
+    Resources,
+    TaskCgroup,
+    format_size,
+)
 from oxide_cluster.model import Task, TaskRequest, TaskState, new_task_id
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # After SIGKILL a process can still hang in the kernel (D state); after this long we
 # stop waiting and record the task as ended so its slot is not held forever.
 KILL_GIVE_UP = 5.0
+# While the last processes of a task's cgroup die after the kill, look this often.
+CGROUP_POLL = 0.01
 # Output bytes queued for SQLite before task pipes stop being read, and where reading
 # resumes: agent memory stays bounded however fast tasks write.
 OUTPUT_BACKLOG_HIGH = 8 * 1024 * 1024
@@ -98,6 +109,19 @@ _CATCHABLE_SIGNALS = tuple(sorted(number for number in signal.valid_signals()
                                   if number not in (signal.SIGKILL, signal.SIGSTOP)))
 
 
+def _enter_cgroups(files: tuple[str, ...]) -> None:
+    """In the forked child, before exec: join the task's cgroup(s) so that nothing the
+    command starts can be outside them. An error ends the child (its traceback goes to
+    the task's stderr): a task must not run unconfined."""
+    pid = str(os.getpid()).encode()
+    for name in files:
+        fd = os.open(name, os.O_WRONLY)
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
+
+
 class _GroupLeaderProcess(process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
@@ -109,12 +133,19 @@ class _GroupLeaderProcess(process.Process):
 
     processReaderFactory = _LargeReadProcessReader
 
+    def __init__(self, reactor: Any, executable: str, args: list[str],
+                 environment: dict[str, str], path: str | None,
+                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = ()) -> None:
+        self.cgroup_procs = cgroup_procs  # read by the child, so set before the fork
+        super().__init__(reactor, executable, args, environment, path, proto)
+
     def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: str,
                                args: list[str], environment: dict[str, str],
                                kwargs: dict[str, Any]) -> bool:
         helpers: list[Any] = [getattr(process, name, None) for name in
                    ("_listOpenFDs", "_getFileActions", "_PS_CLOSE", "_PS_DUP2")]
-        if path is not None or uid is not None or gid is not None or None in helpers:
+        if path is not None or uid is not None or gid is not None or None in helpers \
+                or self.cgroup_procs:  # the child joins its cgroup itself: fork path
             return False
         list_open_fds, file_actions, ps_close, ps_dup2 = helpers
         fd_state = []
@@ -134,6 +165,7 @@ class _GroupLeaderProcess(process.Process):
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
         os.setsid()
         super()._setupChild(*args, **kwargs)
+        _enter_cgroups(self.cgroup_procs)
 
 
 class _TaskProtocol(protocol.ProcessProtocol):
@@ -165,22 +197,31 @@ class _TerminalProcess(process.PTYProcess):
     process group (the group kill works as without a pty). stdout and stderr are one
     stream, the terminal, read as stdout."""
 
+    cgroup_procs: tuple[str, ...] = ()
+
     def __init__(self, reactor: Any, executable: str, args: list[str],
                  environment: dict[str, str], path: str | None,
-                 proto: protocol.ProcessProtocol) -> None:
+                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = ()) -> None:
+        self.cgroup_procs = cgroup_procs  # read by the child, so set before the fork
         super().__init__(reactor, executable, args, environment, path, proto)
         # A pty has no stdin to close; an end-of-file (^D) in the line discipline makes
         # a task that reads the terminal see EOF instead of waiting until its timeout.
         self.write(b"\x04")
 
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        super()._setupChild(*args, **kwargs)
+        _enter_cgroups(self.cgroup_procs)
+
 
 def spawn_in_new_group(reactor: IReactorProcess, proto: protocol.ProcessProtocol,
                        executable: str, args: list[str], env: dict[str, str],
-                       path: str | None, tty: bool = False) -> Any:
-    """Start a task's process in its own session; with ``tty``, on a new pseudo-terminal."""
+                       path: str | None, tty: bool = False,
+                       cgroup_procs: tuple[str, ...] = ()) -> Any:
+    """Start a task's process in its own session; with ``tty``, on a new pseudo-terminal.
+    With ``cgroup_procs``, the child writes its pid into each before it execs."""
     if tty:
-        return _TerminalProcess(reactor, executable, args, env, path, proto)
-    return _GroupLeaderProcess(reactor, executable, args, env, path, proto)
+        return _TerminalProcess(reactor, executable, args, env, path, proto, cgroup_procs)
+    return _GroupLeaderProcess(reactor, executable, args, env, path, proto, cgroup_procs)
 
 
 class TaskRun:
@@ -192,9 +233,12 @@ class TaskRun:
                  kill_grace: float, output_limit: int, on_output: OutputListener,
                  on_finished: Callable[[TaskRun], None],
                  spawn: Callable[..., Any] = spawn_in_new_group,
-                 signal_group: Callable[[int, int], None] = os.killpg) -> None:
+                 signal_group: Callable[[int, int], None] = os.killpg,
+                 cgroups: CgroupProvider | None = None) -> None:
         self._reactor = reactor
         self.task = task
+        self._cgroups: CgroupProvider = cgroups or OffProvider()
+        self.cgroup: TaskCgroup | None = None
         self._kill_group = signal_group
         self._secret_env = secret_env
         self._kill_grace = kill_grace
@@ -231,8 +275,14 @@ class TaskRun:
             self._finish(TaskState.FAILED, f"command not found: {task.command}")
             return
         try:
+            self.cgroup = self._cgroups.create(task.id, Resources.from_json(task.resources))
+        except OSError as failure:
+            self._finish(TaskState.FAILED, f"cannot create the task's cgroup: {failure}")
+            return
+        extra = {"cgroup_procs": self.cgroup.procs_files} if self.cgroup is not None else {}
+        try:
             proc = self._spawn(self._reactor, _TaskProtocol(self), executable,
-                               [task.command, *task.args], env, cwd, tty=task.tty)
+                               [task.command, *task.args], env, cwd, tty=task.tty, **extra)
         except OSError as failure:
             self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure.strerror}")
             return
@@ -285,8 +335,10 @@ class TaskRun:
         self._on_output(self.task, offset, stream, data)
 
     def exited(self) -> None:
-        """The main process is gone: kill what it left in its group so the pipes close."""
+        """The main process is gone: kill what it left in its group (and cgroup) so the
+        pipes close and nothing of the task outlives it."""
         self._signal_group(signal.SIGKILL)
+        self._kill_cgroup()
 
     def ended(self, reason: Failure) -> None:
         status = reason.value
@@ -302,6 +354,42 @@ class TaskRun:
             state, why = TaskState.FAILED, f"killed by {signal_name(signal_number)}"
         else:
             state, why = TaskState.FAILED, f"exited with code {exit_code}"
+        if self.cgroup is None:
+            self._finish(state, why)
+            return
+        self._kill_cgroup()
+        self._settle(state, why, self._reactor.seconds() + KILL_GIVE_UP)
+
+    def _settle(self, state: TaskState, why: str, deadline: float) -> None:
+        """Wait until the cgroup is empty, then read its accounting, remove it, finish."""
+        cgroup = self.cgroup
+        assert cgroup is not None
+        try:
+            populated = cgroup.populated()
+        except OSError:
+            populated = False
+        if populated and self._reactor.seconds() < deadline:
+            self._timers["settle"] = self._reactor.callLater(
+                CGROUP_POLL, self._settle, state, why, deadline)
+            return
+        if populated:
+            self.log.warn("task {task_id}: processes left in its cgroup {seconds}s after "
+                          "SIGKILL", task_id=self.task.id, seconds=KILL_GIVE_UP)
+        try:
+            self.task.usage = cgroup.usage().to_json()
+            oom_kills = cgroup.oom_kills()
+        except OSError as failure:
+            self.log.warn("cannot read the cgroup of task {task_id}: {error}",
+                          task_id=self.task.id, error=failure)
+            oom_kills = 0
+        if oom_kills:
+            self.task.oom_killed = True
+            if state not in (TaskState.CANCELLED, TaskState.TIMED_OUT):
+                memory = (self.task.resources or {}).get("memory")
+                limit = f"its memory limit ({format_size(memory)})" if memory else \
+                    "the memory limit of its cgroup"
+                state, why = TaskState.FAILED, f"out of memory: the kernel's OOM killer " \
+                    f"ended {oom_kills} process(es) at {limit}; the command {why}"
         self._finish(state, why)
 
     # -- stopping ---------------------------------------------------------------
@@ -317,6 +405,12 @@ class TaskRun:
         self._cancel_timer("idle")
         self._cancel_timer("timeout")
         self._signal_group(signal.SIGTERM)
+        if self.cgroup is not None:  # also the ones that left the group (setsid)
+            try:
+                self.cgroup.signal_all(signal.SIGTERM)
+            except OSError as failure:
+                self.log.warn("cannot signal the cgroup of task {task_id}: {error}",
+                              task_id=self.task.id, error=failure)
         self._timers["kill"] = self._reactor.callLater(self._kill_grace, self._kill)
         return True
 
@@ -329,6 +423,7 @@ class TaskRun:
 
     def _kill(self) -> None:
         self._signal_group(signal.SIGKILL)
+        self._kill_cgroup()
         self._timers["give_up"] = self._reactor.callLater(KILL_GIVE_UP, self._give_up)
 
     def _give_up(self) -> None:
@@ -349,6 +444,28 @@ class TaskRun:
             self.log.warn("cannot signal task {task_id}: {error}", task_id=self.task.id,
                           error=failure)
 
+    def _kill_cgroup(self) -> None:
+        if self.cgroup is None:
+            return
+        try:
+            self.cgroup.kill()
+        except OSError as failure:
+            self.log.warn("cannot kill the cgroup of task {task_id}: {error}",
+                          task_id=self.task.id, error=failure)
+
+    def _release_cgroup(self) -> None:
+        """Remove the task's cgroup; what is still in it (a stuck process) is logged."""
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is None:
+            return
+        try:
+            if cgroup.populated():
+                cgroup.kill()
+            cgroup.remove()
+        except OSError as failure:
+            self.log.warn("cannot remove the cgroup of task {task_id}: {error}",
+                          task_id=self.task.id, error=failure)
+
     def _cancel_timer(self, name: str) -> None:
         timer = self._timers.pop(name, None)
         if timer is not None and timer.active():
@@ -368,6 +485,7 @@ class TaskRun:
         self._done = True
         for name in list(self._timers):
             self._cancel_timer(name)
+        self._release_cgroup()
         task = self.task
         task.state = state
         task.reason = reason
@@ -399,8 +517,12 @@ class Executor(service.Service):
                  max_cpu_percent: float = 100.0, max_memory_percent: float = 100.0,
                  spawn: Callable[..., Any] = spawn_in_new_group,
                  signal_group: Callable[[int, int], None] = os.killpg,
-                 workspaces: WorkspaceHook | None = None) -> None:
+                 workspaces: WorkspaceHook | None = None,
+                 cgroups: CgroupProvider | None = None,
+                 default_resources: Resources = Resources()) -> None:
         self._reactor = reactor
+        self.cgroups: CgroupProvider = cgroups or OffProvider()
+        self._default_resources = default_resources
         self._store = store
         self._workspaces = workspaces
         self._signal_group = signal_group
@@ -474,7 +596,7 @@ class Executor(service.Service):
         self._stopping = True
         for run in list(self.runs.values()):
             run.stop(TaskState.CANCELLED, "agent shutdown")
-        return self.when_idle()
+        return self.when_idle().addCallback(lambda _: self.cgroups.close())
 
     def when_idle(self) -> defer.Deferred[None]:
         """Fires when no task runs and every finished task has been recorded."""
@@ -518,6 +640,8 @@ class Executor(service.Service):
             priority=request.priority,
             group=request.group,
             queue_timeout=request.queue_timeout,
+            resources=(request.resources or Resources()).over(
+                self._default_resources).to_json() or None,
         )
 
     def start(self, task: Task, secret_env: Mapping[str, str]) -> defer.Deferred[Task]:
@@ -525,7 +649,7 @@ class Executor(service.Service):
         run = TaskRun(self._reactor, task, dict(secret_env),
                       kill_grace=self._kill_grace, output_limit=self._output_limit,
                       on_output=self._output, on_finished=self._finished, spawn=self._spawn,
-                      signal_group=self._signal_group)
+                      signal_group=self._signal_group, cgroups=self.cgroups)
         self.runs[task.id] = run
         if task.workspace is not None:
             self._start_in_workspace(run)

@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from oxide_cluster.cgroups import ResourceError, Resources, parse_resources
 from oxide_cluster.manifest import ManifestError, check_glob, check_relative_path, is_digest
 
 
@@ -91,6 +92,10 @@ class Task:
     idempotency_key: str | None = None
     # Order of admission to the queue (FIFO within a group, kept across restarts).
     queue_seq: int | None = None
+    # Declared limits in force (``Resources.to_json``), None for none.
+    resources: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    oom_killed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The contract shape of a task in every response and stream."""
@@ -121,6 +126,9 @@ class Task:
             "priority": self.priority,
             "group": self.group,
             "queue_position": None,
+            "resources": self.resources,
+            "usage": self.usage,
+            "oom_killed": self.oom_killed,
         }
 
 
@@ -154,11 +162,13 @@ class TaskRequest:
     group: str | None = None
     queue_timeout: float | None = None
     queue: bool = True
+    resources: Resources | None = None
 
 
 _FIELDS = {
     "command", "args", "cwd", "env", "secret_env", "timeout", "idle_timeout",
     "labels", "node", "retries", "tty", "priority", "group", "queue_timeout", "queue",
+    "resources",
 } | {"workspace", "artifacts"}
 _MAX_TEXT = 64 * 1024
 MAX_PRIORITY = 1_000_000
@@ -267,6 +277,12 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
     queue = body.get("queue", True)
     if not isinstance(queue, bool):
         raise RequestError("queue", "must be true or false")
+    resources = None
+    if body.get("resources") is not None:
+        try:
+            resources = parse_resources(body["resources"])
+        except ResourceError as error:
+            raise RequestError(error.field, error.message) from None
     return TaskRequest(
         command=command,
         args=checked_args,
@@ -285,6 +301,7 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
         group=group,
         queue_timeout=_seconds("queue_timeout", body.get("queue_timeout"), MAX_QUEUE_TIMEOUT),
         queue=queue,
+        resources=resources,
     )
 
 

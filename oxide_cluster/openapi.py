@@ -135,6 +135,7 @@ SCHEMAS: dict[str, Any] = {
             "queue": {"type": "boolean",
                       "description": "false: refuse with 429 when no slot is free instead "
                                      "of queueing (default true)"},
+            "resources": {**_ref("Resources"), "type": ["object", "null"]},
         },
     },
     "Task": {
@@ -171,6 +172,23 @@ SCHEMAS: dict[str, Any] = {
             "group": _STRING_OR_NULL,
             "queue_position": {"type": ["integer", "null"], "minimum": 1,
                                "description": "1-based place in dispatch order while queued"},
+            "resources": {"type": ["object", "null"],
+                          "description": "limits in force (request over the node's "
+                                         "default_resources); memory in bytes",
+                          "properties": {"cpus": {"type": "number"},
+                                         "memory": {"type": "integer"},
+                                         "pids": {"type": "integer"}}},
+            "usage": {"type": ["object", "null"],
+                      "description": "what the task consumed, set when it ends; null where "
+                                     "the node has no cgroups (mode off)",
+                      "properties": {
+                          "cpu_seconds": _NUMBER_OR_NULL,
+                          "memory_peak_bytes": {"type": ["integer", "null"]},
+                          "processes_peak": {"type": ["integer", "null"]},
+                          "source": {"type": "string", "enum": ["cgroup", "sampled"]}}},
+            "oom_killed": {"type": "boolean",
+                           "description": "the kernel's OOM killer ended a process of the "
+                                          "task at its memory limit (the task is failed)"},
             "links": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     },
@@ -298,6 +316,9 @@ PATHS: dict[str, Any] = {
                                "running": {"type": "integer"},
                                "queued": {"type": "integer"},
                                "finished_since_start": {"type": "integer"},
+                               "cgroups": {"type": "object",
+                                           "description": "mode, controllers, kill method "
+                                                          "and root of the task cgroups"},
                                "discovery": {"type": "object"}}}]}, "node statistics")},
     })},
     "/metrics": {"get": _secured({
@@ -555,9 +576,27 @@ SCHEMAS["Artifacts"] = {
     },
 }
 
+SCHEMAS["Resources"] = {
+    "type": "object", "additionalProperties": False,
+    "description": "declared limits, enforced through the task's cgroup; a key left out "
+                   "takes the node's default_resources, else unlimited",
+    "properties": {
+        "cpus": {"type": ["number", "string"], "minimum": 0.01, "maximum": 4096,
+                 "description": "CPU time per wall second (1.5: one and a half CPUs)"},
+        "memory": {"type": ["integer", "string"], "minimum": 1048576,
+                   "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*[KkMmGgTt]?([iI]?[bB])?\\s*$",
+                   "description": "bytes or a size like '512M', '2G' (binary units); "
+                                  "RAM and swap together"},
+        "pids": {"type": "integer", "minimum": 1, "maximum": 4194304,
+                 "description": "processes and threads at once"},
+    },
+}
+
 SCHEMAS["Readiness"] = {
     "type": "object", "required": ["ready", "checks"],
     "properties": {"ready": {"type": "boolean"},
+                   "cgroups": {"type": "string", "enum": ["v2", "v1", "off"],
+                               "description": "how tasks are confined on this node"},
                    "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}},
 }
 

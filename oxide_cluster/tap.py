@@ -23,6 +23,7 @@ from oxide_cluster import config as config_module
 from oxide_cluster import logs
 from oxide_cluster.api import ApiRequest, TaskApi
 from oxide_cluster.cas import BlobStore
+from oxide_cluster.cgroups import CgroupUnavailable, describe_isolation, detect
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
@@ -295,12 +296,18 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                             artifact_limit=config.artifact_limit,
                             keep_failed=config.keep_failed_workspaces)
     workspaces.setServiceParent(top)
+    try:
+        cgroups = detect(config.cgroups, node_id, cgroup_root=config.cgroup_root)
+    except CgroupUnavailable as error:
+        raise ConfigError(f"bad value for 'cgroups': {config.cgroups}: {error}") from None
+    log.info("tasks run in {isolation}", isolation=describe_isolation(cgroups))
     executor = Executor(
         reactor, store, node_id,
         max_tasks=config.max_tasks, kill_grace=config.kill_grace,
         output_limit=config.output_limit, default_timeout=config.default_timeout,
         load=sampler.cpu_and_memory, max_cpu_percent=config.max_cpu_percent,
         max_memory_percent=config.max_memory_percent, workspaces=workspaces,
+        cgroups=cgroups, default_resources=config.default_resources,
     )
     elector: Any = StandaloneElector(reactor, node_id)
     if config.redis:

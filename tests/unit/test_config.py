@@ -103,3 +103,19 @@ def test_queue_timeout_has_a_default_and_comes_from_every_source(tmp_path):
     assert config.load({"queue_timeout": "5"}, {"OXIDE_QUEUE_TIMEOUT": "60"}).queue_timeout == 5
     with pytest.raises(ConfigError, match="queue_timeout"):
         config.load({"queue_timeout": "0"}, {})
+
+
+def test_cgroup_settings_from_environment_and_yaml(tmp_path):
+    from oxide_cluster.cgroups import Resources
+    path = tmp_path / "c.yaml"
+    path.write_text("default_resources:\n  memory: 2G\n  pids: 512\ncgroups: v1\n")
+    loaded = config.load({}, {"OXIDE_DEFAULT_RESOURCES": "cpus=1.5"}, str(path))
+    assert loaded.default_resources == Resources(cpus=1.5)  # the environment wins whole
+    assert loaded.cgroups == "v1"
+    loaded = config.load({}, {}, str(path))
+    assert loaded.default_resources == Resources(memory=2 * 1024 ** 3, pids=512)
+    assert config.load({}, {}).cgroups == "auto"
+    with pytest.raises(config.ConfigError, match=r"'cgroups'.*auto, v2, v1, off"):
+        config.load({"cgroups": "v3"}, {})
+    with pytest.raises(config.ConfigError, match=r"default_resources\.memory"):
+        config.load({"default_resources": "memory=lots"}, {})

@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 
+from oxide_cluster.cgroups import Resources, Usage
 from oxide_cluster.executor import CapacityError, Executor
 from oxide_cluster.model import TaskState, parse_task_request
 from tests.support import poll_until
@@ -68,6 +69,7 @@ class Harness:
         self.store = MemoryStore()
         self.processes = []
         self.signals = []
+        self.cgroup_procs = []
         self.load = (10.0, 10.0)
         defaults = dict(max_tasks=2, kill_grace=5.0, output_limit=1000, default_timeout=60.0,
                         max_cpu_percent=90.0, max_memory_percent=90.0)
@@ -76,7 +78,9 @@ class Harness:
                                  spawn=self.spawn, signal_group=self.signal, **defaults)
         self.executor.ready = True
 
-    def spawn(self, reactor, protocol, executable, args, env, path, tty=False):
+    def spawn(self, reactor, protocol, executable, args, env, path, tty=False,
+              cgroup_procs=()):
+        self.cgroup_procs.append(cgroup_procs)
         process = FakeProcess(1000 + len(self.processes), protocol, args, env, path)
         self.processes.append(process)
         protocol.makeConnection(FakeTransport())
@@ -397,3 +401,130 @@ def test_spawn_raising_anything_fails_the_task_and_frees_its_slot():
     assert all(t.state is TaskState.FAILED for t in failed)
     assert failed[0].reason.startswith("cannot start sh")
     assert harness.executor.free_slots == 2
+
+
+class FakeCgroup:
+    """A task cgroup whose members, accounting and OOM count the test sets."""
+
+    def __init__(self, name, resources):
+        self.name = name
+        self.resources = resources
+        self.members = 0
+        self.events = []
+        self.oom = 0
+        self.removed = False
+
+    @property
+    def procs_files(self):
+        return (f"/fake/{self.name}/cgroup.procs",)
+
+    def signal_all(self, number):
+        self.events.append(("signal_all", number))
+
+    def kill(self):
+        self.events.append("kill")
+
+    def populated(self):
+        return self.members > 0
+
+    def oom_kills(self):
+        return self.oom
+
+    def usage(self):
+        return Usage(cpu_seconds=1.25, memory_peak_bytes=4096, processes_peak=3,
+                     source="cgroup")
+
+    def remove(self):
+        if self.members:
+            raise OSError(16, "Device or resource busy")
+        self.removed = True
+
+
+class FakeCgroups:
+    mode = "v1"
+
+    def __init__(self, fail=None):
+        self.made = []
+        self.fail = fail
+
+    def describe(self):
+        return {"mode": "v1"}
+
+    def create(self, name, resources):
+        if self.fail is not None:
+            raise self.fail
+        self.made.append(FakeCgroup(name, resources))
+        return self.made[-1]
+
+    def close(self):
+        pass
+
+
+def test_the_child_is_given_its_cgroup_and_limits_with_defaults():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups, default_resources=Resources(pids=100, cpus=2.0))
+    task_ = started(harness, resources={"memory": "64M", "cpus": 0.5})
+    assert harness.cgroup_procs == [(f"/fake/{task_.id}/cgroup.procs",)]
+    assert cgroups.made[0].resources == Resources(cpus=0.5, memory=64 * 1024 ** 2, pids=100)
+    assert task_.resources == {"cpus": 0.5, "memory": 64 * 1024 ** 2, "pids": 100}
+
+
+def test_task_ends_only_when_its_cgroup_is_empty_then_usage_and_removal():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups)
+    task_ = started(harness)
+    cgroup = cgroups.made[0]
+    cgroup.members = 2  # a setsid escape and its child
+    harness.processes[0].exit(0)
+    assert "kill" in cgroup.events  # at the main process's exit, not later
+    assert task_.state is TaskState.RUNNING and not cgroup.removed
+    harness.clock.advance(0.05)
+    assert task_.state is TaskState.RUNNING
+    cgroup.members = 0
+    harness.clock.advance(0.05)
+    assert task_.state is TaskState.SUCCEEDED and cgroup.removed
+    assert task_.usage == {"cpu_seconds": 1.25, "memory_peak_bytes": 4096,
+                           "processes_peak": 3, "source": "cgroup"}
+    assert task_.oom_killed is False
+
+
+def test_oom_kill_fails_the_task_naming_the_limit():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups)
+    task_ = started(harness, resources={"memory": "64M"})
+    cgroups.made[0].oom = 1
+    harness.processes[0].exit(signal_number=signal.SIGKILL)
+    assert task_.state is TaskState.FAILED and task_.oom_killed is True
+    assert task_.reason == ("out of memory: the kernel's OOM killer ended 1 process(es) at "
+                            "its memory limit (64 MiB); the command killed by SIGKILL")
+    assert task_.to_json()["oom_killed"] is True
+
+
+def test_cancel_terms_the_cgroup_then_kills_it_after_grace():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups, kill_grace=5.0)
+    task_ = started(harness)
+    cgroup = cgroups.made[0]
+    harness.executor.cancel(task_.id)
+    assert cgroup.events == [("signal_all", signal.SIGTERM)]
+    harness.clock.advance(5.0)
+    assert cgroup.events[-1] == "kill"
+
+
+def test_a_cgroup_that_stays_populated_is_given_up_after_the_deadline():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups)
+    task_ = started(harness)
+    cgroups.made[0].members = 1
+    harness.processes[0].exit(0)
+    harness.clock.pump([0.5] * 11)
+    assert task_.state is TaskState.SUCCEEDED  # recorded; the stuck member is logged
+    assert task_.usage is not None and not cgroups.made[0].removed
+
+
+def test_a_cgroup_that_cannot_be_made_fails_the_task():
+    harness = Harness(cgroups=FakeCgroups(fail=PermissionError(13, "Permission denied")))
+    task_ = started(harness)
+    assert task_.state is TaskState.FAILED
+    assert task_.reason.startswith("cannot create the task's cgroup:")
+    assert harness.processes == []

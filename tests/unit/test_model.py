@@ -107,3 +107,14 @@ def test_tty_is_a_boolean_kept_in_the_task_json():
                 secret_env_keys=[], labels={}, timeout=5, idle_timeout=None, retries=0,
                 tty=True)
     assert task.to_json()["tty"] is True
+
+
+def test_resources_are_parsed_and_bad_ones_name_the_field():
+    from oxide_cluster.cgroups import Resources
+    request = parse_task_request({"command": "x", "resources": {"cpus": 1.5, "memory": "2G",
+                                                                "pids": 512}}, 60)
+    assert request.resources == Resources(cpus=1.5, memory=2 * 1024 ** 3, pids=512)
+    assert parse_task_request({"command": "x"}, 60).resources is None
+    with pytest.raises(RequestError) as caught:
+        parse_task_request({"command": "x", "resources": {"memory": "2 potatoes"}}, 60)
+    assert caught.value.field == "resources.memory"
