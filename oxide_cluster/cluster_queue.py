@@ -346,26 +346,33 @@ class ClusterDispatcher(service.Service):
 
     def _dispatch(self) -> None:
         room = {c.node_id: c for c in self._candidates() if c.free_slots > 0}
-        if not room or not self._queue:
-            return
-        for task_id in list(self._queue.ordered(DISPATCH_WINDOW)):
-            if not room:
-                break
-            seq, record = self._records[task_id]
-            ranked = rank(room.values(), record_labels(record))
-            if not ranked:
-                continue  # no node with room has its labels: later tasks may still fit
-            best = ranked[0]
+        while room and self._queue:
+            chosen = self._choose(room)
+            if chosen is None:
+                return  # no queued task fits a node with room
+            task_id, best, first = chosen
             if best.free_slots <= 1:
                 del room[best.node_id]
             else:
                 room[best.node_id] = attrs.evolve(best, free_slots=best.free_slots - 1)
-            self._queue.remove(task_id)
+            if first:
+                self._queue.pop()  # the head: its group's turn is spent
+            else:
+                self._queue.remove(task_id)
+            seq, record = self._records[task_id]
             self._in_flight.add(task_id)
             self._placed(best.node_id)
             sent = self._send(best.node_id, record)
             sent.addErrback(self._send_failed, task_id)
             sent.addCallback(self._sent, task_id, seq, record)
+
+    def _choose(self, room: Mapping[str, Candidate]) -> tuple[str, Candidate, bool] | None:
+        """The first task in dispatch order that some node with room can take."""
+        for index, task_id in enumerate(self._queue.ordered(DISPATCH_WINDOW)):
+            ranked = rank(room.values(), record_labels(self._records[task_id][1]))
+            if ranked:
+                return task_id, ranked[0], index == 0
+        return None
 
     def _send_failed(self, failure: Failure, task_id: str) -> Outcome:
         self.log.warn("dispatch of task {task_id} failed: {error}", task_id=task_id,
