@@ -5,8 +5,8 @@ keeps the old 429). Dispatch order: higher ``priority`` first; within one priori
 groups take turns (deficit round robin where every start costs its group one turn), so a
 group of 200 tasks and a group of 1 interleave; first in, first out within a group.
 Queued tasks are records in the node's store (state ``queued``), so they survive an
-agent restart. This increment schedules the local node only: a cluster with Redis still
-places through the leader (``TaskApi._place``) and answers 429 when the pool is full.
+agent restart. A cluster with Redis queues in Redis instead (``cluster_queue.py``), sharing
+the :class:`FairQueue` order; there this service only starts tasks (``admit``).
 """
 
 from __future__ import annotations
