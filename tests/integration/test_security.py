@@ -36,7 +36,9 @@ def protected_routes() -> list[tuple[str, str]]:
     for rule in TaskApi.app.url_map.iter_rules():
         if rule.rule in PUBLIC:
             continue
-        path = re.sub(r"<(?:[a-z]+:)?[a-z_]+>", "x-node", rule.rule)
+        # A digest route takes exactly 64 characters; other parameters any text.
+        path = re.sub(r"<string\(length=64\):[a-z_]+>", "0" * 64, rule.rule)
+        path = re.sub(r"<(?:[a-z]+:)?[a-z_]+>", "x-node", path)
         methods = sorted((rule.methods or {"GET"}) - {"HEAD", "OPTIONS"})
         routes += [(method, path) for method in methods]
     return routes

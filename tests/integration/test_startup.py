@@ -175,7 +175,7 @@ def test_status_lines_carry_reason_phrases(agent_factory):
     sleeper = agent.post("/execute", {"command": "sleep", "args": ["30"]})
     assert sleeper.status == 202, sleeper
     try:
-        assert reason(agent, "POST", "/execute", b'{"command": "true"}') == (
+        assert reason(agent, "POST", "/execute", b'{"command": "true", "queue": false}') == (
             429, "Too Many Requests")
         assert reason(agent, "GET", "/ws") == (426, "Upgrade Required")
         assert reason(agent, "GET", "/task/nope") == (404, "Not Found")
