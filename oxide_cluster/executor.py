@@ -122,7 +122,30 @@ def _enter_cgroups(files: tuple[str, ...]) -> None:
             os.close(fd)
 
 
-class _GroupLeaderProcess(process.Process):
+class _SignalSafeFork:
+    """The agent's Python signal handlers must never run in a forked child before exec:
+    a cancel's SIGTERM landing there ran Twisted's waker on a closed descriptor and the
+    task ended with exit code 1 and a traceback as output. Signals are blocked across
+    the fork; the child sets every handled signal back to its default, then unblocks, so
+    a signal that came meanwhile acts as it would on the command itself."""
+
+    _mask_before_fork: set[int | signal.Signals] = set()
+
+    def _fork(self, *args: Any, **kwargs: Any) -> None:
+        self._mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, _CATCHABLE_SIGNALS)
+        try:
+            super()._fork(*args, **kwargs)  # type: ignore[misc]
+        finally:  # only the parent gets here: the child execs or exits inside
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask_before_fork)
+
+    def _default_signals_in_child(self) -> None:
+        for number in _CATCHABLE_SIGNALS:
+            if callable(signal.getsignal(number)):
+                signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask_before_fork)
+
+
+class _GroupLeaderProcess(_SignalSafeFork, process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
     The fast path is ``posix_spawnp(..., setsid=True)``, Twisted's own spawn call plus
@@ -158,11 +181,12 @@ class _GroupLeaderProcess(process.Process):
             executable, args, environment,
             file_actions=file_actions(fd_state, kwargs.get("fdmap"), doClose=ps_close,
                                       doDup2=ps_dup2),
-            setsigdef=_CATCHABLE_SIGNALS, setsid=True)
+            setsigdef=_CATCHABLE_SIGNALS, setsigmask=self._mask_before_fork, setsid=True)
         self.status = -1
         return True
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        self._default_signals_in_child()
         os.setsid()
         super()._setupChild(*args, **kwargs)
         _enter_cgroups(self.cgroup_procs)
@@ -191,7 +215,7 @@ class _TaskProtocol(protocol.ProcessProtocol):
         self._run.ended(reason)
 
 
-class _TerminalProcess(process.PTYProcess):
+class _TerminalProcess(_SignalSafeFork, process.PTYProcess):
     """A child on a new pseudo-terminal: Twisted's ``PTYProcess`` child calls ``setsid()``
     and takes the pty as its controlling terminal, so it leads its own session and
     process group (the group kill works as without a pty). stdout and stderr are one
@@ -209,6 +233,7 @@ class _TerminalProcess(process.PTYProcess):
         self.write(b"\x04")
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        self._default_signals_in_child()
         super()._setupChild(*args, **kwargs)
         _enter_cgroups(self.cgroup_procs)
 

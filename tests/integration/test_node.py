@@ -185,3 +185,14 @@ def test_twistd_lists_the_plugin_and_documents_options():
                    "--max-cpu-percent", "--max-memory-percent", "--output-limit",
                    "--default-timeout", "--max-timeout", "--redis", "--peers"):
         assert option in options.stdout, option
+
+
+def test_a_cancel_right_after_the_start_ends_by_its_signal_without_a_traceback(agent):
+    # The fork path (a cwd, or a cgroup to join): a SIGTERM before exec once ran the
+    # agent's own handler in the child (exit code 1, a Twisted traceback as output).
+    for _ in range(20):
+        task = agent.post("/execute", {"command": "sleep", "args": ["30"], "cwd": "/"}).json()
+        ended = agent.post(f"/task/{task['id']}/cancel?wait=10").json()
+        assert (ended["state"], ended["exit_code"], ended["signal"]) == \
+            ("cancelled", None, signal.SIGTERM), ended
+        assert agent.get(f"/task/{task['id']}/output").body == b""
