@@ -830,9 +830,12 @@ class TaskApi:
         """Many small blobs in one body of ``<sha256> <length>\\n<bytes>`` frames."""
         self._authorize(request)
         blobs = self._blobs().blobs
-        content: Any = request.content if request.content is not None else io.BytesIO()
+        length = request.getHeader(b"content-length")
+        if request.content is None or length in (None, b"0"):
+            raise ApiError(400, "bad_batch", "the body is required: frames of "
+                                             "'<sha256> <length>\\n' and the bytes")
         try:
-            result = await blobs.put_batch(content)
+            result = await blobs.put_batch(request.content)
         except BlobError as error:
             raise ApiError(error.status, error.code, error.message) from None
         return render_json(request, {"stored": result.stored, "present": result.present,

@@ -114,11 +114,6 @@ def parse_resources(value: Any, field: str = "resources") -> Resources:
         raise ResourceError(f"{field}.{unknown[0]}", "unknown resource (cpus, memory, pids)")
     cpus = value.get("cpus")
     if cpus is not None:
-        if isinstance(cpus, str):
-            try:
-                cpus = float(cpus)
-            except ValueError:
-                raise ResourceError(f"{field}.cpus", "must be a number of CPUs") from None
         if isinstance(cpus, bool) or not isinstance(cpus, int | float) \
                 or not math.isfinite(cpus) or not 0.01 <= cpus <= MAX_CPUS:
             raise ResourceError(f"{field}.cpus", f"must be a number from 0.01 to {MAX_CPUS:g}")

@@ -135,7 +135,7 @@ SCHEMAS: dict[str, Any] = {
             "queue": {"type": "boolean",
                       "description": "false: refuse with 429 when no slot is free instead "
                                      "of queueing (default true)"},
-            "resources": {**_ref("Resources"), "type": ["object", "null"]},
+            "resources": {"anyOf": [_ref("Resources"), {"type": "null"}]},
         },
     },
     "Task": {
@@ -581,14 +581,14 @@ SCHEMAS["Resources"] = {
     "description": "declared limits, enforced through the task's cgroup; a key left out "
                    "takes the node's default_resources, else unlimited",
     "properties": {
-        "cpus": {"type": ["number", "string"], "minimum": 0.01, "maximum": 4096,
+        "cpus": {"type": ["number", "null"], "minimum": 0.01, "maximum": 4096,
                  "description": "CPU time per wall second (1.5: one and a half CPUs)"},
-        "memory": {"type": ["integer", "string"], "minimum": 1048576,
+        "memory": {"type": ["integer", "string", "null"], "minimum": 1048576,
                    "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*[KkMmGgTt]?([iI]?[bB])?\\s*$",
-                   "description": "bytes or a size like '512M', '2G' (binary units); "
-                                  "RAM and swap together"},
-        "pids": {"type": "integer", "minimum": 1, "maximum": 4194304,
-                 "description": "processes and threads at once"},
+                   "description": "bytes or a size like '512M', '2G' (binary units), "
+                                  "at least 1 MiB; RAM and swap together"},
+        "pids": {"type": ["integer", "null"], "minimum": 1, "maximum": 4194304,
+                 "description": "processes and threads at once (null: not declared)"},
     },
 }
 

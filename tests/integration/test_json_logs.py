@@ -29,7 +29,7 @@ def check_a_lifetime_of_json(agent: AgentProcess) -> None:
     assert agent.run_task("true")["state"] == "succeeded"
     assert agent.stop() in CLEAN_EXIT
     records = json_lines(agent)
-    started = [r for r in records if r["namespace"] == "oxide_cluster.tap"]
+    started = [r for r in records if r["namespace"] == "oxide_cluster.tap" and "node_id" in r]
     assert started and started[0]["node_id"]
     assert f"at http://127.0.0.1:{agent.port}/ " in started[0]["message"]
     finished = [r for r in records if "task_id" in r and r.get("state") == "succeeded"]
