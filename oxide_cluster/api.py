@@ -23,6 +23,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
 from oxide_cluster.cas import BlobError
+from oxide_cluster.cluster_queue import (
+    AlreadyAdmitted,
+    ClusterQueue,
+    StaleToken,
+    parse_dispatch,
+)
 from oxide_cluster.dashboard import UiFiles
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import (
@@ -34,11 +40,19 @@ from oxide_cluster.forwarding import (
 )
 from oxide_cluster.manifest import is_digest
 from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
-from oxide_cluster.model import RequestError, Task, TaskState, owner_of, parse_task_request
+from oxide_cluster.model import (
+    RequestError,
+    Task,
+    TaskRequest,
+    TaskState,
+    new_task_id,
+    owner_of,
+    parse_task_request,
+)
 from oxide_cluster.node import Node
 from oxide_cluster.openapi import document as openapi_document
 from oxide_cluster.placement import Placement
-from oxide_cluster.scheduler import Scheduler, Unschedulable
+from oxide_cluster.scheduler import IDEMPOTENCY_TTL, Scheduler, Unschedulable
 from oxide_cluster.store import StoreError
 from oxide_cluster.workspace import ArtifactListing, Workspaces
 from oxide_cluster.ws import output_messages
@@ -54,6 +68,10 @@ MAX_PAGE = 1000
 # The fair-share group of a request without a ``group`` field (the CLI sets it).
 GROUP_HEADER = b"X-Oxide-Group"
 IDEMPOTENCY_HEADER = b"Idempotency-Key"
+# The id a task got where it entered a Redis cluster, carried on every forward of it.
+TASK_ID_HEADER = b"X-Oxide-Task-Id"
+# Request fields a queued task's record keeps (never ``secret_env``).
+_UNQUEUED_FIELDS = ("secret_env", "node", "queue")
 MAX_HEADER_VALUE = 256
 
 
@@ -180,8 +198,10 @@ class TaskApi:
     def __init__(self, node: Node, websocket: Any = None, peers: PeerClient | None = None,
                  placement: Placement | None = None, directory: Any = None,
                  workspaces: Workspaces | None = None,
-                 scheduler: Scheduler | None = None) -> None:
+                 scheduler: Scheduler | None = None,
+                 cluster: ClusterQueue | None = None) -> None:
         self.node = node
+        self.cluster = cluster
         self.workspaces = workspaces
         self.scheduler = scheduler
         self.directory = directory
@@ -243,13 +263,44 @@ class TaskApi:
     async def _find_task(self, task_id: str) -> Task:
         task = await self._scheduler.find(task_id)
         if task is None:
+            queued = await self._cluster_task(task_id)
+            if queued is not None:
+                return queued[0]
             raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
+        return task
+
+    async def _cluster_task(self, task_id: str) -> tuple[Task, int | None] | None:
+        """A task queued in Redis (or ended there while queued), with its position."""
+        if self.cluster is None:
+            return None
+        entry = await self.cluster.backend.where(task_id)
+        if entry is None or entry.record is None or entry.state == "started":
+            return None
+        task = self._record_task(entry.record)
+        task.state = TaskState(entry.state) if entry.state in {s.value for s in TaskState} \
+            else TaskState.QUEUED
+        task.reason = entry.reason
+        task.finished_at = entry.finished_at
+        position = None
+        if task.state is TaskState.QUEUED:
+            position = await self.cluster.backend.position(task_id)
+        return task, position
+
+    def _record_task(self, record: dict[str, Any]) -> Task:
+        """The task JSON of a record kept in the cluster queue."""
+        request = parse_task_request(record["request"], self.node.config.max_timeout)
+        task: Task = self.node.executor.new_task(request, task_id=record["id"])
+        task.node_id = str(record.get("entered_on") or task.node_id)
+        task.created_at = float(record.get("created_at") or task.created_at)
+        task.queue_timeout = record.get("queue_timeout")
         return task
 
     def _task_json(self, task: Task, position: int | None = None) -> dict[str, Any]:
         body = task.to_json()
         if task.state is TaskState.QUEUED and self.scheduler is not None:
             body["queue_position"] = position or self.scheduler.position(task.id)
+        elif task.state is TaskState.QUEUED:
+            body["queue_position"] = position
         body["links"] = {
             "self": f"/task/{task.id}",
             "output": f"/task/{task.id}/output",
@@ -415,6 +466,7 @@ class TaskApi:
         hop = request.getHeader(FORWARDED_HEADER)
         pinned = task_request.node
         key = None
+        task_id = None
         if hop is None:  # a client's request: settle its group, labels and key here
             task_request, raw = self._with_group(request, task_request, body, raw)
             key = self._idempotency_key(request)
@@ -422,10 +474,23 @@ class TaskApi:
                 self._scheduler.check_schedulable(task_request.labels)
             except Unschedulable as error:
                 raise ApiError(422, "unschedulable", str(error)) from None
-            if key is not None:  # before any forward: a repeat must not run elsewhere
+            if self.cluster is not None:
+                # A Redis cluster: the id is given here, before any forward; the key is
+                # held in Redis, so a repeat on any node names the same task.
+                task_id = new_task_id(self.node.reactor.seconds(), self.node.node_id)
+                if key is not None:
+                    held = await self.cluster.backend.hold_key(key, task_id, IDEMPOTENCY_TTL)
+                    if held != task_id:
+                        return await self._answer_known(request, held, task_request, raw)
+            elif key is not None:  # before any forward: a repeat must not run elsewhere
                 earlier = await self._scheduler.idempotent(key)
                 if earlier is not None:
                     return await self._answer(request, earlier, wait)
+        elif self.cluster is not None:
+            task_id = self._header_text(request, TASK_ID_HEADER)
+        if self.cluster is not None and task_id is not None:
+            return await self._cluster_execute(request, task_request, raw, wait, task_id, key,
+                                               hop)
         # Standalone (no Redis), this node's scheduler queues what it cannot start now;
         # a placement from a leader wants "run now or refuse" to try the next node.
         queueable = self.directory is None and (hop != HOP_RUN or pinned == self.node.node_id)
@@ -452,6 +517,29 @@ class TaskApi:
                 self.log.warn("leader {leader} unreachable: admitting locally", leader=leader)
         # No leader reachable (or it handed the task back): local admission.
         return await self._run_here(request, task_request, wait)
+
+    @app.route("/internal/dispatch", methods=["POST"])
+    async def internal_dispatch(self, request: Request) -> bytes:
+        """Node to node: the leader starts a queued task here (body: version, token, task)."""
+        self._authorize(request)
+        if self.cluster is None:
+            raise ApiError(404, "not_found", "this node has no cluster queue (no Redis)")
+        _, body = self._json_body(request)
+        try:
+            token, record = parse_dispatch(body)
+            task = await self.cluster.admission.dispatched(token, record)
+        except RequestError as error:
+            raise ApiError(400, "bad_request", str(error)) from None
+        except StaleToken as error:
+            raise ApiError(409, "stale_leader_token", str(error)) from None
+        except AlreadyAdmitted as error:
+            raise ApiError(409, "already_admitted", str(error)) from None
+        except CapacityError as error:
+            raise ApiError(error.status, error.code, error.message,
+                           {"Retry-After": str(error.retry_after)}) from None
+        if self.directory is not None:
+            await self.directory.recorded(task.id)
+        return render_json(request, self._task_json(task), 202)
 
     def _with_group(self, request: Request, task_request: Any, body: dict[str, Any],
                     raw: bytes) -> tuple[Any, bytes]:
@@ -485,6 +573,105 @@ class TaskApi:
                            f"{MAX_HEADER_VALUE} printable characters")
         return text
 
+    async def _cluster_execute(self, request: Request, task_request: TaskRequest, raw: bytes,
+                               wait: float | None, task_id: str, key: str | None,
+                               hop: bytes | None) -> bytes:
+        """A Redis cluster: start where the leader places it, else queue it in Redis.
+
+        Never runs a task here on a guess: a follower that cannot reach the leader queues
+        the task in Redis, and every start claims the id there first (exactly once)."""
+        assert self.cluster is not None
+        pinned = task_request.node
+        extra = {TASK_ID_HEADER: task_id.encode()}
+        if hop == HOP_RUN or pinned == self.node.node_id or self.peers is None:
+            if self.peers is None and not self.node.elector.is_leader:
+                return await self._enqueue(request, task_request, raw, task_id, key)
+            return await self._start_claimed(request, task_request, task_id, wait)
+        if pinned is not None:
+            return await self._forward(request, pinned, raw, HOP_RUN, wait, extra=extra)
+        if self.node.elector.is_leader:
+            return await self._place(request, task_request, raw, wait, key=key,
+                                     task_id=task_id)
+        leader = self.node.elector.leader().get("node_id")
+        if hop is None and leader not in (None, self.node.node_id):
+            try:
+                return await self._forward(request, leader, raw, HOP_PLACE, wait, extra=extra)
+            except ApiError as error:
+                if error.code != "node_unavailable":
+                    raise
+                self.log.warn("leader {leader} unreachable: task {task_id} stays queued in "
+                              "Redis", leader=leader, task_id=task_id)
+        return await self._enqueue(request, task_request, raw, task_id, key)
+
+    async def _start_claimed(self, request: Request, task_request: TaskRequest, task_id: str,
+                             wait: float | None) -> bytes:
+        assert self.cluster is not None
+        try:
+            task = await self.cluster.admission.start(task_request, task_id)
+        except CapacityError as error:
+            raise ApiError(error.status, error.code, error.message,
+                           {"Retry-After": str(error.retry_after)}) from None
+        except AlreadyAdmitted as error:
+            raise ApiError(409, "already_admitted", str(error)) from None
+        if self.directory is not None:
+            await self.directory.recorded(task.id)
+        return await self._answer(request, task, wait)
+
+    async def _enqueue(self, request: Request, task_request: TaskRequest, raw: bytes,
+                       task_id: str, key: str | None) -> bytes:
+        """Queue the task in Redis (202 ``queued``); the leader dispatches it."""
+        assert self.cluster is not None
+        if not task_request.queue:
+            raise ApiError(429, "no_capacity", "no node can take the task now and the "
+                           "request says queue: false", {"Retry-After": "1"})
+        if task_request.secret_env:
+            raise ApiError(429, "no_capacity", "no node can take the task now, and a task "
+                           "with secret_env is not queued across the cluster (its values "
+                           "are never stored); retry later", {"Retry-After": "1"})
+        body = json.loads(raw)
+        record = {
+            "id": task_id,
+            "request": {k: v for k, v in body.items() if k not in _UNQUEUED_FIELDS},
+            "priority": task_request.priority,
+            "group": task_request.group or "default",
+            "created_at": self.node.reactor.seconds(),
+            "queue_timeout": task_request.queue_timeout or self.node.config.queue_timeout,
+            "entered_on": self.node.node_id,
+            "idempotency_key": key,
+        }
+        queued = await self.cluster.backend.enqueue(task_id, record)
+        self.cluster.dispatcher.wake()
+        if not queued:  # admitted meanwhile (a slow leader placed it): say where it is
+            return await self._answer_known(request, task_id, task_request, raw)
+        task = self._record_task(record)
+        position = await self.cluster.backend.position(task_id)
+        return render_json(request, self._task_json(task, position), 202)
+
+    async def _answer_known(self, request: Request, task_id: str, task_request: TaskRequest,
+                            raw: bytes) -> bytes:
+        """The task an earlier submit made (same Idempotency-Key), from any node."""
+        assert self.cluster is not None
+        owner = await self._owner(request, task_id)
+        if owner is not None:
+            try:
+                reply = await self._ask(request, owner, None, HOP_RUN, method=b"GET",
+                                        path=f"/task/{task_id}".encode())
+            except ApiError:
+                pass
+            else:
+                if reply.status == 200:
+                    request.setResponseCode(200)
+                    request.setHeader(b"Content-Type", b"application/json")
+                    return reply.body
+        try:
+            task = await self._find_task(task_id)
+        except ApiError:
+            # Its first submit is still on its way: the id is all that is known yet.
+            task = self.node.executor.new_task(task_request, task_id=task_id)
+            return render_json(request, self._task_json(task), 202)
+        return render_json(request, self._task_json(task), 200 if task.state.terminal
+                           else 202)
+
     async def _run_here(self, request: Request, task_request: Any, wait: float | None,
                         attempt: int = 1, retry_of: str | None = None,
                         key: str | None = None, queueable: bool = False) -> bytes:
@@ -511,16 +698,19 @@ class TaskApi:
 
     async def _place(self, request: Request, task_request: Any, raw: bytes,
                      wait: float | None, key: str | None = None,
-                     queueable: bool = False) -> bytes:
+                     queueable: bool = False, task_id: str | None = None) -> bytes:
         """As leader: try nodes best first; a node that refuses or fails is skipped.
 
         Without Redis, a task no node can start now waits in this node's queue when
         this node has its labels (queueing across a Redis cluster: next increment)."""
         assert self.placement is not None
         refusals = []
+        extra = {TASK_ID_HEADER: task_id.encode()} if task_id is not None else None
         for node_id in self.placement.choose(task_request.labels):
             if node_id == self.node.node_id:
                 try:
+                    if task_id is not None:
+                        return await self._start_claimed(request, task_request, task_id, wait)
                     return await self._run_here(request, task_request, wait, key=key)
                 except ApiError as error:
                     if error.status not in (429, 503):
@@ -529,7 +719,7 @@ class TaskApi:
                     continue
             try:
                 reply = await self._ask(request, node_id, raw, HOP_RUN, wait,
-                                        token=self.node.elector.token)
+                                        token=self.node.elector.token, extra=extra)
             except ApiError as error:
                 refusals.append(f"{node_id}: {error.message}")
                 continue
@@ -544,6 +734,8 @@ class TaskApi:
             if reply.status == 202:  # still running there: count it until announced
                 self.placement.placed(node_id)
             return self._relay(request, reply)
+        if self.cluster is not None and task_id is not None:
+            return await self._enqueue(request, task_request, raw, task_id, key)
         labels = task_request.labels
         local_labels = self.node.config.labels
         if queueable and all(local_labels.get(k) == v for k, v in labels.items()):
@@ -614,19 +806,24 @@ class TaskApi:
                            "longer leads")
 
     async def _forward(self, request: Request, node_id: str, body: bytes | None, hop: bytes,
-                       wait: float | None = None, token: int | None = None) -> bytes:
+                       wait: float | None = None, token: int | None = None,
+                       extra: dict[bytes, bytes] | None = None) -> bytes:
         """Send this request to a peer and answer with its reply, status and all."""
-        return self._relay(request, await self._ask(request, node_id, body, hop, wait, token))
+        return self._relay(request, await self._ask(request, node_id, body, hop, wait, token,
+                                                    extra))
 
     async def _ask(self, request: Request, node_id: str, body: bytes | None, hop: bytes,
-                   wait: float | None = None, token: int | None = None) -> PeerReply:
+                   wait: float | None = None, token: int | None = None,
+                   extra: dict[bytes, bytes] | None = None, method: bytes | None = None,
+                   path: bytes | None = None) -> PeerReply:
         if self.peers is None:
             raise ApiError(503, "node_unavailable", f"node {node_id} is not reachable")
-        headers = {FORWARDED_HEADER: hop, b"Content-Type": b"application/json"}
+        headers = {FORWARDED_HEADER: hop, b"Content-Type": b"application/json", **(extra or {})}
         if token is not None:
             headers[TOKEN_HEADER] = str(token).encode()
         try:
-            reply = await self.peers.request(node_id, request.method, request.uri, body,
+            reply = await self.peers.request(node_id, method or request.method,
+                                             path or request.uri, body,
                                              headers, timeout=(wait or 0) + 30)
         except PeerUnavailable as error:
             raise ApiError(503, "node_unavailable", str(error), {"Retry-After": "1"}) from None
@@ -638,6 +835,22 @@ class TaskApi:
         for name, value in reply.headers.items():
             request.setHeader(name, value)
         return reply.body
+
+    async def _owner(self, request: Request, task_id: str) -> str | None:
+        """The node to forward a task's request to, or None to answer here. In a Redis
+        cluster the node that claimed the id runs it, whichever node the id names."""
+        owner = self._remote_owner(request, task_id)
+        if self.cluster is None or request.getHeader(FORWARDED_HEADER) \
+                or self._live_task(task_id) is not None:
+            return owner
+        entry = await self.cluster.backend.where(task_id)
+        if entry is None:
+            return owner
+        if entry.node is None or entry.node == self.node.node_id:
+            return None  # queued or ended in Redis, or ours: answered here
+        if self.peers is not None and self.peers.knows(entry.node):
+            return entry.node
+        return owner
 
     def _remote_owner(self, request: Request, task_id: str) -> str | None:
         """The owner's node id when it is another node and this is not a forwarded call."""
@@ -702,7 +915,7 @@ class TaskApi:
     @app.route("/task/<task_id>", methods=["GET"])
     async def task(self, request: Request, task_id: str) -> bytes:
         self._authorize(request)
-        owner = self._remote_owner(request, task_id)
+        owner = await self._owner(request, task_id)
         if owner is not None:
             try:
                 return await self._forward(request, owner, None, HOP_RUN,
@@ -744,7 +957,7 @@ class TaskApi:
     @app.route("/task/<task_id>/output", methods=["GET"])
     async def output(self, request: Request, task_id: str) -> bytes:
         self._authorize(request)
-        owner = self._remote_owner(request, task_id)
+        owner = await self._owner(request, task_id)
         if owner is not None:
             return await self._forward(request, owner, None, HOP_RUN,
                                        _query_number(request, "wait", 0, MAX_WAIT))
@@ -783,7 +996,7 @@ class TaskApi:
     @app.route("/task/<task_id>/cancel", methods=["POST"])
     async def cancel(self, request: Request, task_id: str) -> bytes:
         self._authorize(request)
-        owner = self._remote_owner(request, task_id)
+        owner = await self._owner(request, task_id)
         if owner is not None:
             return await self._forward(request, owner, b"", HOP_RUN,
                                        _query_number(request, "wait", 0, MAX_WAIT))
@@ -793,6 +1006,16 @@ class TaskApi:
             raise ApiError(409, "task_finished",
                            f"task {task_id} already ended ({task.state.value})")
         waiter = self._scheduler.when_finished(task_id)
+        if waiter is None and self.cluster is not None and task.state is TaskState.QUEUED:
+            # Queued in Redis: ended there at once, unless a node claimed it meanwhile.
+            now = self.node.reactor.seconds()
+            if await self.cluster.backend.end_queued(task_id, "cancelled",
+                                                     "cancelled by request", now):
+                task.state, task.reason, task.finished_at = (TaskState.CANCELLED,
+                                                             "cancelled by request", now)
+                return render_json(request, self._task_json(task), 200)
+            raise ApiError(409, "task_started", f"task {task_id} left the queue meanwhile; "
+                           "cancel it again")
         self._scheduler.cancel(task_id)
         finished = await _wait_for(waiter, wait, self.node.reactor)
         if finished is not None or task.state.terminal:  # a queued task ends at once
@@ -886,7 +1109,7 @@ class TaskApi:
     async def artifacts(self, request: Request, task_id: str) -> bytes:
         """The files a task left that matched its ``artifacts`` globs (from any node)."""
         self._authorize(request)
-        owner = self._remote_owner(request, task_id)
+        owner = await self._owner(request, task_id)
         if owner is not None:
             return await self._forward(request, owner, None, HOP_RUN)
         listing = await self._artifact_listing(request, task_id)
@@ -896,7 +1119,7 @@ class TaskApi:
     async def artifact(self, request: Request, task_id: str, path: str) -> Any:
         """One artifact's bytes."""
         self._authorize(request)
-        owner = self._remote_owner(request, task_id)
+        owner = await self._owner(request, task_id)
         if owner is not None:
             return await self._forward(request, owner, None, HOP_RUN)
         listing = await self._artifact_listing(request, task_id)

@@ -370,13 +370,46 @@ PATHS: dict[str, Any] = {
         "responses": {
             **_TASK_RESPONSES,
             "400": _error("bad JSON or a bad field; the message names the field"),
-            "409": _error("placement with a stale leader token"),
+            "409": _error("placement with a stale leader token, or (with Redis) "
+                          "`already_admitted`: the task id was started before"),
             "413": _error("body larger than max_body"),
             "415": _error("Content-Type is not application/json"),
             "422": _error("`unschedulable`: no known node has the labels the task asks for"),
             "429": _error("no free slot and `queue: false`, or (with Redis) no node of the "
                           "cluster has one", retry_after=True),
             "503": _error("the host is overloaded or the chosen node is unreachable",
+                          retry_after=True),
+        },
+    })},
+    "/internal/dispatch": {"post": _secured({
+        "summary": "Internal, node to node: the leader starts a queued task on this node",
+        "description": "Not for clients. Sent by the leader of a Redis cluster with its "
+                       "fencing token; the node claims the task id in Redis first, so a "
+                       "task never starts twice. Refused on nodes without Redis (404).",
+        "x-internal": True,
+        "tags": ["internal"],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False,
+            "required": ["version", "task"],
+            "properties": {
+                "version": {"const": 1},
+                "token": {"type": ["integer", "null"],
+                          "description": "the dispatching leader's fencing token"},
+                "task": {"type": "object", "required": ["id", "request"],
+                         "description": "the queued record: id, request (TaskRequest "
+                                        "without secret_env), priority, group, "
+                                        "created_at, queue_timeout, entered_on"},
+            }}}}},
+        "responses": {
+            "202": _json(_ref("Task"), "claimed and started here"),
+            "400": _error("a malformed dispatch body"),
+            "404": _error("this node has no cluster queue (no Redis)"),
+            "409": _error("`stale_leader_token`, or `already_admitted`: the id was "
+                          "claimed before"),
+            "413": _error("body larger than max_body"),
+            "415": _error("Content-Type is not application/json"),
+            "429": _error("no free slot", retry_after=True),
+            "503": _error("the node is starting, shutting down or overloaded",
                           retry_after=True),
         },
     })},

@@ -5,15 +5,15 @@ keeps the old 429). Dispatch order: higher ``priority`` first; within one priori
 groups take turns (deficit round robin where every start costs its group one turn), so a
 group of 200 tasks and a group of 1 interleave; first in, first out within a group.
 Queued tasks are records in the node's store (state ``queued``), so they survive an
-agent restart. This increment schedules the local node only: a cluster with Redis still
-places through the leader (``TaskApi._place``) and answers 429 when the pool is full.
+agent restart. A cluster with Redis queues in Redis instead (``cluster_queue.py``), sharing
+the :class:`FairQueue` order; there this service only starts tasks (``admit``).
 """
 
 from __future__ import annotations
 
 import collections
 import heapq
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -60,6 +60,9 @@ class LocalExecutor(Protocol):
     state_listeners: list[Callable[[Task], None]]
 
     def check_capacity(self) -> None: ...
+
+    @property
+    def free_slots(self) -> int: ...
 
     def new_task(self, request: TaskRequest, *, task_id: str | None = None,
                  attempt: int = 1, retry_of: str | None = None) -> Task: ...
@@ -294,6 +297,7 @@ class Scheduler(service.Service):
         self._seq = 0
         self._keys: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self._retry: DelayedCall | None = None
+        self._claiming = 0  # slots held by ``admit`` while its claim is on its way
         self.recovered = False
         self.started_total = 0
         self.rejected_total = 0
@@ -376,6 +380,29 @@ class Scheduler(service.Service):
             self._executor.check_capacity()  # refuse as before if it is full
             return await self._start(task, request.secret_env)
         return await self._queue_task(task, dict(request.secret_env))
+
+    async def admit(self, request: TaskRequest, task_id: str,
+                    claim: Callable[[Task], Awaitable[None]], *,
+                    created_at: float | None = None) -> Task:
+        """Start now a task whose id was given where it entered the cluster, once ``claim``
+        (exactly-once, in Redis) succeeds; CapacityError when there is no room.
+
+        A slot is held while the claim is on its way, so two claims never share one."""
+        if not self.recovered:
+            raise CapacityError(503, "starting", "the node is still starting", 1)
+        self._executor.check_capacity()
+        if self._claiming >= self._executor.free_slots or self._queue:
+            raise CapacityError(429, "no_free_slots", "every task slot is taken or promised",
+                                1)
+        task = self._executor.new_task(request, task_id=task_id)
+        if created_at is not None:
+            task.created_at = created_at
+        self._claiming += 1
+        try:
+            await claim(task)
+        finally:
+            self._claiming -= 1
+        return await self._start(task, request.secret_env)
 
     async def idempotent(self, key: str) -> Task | None:
         """The task an earlier submit with ``key`` made here within the last 24 h."""

@@ -24,6 +24,12 @@ from oxide_cluster import logs
 from oxide_cluster.api import ApiRequest, TaskApi
 from oxide_cluster.cas import BlobStore
 from oxide_cluster.cgroups import CgroupUnavailable, describe_isolation, detect
+from oxide_cluster.cluster_queue import (
+    ClusterAdmission,
+    ClusterDispatcher,
+    ClusterQueue,
+    RedisQueueBackend,
+)
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
@@ -42,8 +48,9 @@ from oxide_cluster.identity import (
     resolve_secret,
 )
 from oxide_cluster.metrics import MeteredSite
+from oxide_cluster.model import Task, parse_task_request
 from oxide_cluster.node import Node
-from oxide_cluster.placement import Placement
+from oxide_cluster.placement import Candidate, Placement
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.scheduler import LabelBook, Scheduler
 from oxide_cluster.stats import StatsSampler
@@ -351,15 +358,18 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         workspaces.source = PeerBlobs(
             peers, lambda: [peer.node_id for peer in membership.healthy()])
     directory = None
+    cluster = None
     if config.redis:
-        directory = TaskDirectory(RedisLockBackend(reactor, RedisAddress.parse(config.redis)),
-                                  config.cluster_name)
+        redis = RedisLockBackend(reactor, RedisAddress.parse(config.redis))
+        directory = TaskDirectory(redis, config.cluster_name)
         executor.state_listeners.append(directory.task_changed)
         reactor.callWhenRunning(directory.connect)
         reactor.addSystemEventTrigger("after", "shutdown", directory.close)
+        cluster = _cluster_queue(reactor, config, node, scheduler, redis, peers, placement)
+        cluster.dispatcher.setServiceParent(top)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   peers=peers, placement=placement, directory=directory,
-                  workspaces=workspaces, scheduler=scheduler)
+                  workspaces=workspaces, scheduler=scheduler, cluster=cluster)
     if directory is not None and node.discovery is not None:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
@@ -377,6 +387,38 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     listener = HttpListener(endpoint, site, scheme, node.ip_address or node.hostname)
     top.add_listener(listener, BindOption("listen", config.listen, "--listen port"))
     return top, node
+
+
+def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Scheduler,
+                   redis: RedisLockBackend, peers: PeerClient | None,
+                   placement: Placement | None) -> ClusterQueue:
+    """The queue of a Redis cluster (``cluster_queue.py``): records in Redis, the
+    leader's dispatch loop, exactly-once admission on every node."""
+    backend = RedisQueueBackend(redis, config.cluster_name)
+    elector = node.elector
+    admission = ClusterAdmission(
+        node.node_id, backend, scheduler,
+        parse=lambda fields: parse_task_request(fields, config.max_timeout),
+        peers=peers, token=lambda: elector.token, observe_token=elector.observe_token)
+
+    def candidates() -> list[Candidate]:
+        if placement is not None:
+            return placement.candidates()
+        stats = node.stats()
+        return [Candidate(node.node_id, stats["free_slots"], stats["cpu_percent"],
+                          stats["memory_percent"], config.labels)]
+
+    dispatcher = ClusterDispatcher(
+        reactor, backend, is_leader=lambda: bool(elector.is_leader), candidates=candidates,
+        send=admission.send,
+        placed=placement.placed if placement is not None else (lambda node_id: None),
+        default_queue_timeout=config.queue_timeout)
+
+    def slot_freed(task: Task) -> None:
+        if task.state.terminal:
+            dispatcher.wake()
+    node.executor.state_listeners.append(slot_freed)
+    return ClusterQueue(backend, admission, dispatcher)
 
 
 def _peer_labels(node: Node) -> list[dict[str, str]]:

@@ -1,0 +1,540 @@
+"""The queue of a Redis cluster: queued tasks live in Redis, the leader dispatches them.
+
+Where a request enters, the node gives the task its id (``<ms><random>-<entering node>``)
+before any forward. When no node can start it now, the task's record is written to Redis
+in one atomic script: the hash ``oxide:{cluster}:task:{id}`` (``state`` ``queued``,
+``seq``, ``record``: the request without ``secret_env``, its priority, group, creation
+time, queue timeout, idempotency key) and the sorted set ``oxide:{cluster}:queue``
+(id scored by ``seq``, from ``INCR oxide:{cluster}:queue:seq``). Nothing about a queued
+task lives only in one process.
+
+The leader polls the sorted set for entries past the last ``seq`` it saw (one cheap
+script per poll, nothing when idle), keeps them in a :class:`FairQueue` (priority, group
+turns, FIFO: the standalone order), and sends the next task to a node with room over the
+internal route ``POST /internal/dispatch`` with its fencing token. A new leader reads the
+whole set once, then follows it the same way; the turn of the groups restarts.
+
+Exactly once: every node, before it starts a task with an id given by another node,
+*claims* the id in the same hash (``state`` → ``started``, ``node`` → itself) with a
+script that succeeds only while the task is unknown or ``queued``. A second dispatch, a
+placement by a deposed leader, or a submit a follower queued after its forward to the
+leader timed out all meet a claimed id and are refused (409 ``already_admitted``). The
+claim also says where a task runs, so ``GET /task/{id}`` finds it from any node.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.base import DelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from oxide_cluster.executor import CapacityError
+from oxide_cluster.forwarding import PeerReply, PeerUnavailable
+from oxide_cluster.model import RequestError, Task, TaskRequest
+from oxide_cluster.placement import Candidate, rank
+from oxide_cluster.scheduler import Clock, FairQueue
+
+# A claimed or queued task's hash is kept a week past its last change (GET finds it).
+RECORD_TTL = 8 * 24 * 3600
+SCAN_LIMIT = 1000
+# Tasks looked at per dispatch round (a task whose labels no node with room has is
+# skipped, not a blocker).
+DISPATCH_WINDOW = 200
+
+
+class RedisCommands(Protocol):
+    """One Redis connection (``election.RedisLockBackend``)."""
+
+    def command(self, *command: Any) -> defer.Deferred[Any]: ...
+
+
+@attrs.frozen
+class Entry:
+    """A task as Redis knows it: queued, started somewhere, or ended while queued."""
+
+    state: str
+    node: str | None
+    reason: str | None
+    finished_at: float | None
+    record: dict[str, Any] | None
+
+
+class QueueBackend(Protocol):
+    """The queue's operations; every one is a single round trip and atomic."""
+
+    def enqueue(self, task_id: str, record: Mapping[str, Any]) -> defer.Deferred[int]:
+        """Queue the task unless its id is known; its ``seq``, or 0 when it was known."""
+
+    def claim(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
+        """Mark the task started on ``node_id``: None when this call claimed it, else why not."""
+
+    def end_queued(self, task_id: str, state: str, reason: str,
+                   at: float) -> defer.Deferred[bool]:
+        """End a task still queued (cancelled, rejected); False when it is not queued."""
+
+    def scan(self, after: int, limit: int) -> defer.Deferred[list[tuple[int, str, dict[str, Any]]]]:
+        """Queued tasks with ``seq`` above ``after``: (seq, id, record), by seq."""
+
+    def where(self, task_id: str) -> defer.Deferred[Entry | None]: ...
+
+    def position(self, task_id: str) -> defer.Deferred[int | None]:
+        """1-based place in admission order (priorities and groups not counted)."""
+
+    def hold_key(self, key: str, task_id: str, ttl: float) -> defer.Deferred[str]:
+        """The task id an ``Idempotency-Key`` names: ``task_id`` if this call set it."""
+
+
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'seq', seq, 'record', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+return seq
+"""
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == false or state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'started', 'node', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 'ok'
+end
+return state .. ' ' .. (redis.call('HGET', KEYS[1], 'node') or '')
+"""
+_END_QUEUED = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'reason', ARGV[3], 'finished', ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+_SCAN = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+                       'LIMIT', 0, ARGV[2])
+local out = {}
+for i = 1, #ids, 2 do
+  out[#out + 1] = ids[i]
+  out[#out + 1] = ids[i + 1]
+  out[#out + 1] = redis.call('HGET', ARGV[3] .. ids[i], 'record') or ''
+end
+return out
+"""
+_HOLD_KEY = """
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisQueueBackend:
+    """:class:`QueueBackend` on Lua scripts (one round trip each, atomic)."""
+
+    def __init__(self, redis: RedisCommands, cluster: str) -> None:
+        self._redis = redis
+        self._prefix = f"oxide:{cluster}"
+        self.queue_key = f"{self._prefix}:queue"
+
+    def task_key(self, task_id: str) -> str:
+        return f"{self._prefix}:task:{task_id}"
+
+    def enqueue(self, task_id: str, record: Mapping[str, Any]) -> defer.Deferred[int]:
+        reply = self._redis.command("EVAL", _ENQUEUE, 3, self.task_key(task_id), self.queue_key,
+                                    self.queue_key + ":seq", task_id,
+                                    json.dumps(record, separators=(",", ":")), RECORD_TTL)
+        return reply.addCallback(lambda seq: int(seq))
+
+    def claim(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
+        reply = self._redis.command("EVAL", _CLAIM, 2, self.task_key(task_id), self.queue_key,
+                                    task_id, node_id, RECORD_TTL)
+        return reply.addCallback(lambda why: None if _text(why) == "ok" else _text(why))
+
+    def end_queued(self, task_id: str, state: str, reason: str,
+                   at: float) -> defer.Deferred[bool]:
+        reply = self._redis.command("EVAL", _END_QUEUED, 2, self.task_key(task_id),
+                                    self.queue_key, task_id, state, reason, repr(at))
+        return reply.addCallback(lambda ended: bool(int(ended)))
+
+    def scan(self, after: int, limit: int) -> defer.Deferred[list[tuple[int, str, dict[str, Any]]]]:
+        def parse(flat: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
+            found = []
+            for index in range(0, len(flat or []), 3):
+                task_id, seq, record = (_text(item) for item in flat[index:index + 3])
+                if task_id and seq and record:
+                    found.append((int(float(seq)), task_id, json.loads(record)))
+            return found
+        reply = self._redis.command("EVAL", _SCAN, 1, self.queue_key, after, limit,
+                                    self._prefix + ":task:")
+        return reply.addCallback(parse)
+
+    def where(self, task_id: str) -> defer.Deferred[Entry | None]:
+        def parse(values: list[Any]) -> Entry | None:
+            state, node, reason, finished, record = (_text(v) for v in values)
+            if state is None:
+                return None
+            return Entry(state, node or None, reason,
+                         float(finished) if finished else None,
+                         json.loads(record) if record else None)
+        reply = self._redis.command("HMGET", self.task_key(task_id), "state", "node", "reason",
+                                    "finished", "record")
+        return reply.addCallback(parse)
+
+    def position(self, task_id: str) -> defer.Deferred[int | None]:
+        reply = self._redis.command("ZRANK", self.queue_key, task_id)
+        return reply.addCallback(lambda rank_: None if rank_ is None else int(rank_) + 1)
+
+    def hold_key(self, key: str, task_id: str, ttl: float) -> defer.Deferred[str]:
+        reply = self._redis.command("EVAL", _HOLD_KEY, 1, f"{self._prefix}:idem:{key}",
+                                    task_id, int(ttl))
+        return reply.addCallback(lambda held: _text(held) or task_id)
+
+
+class Outcome(enum.Enum):
+    """What became of one dispatch."""
+
+    STARTED = "started"   # the node claimed and started it
+    BUSY = "busy"         # the node had no room or did not answer: queue it again
+    GONE = "gone"         # claimed elsewhere, cancelled or rejected: forget it
+    DEPOSED = "deposed"   # the node knows a newer leader: stop dispatching
+
+
+def record_labels(record: Mapping[str, Any]) -> dict[str, str]:
+    labels = record.get("request", {}).get("labels") or {}
+    return dict(labels) if isinstance(labels, dict) else {}
+
+
+class ClusterDispatcher(service.Service):
+    """The leader's loop: follow the queue in Redis, expire, dispatch where there is room.
+
+    Every node runs it; it acts only while ``is_leader()`` holds, and forgets its view of
+    the queue the moment it does not (a later term reads Redis afresh).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Clock, backend: QueueBackend, *,
+                 is_leader: Callable[[], bool],
+                 candidates: Callable[[], list[Candidate]],
+                 send: Callable[[str, dict[str, Any]], defer.Deferred[Outcome]],
+                 placed: Callable[[str], None] = lambda node_id: None,
+                 default_queue_timeout: float = 3600.0, interval: float = 0.1) -> None:
+        self._reactor = reactor
+        self._backend = backend
+        self._is_leader = is_leader
+        self._candidates = candidates
+        self._send = send
+        self._placed = placed
+        self._default_timeout = default_queue_timeout
+        self._interval = interval
+        self._call: DelayedCall | None = None
+        self._stepping = False
+        self._reset()
+        self.dispatched = 0
+        self.rejected = 0
+
+    def _reset(self) -> None:
+        self._queue = FairQueue()
+        self._records: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._in_flight: set[str] = set()
+        self._deadlines: list[tuple[float, str]] = []
+        self._after = -1
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def ordered(self, limit: int | None = None) -> list[str]:
+        """Queued ids in the leader's dispatch order (empty on a follower)."""
+        return list(self._queue.ordered(limit))
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule(0)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return defer.succeed(None)
+
+    def wake(self) -> None:
+        """Look at the queue now (a task was queued or a slot freed here)."""
+        if self.running and not self._stepping:
+            self._schedule(0)
+
+    def _schedule(self, delay: float) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = self._reactor.callLater(delay, self._tick) if self.running else None
+
+    def _tick(self) -> None:
+        self._call = None
+        self._stepping = True
+        step = defer.Deferred.fromCoroutine(self.step())
+
+        def failed(failure: Failure) -> None:
+            self.log.warn("cluster queue: a dispatch round failed: {error}",
+                          error=failure.getErrorMessage())
+
+        def again(_: object) -> None:
+            self._stepping = False
+            if self._call is None:
+                self._schedule(self._interval)
+        step.addErrback(failed)
+        step.addBoth(again)
+
+    # -- one round -----------------------------------------------------------------------
+
+    async def step(self) -> None:
+        """Read new queue entries, reject the expired, dispatch what fits."""
+        if not self._is_leader():
+            if self._records or self._after >= 0:
+                self._reset()
+            return
+        entries = await self._backend.scan(self._after, SCAN_LIMIT)
+        if not self._is_leader():
+            self._reset()
+            return
+        for seq, task_id, record in entries:
+            self._after = max(self._after, seq)
+            if task_id not in self._records and task_id not in self._in_flight:
+                self._push(seq, task_id, record)
+        await self._expire()
+        self._dispatch()
+
+    def _push(self, seq: int, task_id: str, record: dict[str, Any]) -> None:
+        self._records[task_id] = (seq, record)
+        self._queue.push(task_id, int(record.get("priority") or 0),
+                         str(record.get("group") or "default"), seq)
+        deadline = float(record.get("created_at") or 0.0) + float(
+            record.get("queue_timeout") or self._default_timeout)
+        heapq.heappush(self._deadlines, (deadline, task_id))
+
+    async def _expire(self) -> None:
+        now = self._reactor.seconds()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, task_id = heapq.heappop(self._deadlines)
+            found = self._records.get(task_id)
+            if found is None or task_id in self._in_flight:
+                continue
+            self._queue.remove(task_id)
+            del self._records[task_id]
+            record = found[1]
+            timeout = float(record.get("queue_timeout") or self._default_timeout)
+            waited = now - float(record.get("created_at") or now)
+            reason = (f"waited {waited:.0f}s in the queue without a free slot "
+                      f"(queue_timeout {timeout:g}s)")
+            if await self._backend.end_queued(task_id, "rejected", reason, now):
+                self.rejected += 1
+
+    def _dispatch(self) -> None:
+        room = {c.node_id: c for c in self._candidates() if c.free_slots > 0}
+        while room and self._queue:
+            chosen = self._choose(room)
+            if chosen is None:
+                return  # no queued task fits a node with room
+            task_id, best, first = chosen
+            if best.free_slots <= 1:
+                del room[best.node_id]
+            else:
+                room[best.node_id] = attrs.evolve(best, free_slots=best.free_slots - 1)
+            if first:
+                self._queue.pop()  # the head: its group's turn is spent
+            else:
+                self._queue.remove(task_id)
+            seq, record = self._records[task_id]
+            self._in_flight.add(task_id)
+            self._placed(best.node_id)
+            sent = self._send(best.node_id, record)
+            sent.addErrback(self._send_failed, task_id)
+            sent.addCallback(self._sent, task_id, seq, record)
+
+    def _choose(self, room: Mapping[str, Candidate]) -> tuple[str, Candidate, bool] | None:
+        """The first task in dispatch order that some node with room can take."""
+        for index, task_id in enumerate(self._queue.ordered(DISPATCH_WINDOW)):
+            ranked = rank(room.values(), record_labels(self._records[task_id][1]))
+            if ranked:
+                return task_id, ranked[0], index == 0
+        return None
+
+    def _send_failed(self, failure: Failure, task_id: str) -> Outcome:
+        self.log.warn("dispatch of task {task_id} failed: {error}", task_id=task_id,
+                      error=failure.getErrorMessage())
+        return Outcome.BUSY
+
+    def _sent(self, outcome: Outcome, task_id: str, seq: int, record: dict[str, Any]) -> None:
+        self._in_flight.discard(task_id)
+        if outcome is Outcome.BUSY and task_id in self._records and self._is_leader():
+            self._queue.push(task_id, int(record.get("priority") or 0),
+                             str(record.get("group") or "default"), seq)
+            deadline = float(record.get("created_at") or 0.0) + float(
+                record.get("queue_timeout") or self._default_timeout)
+            heapq.heappush(self._deadlines, (deadline, task_id))
+            return
+        self._records.pop(task_id, None)
+        if outcome is Outcome.STARTED:
+            self.dispatched += 1
+        elif outcome is Outcome.DEPOSED:
+            self._reset()
+
+
+# -- admission on the node that runs the task ------------------------------------------------
+
+
+class AlreadyAdmitted(Exception):
+    """The id was claimed before (started somewhere, or ended while queued)."""
+
+    def __init__(self, task_id: str, why: str) -> None:
+        state, _, node = why.partition(" ")
+        where = f" on node {node}" if node else ""
+        super().__init__(f"task {task_id} was admitted before ({state}{where}); "
+                         "it is never started twice")
+        self.state = state
+        self.node = node or None
+
+
+class StaleToken(Exception):
+    """A dispatch from a leader older than one this node has seen."""
+
+
+class Admitter(Protocol):
+    """What admission needs from the node's scheduler (``Scheduler.admit``)."""
+
+    async def admit(self, request: TaskRequest, task_id: str,
+                    claim: Callable[[Task], Awaitable[None]], *,
+                    created_at: float | None = None) -> Task: ...
+
+
+class PeerRequester(Protocol):
+    """``forwarding.PeerClient``."""
+
+    async def request(self, node_id: str, method: bytes, path: bytes, body: bytes | None = None,
+                      headers: dict[bytes, bytes] | None = None,
+                      timeout: float | None = None) -> PeerReply: ...
+
+
+def dispatch_body(record: Mapping[str, Any], token: int | None) -> dict[str, Any]:
+    """The JSON body of ``POST /internal/dispatch`` (version 1)."""
+    return {"version": 1, "token": token, "task": dict(record)}
+
+
+def parse_dispatch(body: Any) -> tuple[int | None, dict[str, Any]]:
+    """(token, record) of a dispatch body; RequestError naming what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("body", "must be a JSON object")
+    unknown = sorted(set(body) - {"version", "token", "task"})
+    if unknown:
+        raise RequestError(unknown[0], "unknown field")
+    if body.get("version") != 1:
+        raise RequestError("version", "must be 1")
+    token = body.get("token")
+    if token is not None and (isinstance(token, bool) or not isinstance(token, int)):
+        raise RequestError("token", "must be a whole number or null")
+    record = body.get("task")
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str) \
+            or not isinstance(record.get("request"), dict):
+        raise RequestError("task", "must be a task record with an id and a request")
+    created = record.get("created_at")
+    if created is not None and (isinstance(created, bool)
+                                or not isinstance(created, int | float)):
+        raise RequestError("task.created_at", "must be a number")
+    return token, record
+
+
+class ClusterAdmission:
+    """Start tasks whose id another node gave, exactly once; send queued tasks to nodes."""
+
+    log = Logger()
+
+    def __init__(self, node_id: str, backend: QueueBackend, scheduler: Admitter, *,
+                 parse: Callable[[dict[str, Any]], TaskRequest],
+                 peers: PeerRequester | None,
+                 token: Callable[[], int | None],
+                 observe_token: Callable[[int], bool]) -> None:
+        self._node_id = node_id
+        self._backend = backend
+        self._scheduler = scheduler
+        self._parse = parse
+        self._peers = peers
+        self._token = token
+        self._observe_token = observe_token
+
+    async def claim(self, task: Task) -> None:
+        why = await self._backend.claim(task.id, self._node_id)
+        if why is not None:
+            raise AlreadyAdmitted(task.id, why)
+
+    async def start(self, request: TaskRequest, task_id: str,
+                    created_at: float | None = None) -> Task:
+        """Claim the id, then start it here (CapacityError, AlreadyAdmitted)."""
+        return await self._scheduler.admit(request, task_id, self.claim, created_at=created_at)
+
+    async def dispatched(self, token: int | None, record: Mapping[str, Any]) -> Task:
+        """A leader's dispatch of a queued task (the body of ``/internal/dispatch``)."""
+        if token is not None and not self._observe_token(token):
+            raise StaleToken(f"dispatch by leader token {token}, but a newer leader is known")
+        request = self._parse(dict(record["request"]))
+        created = record.get("created_at")
+        return await self.start(request, str(record["id"]),
+                                float(created) if created is not None else None)
+
+    def send(self, node_id: str, record: dict[str, Any]) -> defer.Deferred[Outcome]:
+        """The leader's dispatch of one queued task to ``node_id`` (this node included)."""
+        return defer.Deferred.fromCoroutine(self._send(node_id, record))
+
+    async def _send(self, node_id: str, record: dict[str, Any]) -> Outcome:
+        if node_id == self._node_id:
+            try:
+                await self.dispatched(None, record)
+            except CapacityError:
+                return Outcome.BUSY
+            except (AlreadyAdmitted, RequestError) as error:
+                self.log.info("queued task {task_id} not started: {error}",
+                              task_id=record.get("id"), error=error)
+                return Outcome.GONE
+            return Outcome.STARTED
+        if self._peers is None:
+            return Outcome.BUSY
+        body = json.dumps(dispatch_body(record, self._token()), separators=(",", ":"))
+        try:
+            reply = await self._peers.request(node_id, b"POST", b"/internal/dispatch",
+                                              body.encode(),
+                                              {b"Content-Type": b"application/json"},
+                                              timeout=10)
+        except PeerUnavailable:
+            return Outcome.BUSY  # a lost reply is safe: the id is claimed once at most
+        if reply.status in (200, 202):
+            return Outcome.STARTED
+        if reply.status == 409 and b"stale_leader_token" in reply.body:
+            return Outcome.DEPOSED
+        if reply.status in (400, 409):
+            self.log.info("queued task {task_id} refused by {node_id}: {body}",
+                          task_id=record.get("id"), node_id=node_id, body=reply.body[:200])
+            return Outcome.GONE
+        return Outcome.BUSY
+
+
+@attrs.define
+class ClusterQueue:
+    """The three parts the API uses: Redis operations, admission, the leader's loop."""
+
+    backend: QueueBackend
+    admission: ClusterAdmission
+    dispatcher: ClusterDispatcher

@@ -1,0 +1,147 @@
+"""Queueing across a Redis cluster: real twistd nodes on loopback and a real redis-server.
+
+Each task appends its id to a marker file when it starts, so a second run of any task
+shows up as a repeated line.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_node import task_processes
+from tests.redis_server import RedisServer
+from tests.support import AgentProcess, loopback_cluster, poll_until, start_meshed, stop_all
+
+TERMINAL = {"succeeded", "failed", "cancelled", "timed_out", "lost", "rejected"}
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_cluster(tmp_path, redis, request):
+    made: list[AgentProcess] = []
+    submitted: list[str] = []
+
+    def make(count: int) -> list[AgentProcess]:
+        nodes = loopback_cluster(tmp_path, count, ("--redis", redis.url, "--max-tasks", "1"))
+        made.extend(nodes)
+        start_meshed(nodes)
+        poll_until(lambda: any(n.get("/api/cluster/leader").json()["node_id"] == node_id(n)
+                               for n in nodes), timeout=20, message="a node that leads")
+        return nodes
+
+    yield make, submitted
+    report = getattr(request.node, "rep_call", None)
+    stop_all(made, report is not None and report.failed)
+    for task_id in submitted:
+        for process in task_processes(task_id):
+            process.kill()
+
+
+def node_id(node: AgentProcess) -> str:
+    return node.get("/health").json()["node_id"]
+
+
+def leader_of(nodes: list[AgentProcess]) -> AgentProcess:
+    leader = nodes[0].get("/api/cluster/leader").json()["node_id"]
+    return next(node for node in nodes if node_id(node) == leader)
+
+
+def marked_task(marks: Path, seconds: float = 1) -> dict:
+    script = f'echo "$OXIDE_TASK_ID" >> {marks}; sleep {seconds}'
+    return {"command": "sh", "args": ["-c", script]}
+
+
+def submit_all(node: AgentProcess, body: dict, count: int) -> list:
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: node.post("/execute", body), range(count)))
+
+
+def final_state(nodes: list[AgentProcess], task_id: str) -> dict | None:
+    for node in nodes:
+        try:
+            task = node.get(f"/task/{task_id}", timeout=5).json()
+        except OSError:
+            continue
+        if task.get("state") in TERMINAL:
+            return task
+    return None
+
+
+def test_six_tasks_via_a_follower_on_two_one_slot_nodes_queue_and_each_runs_once(
+        make_cluster, tmp_path):
+    make, submitted = make_cluster
+    nodes = make(2)
+    follower = next(node for node in nodes if node is not leader_of(nodes))
+    marks = tmp_path / "marks"
+    replies = submit_all(follower, marked_task(marks), 6)
+    assert [reply.status for reply in replies] == [202] * 6, replies
+    ids = [reply.json()["id"] for reply in replies]
+    submitted.extend(ids)
+    assert len(set(ids)) == 6
+    assert sum(reply.json()["state"] == "queued" for reply in replies) >= 4
+    ends = {task_id: poll_until(lambda t=task_id: final_state(nodes, t), timeout=60,
+                                message=f"task {task_id} to end") for task_id in ids}
+    assert {task["state"] for task in ends.values()} == {"succeeded"}, ends
+    ran = Counter(marks.read_text().split())
+    assert ran == Counter(ids)  # each exactly once
+    assert {task["node_id"] for task in ends.values()} == {node_id(n) for n in nodes}
+
+
+def test_leader_killed_while_tasks_are_queued_every_queued_task_runs_once(
+        make_cluster, tmp_path):
+    make, submitted = make_cluster
+    nodes = make(3)
+    leader = leader_of(nodes)
+    follower = next(node for node in nodes if node is not leader)
+    marks = tmp_path / "marks"
+    replies = submit_all(follower, marked_task(marks, 2), 9)
+    assert [reply.status for reply in replies] == [202] * 9, replies
+    ids = [reply.json()["id"] for reply in replies]
+    submitted.extend(ids)
+    queued = [task_id for task_id in ids
+              if follower.get(f"/task/{task_id}").json()["state"] == "queued"]
+    assert len(queued) >= 4
+    leader.kill()
+    survivors = [node for node in nodes if node is not leader]
+    poll_until(lambda: leader_of(survivors), timeout=20, message="a new leader")
+    ends = {task_id: poll_until(lambda t=task_id: final_state(survivors, t), timeout=90,
+                                message=f"task {task_id} to end") for task_id in ids}
+    ran = Counter(marks.read_text().split())
+    assert max(ran.values()) == 1, ran  # no task ran twice
+    for task_id in queued:
+        # Queued when the leader died: it still runs, once, on a surviving node.
+        assert ends[task_id]["state"] == "succeeded", ends[task_id]
+        assert ran[task_id] == 1
+    others = {ends[t]["state"] for t in ids if t not in queued}
+    assert others <= {"succeeded", "lost"}, ends
+
+
+def test_idempotency_key_on_two_nodes_names_one_task(make_cluster, tmp_path):
+    make, submitted = make_cluster
+    first, second = make(2)
+    marks = tmp_path / "marks"
+    body = marked_task(marks, 0)
+    one = first.post("/execute", body, headers={"Idempotency-Key": "ci-job-42"})
+    two = second.post("/execute", body, headers={"Idempotency-Key": "ci-job-42"})
+    assert one.status in (200, 202) and two.status in (200, 202), (one, two)
+    submitted.append(one.json()["id"])
+    assert one.json()["id"] == two.json()["id"]
+    poll_until(lambda: final_state([first, second], one.json()["id"]), timeout=30,
+               message="the task to end")
+    other = second.post("/execute", body, headers={"Idempotency-Key": "ci-job-43"})
+    assert other.json()["id"] != one.json()["id"]
+    poll_until(lambda: final_state([first, second], other.json()["id"]), timeout=30,
+               message="the other task to end")
+    assert Counter(marks.read_text().split()) == Counter([one.json()["id"],
+                                                         other.json()["id"]])
