@@ -239,12 +239,12 @@ class Load:
 
 
 def task_procs(node_ids: Sequence[str]) -> list[psutil.Process]:
-    """Live processes of tasks owned by any of ``node_ids`` (ids end with the owner)."""
+    """Live processes of tasks run by any of ``node_ids`` (the ``OXIDE_NODE_ID`` every
+    task gets; with Redis an id names the node the task entered, not the one it ran on)."""
     found = []
     for process in psutil.process_iter(["environ", "status"]):
         environ = process.info["environ"] or {}
-        task_id = environ.get("OXIDE_TASK_ID", "")
-        if task_id and any(task_id.endswith(n) for n in node_ids) and \
+        if environ.get("OXIDE_TASK_ID") and environ.get("OXIDE_NODE_ID") in node_ids and \
                 process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
@@ -261,6 +261,13 @@ def settle(load: Load, live: Sequence[OxideNode], dead_ids: Sequence[str],
     """
     final = {tid: body["state"] for tid, body in load.accepted.items()
              if body["state"] in TERMINAL}
+
+    # Where each task ran, as the latest answer says (a queued task learns its node late).
+    runner = {tid: body.get("node_id") for tid, body in load.accepted.items()}
+
+    def ran_on_dead(tid: str) -> bool:
+        return runner[tid] in dead_ids
+
     pending = [tid for tid in load.accepted if tid not in final]
     turn = [0]
 
@@ -271,9 +278,9 @@ def settle(load: Load, live: Sequence[OxideNode], dead_ids: Sequence[str],
             status, body, _ = node.agent.get(f"/task/{tid}", timeout=5)
             if status == 200 and body["state"] in TERMINAL:
                 final[tid] = body["state"]
+                runner[tid] = body["node_id"]
                 pending.remove(tid)
-            elif (status == 503 and tid not in running_at_death
-                  and any(tid.endswith(d) for d in dead_ids)
+            elif (status == 503 and tid not in running_at_death and ran_on_dead(tid)
                   and body["error"]["code"] == "node_unavailable"):
                 final[tid] = "unknown"
                 pending.remove(tid)
@@ -285,7 +292,7 @@ def settle(load: Load, live: Sequence[OxideNode], dead_ids: Sequence[str],
             status, body, _ = node.agent.get(f"/task/{tid}", timeout=5)
             assert status == 200 and body["state"] == "lost", (tid, node, status, body)
     for tid, state in final.items():
-        if any(tid.endswith(d) for d in dead_ids):
+        if ran_on_dead(tid):
             assert state in ("succeeded", "lost", "unknown"), (tid, state)
         else:
             assert state == "succeeded", (tid, state, load.accepted[tid])
