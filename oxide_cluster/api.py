@@ -867,12 +867,31 @@ class TaskApi:
         except QueueUnavailable:
             return owner  # the id names where it entered: ask there
         if entry is None:
-            return owner
+            return await self._locate(task_id, owner)
         if entry.node is None or entry.node == self.node.node_id:
             return None  # queued or ended in Redis, or ours: answered here
         if self.peers is not None and self.peers.knows(entry.node):
             return entry.node
         return owner
+
+    async def _locate(self, task_id: str, owner: str | None) -> str | None:
+        """Redis has no record of the id (it lost its data, or the id is unknown): ask this
+        node's store, then every node it knows, and write the claim back when found."""
+        assert self.cluster is not None
+        if await self._scheduler.find(task_id) is not None \
+                or self.cluster.watch.record(task_id) is not None:
+            return None
+        try:
+            holder = await self.cluster.locator.locate(task_id)
+        except LookupError:
+            return owner
+        if holder is None or holder == self.node.node_id:
+            return None
+        try:
+            await self.cluster.backend.claim(task_id, holder)
+        except QueueUnavailable:
+            pass  # found all the same; the next lookup asks again
+        return holder
 
     def _remote_owner(self, request: Request, task_id: str) -> str | None:
         """The owner's node id when it is another node and this is not a forwarded call."""

@@ -588,6 +588,7 @@ class ClusterQueue:
     admission: ClusterAdmission
     dispatcher: ClusterDispatcher
     watch: AdmittedWatch
+    locator: TaskLocator
 
 
 # -- what the entering node keeps of the tasks it queued ---------------------------------------

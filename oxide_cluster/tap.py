@@ -436,16 +436,15 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
             task.finished_at = reactor.seconds()
             return node.store.put_task(task)
 
-    watch = AdmittedWatch(reactor, backend, PeerLocator(node.node_id, scheduler.find, peers,
-                                                        known),
-                          Lost(), wake=dispatcher.wake,
+    locator = PeerLocator(node.node_id, scheduler.find, peers, known)
+    watch = AdmittedWatch(reactor, backend, locator, Lost(), wake=dispatcher.wake,
                           default_queue_timeout=config.queue_timeout)
 
     def slot_freed(task: Task) -> None:
         if task.state.terminal:
             dispatcher.wake()
     node.executor.state_listeners.append(slot_freed)
-    return ClusterQueue(backend, admission, dispatcher, watch)
+    return ClusterQueue(backend, admission, dispatcher, watch, locator)
 
 
 def _peer_labels(node: Node) -> list[dict[str, str]]:
