@@ -26,6 +26,7 @@ from oxide_cluster.cas import BlobError
 from oxide_cluster.cluster_queue import (
     AlreadyAdmitted,
     ClusterQueue,
+    QueueUnavailable,
     StaleToken,
     parse_dispatch,
 )
@@ -274,7 +275,12 @@ class TaskApi:
         if self.cluster is None:
             return None
         entry = await self.cluster.backend.where(task_id)
-        if entry is None or entry.record is None or entry.state == "started":
+        if entry is None:
+            # Queued here, and Redis lost it (restart without its data): the watch
+            # settles it; until then it is queued as far as anyone can tell.
+            record = self.cluster.watch.record(task_id)
+            return None if record is None else (self._record_task(record), None)
+        if entry.record is None or entry.state == "started":
             return None
         task = self._record_task(entry.record)
         task.state = TaskState(entry.state) if entry.state in {s.value for s in TaskState} \
@@ -336,6 +342,13 @@ class TaskApi:
         """A full disk or unwritable store: the node says so and stays up."""
         request.setHeader(b"Retry-After", b"5")
         return render_json(request, {"error": {"code": "store_unavailable",
+                                               "message": failure.getErrorMessage()}}, 503)
+
+    @app.handle_errors(QueueUnavailable)
+    def _queue_unavailable(self, request: Request, failure: Failure) -> bytes:
+        """Redis failed on the way: nothing was started or queued on a guess."""
+        request.setHeader(b"Retry-After", b"2")
+        return render_json(request, {"error": {"code": "queue_unavailable",
                                                "message": failure.getErrorMessage()}}, 503)
 
     @app.handle_errors(Exception)
@@ -639,7 +652,13 @@ class TaskApi:
             "entered_on": self.node.node_id,
             "idempotency_key": key,
         }
-        queued = await self.cluster.backend.enqueue(task_id, record)
+        self.cluster.watch.add(task_id, record)
+        try:
+            queued = await self.cluster.backend.enqueue(task_id, record)
+        except QueueUnavailable:
+            # Maybe queued after all (a reply lost): the watch ends it if so.
+            self.cluster.watch.withdraw(task_id)
+            raise
         self.cluster.dispatcher.wake()
         if not queued:  # admitted meanwhile (a slow leader placed it): say where it is
             return await self._answer_known(request, task_id, task_request, raw)
@@ -843,14 +862,36 @@ class TaskApi:
         if self.cluster is None or request.getHeader(FORWARDED_HEADER) \
                 or self._live_task(task_id) is not None:
             return owner
-        entry = await self.cluster.backend.where(task_id)
+        try:
+            entry = await self.cluster.backend.where(task_id)
+        except QueueUnavailable:
+            return owner  # the id names where it entered: ask there
         if entry is None:
-            return owner
+            return await self._locate(task_id, owner)
         if entry.node is None or entry.node == self.node.node_id:
             return None  # queued or ended in Redis, or ours: answered here
         if self.peers is not None and self.peers.knows(entry.node):
             return entry.node
         return owner
+
+    async def _locate(self, task_id: str, owner: str | None) -> str | None:
+        """Redis has no record of the id (it lost its data, or the id is unknown): ask this
+        node's store, then every node it knows, and write the claim back when found."""
+        assert self.cluster is not None
+        if await self._scheduler.find(task_id) is not None \
+                or self.cluster.watch.record(task_id) is not None:
+            return None
+        try:
+            holder = await self.cluster.locator.locate(task_id)
+        except LookupError:
+            return owner
+        if holder is None or holder == self.node.node_id:
+            return None
+        try:
+            await self.cluster.backend.claim(task_id, holder)
+        except QueueUnavailable:
+            pass  # found all the same; the next lookup asks again
+        return holder
 
     def _remote_owner(self, request: Request, task_id: str) -> str | None:
         """The owner's node id when it is another node and this is not a forwarded call."""

@@ -20,6 +20,11 @@ script that succeeds only while the task is unknown or ``queued``. A second disp
 placement by a deposed leader, or a submit a follower queued after its forward to the
 leader timed out all meet a claimed id and are refused (409 ``already_admitted``). The
 claim also says where a task runs, so ``GET /task/{id}`` finds it from any node.
+
+Redis failing on a request path raises :class:`QueueUnavailable` (the API answers 503
+``queue_unavailable``); nothing is then started or queued on a guess. Redis losing its data
+(a restart without its append-only file, FLUSHALL) is caught by the entering node's
+:class:`AdmittedWatch`: see its docstring for what becomes of the tasks it queued.
 """
 
 from __future__ import annotations
@@ -49,6 +54,17 @@ SCAN_LIMIT = 1000
 # Tasks looked at per dispatch round (a task whose labels no node with room has is
 # skipped, not a blocker).
 DISPATCH_WINDOW = 200
+
+
+class QueueUnavailable(Exception):
+    """Redis could not be reached or did not answer: nothing was decided."""
+
+
+def _unavailable(failure: Failure) -> Failure:
+    if failure.check(QueueUnavailable):
+        return failure
+    return Failure(QueueUnavailable(f"the cluster queue (Redis) is unavailable: "
+                                    f"{failure.getErrorMessage() or failure.type}"))
 
 
 class RedisCommands(Protocol):
@@ -92,6 +108,9 @@ class QueueBackend(Protocol):
     def hold_key(self, key: str, task_id: str, ttl: float) -> defer.Deferred[str]:
         """The task id an ``Idempotency-Key`` names: ``task_id`` if this call set it."""
 
+    def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
+        """Each task's ``state`` in Redis, None where Redis has no record of it."""
+
 
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -128,6 +147,11 @@ for i = 1, #ids, 2 do
 end
 return out
 """
+_STATES = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], 'state') or '' end
+return out
+"""
 _HOLD_KEY = """
 local held = redis.call('GET', KEYS[1])
 if held then return held end
@@ -153,21 +177,30 @@ class RedisQueueBackend:
     def task_key(self, task_id: str) -> str:
         return f"{self._prefix}:task:{task_id}"
 
+    def _call(self, *command: Any) -> defer.Deferred[Any]:
+        """One command; any failure (unreachable, timeout, error reply) is QueueUnavailable."""
+        try:
+            reply = self._redis.command(*command)
+        except Exception as error:  # a backend that fails before it sends
+            return defer.fail(QueueUnavailable(f"the cluster queue (Redis) is unavailable: "
+                                      f"{error}"))
+        return reply.addErrback(_unavailable)
+
     def enqueue(self, task_id: str, record: Mapping[str, Any]) -> defer.Deferred[int]:
-        reply = self._redis.command("EVAL", _ENQUEUE, 3, self.task_key(task_id), self.queue_key,
-                                    self.queue_key + ":seq", task_id,
-                                    json.dumps(record, separators=(",", ":")), RECORD_TTL)
+        reply = self._call("EVAL", _ENQUEUE, 3, self.task_key(task_id), self.queue_key,
+                           self.queue_key + ":seq", task_id,
+                           json.dumps(record, separators=(",", ":")), RECORD_TTL)
         return reply.addCallback(lambda seq: int(seq))
 
     def claim(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
-        reply = self._redis.command("EVAL", _CLAIM, 2, self.task_key(task_id), self.queue_key,
-                                    task_id, node_id, RECORD_TTL)
+        reply = self._call("EVAL", _CLAIM, 2, self.task_key(task_id), self.queue_key,
+                           task_id, node_id, RECORD_TTL)
         return reply.addCallback(lambda why: None if _text(why) == "ok" else _text(why))
 
     def end_queued(self, task_id: str, state: str, reason: str,
                    at: float) -> defer.Deferred[bool]:
-        reply = self._redis.command("EVAL", _END_QUEUED, 2, self.task_key(task_id),
-                                    self.queue_key, task_id, state, reason, repr(at))
+        reply = self._call("EVAL", _END_QUEUED, 2, self.task_key(task_id),
+                           self.queue_key, task_id, state, reason, repr(at))
         return reply.addCallback(lambda ended: bool(int(ended)))
 
     def scan(self, after: int, limit: int) -> defer.Deferred[list[tuple[int, str, dict[str, Any]]]]:
@@ -178,8 +211,8 @@ class RedisQueueBackend:
                 if task_id and seq and record:
                     found.append((int(float(seq)), task_id, json.loads(record)))
             return found
-        reply = self._redis.command("EVAL", _SCAN, 1, self.queue_key, after, limit,
-                                    self._prefix + ":task:")
+        reply = self._call("EVAL", _SCAN, 1, self.queue_key, after, limit,
+                           self._prefix + ":task:")
         return reply.addCallback(parse)
 
     def where(self, task_id: str) -> defer.Deferred[Entry | None]:
@@ -190,18 +223,25 @@ class RedisQueueBackend:
             return Entry(state, node or None, reason,
                          float(finished) if finished else None,
                          json.loads(record) if record else None)
-        reply = self._redis.command("HMGET", self.task_key(task_id), "state", "node", "reason",
-                                    "finished", "record")
+        reply = self._call("HMGET", self.task_key(task_id), "state", "node", "reason",
+                           "finished", "record")
         return reply.addCallback(parse)
 
     def position(self, task_id: str) -> defer.Deferred[int | None]:
-        reply = self._redis.command("ZRANK", self.queue_key, task_id)
+        reply = self._call("ZRANK", self.queue_key, task_id)
         return reply.addCallback(lambda rank_: None if rank_ is None else int(rank_) + 1)
 
     def hold_key(self, key: str, task_id: str, ttl: float) -> defer.Deferred[str]:
-        reply = self._redis.command("EVAL", _HOLD_KEY, 1, f"{self._prefix}:idem:{key}",
-                                    task_id, int(ttl))
+        reply = self._call("EVAL", _HOLD_KEY, 1, f"{self._prefix}:idem:{key}",
+                           task_id, int(ttl))
         return reply.addCallback(lambda held: _text(held) or task_id)
+
+    def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
+        if not task_ids:
+            return defer.succeed([])
+        reply = self._call("EVAL", _STATES, len(task_ids),
+                           *(self.task_key(task_id) for task_id in task_ids))
+        return reply.addCallback(lambda found: [_text(v) or None for v in found])
 
 
 class Outcome(enum.Enum):
@@ -232,6 +272,7 @@ class ClusterDispatcher(service.Service):
                  candidates: Callable[[], list[Candidate]],
                  send: Callable[[str, dict[str, Any]], defer.Deferred[Outcome]],
                  placed: Callable[[str], None] = lambda node_id: None,
+                 term: Callable[[], int | None] = lambda: None,
                  default_queue_timeout: float = 3600.0, interval: float = 0.1) -> None:
         self._reactor = reactor
         self._backend = backend
@@ -239,6 +280,8 @@ class ClusterDispatcher(service.Service):
         self._candidates = candidates
         self._send = send
         self._placed = placed
+        self._term = term
+        self._seen_term: int | None = None
         self._default_timeout = default_queue_timeout
         self._interval = interval
         self._call: DelayedCall | None = None
@@ -308,6 +351,12 @@ class ClusterDispatcher(service.Service):
             if self._records or self._after >= 0:
                 self._reset()
             return
+        term = self._term()
+        if term != self._seen_term:
+            # A new term reads the queue afresh: after Redis lost its data (a new epoch)
+            # the queue's seq counter starts again below what this view followed.
+            self._reset()
+            self._seen_term = term
         entries = await self._backend.scan(self._after, SCAN_LIMIT)
         if not self._is_leader():
             self._reset()
@@ -538,3 +587,214 @@ class ClusterQueue:
     backend: QueueBackend
     admission: ClusterAdmission
     dispatcher: ClusterDispatcher
+    watch: AdmittedWatch
+    locator: TaskLocator
+
+
+# -- what the entering node keeps of the tasks it queued ---------------------------------------
+
+
+class TaskLocator(Protocol):
+    """Which node, if any, knows a task (``PeerClient``-backed in ``tap.py``)."""
+
+    async def locate(self, task_id: str) -> str | None:
+        """The node that has the task (this one included); None when every known node
+        answered that it does not; :class:`QueueUnavailable`-free ``LookupError`` when
+        some node could not be asked."""
+
+
+class LostStore(Protocol):
+    """Where the entering node records a task it ends ``lost`` (``Scheduler`` / store)."""
+
+    def ended_lost(self, record: Mapping[str, Any], reason: str) -> defer.Deferred[None]: ...
+
+
+LOST_REASON = ("the cluster queue (Redis) lost this task's record while it was queued (Redis "
+               "restarted without its data or was flushed) and a node that may have started "
+               "it could not be asked; it is not run again, to never run it twice: resubmit")
+
+
+@attrs.define
+class _Watched:
+    record: dict[str, Any]
+    withdraw: bool = False          # its submit was answered 503: never run it
+    missing_since: float | None = None
+
+
+class AdmittedWatch(service.Service):
+    """The tasks this node queued in Redis, until Redis says they started or ended.
+
+    Redis may lose a queued task (restart without AOF, FLUSHALL). When a watched task's
+    hash is gone for ``grace`` seconds, this node asks every node it knows whether it has
+    the task: the one that has it (its claim was lost with the data) gets its claim
+    written back; when every node answered no, nobody started it (a claim is written
+    before a start and a started task is in its node's store), so it is queued again;
+    when some node cannot be asked, the task stays watched until its queue timeout and
+    then ends ``lost`` here with a reason (never run twice). A submit answered 503 while
+    Redis failed is *withdrawn*: ended as rejected if the queue kept it after all.
+    Kept in memory: an entering node restarted while Redis loses its data loses the watch.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Clock, backend: QueueBackend, locator: TaskLocator,
+                 lost: LostStore, *, wake: Callable[[], None] = lambda: None,
+                 default_queue_timeout: float = 3600.0, grace: float = 2.0,
+                 interval: float = 1.0) -> None:
+        self._reactor = reactor
+        self._backend = backend
+        self._locator = locator
+        self._lost = lost
+        self._wake = wake
+        self._default_timeout = default_queue_timeout
+        self._grace = grace
+        self._interval = interval
+        self._watched: dict[str, _Watched] = {}
+        self._call: DelayedCall | None = None
+        self.requeued = 0
+        self.ended_lost = 0
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._watched
+
+    def add(self, task_id: str, record: dict[str, Any]) -> None:
+        self._watched[task_id] = _Watched(dict(record))
+
+    def withdraw(self, task_id: str) -> None:
+        """Its submit failed (503): end it if Redis queued it after all."""
+        watched = self._watched.get(task_id)
+        if watched is not None:
+            watched.withdraw = True
+
+    def record(self, task_id: str) -> dict[str, Any] | None:
+        """The record of a watched task Redis does not know (now) and not withdrawn."""
+        watched = self._watched.get(task_id)
+        return None if watched is None or watched.withdraw else watched.record
+
+    def startService(self) -> None:
+        super().startService()
+        self._call = self._reactor.callLater(self._interval, self._tick)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return defer.succeed(None)
+
+    def _tick(self) -> None:
+        self._call = None
+        check = defer.Deferred.fromCoroutine(self.check())
+
+        def failed(failure: Failure) -> None:
+            self.log.warn("cluster queue: checking queued tasks failed: {error}",
+                          error=failure.getErrorMessage())
+
+        def again(_: object) -> None:
+            if self.running:
+                self._call = self._reactor.callLater(self._interval, self._tick)
+        check.addErrback(failed)
+        check.addBoth(again)
+
+    async def check(self) -> None:
+        """One round: forget started/ended tasks, settle the ones Redis lost."""
+        ids = list(self._watched)
+        if not ids:
+            return
+        try:
+            states = await self._backend.states(ids)
+        except QueueUnavailable:
+            return  # nothing is decided while Redis is away
+        now = self._reactor.seconds()
+        for task_id, state in zip(ids, states, strict=True):
+            watched = self._watched.get(task_id)
+            if watched is None:
+                continue
+            if state is not None:
+                watched.missing_since = None
+                if state != "queued":
+                    del self._watched[task_id]
+                elif watched.withdraw:
+                    await self._settle_withdrawn(task_id, now)
+                continue
+            if watched.withdraw:
+                del self._watched[task_id]  # never queued, or lost: the client was told 503
+                continue
+            if watched.missing_since is None:
+                watched.missing_since = now
+            elif now - watched.missing_since >= self._grace:
+                await self._recover(task_id, watched, now)
+
+    async def _settle_withdrawn(self, task_id: str, now: float) -> None:
+        try:
+            await self._backend.end_queued(task_id, "rejected", "the cluster queue was "
+                                           "unavailable when it was submitted (answered 503)",
+                                           now)
+        except QueueUnavailable:
+            return
+        self._watched.pop(task_id, None)
+
+    async def _recover(self, task_id: str, watched: _Watched, now: float) -> None:
+        try:
+            holder = await self._locator.locate(task_id)
+        except LookupError as error:
+            record = watched.record
+            created = record.get("created_at")
+            deadline = float(now if created is None else created) + float(
+                record.get("queue_timeout") or self._default_timeout)
+            if now >= deadline:
+                del self._watched[task_id]
+                self.log.warn("task {task_id}: {reason} ({error})", task_id=task_id,
+                              reason=LOST_REASON, error=error)
+                await self._lost.ended_lost(record, LOST_REASON)
+                self.ended_lost += 1
+            return
+        try:
+            if holder is not None:
+                # Its claim went with Redis's data: write it back, GET finds it again.
+                await self._backend.claim(task_id, holder)
+                self._watched.pop(task_id, None)
+                return
+            seq = await self._backend.enqueue(task_id, watched.record)
+        except QueueUnavailable:
+            return
+        watched.missing_since = None
+        if seq:
+            self.requeued += 1
+            self.log.warn("task {task_id} was lost from the cluster queue (Redis lost its "
+                          "data) and no node has it: queued again", task_id=task_id)
+            self._wake()
+
+
+class PeerLocator:
+    """:class:`TaskLocator` asking this node's store and every node it has heard of."""
+
+    def __init__(self, node_id: str, local: Callable[[str], Awaitable[Task | None]],
+                 peers: PeerRequester | None, known: Callable[[], list[str]]) -> None:
+        self._node_id = node_id
+        self._local = local
+        self._peers = peers
+        self._known = known
+
+    async def locate(self, task_id: str) -> str | None:
+        if await self._local(task_id) is not None:
+            return self._node_id
+        nodes = [node_id for node_id in self._known() if node_id != self._node_id]
+        if nodes and self._peers is None:
+            raise LookupError("no peer client to ask " + ", ".join(nodes))
+        path = f"/task/{task_id}".encode()
+        silent = []
+        for node_id in nodes:
+            assert self._peers is not None
+            try:
+                reply = await self._peers.request(node_id, b"GET", path, timeout=5)
+            except PeerUnavailable:
+                silent.append(node_id)
+                continue
+            if reply.status == 200:
+                return node_id
+            if reply.status != 404:
+                silent.append(node_id)
+        if silent:
+            raise LookupError("could not ask " + ", ".join(silent))
+        return None

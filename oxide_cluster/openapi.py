@@ -48,7 +48,9 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
 _UNAUTHORIZED = _error("missing or wrong cluster secret")
 _BAD_QUERY = _error("a query parameter is malformed (`bad_query`)")
 _NOT_FOUND = _error("no such task on this node, nor on a node known to own it")
-_UNAVAILABLE = _error("the node owning the task is known but not reachable", retry_after=True)
+_UNAVAILABLE = _error("the node owning the task is known but not reachable, or "
+                      "`queue_unavailable`: the cluster queue (Redis) failed",
+                      retry_after=True)
 
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "description": "long-poll: seconds to wait for the task to end (or output to arrive)",
@@ -377,8 +379,9 @@ PATHS: dict[str, Any] = {
             "422": _error("`unschedulable`: no known node has the labels the task asks for"),
             "429": _error("no free slot and `queue: false`, or (with Redis) no node of the "
                           "cluster has one", retry_after=True),
-            "503": _error("the host is overloaded or the chosen node is unreachable",
-                          retry_after=True),
+            "503": _error("the host is overloaded, the chosen node is unreachable, or "
+                          "`queue_unavailable`: the cluster queue (Redis) failed, so nothing "
+                          "was started or queued", retry_after=True),
         },
     })},
     "/internal/dispatch": {"post": _secured({
@@ -409,7 +412,8 @@ PATHS: dict[str, Any] = {
             "413": _error("body larger than max_body"),
             "415": _error("Content-Type is not application/json"),
             "429": _error("no free slot", retry_after=True),
-            "503": _error("the node is starting, shutting down or overloaded",
+            "503": _error("the node is starting, shutting down or overloaded, or "
+                          "`queue_unavailable`: Redis failed before the claim",
                           retry_after=True),
         },
     })},

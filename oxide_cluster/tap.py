@@ -6,7 +6,7 @@ import atexit
 import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -25,9 +25,11 @@ from oxide_cluster.api import ApiRequest, TaskApi
 from oxide_cluster.cas import BlobStore
 from oxide_cluster.cgroups import CgroupUnavailable, describe_isolation, detect
 from oxide_cluster.cluster_queue import (
+    AdmittedWatch,
     ClusterAdmission,
     ClusterDispatcher,
     ClusterQueue,
+    PeerLocator,
     RedisQueueBackend,
 )
 from oxide_cluster.config import Config, ConfigError
@@ -48,7 +50,7 @@ from oxide_cluster.identity import (
     resolve_secret,
 )
 from oxide_cluster.metrics import MeteredSite
-from oxide_cluster.model import Task, parse_task_request
+from oxide_cluster.model import Task, TaskState, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Candidate, Placement
 from oxide_cluster.recovery import Recovery
@@ -367,6 +369,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         reactor.addSystemEventTrigger("after", "shutdown", directory.close)
         cluster = _cluster_queue(reactor, config, node, scheduler, redis, peers, placement)
         cluster.dispatcher.setServiceParent(top)
+        cluster.watch.setServiceParent(top)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   peers=peers, placement=placement, directory=directory,
                   workspaces=workspaces, scheduler=scheduler, cluster=cluster)
@@ -412,13 +415,36 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
         reactor, backend, is_leader=lambda: bool(elector.is_leader), candidates=candidates,
         send=admission.send,
         placed=placement.placed if placement is not None else (lambda node_id: None),
+        term=lambda: elector.token if elector.is_leader else None,
         default_queue_timeout=config.queue_timeout)
+
+    def known() -> list[str]:
+        if node.discovery is None:
+            return []
+        membership = node.discovery.membership
+        return sorted({peer.node_id for peer in membership.peers()}
+                      | {rumour.node_id for rumour in membership.rumours()})
+
+    class Lost:
+        """A task the cluster queue lost, ended ``lost`` in this node's store."""
+
+        def ended_lost(self, record: Mapping[str, Any], reason: str) -> defer.Deferred[None]:
+            request = parse_task_request(dict(record["request"]), config.max_timeout)
+            task = node.executor.new_task(request, task_id=str(record["id"]))
+            task.created_at = float(record.get("created_at") or task.created_at)
+            task.state, task.reason = TaskState.LOST, reason
+            task.finished_at = reactor.seconds()
+            return node.store.put_task(task)
+
+    locator = PeerLocator(node.node_id, scheduler.find, peers, known)
+    watch = AdmittedWatch(reactor, backend, locator, Lost(), wake=dispatcher.wake,
+                          default_queue_timeout=config.queue_timeout)
 
     def slot_freed(task: Task) -> None:
         if task.state.terminal:
             dispatcher.wake()
     node.executor.state_listeners.append(slot_freed)
-    return ClusterQueue(backend, admission, dispatcher)
+    return ClusterQueue(backend, admission, dispatcher, watch, locator)
 
 
 def _peer_labels(node: Node) -> list[dict[str, str]]:

@@ -6,13 +6,18 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ConnectError
 from twisted.internet.task import Clock
 
 from oxide_cluster.cluster_queue import (
+    LOST_REASON,
+    AdmittedWatch,
     AlreadyAdmitted,
     ClusterDispatcher,
     Entry,
     Outcome,
+    QueueUnavailable,
+    RedisQueueBackend,
     parse_dispatch,
 )
 from oxide_cluster.model import RequestError
@@ -25,28 +30,28 @@ class FakeQueue:
     def __init__(self) -> None:
         self.seq = 0
         self.queued: dict[str, tuple[int, dict[str, Any]]] = {}
-        self.states: dict[str, str] = {}
+        self.state_of: dict[str, str] = {}
 
     def enqueue(self, task_id: str, record: dict[str, Any]) -> defer.Deferred[int]:
-        if task_id in self.states:
+        if task_id in self.state_of:
             return defer.succeed(0)
         self.seq += 1
         self.queued[task_id] = (self.seq, dict(record))
-        self.states[task_id] = "queued"
+        self.state_of[task_id] = "queued"
         return defer.succeed(self.seq)
 
     def claim(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
-        if self.states.get(task_id, "queued") != "queued":
-            return defer.succeed(self.states[task_id])
-        self.states[task_id] = f"started {node_id}"
+        if self.state_of.get(task_id, "queued") != "queued":
+            return defer.succeed(self.state_of[task_id])
+        self.state_of[task_id] = f"started {node_id}"
         self.queued.pop(task_id, None)
         return defer.succeed(None)
 
     def end_queued(self, task_id: str, state: str, reason: str,
                    at: float) -> defer.Deferred[bool]:
-        if self.states.get(task_id) != "queued":
+        if self.state_of.get(task_id) != "queued":
             return defer.succeed(False)
-        self.states[task_id] = state
+        self.state_of[task_id] = state
         self.queued.pop(task_id)
         return defer.succeed(True)
 
@@ -63,6 +68,16 @@ class FakeQueue:
 
     def hold_key(self, key: str, task_id: str, ttl: float) -> defer.Deferred[str]:
         return defer.succeed(task_id)
+
+    def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
+        return defer.succeed([self.state_of.get(t, "").split(" ")[0] or None
+                              for t in task_ids])
+
+    def flushall(self) -> None:
+        """Redis restarted without its data: every queued and claimed id is forgotten."""
+        self.seq = 0
+        self.queued.clear()
+        self.state_of.clear()
 
 
 class Nodes:
@@ -149,7 +164,7 @@ def test_a_claimed_id_is_never_dispatched_again(setup):
     queue.claim("t0", "elsewhere")  # a deposed leader's placement got there first
     queue.queued["t0"] = (1, record("t0"))  # and a stale scan still lists it
     clock.advance(0.1)
-    assert nodes.started == [] and queue.states["t0"] == "started elsewhere"
+    assert nodes.started == [] and queue.state_of["t0"] == "started elsewhere"
 
 
 def test_busy_node_leaves_the_task_queued_for_the_next_round(setup):
@@ -177,9 +192,9 @@ def test_queue_timeout_rejects_a_task_no_node_took(setup):
     nodes.slots = {"a": 0, "b": 0}
     queue.enqueue("t0", record("t0", timeout=5))
     clock.advance(0.1)
-    assert queue.states["t0"] == "queued"
+    assert queue.state_of["t0"] == "queued"
     clock.pump([0.1] * 60)
-    assert queue.states["t0"] == "rejected" and dispatcher.rejected == 1
+    assert queue.state_of["t0"] == "rejected" and dispatcher.rejected == 1
     assert nodes.started == []
 
 
@@ -188,7 +203,7 @@ def test_a_deposed_answer_stops_dispatching_until_the_queue_is_read_again(setup)
     nodes.refuse_as_deposed = True
     queue.enqueue("t0", record("t0"))
     clock.advance(0.1)
-    assert len(dispatcher) == 0 and queue.states["t0"] == "queued"
+    assert len(dispatcher) == 0 and queue.state_of["t0"] == "queued"
 
 
 def test_dispatch_body_is_checked():
@@ -205,3 +220,140 @@ def test_dispatch_body_is_checked():
 def test_already_admitted_says_where():
     error = AlreadyAdmitted("t1", "started n2")
     assert error.node == "n2" and "never started twice" in str(error)
+
+
+# -- Redis unreachable, Redis losing its data ------------------------------------------------
+
+
+class UnreachableRedis:
+    def command(self, *command: Any) -> defer.Deferred[Any]:
+        return defer.fail(ConnectError("No route to host"))
+
+
+@pytest.mark.parametrize("call", [
+    lambda b: b.enqueue("t", record("t")), lambda b: b.claim("t", "a"),
+    lambda b: b.end_queued("t", "cancelled", "why", 1.0), lambda b: b.scan(0, 10),
+    lambda b: b.where("t"), lambda b: b.position("t"), lambda b: b.hold_key("k", "t", 9),
+    lambda b: b.states(["t"]),
+])
+def test_every_queue_operation_reports_an_unreachable_redis_as_queue_unavailable(call):
+    failure = call(RedisQueueBackend(UnreachableRedis(), "c"))
+    result: list[Any] = []
+    failure.addErrback(result.append)
+    assert result and result[0].check(QueueUnavailable), result
+    assert "No route to host" in result[0].getErrorMessage()
+
+
+class Locator:
+    def __init__(self) -> None:
+        self.holder: str | None = None
+        self.silent: str | None = None
+        self.asked: list[str] = []
+
+    async def locate(self, task_id: str) -> str | None:
+        self.asked.append(task_id)
+        if self.silent is not None:
+            raise LookupError(f"could not ask {self.silent}")
+        return self.holder
+
+
+class Lost:
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+
+    def ended_lost(self, record: dict[str, Any], reason: str) -> defer.Deferred[None]:
+        self.ended.append((record["id"], reason))
+        return defer.succeed(None)
+
+
+@pytest.fixture
+def watch():
+    clock, queue, locator, lost = Clock(), FakeQueue(), Locator(), Lost()
+    woken: list[bool] = []
+    service = AdmittedWatch(clock, queue, locator, lost, wake=lambda: woken.append(True),
+                            grace=2.0, interval=1.0)
+    service.startService()
+    yield clock, queue, locator, lost, service, woken
+    service.stopService()
+
+
+def admit(queue: FakeQueue, service: AdmittedWatch, task_id: str, **kw: Any) -> None:
+    service.add(task_id, record(task_id, **kw))
+    queue.enqueue(task_id, record(task_id, **kw))
+
+
+def test_a_task_redis_lost_that_no_node_has_is_queued_again_once_after_the_grace(watch):
+    clock, queue, locator, lost, service, woken = watch
+    admit(queue, service, "t0")
+    clock.advance(1)
+    assert locator.asked == []  # still queued in Redis
+    queue.flushall()
+    clock.advance(1)
+    clock.advance(1)
+    assert locator.asked == []  # missing for less than the grace: not decided yet
+    clock.advance(1)
+    assert locator.asked == ["t0"] and queue.state_of["t0"] == "queued"
+    assert service.requeued == 1 and woken and lost.ended == []
+    queue.claim("t0", "b")
+    clock.advance(1)
+    assert "t0" not in service  # started: Redis says where, the watch lets go
+
+
+def test_a_task_redis_lost_that_a_node_started_gets_its_claim_back_and_never_runs_again(watch):
+    clock, queue, locator, lost, service, _ = watch
+    admit(queue, service, "t0")
+    queue.flushall()
+    locator.holder = "b"
+    for _ in range(4):
+        clock.advance(1)
+    assert queue.state_of["t0"] == "started b" and "t0" not in queue.queued
+    assert service.requeued == 0 and "t0" not in service and lost.ended == []
+
+
+def test_a_task_redis_lost_ends_lost_at_its_queue_timeout_while_a_node_cannot_be_asked(watch):
+    clock, queue, locator, lost, service, _ = watch
+    admit(queue, service, "t0", timeout=10.0)
+    queue.flushall()
+    locator.silent = "c"
+    for _ in range(9):
+        clock.advance(1)
+    assert lost.ended == [] and "t0" in service  # maybe running on c: wait, never rerun
+    assert service.record("t0") is not None
+    clock.advance(1)
+    clock.advance(1)
+    assert lost.ended == [("t0", LOST_REASON)] and "t0" not in service
+    assert "t0" not in queue.state_of and service.requeued == 0
+
+
+def test_a_submit_answered_503_is_ended_if_redis_queued_it_after_all(watch):
+    clock, queue, _, _, service, _ = watch
+    admit(queue, service, "t0")
+    service.withdraw("t0")
+    assert service.record("t0") is None
+    clock.advance(1)
+    assert queue.state_of["t0"] == "rejected" and "t0" not in service
+
+
+def test_a_new_term_reads_the_queue_afresh_after_redis_lost_its_data():
+    clock, queue = Clock(), FakeQueue()
+    nodes = Nodes(queue, {"a": 1})
+    term = {"now": 1}
+    dispatcher = ClusterDispatcher(clock, queue, is_leader=lambda: True,
+                                   candidates=nodes.candidates, send=nodes.send,
+                                   term=lambda: term["now"], interval=0.1)
+    dispatcher.startService()
+    for index in range(3):
+        queue.enqueue(f"old{index}", record(f"old{index}"))
+    clock.advance(0.1)
+    nodes.finish_all()
+    clock.advance(0.1)
+    nodes.finish_all()
+    clock.advance(0.1)
+    assert nodes.started == ["old0", "old1", "old2"]
+    queue.flushall()  # seq starts at 1 again, below what the dispatcher followed
+    term["now"] = 2
+    nodes.finish_all()
+    queue.enqueue("new", record("new"))
+    clock.advance(0.1)
+    assert nodes.started[-1] == "new"
+    dispatcher.stopService()
