@@ -124,7 +124,12 @@ def _cgroup_mode(value: Any) -> str:
 
 def _resources(value: Any) -> Resources:
     """``cpus=1,memory=2G,pids=512`` (environment, command line) or a YAML mapping."""
-    raw = value if isinstance(value, Mapping) else _labels(value)
+    raw = dict(value) if isinstance(value, Mapping) else dict(_labels(value))
+    if isinstance(raw.get("cpus"), str):  # text from the environment or command line
+        try:
+            raw["cpus"] = float(raw["cpus"])
+        except ValueError:
+            raise ValueError("default_resources.cpus: must be a number of CPUs") from None
     try:
         return parse_resources(raw, "default_resources")
     except ResourceError as error:
