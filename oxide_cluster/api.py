@@ -856,11 +856,21 @@ class TaskApi:
         return reply.body
 
     async def _owner(self, request: Request, task_id: str) -> str | None:
-        """The node to forward a task's request to, or None to answer here. In a Redis
-        cluster the node that claimed the id runs it, whichever node the id names."""
-        owner = self._remote_owner(request, task_id)
-        if self.cluster is None or request.getHeader(FORWARDED_HEADER) \
-                or self._live_task(task_id) is not None:
+        """The node to forward a task's request to, or None to answer here (always here
+        for a call another node forwarded)."""
+        if request.getHeader(FORWARDED_HEADER):
+            return None
+        return await self.locate_owner(task_id)
+
+    async def locate_owner(self, task_id: str) -> str | None:
+        """The node that runs ``task_id`` when it is another known node, else None. In a
+        Redis cluster the node that claimed the id runs it, whichever node the id names
+        (the WebSocket's attach asks this too)."""
+        owner = owner_of(task_id)
+        if owner is None or owner == self.node.node_id or self.peers is None \
+                or not self.peers.knows(owner):
+            owner = None
+        if self.cluster is None or self._live_task(task_id) is not None:
             return owner
         try:
             entry = await self.cluster.backend.where(task_id)

@@ -373,6 +373,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   peers=peers, placement=placement, directory=directory,
                   workspaces=workspaces, scheduler=scheduler, cluster=cluster)
+    if cluster is not None:
+        hub.locate = api.locate_owner
     if directory is not None and node.discovery is not None:
         recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)

@@ -47,7 +47,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import attrs
@@ -406,6 +406,22 @@ class RemoteAttachment:
         self._session.attachments.pop(self.task_id, None)
 
 
+class _Locating:
+    """Holds an attach's place while the node running its task is looked up."""
+
+    def __init__(self, session: LiveSession, task_id: str) -> None:
+        self._session = session
+        self.task_id = task_id
+        self.closed = False
+
+    def resume(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.closed = True
+        self._session.attachments.pop(self.task_id, None)
+
+
 TERMINAL_STATE_NAMES = frozenset(state.value for state in TaskState if state.terminal)
 
 
@@ -417,7 +433,7 @@ class LiveSession:
         self._sink = sink
         self._max_pending = max_pending
         self._pending = 0  # bytes handed to a paused transport
-        self.attachments: dict[str, Attachment | RemoteAttachment] = {}
+        self.attachments: dict[str, Attachment | RemoteAttachment | _Locating] = {}
         self.subscribed = False
         self.bad_frames = 0
         self.closed = False
@@ -454,16 +470,35 @@ class LiveSession:
             self.error(f"already attached to task {task_id!r}", task_id)
         elif len(self.attachments) >= MAX_ATTACHMENTS:
             self.error(f"at most {MAX_ATTACHMENTS} attachments per connection", task_id)
+        elif self._hub.locate is None:
+            self._attach_to(task_id, offset, self._hub.remote_owner(task_id))
         else:
-            owner = self._hub.remote_owner(task_id)
-            attachment: Attachment | RemoteAttachment
-            if owner is not None:
-                attachment = RemoteAttachment(self._hub, self, task_id, offset, owner)
-            else:
-                attachment = Attachment(self._hub, self, task_id, offset)
-            self.attachments[task_id] = attachment
-            self._hub._add(attachment)  # before the store read: see the module docstring
-            attachment.start()
+            # Where the task runs may need a look-up (a Redis cluster's claim): attach
+            # once it is known; meanwhile a second attach is refused as a duplicate.
+            locating = _Locating(self, task_id)
+            self.attachments[task_id] = locating
+
+            def attach(owner: str | None) -> None:
+                if not locating.closed:
+                    locating.stop()
+                    self._attach_to(task_id, offset, owner)
+
+            def failed(failure: Failure) -> None:
+                if not locating.closed:
+                    locating.stop()
+                    self.error(f"cannot find where task {task_id!r} runs: "
+                               f"{failure.getErrorMessage()}", task_id)
+            defer.ensureDeferred(self._hub.locate(task_id)).addCallbacks(attach, failed)
+
+    def _attach_to(self, task_id: str, offset: int, owner: str | None) -> None:
+        attachment: Attachment | RemoteAttachment
+        if owner is not None:
+            attachment = RemoteAttachment(self._hub, self, task_id, offset, owner)
+        else:
+            attachment = Attachment(self._hub, self, task_id, offset)
+        self.attachments[task_id] = attachment
+        self._hub._add(attachment)  # before the store read: see the module docstring
+        attachment.start()
 
     def error(self, message: str, task_id: str | None = None) -> None:
         body: dict[str, Any] = {"type": "error", "message": message}
@@ -515,6 +550,9 @@ class LiveHub(service.Service):
         self._sessions: set[LiveSession] = set()
         # Set by the tap when the node has peers: tasks other nodes own are followed there.
         self.peers: Any = None
+        # Set by the tap in a Redis cluster: where a task runs (None: here) may take a
+        # look-up, since an id names the node it entered, not the one running it.
+        self.locate: Callable[[str], Coroutine[Any, Any, str | None]] | None = None
         self.node_id: str | None = None
         self.reactor: Any = None
 

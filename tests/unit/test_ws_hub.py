@@ -337,3 +337,36 @@ def test_authorized_accepts_header_bearer_and_token_subprotocol() -> None:
     assert not authorized({}, ["oxide.v1"], secret)
     assert not authorized({"x-cluster-secret": "wrong"}, [token], secret)
     assert not authorized({}, ["oxide.token.!!!"], secret)
+
+
+def test_an_attach_waits_for_where_the_task_runs_and_refuses_a_duplicate(node) -> None:
+    hub, executor, store = node
+    located: defer.Deferred[str | None] = defer.Deferred()
+
+    async def locate(task_id: str) -> str | None:
+        return await located
+    hub.locate = locate
+    task = make_task()
+    executor.start(task)
+    executor.write(task, b"hello")
+    session, sink = attach(hub)
+    session.received(json.dumps({"op": "attach", "task": "t1"}).encode(), False)
+    assert sink.sent == [{"type": "error", "message": "already attached to task 't1'",
+                          "task": "t1"}]
+    located.callback(None)  # runs here
+    executor.finish(task, 0)
+    store.run()
+    assert sink.output() == b"hello"
+    assert sink.sent[-1]["type"] == "state"
+
+
+def test_a_failed_look_up_of_where_the_task_runs_is_an_error(node) -> None:
+    hub, _, _ = node
+
+    async def locate(task_id: str) -> str | None:
+        raise LookupError("redis is away")
+    hub.locate = locate
+    session, sink = attach(hub)
+    assert sink.sent == [{"type": "error", "message": "cannot find where task 't1' runs: "
+                                                      "redis is away", "task": "t1"}]
+    assert session.attachments == {}
