@@ -47,6 +47,8 @@ from oxide_cluster.model import Task, TaskState
 
 _FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
 MAX_LISTED_MISSING = 5
+# Finished task directories kept per node to build later trees from (see reuse_tree).
+RETAINED_TREES = 2
 
 
 class WorkspaceError(Exception):
@@ -78,32 +80,116 @@ def _clone_or_copy(source: Path, target: Path) -> None:
             offset += sent
 
 
-def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path) -> None:
+# What a file of a built tree looked like when the agent wrote it: (inode, size,
+# mtime_ns, ctime_ns, mode). Any write, chmod, rename over or re-link by a task changes
+# ctime (which no unprivileged process can set back) or the inode.
+FileStat = tuple[int, int, int, int, int]
+
+
+@attrs.define
+class BuiltTree:
+    """A task directory as the agent left it before the task ran."""
+
+    manifest: Manifest
+    files: dict[str, FileStat]
+    dir_mode: int
+    reused: int = 0  # files kept from an earlier task's tree rather than copied
+
+
+def _file_stat(info: os.stat_result) -> FileStat:
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_mode)
+
+
+def _workspace_error(error: OSError) -> WorkspaceError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WorkspaceError(f"disk full while building the workspace ({error.strerror})")
+    return WorkspaceError(f"cannot build the workspace: {error}")
+
+
+def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Path,
+                 keep: dict[str, FileStat]) -> BuiltTree:
+    """Copy every manifest file not in ``keep`` into ``root``, add the symlinks, and
+    return what was made."""
+    made: set[str] = set()
+    files: dict[str, FileStat] = {}
+    for entry in manifest.files:
+        if entry.path in keep:
+            files[entry.path] = keep[entry.path]
+            continue
+        parent = os.path.dirname(entry.path)
+        if parent and parent not in made:
+            (root / parent).mkdir(parents=True, exist_ok=True)
+            made.add(parent)
+        target = root / entry.path
+        _clone_or_copy(blob_path(entry.digest), target)
+        os.chmod(target, entry.mode)
+        files[entry.path] = _file_stat(os.lstat(target))
+    for link in manifest.links:
+        parent = os.path.dirname(link.path)
+        if parent:
+            (root / parent).mkdir(parents=True, exist_ok=True)
+        os.symlink(link.target, root / link.path)
+    return BuiltTree(manifest, files, os.lstat(root).st_mode, len(keep))
+
+
+def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path
+               ) -> BuiltTree:
     """Create ``root`` (which must not exist) holding the manifest's files and symlinks.
 
     Raises WorkspaceError on a full disk (after removing what was made)."""
     try:
         root.mkdir(mode=0o755)
-        made: set[str] = set()
-        for entry in manifest.files:
-            parent = os.path.dirname(entry.path)
-            if parent and parent not in made:
-                (root / parent).mkdir(parents=True, exist_ok=True)
-                made.add(parent)
-            target = root / entry.path
-            _clone_or_copy(blob_path(entry.digest), target)
-            os.chmod(target, entry.mode)
-        for link in manifest.links:
-            parent = os.path.dirname(link.path)
-            if parent:
-                (root / parent).mkdir(parents=True, exist_ok=True)
-            os.symlink(link.target, root / link.path)
+        return _place_files(manifest, blob_path, root, {})
     except OSError as error:
         remove_tree(root)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WorkspaceError("disk full while building the workspace "
-                                 f"({error.strerror})") from None
-        raise WorkspaceError(f"cannot build the workspace: {error}") from None
+        raise _workspace_error(error) from None
+
+
+def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: Callable[[str], Path],
+               root: Path) -> BuiltTree:
+    """Turn ``root``, an earlier task's directory built from ``old``, into ``manifest``'s
+    tree, copying only what differs.
+
+    A file is kept only if the manifests agree on its digest and mode and it still has
+    the inode, size, mtime, ctime and mode the agent gave it, with no second hard link.
+    Everything else the task left (new or changed files, symlinks, FIFOs, directories
+    the manifest does not need) is removed first, so nothing is written through a
+    symlink. Raises OSError if the tree cannot be set right (the caller rebuilds)."""
+    wanted = {entry.path: entry for entry in manifest.files}
+    before = {entry.path: entry for entry in old.manifest.files}
+    dirs = {"."}
+    for path in list(wanted) + [link.path for link in manifest.links]:
+        parent = os.path.dirname(path)
+        while parent and parent not in dirs:
+            dirs.add(parent)
+            parent = os.path.dirname(parent)
+    if os.lstat(root).st_mode != old.dir_mode:
+        raise OSError(errno.EPERM, "the task changed its directory's mode")
+    keep: dict[str, FileStat] = {}
+
+    def sweep(directory: str) -> None:
+        with os.scandir(root / directory) as entries:
+            listed = list(entries)
+        for item in listed:
+            relative = item.name if directory == "." else f"{directory}/{item.name}"
+            info = item.stat(follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                if relative in dirs and info.st_mode & 0o700 == 0o700:
+                    sweep(relative)
+                else:
+                    remove_tree(Path(item.path))
+                continue
+            entry, earlier = wanted.get(relative), before.get(relative)
+            if entry is not None and earlier is not None and stat.S_ISREG(info.st_mode) \
+                    and info.st_nlink == 1 and entry.digest == earlier.digest \
+                    and entry.mode == earlier.mode \
+                    and old.files.get(relative) == _file_stat(info):
+                keep[relative] = old.files[relative]
+            else:
+                os.unlink(item.path)
+
+    sweep(".")
+    return _place_files(manifest, blob_path, root, keep)
 
 
 def remove_tree(root: Path) -> None:
@@ -242,6 +328,11 @@ class Workspaces(service.Service):
         self._held: dict[str, list[str]] = {}  # queued tasks (scheduler), not started
         self._preparing: dict[str, defer.Deferred[str]] = {}
         self._kept: dict[str, Any] = {}
+        self.retained_root = state_dir / "workspaces-retained"
+        self._built: dict[str, BuiltTree] = {}
+        # Finished task directories kept to build the next tree from, oldest first.
+        self._retained: list[tuple[Path, BuiltTree]] = []
+        self.reused_files = 0  # files kept rather than copied, since start (tests, bench)
         self.ready: defer.Deferred[None] = defer.Deferred()
 
     def startService(self) -> None:
@@ -254,7 +345,9 @@ class Workspaces(service.Service):
         def sweep() -> list[dict[str, Any]]:
             # Task directories of an earlier agent run: their tasks are lost already.
             remove_tree(self.root)
+            remove_tree(self.retained_root)
             self.root.mkdir(parents=True, exist_ok=True)
+            self.retained_root.mkdir(parents=True, exist_ok=True)
             self.listings.mkdir(parents=True, exist_ok=True)
             return _read_listings(self.listings)
 
@@ -333,8 +426,38 @@ class Workspaces(service.Service):
         pins.extend(wanted)
         await self._fetch(wanted)
         root = self.directory(task.id)
-        await self.blobs.run(lambda: build_tree(manifest, self.blobs.path, root))
+        self._built[task.id] = await self._build(manifest, root)
         return str(root / task.cwd) if task.cwd else str(root)
+
+    async def _build(self, manifest: Manifest, root: Path) -> BuiltTree:
+        """From the retained tree sharing most files with ``manifest``, else afresh."""
+        wanted = {(entry.path, entry.digest) for entry in manifest.files}
+        best, shared = None, 0
+        for index, (_, built) in enumerate(self._retained):
+            overlap = sum((entry.path, entry.digest) in wanted
+                          for entry in built.manifest.files)
+            if overlap > shared:
+                best, shared = index, overlap
+        if best is None:
+            return await self.blobs.run(lambda: build_tree(manifest, self.blobs.path, root))
+        retained, old = self._retained.pop(best)
+
+        def rebuild() -> BuiltTree:
+            try:
+                os.rename(retained, root)
+                return reuse_tree(old, manifest, self.blobs.path, root)
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    remove_tree(root)
+                    raise _workspace_error(error) from None
+                self.log.info("rebuilding a workspace from scratch: {error}", error=error)
+                remove_tree(retained)
+                remove_tree(root)
+                return build_tree(manifest, self.blobs.path, root)
+
+        built = await self.blobs.run(rebuild)
+        self.reused_files += built.reused
+        return built
 
     async def _fetch(self, digests: list[str]) -> None:
         missing = self.blobs.missing(digests)
@@ -368,11 +491,35 @@ class Workspaces(service.Service):
                     task.reason = f"{task.reason}; {listing.cut}"
         finally:
             self.blobs.unpin(self._pins.pop(task.id, []))
+            built = self._built.pop(task.id, None)
             if self.keep_failed > 0 and task.state is not TaskState.SUCCEEDED:
                 self._kept[task.id] = self._reactor.callLater(
                     self.keep_failed, self._remove_kept, task.id)
             else:
-                await self.blobs.run(lambda: remove_tree(root))
+                await self._retire(task.id, root, built)
+
+    async def _retire(self, task_id: str, root: Path, built: BuiltTree | None) -> None:
+        """Keep the directory of a finished task to build the next tree from (up to
+        RETAINED_TREES of them, each the size of its workspace), else remove it."""
+        if built is None or RETAINED_TREES == 0 or not self.running:
+            await self.blobs.run(lambda: remove_tree(root))
+            return
+        target = self.retained_root / task_id
+        evicted = self._retained[:max(0, len(self._retained) + 1 - RETAINED_TREES)]
+        del self._retained[:len(evicted)]
+
+        def move() -> bool:
+            for path, _ in evicted:
+                remove_tree(path)
+            try:
+                os.rename(root, target)
+                return True
+            except OSError:
+                remove_tree(root)
+                return False
+
+        if await self.blobs.run(move):
+            self._retained.append((target, built))
 
     def _remove_kept(self, task_id: str) -> None:
         self._kept.pop(task_id, None)

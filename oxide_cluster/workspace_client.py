@@ -16,11 +16,14 @@ import os
 import re
 import stat
 import subprocess
+import tempfile
+import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -106,6 +109,75 @@ def _walk(root: Path, excludes: Sequence[str]) -> Iterator[str]:
                 yield prefix + name
 
 
+# A file changed within this long of its hashing could change again with the same
+# timestamps (coarse clocks); such entries are not cached. Whole-second timestamps
+# (FAT, HFS+, some network filesystems) get the wider window.
+RACY_NS = 100_000_000
+RACY_COARSE_NS = 2_000_000_000
+StatKey = tuple[int, int, int, int]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/oxide-cluster`` (``~/.cache/oxide-cluster``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                               ".cache")
+    return Path(base) / "oxide-cluster"
+
+
+class DigestCache:
+    """SHA-256 of a tree's files remembered by (path, size, mtime_ns, inode, ctime_ns),
+    so a second scan hashes only files that changed (like git's index).
+
+    Kept in the user's cache dir (``digests/<sha256 of the tree's path>.json``), not
+    beside the tree: a file in the tree would be uploaded and show up in ``git status``.
+    ctime cannot be set by a user, so a rewrite that restores size and mtime is still
+    seen; files changed within ``RACY_NS`` of their hashing are never cached. A missing,
+    unreadable or foreign file is an empty cache, never an error."""
+
+    VERSION = 1
+
+    def __init__(self, root: Path, directory: Path | None = None) -> None:
+        key = hashlib.sha256(os.fsencode(str(root))).hexdigest()[:32]
+        self.path = (directory or default_cache_dir()) / "digests" / f"{key}.json"
+        self._old: dict[str, list[Any]] = {}
+        self._new: dict[str, list[Any]] = {}
+        self.hits = 0
+        try:
+            body = json.loads(self.path.read_text())
+            if body.get("version") == self.VERSION and body.get("root") == str(root):
+                self._old = body["files"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+
+    def digest(self, relative: str, path: Path, info: os.stat_result) -> str:
+        key: StatKey = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
+        known = self._old.get(relative)
+        if isinstance(known, list) and len(known) == 5 and tuple(known[:4]) == key:
+            self.hits += 1
+            self._new[relative] = known
+            return str(known[4])
+        digest = _file_digest(path)
+        coarse = info.st_mtime_ns % 1_000_000_000 == 0
+        newest = max(info.st_mtime_ns, info.st_ctime_ns)
+        if time.time_ns() - newest >= (RACY_COARSE_NS if coarse else RACY_NS):
+            self._new[relative] = [*key, digest]
+        return digest
+
+    def save(self, root: Path) -> None:
+        """Write what this scan saw (entries of deleted files drop out); best effort."""
+        if self._new == self._old:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False,
+                                             suffix=".tmp") as handle:
+                json.dump({"version": self.VERSION, "root": str(root), "files": self._new},
+                          handle, separators=(",", ":"))
+            os.replace(handle.name, self.path)
+        except OSError:
+            pass
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -114,11 +186,14 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def scan_tree(root: str | Path, excludes: Sequence[str] = ()) -> LocalTree:
+def scan_tree(root: str | Path, excludes: Sequence[str] = (),
+              cache_dir: Path | None = None, use_cache: bool = True) -> LocalTree:
     """The manifest of ``root``: what git would consider in a git work tree, else every
     file minus ``excludes`` (fnmatch on the relative path or the name). A device, FIFO,
-    socket or a symlink leading out of the tree raises WorkspaceError naming it."""
+    socket or a symlink leading out of the tree raises WorkspaceError naming it.
+    Unchanged files take their digest from the :class:`DigestCache` (``use_cache``)."""
     root = Path(root).resolve()
+    cache = DigestCache(root, cache_dir) if use_cache else None
     if not root.is_dir():
         raise WorkspaceError(f"workspace {root} is not a directory")
     listed = _git_files(root)
@@ -140,7 +215,8 @@ def scan_tree(root: str | Path, excludes: Sequence[str] = ()) -> LocalTree:
         if stat.S_ISLNK(info.st_mode):
             links.append(LinkEntry(relative, os.readlink(path)))
         elif stat.S_ISREG(info.st_mode):
-            digest = _file_digest(path)
+            digest = cache.digest(relative, path, info) if cache is not None \
+                else _file_digest(path)
             files.append(FileEntry(relative, normal_mode(info.st_mode), info.st_size, digest))
             sources.setdefault(digest, path)
         elif stat.S_ISDIR(info.st_mode):
@@ -152,6 +228,8 @@ def scan_tree(root: str | Path, excludes: Sequence[str] = ()) -> LocalTree:
         manifest = build_manifest(files, links)
     except ManifestError as error:
         raise WorkspaceError(f"{error} (exclude it with --exclude)") from None
+    if cache is not None:
+        cache.save(root)
     return LocalTree(manifest, sources)
 
 
