@@ -662,6 +662,7 @@ class Executor(service.Service):
             retry_of=retry_of,
             workspace=request.workspace,
             artifacts=list(request.artifacts) or None,
+            source=dict(request.source) if request.source else None,
             priority=request.priority,
             group=request.group,
             queue_timeout=request.queue_timeout,
@@ -676,7 +677,7 @@ class Executor(service.Service):
                       on_output=self._output, on_finished=self._finished, spawn=self._spawn,
                       signal_group=self._signal_group, cgroups=self.cgroups)
         self.runs[task.id] = run
-        if task.workspace is not None:
+        if task.workspace is not None or task.source is not None:
             self._start_in_workspace(run)
         else:
             run.start()
@@ -772,7 +773,7 @@ class Executor(service.Service):
 
     def _finished(self, run: TaskRun) -> None:
         task = run.task
-        if task.workspace is not None and self._workspaces is not None:
+        if (task.workspace or task.source) is not None and self._workspaces is not None:
             # Artifacts are kept before the end is announced: a client that sees the
             # task end finds them listed. The slot stays held meanwhile.
             collected = self._workspaces.finish(task)

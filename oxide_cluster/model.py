@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from oxide_cluster.cgroups import ResourceError, Resources, parse_resources
+from oxide_cluster.gitsource import SourceError, check_source
 from oxide_cluster.manifest import ManifestError, check_glob, check_relative_path, is_digest
 
 
@@ -82,6 +83,7 @@ class Task:
     retry_of: str | None = None
     workspace: str | None = None
     artifacts: list[str] | None = None
+    source: dict[str, str] | None = None
     output_bytes: int = 0
     output_dropped: int = 0
     pid: int | None = None
@@ -117,6 +119,7 @@ class Task:
             "retry_of": self.retry_of,
             "workspace": self.workspace,
             "artifacts": self.artifacts,
+            "source": self.source,
             "output_bytes": self.output_bytes,
             "output_dropped": self.output_dropped,
             "timeout": self.timeout,
@@ -158,6 +161,7 @@ class TaskRequest:
     tty: bool = False
     workspace: str | None = None
     artifacts: tuple[str, ...] = ()
+    source: Mapping[str, str] | None = None
     priority: int = 0
     group: str | None = None
     queue_timeout: float | None = None
@@ -169,7 +173,7 @@ _FIELDS = {
     "command", "args", "cwd", "env", "secret_env", "timeout", "idle_timeout",
     "labels", "node", "retries", "tty", "priority", "group", "queue_timeout", "queue",
     "resources",
-} | {"workspace", "artifacts"}
+} | {"workspace", "artifacts", "source"}
 _MAX_TEXT = 64 * 1024
 MAX_PRIORITY = 1_000_000
 MAX_GROUP = 256
@@ -233,12 +237,18 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
         raise RequestError("args", "must be a list of strings")
     checked_args = tuple(_string(f"args[{i}]", a, allow_empty=True) for i, a in enumerate(args))
     workspace, artifacts = _workspace_fields(body)
+    source = None
+    if body.get("source") is not None:
+        try:
+            source = check_source(body["source"])
+        except SourceError as error:
+            raise RequestError("source", str(error)) from None
     cwd = body.get("cwd")
     if cwd is not None:
         cwd = _string("cwd", cwd)
-        if workspace is not None and cwd.rstrip("/") in ("", "."):
+        if (workspace or source) is not None and cwd.rstrip("/") in ("", "."):
             cwd = None  # the workspace root itself
-        elif workspace is not None:
+        elif (workspace or source) is not None:
             try:
                 check_relative_path(cwd, "cwd")
             except ManifestError as error:
@@ -297,6 +307,7 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
         tty=tty,
         workspace=workspace,
         artifacts=artifacts,
+        source=source,
         priority=priority,
         group=group,
         queue_timeout=_seconds("queue_timeout", body.get("queue_timeout"), MAX_QUEUE_TIMEOUT),
@@ -311,6 +322,8 @@ def _workspace_fields(body: dict[str, Any]) -> tuple[str | None, tuple[str, ...]
     if workspace is not None and not is_digest(workspace):
         raise RequestError("workspace", "must be a manifest digest (64 lowercase hex "
                                         "characters, SHA-256)")
+    if workspace is not None and body.get("source") is not None:
+        raise RequestError("source", "give a workspace or a source, not both")
     globs = body.get("artifacts", [])
     if not isinstance(globs, list) or len(globs) > 100:
         raise RequestError("artifacts", "must be a list of at most 100 globs")
@@ -319,7 +332,7 @@ def _workspace_fields(body: dict[str, Any]) -> tuple[str | None, tuple[str, ...]
             check_glob(pattern)
         except ManifestError as error:
             raise RequestError(f"artifacts[{index}]", str(error)) from None
-    if globs and workspace is None:
+    if globs and workspace is None and body.get("source") is None:
         raise RequestError("artifacts", "needs a workspace: artifacts are collected from "
                                         "the task's own directory")
     return workspace, tuple(globs)

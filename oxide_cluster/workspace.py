@@ -36,6 +36,7 @@ from twisted.logger import Logger
 
 from oxide_cluster.cas import BlobError, BlobStore
 from oxide_cluster.forwarding import PeerClient, PeerUnavailable
+from oxide_cluster.gitsource import GitMirrors, SourceError
 from oxide_cluster.manifest import (
     Manifest,
     ManifestError,
@@ -332,6 +333,7 @@ class Workspaces(service.Service):
         self._built: dict[str, BuiltTree] = {}
         # Finished task directories kept to build the next tree from, oldest first.
         self._retained: list[tuple[Path, BuiltTree]] = []
+        self.git = GitMirrors(reactor, state_dir / "git")
         self.reused_files = 0  # files kept rather than copied, since start (tests, bench)
         self.ready: defer.Deferred[None] = defer.Deferred()
 
@@ -405,6 +407,15 @@ class Workspaces(service.Service):
         return preparing
 
     async def _prepare(self, task: Task) -> str:
+        if task.source is not None:
+            root = self.directory(task.id)
+            try:
+                await self.ready
+                await self.git.checkout(task.source["git"], task.source["ref"], root)
+            except SourceError as error:
+                await self.blobs.run(lambda: remove_tree(root))
+                raise WorkspaceError(str(error)) from None
+            return str(root / task.cwd) if task.cwd else str(root)
         assert task.workspace is not None
         pins = self._pins.setdefault(task.id, [])
         pins.extend(self._held.pop(task.id, []))  # what it held while queued
