@@ -121,7 +121,20 @@ SCHEMAS: dict[str, Any] = {
                           "fresh directory built from it; cwd is then relative to it"},
             "artifacts": {"type": "array", "maxItems": 100, "items": {**_NAME},
                           "description": "globs relative to the task directory (needs "
-                          "workspace); matching files are kept after the task ends"},
+                          "workspace or source); matching files are kept after the task "
+                          "ends"},
+            "source": {"type": ["object", "null"], "additionalProperties": False,
+                       "required": ["git", "ref"],
+                       "properties": {
+                           "git": {"type": "string", "description": "https://, ssh://, "
+                                   "git:// or user@host:path URL, or an absolute path "
+                                   "(no ext:: or other transport helpers)"},
+                           "ref": {"type": "string", "maxLength": 256,
+                                   "pattern": "^[^-\\s]",
+                                   "description": "branch, tag or commit"}},
+                       "description": "instead of workspace: the task runs in a clone "
+                       "of the repository at ref, made through the node's mirror of it "
+                       "(cloned once, fetched after); git's message fails the task"},
             "priority": {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY,
                          "description": "higher starts first; default 0"},
             "group": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_GROUP,
