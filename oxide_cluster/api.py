@@ -213,6 +213,8 @@ class TaskApi:
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
         depth = scheduler.depth_by_priority if scheduler is not None else None
+        if cluster is not None:  # the queue is in Redis: the leader's view of it
+            depth = cluster.dispatcher.depth_by_priority
         self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total, depth)
 
     def resource(self) -> Any:

@@ -332,6 +332,11 @@ class ClusterDispatcher(service.Service):
         """Queued ids in the leader's dispatch order (empty on a follower)."""
         return list(self._queue.ordered(limit))
 
+    def depth_by_priority(self) -> dict[int, int]:
+        """The cluster's queued tasks by priority as the leader sees them (empty on a
+        follower; tasks on their way to a node are not counted)."""
+        return self._queue.depth_by_priority()
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def startService(self) -> None:
