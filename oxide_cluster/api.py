@@ -28,6 +28,7 @@ from oxide_cluster.cluster_queue import (
     ClusterQueue,
     QueueUnavailable,
     StaleToken,
+    list_queue,
     parse_dispatch,
 )
 from oxide_cluster.dashboard import UiFiles
@@ -212,6 +213,8 @@ class TaskApi:
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
         depth = scheduler.depth_by_priority if scheduler is not None else None
+        if cluster is not None:  # the queue is in Redis: the leader's view of it
+            depth = cluster.dispatcher.depth_by_priority
         self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total, depth)
 
     def resource(self) -> Any:
@@ -992,17 +995,27 @@ class TaskApi:
         return render_json(request, self._task_json(task))
 
     @app.route("/queue", methods=["GET"])
-    def queue(self, request: Request) -> bytes:
-        """This node's queued tasks in dispatch order (the first starts next)."""
+    async def queue(self, request: Request) -> bytes:
+        """Queued tasks in dispatch order (the first starts next): the cluster's, read
+        from Redis, when there is one; else this node's."""
         self._authorize(request)
         limit = int(_query_number(request, "limit", 1, MAX_PAGE, integer=True) or MAX_PAGE)
-        scheduler = self._scheduler
-        tasks = [self._task_json(task, position)
-                 for position, task in enumerate(scheduler.queued(limit), start=1)]
-        return render_json(request, {"queued": len(scheduler),
+        if self.cluster is not None:
+            listing = await list_queue(self.cluster.backend, limit)
+            tasks = []
+            for position, record in enumerate(listing.records, start=1):
+                task = self._record_task(record)
+                task.state = TaskState.QUEUED
+                tasks.append(self._task_json(task, position))
+            queued, depth = listing.queued, listing.by_priority
+        else:
+            scheduler = self._scheduler
+            tasks = [self._task_json(task, position)
+                     for position, task in enumerate(scheduler.queued(limit), start=1)]
+            queued, depth = len(scheduler), scheduler.depth_by_priority()
+        return render_json(request, {"queued": queued,
                                      "by_priority": {str(priority): count for priority, count
-                                                     in sorted(scheduler.depth_by_priority()
-                                                               .items(), reverse=True)},
+                                                     in sorted(depth.items(), reverse=True)},
                                      "tasks": tasks})
 
     @app.route("/task/<task_id>/output", methods=["GET"])

@@ -51,9 +51,15 @@ from oxide_cluster.scheduler import Clock, FairQueue
 # A claimed or queued task's hash is kept a week past its last change (GET finds it).
 RECORD_TTL = 8 * 24 * 3600
 SCAN_LIMIT = 1000
+# Queue entries ``GET /queue`` reads to order the listing (the oldest by admission).
+LISTING_SCAN = 10_000
 # Tasks looked at per dispatch round (a task whose labels no node with room has is
 # skipped, not a blocker).
 DISPATCH_WINDOW = 200
+
+
+# (queued count, the first queued tasks by seq as (seq, id, record))
+Listed = tuple[int, list[tuple[int, str, dict[str, Any]]]]
 
 
 class QueueUnavailable(Exception):
@@ -111,6 +117,9 @@ class QueueBackend(Protocol):
     def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
         """Each task's ``state`` in Redis, None where Redis has no record of it."""
 
+    def listing(self, limit: int) -> defer.Deferred[Listed]:
+        """(queued count, the first ``limit`` queued tasks by seq as (seq, id, record))."""
+
 
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -152,6 +161,16 @@ local out = {}
 for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], 'state') or '' end
 return out
 """
+_LISTING = """
+local out = {redis.call('ZCARD', KEYS[1])}
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+for i = 1, #ids, 2 do
+  out[#out + 1] = ids[i]
+  out[#out + 1] = ids[i + 1]
+  out[#out + 1] = redis.call('HGET', ARGV[2] .. ids[i], 'record') or ''
+end
+return out
+"""
 _HOLD_KEY = """
 local held = redis.call('GET', KEYS[1])
 if held then return held end
@@ -164,6 +183,17 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(flat: list[Any] | None) -> list[tuple[int, str, dict[str, Any]]]:
+    """(seq, id, record) triples of a script's flat reply; entries without a record
+    (ended between two commands) are left out."""
+    found = []
+    for index in range(0, len(flat or []), 3):
+        task_id, seq, record = (_text(item) for item in (flat or [])[index:index + 3])
+        if task_id and seq and record:
+            found.append((int(float(seq)), task_id, json.loads(record)))
+    return found
 
 
 class RedisQueueBackend:
@@ -204,16 +234,14 @@ class RedisQueueBackend:
         return reply.addCallback(lambda ended: bool(int(ended)))
 
     def scan(self, after: int, limit: int) -> defer.Deferred[list[tuple[int, str, dict[str, Any]]]]:
-        def parse(flat: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
-            found = []
-            for index in range(0, len(flat or []), 3):
-                task_id, seq, record = (_text(item) for item in flat[index:index + 3])
-                if task_id and seq and record:
-                    found.append((int(float(seq)), task_id, json.loads(record)))
-            return found
         reply = self._call("EVAL", _SCAN, 1, self.queue_key, after, limit,
                            self._prefix + ":task:")
-        return reply.addCallback(parse)
+        return reply.addCallback(_entries)
+
+    def listing(self, limit: int) -> defer.Deferred[Listed]:
+        reply = self._call("EVAL", _LISTING, 1, self.queue_key, limit,
+                           self._prefix + ":task:")
+        return reply.addCallback(lambda flat: (int(_text(flat[0]) or 0), _entries(flat[1:])))
 
     def where(self, task_id: str) -> defer.Deferred[Entry | None]:
         def parse(values: list[Any]) -> Entry | None:
@@ -303,6 +331,11 @@ class ClusterDispatcher(service.Service):
     def ordered(self, limit: int | None = None) -> list[str]:
         """Queued ids in the leader's dispatch order (empty on a follower)."""
         return list(self._queue.ordered(limit))
+
+    def depth_by_priority(self) -> dict[int, int]:
+        """The cluster's queued tasks by priority as the leader sees them (empty on a
+        follower; tasks on their way to a node are not counted)."""
+        return self._queue.depth_by_priority()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -442,6 +475,36 @@ class ClusterDispatcher(service.Service):
             self.dispatched += 1
         elif outcome is Outcome.DEPOSED:
             self._reset()
+
+
+@attrs.frozen
+class QueueListing:
+    """The cluster's queue as ``GET /queue`` shows it, from any node."""
+
+    queued: int                              # every task queued in Redis
+    by_priority: dict[int, int]              # of the tasks read (all, when ``complete``)
+    records: list[dict[str, Any]]            # up to the limit, in dispatch order
+    complete: bool                           # False when the queue is deeper than read
+
+
+async def list_queue(backend: QueueBackend, limit: int,
+                     scan: int = LISTING_SCAN) -> QueueListing:
+    """Queued tasks in dispatch order (priority, group turns, FIFO), read from Redis.
+
+    Any node can answer, not only the leader. The turns restart from the first group (as
+    a new leader's do), so between groups of one priority the listing may differ from the
+    leader's next picks by the turns it has spent; beyond ``scan`` entries only the
+    oldest ``scan`` are ordered and counted by priority."""
+    total, entries = await backend.listing(scan)
+    order = FairQueue()
+    records: dict[str, dict[str, Any]] = {}
+    for seq, task_id, record in entries:
+        order.push(task_id, int(record.get("priority") or 0),
+                   str(record.get("group") or "default"), seq)
+        records[task_id] = record
+    return QueueListing(total, order.depth_by_priority(),
+                        [records[task_id] for task_id in order.ordered(limit)],
+                        len(entries) >= total)
 
 
 # -- admission on the node that runs the task ------------------------------------------------

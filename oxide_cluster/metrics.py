@@ -27,6 +27,8 @@ __all__ = ["CONTENT_TYPE_LATEST", "MeteredSite", "NodeMetrics", "route_template"
 # CI commands run from well under a second to hours.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200,
                     float("inf"))
+# Queue waits: sub-second when a slot is free, up to the default queue_timeout (1 h).
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 1800, 3600)
 
 
 def route_template(url_map: Map, method: str, path: str) -> str:
@@ -64,7 +66,7 @@ class NodeMetrics:
                  requests_total: dict[tuple[str, int], int] | None = None,
                  queue_depth: Callable[[], dict[int, int]] | None = None) -> None:
         self.node = node
-        self.queue_depth = queue_depth  # the scheduler's queued tasks by priority
+        self.queue_depth = queue_depth  # queued tasks by priority
         self._url_map = url_map
         self.requests_total = requests_total if requests_total is not None else {}
         self.finished_total: dict[str, int] = {}
@@ -73,11 +75,19 @@ class NodeMetrics:
         self.durations = Histogram(
             "oxide_task_duration_seconds", "Run time of finished tasks, by final state",
             ["state"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.queue_waits = Histogram(
+            "oxide_queue_wait_seconds",
+            "Seconds from a task's submit (queued) to its start, of tasks started here",
+            buckets=WAIT_BUCKETS, registry=self.registry)
         self.registry.register(_NodeCollector(self))
         node.executor.state_listeners.append(self.task_changed)
 
     def task_changed(self, task: Task) -> None:
-        """A state listener: count and time each task once, when it ends."""
+        """A state listener: time each task's wait at its start; count and time its run
+        once, when it ends."""
+        if task.state is TaskState.RUNNING and task.started_at is not None:
+            self.queue_waits.observe(max(0.0, task.started_at - task.created_at))
+            return
         if not task.state.terminal:
             return
         state = task.state.value
@@ -146,7 +156,8 @@ class _NodeCollector:
                                 value=executor.free_slots)
         if metrics.queue_depth is not None:
             depth = GaugeMetricFamily("oxide_queue_depth",
-                                      "Tasks queued on this node, by priority",
+                                      "Tasks queued, by priority: this node's queue, or "
+                                      "with Redis the cluster's (on the leader; 0 elsewhere)",
                                       labels=["priority"])
             # Priority 0 always has a series, so an empty queue reads 0, not "no data".
             for priority, count in sorted({0: 0, **metrics.queue_depth()}.items()):

@@ -447,7 +447,7 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json(_ref("TaskPage"), "a page of tasks"), "400": _BAD_QUERY},
     })},
     "/queue": {"get": _secured({
-        "summary": "This node's queued tasks in dispatch order",
+        "summary": "Queued tasks in dispatch order (with Redis: the whole cluster's queue)",
         "parameters": [{"name": "limit", "in": "query", "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
         "responses": {"200": _json(_ref("Queue"), "the queue"), "400": _BAD_QUERY},

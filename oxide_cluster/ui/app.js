@@ -13,11 +13,16 @@
 //   (nodes every 2 s, tasks every 10 s) repairs anything missed while disconnected. Tasks
 //   are the cluster's (scope=cluster); events only come for this node's own tasks, so
 //   while a task on another node is active the task list is polled every 2 s.
+// * The queue (GET /queue: the cluster's, with Redis) has no events: polled every 2 s; its
+//   depth is drawn over the last 2 minutes from those polls.
 
 const SECRET_KEY = "oxide.secret";
 const NODES_EVERY_MS = 2000;
 const TASKS_EVERY_MS = 10000;
 const TASK_LIMIT = 50;
+const QUEUE_EVERY_MS = 2000;
+const QUEUE_LIMIT = 50;
+const QUEUE_HISTORY = 60;  // depth samples drawn (2 minutes at one per poll)
 const MAX_OUTPUT_NODES = 20000;  // DOM nodes in the output pane before old ones are trimmed
 const ACTIVE = new Set(["queued", "running"]);
 
@@ -30,6 +35,8 @@ const tasks = new Map();  // id -> task JSON
 let view = null;          // the open task view
 let localNodeId = null;   // the node serving this page
 let ticks = 0;            // clock-driven refreshes so far (tests poll on #app[data-ticks])
+let queued = [];          // GET /queue's tasks, in dispatch order
+const depths = [];        // queue depth, one sample per poll
 
 // -- HTTP ----------------------------------------------------------------------------
 
@@ -78,6 +85,8 @@ function signOut(message) {
   live = null;
   closeTask();
   tasks.clear();
+  queued = [];
+  depths.length = 0;
   $("app").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
@@ -114,9 +123,10 @@ function start() {
   live.connect();
   timers.push(setInterval(refreshNodes, NODES_EVERY_MS));
   timers.push(setInterval(refreshTasks, TASKS_EVERY_MS));
+  timers.push(setInterval(refreshQueue, QUEUE_EVERY_MS));
   timers.push(setInterval(tickDurations, 1000));
   // A #task= link opens once the lists are drawn, so they do not push the view away.
-  Promise.all([refreshNodes(), refreshTasks()]).then(openFromHash);
+  Promise.all([refreshNodes(), refreshTasks(), refreshQueue()]).then(openFromHash);
 }
 
 // -- nodes and leader ----------------------------------------------------------------
@@ -207,6 +217,74 @@ function renderNodes(cluster) {
 
 const pct = (value) => (value === null || value === undefined ? "" : `${Math.round(value)}%`);
 const short = (id) => (id ? String(id).slice(0, 12) : "?");
+
+// -- queue ---------------------------------------------------------------------------
+
+async function refreshQueue() {
+  if (!secret) return;
+  try {
+    const body = await api(`/queue?limit=${QUEUE_LIMIT}`);
+    queued = body.tasks;
+    depths.push(body.queued);
+    if (depths.length > QUEUE_HISTORY) depths.shift();
+    renderQueue(body);
+  } catch (error) {
+    handleError(error);
+  }
+}
+
+// From the task's created_at (its entering node's clock) to now.
+function waiting(task) {
+  const since = Date.parse(task.created_at);
+  if (Number.isNaN(since)) return "";
+  const seconds = Math.max(0, (Date.now() - since) / 1000);
+  if (seconds < 60) return `${seconds.toFixed(0)} s`;
+  const minutes = Math.floor(seconds / 60);
+  return minutes < 60 ? `${minutes} min ${Math.round(seconds % 60)} s`
+    : `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+function renderQueue(body) {
+  const depth = $("queue-depth");
+  depth.textContent = `${body.queued} queued`;
+  depth.dataset.depth = String(body.queued);
+  $("queue-by-priority").textContent = Object.entries(body.by_priority || {})
+    .sort((a, b) => Number(b[0]) - Number(a[0]))
+    .map(([priority, count]) => `priority ${priority}: ${count}`).join(" · ");
+  const rows = queued.map((task) => {
+    const row = el("tr", "queued");
+    row.dataset.taskId = task.id;
+    const link = el("a", "", short(task.id));
+    link.href = `#task=${encodeURIComponent(task.id)}`;
+    const id = el("td");
+    id.append(link);
+    const command = el("td", "command", commandLine(task));
+    command.title = commandLine(task);
+    row.append(el("td", "position", task.queue_position), el("td", "priority", task.priority),
+      el("td", "group", task.group), el("td", "waiting", waiting(task)), id, command);
+    return row;
+  });
+  $("queue").replaceChildren(...rows);
+  $("queue-empty").hidden = rows.length > 0;
+  drawDepths();
+}
+
+// The depth samples as one line, scaled to the largest depth shown (at least 1).
+function drawDepths() {
+  const chart = $("queue-chart");
+  const top = Math.max(1, ...depths);
+  const step = 300 / (QUEUE_HISTORY - 1);
+  // One sample is no line yet: draw it across the last step.
+  const series = depths.length === 1 ? [depths[0], depths[0]] : depths;
+  const offset = QUEUE_HISTORY - series.length;
+  const points = series.map((value, index) =>
+    `${((offset + index) * step).toFixed(1)},${(38 - (value / top) * 36).toFixed(1)}`);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", points.join(" "));
+  const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+  title.textContent = `queue depth, now ${depths.at(-1) ?? 0}, highest shown ${top}`;
+  chart.replaceChildren(title, line);
+}
 
 // -- tasks ---------------------------------------------------------------------------
 
@@ -323,6 +401,10 @@ function tickDurations() {
   for (const row of $("tasks").querySelectorAll("tr.task")) {
     const task = tasks.get(row.dataset.taskId);
     if (task && ACTIVE.has(task.state)) row.querySelector(".duration").textContent = duration(task);
+  }
+  for (const row of $("queue").querySelectorAll("tr.queued")) {
+    const task = queued.find((one) => one.id === row.dataset.taskId);
+    if (task) row.querySelector(".waiting").textContent = waiting(task);
   }
   if (view) view.renderMeta();
   $("app").dataset.ticks = String(++ticks);

@@ -119,7 +119,7 @@ def cluster(network: Callable[[int], harness.Network], tmp_path: Path
 
 FAULT_REPORT_COLUMNS = ("scenario", "faults injected", "submitted", "accepted", "finished",
                         "lost", "unknown", "refused", "leader changes", "split-brain", "orphans",
-                        "killed w/ agent")
+                        "killed w/ agent", "ran twice")
 _fault_rows: list[dict[str, Any]] = []
 
 

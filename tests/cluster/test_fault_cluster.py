@@ -16,6 +16,7 @@ system-wide); the proven terms of different nodes must never overlap.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import sys
@@ -39,6 +40,9 @@ from tests.support import SECRET
 TTL = 2.0
 RATE = 10.0  # task submissions per second
 TASK = {"command": "sh", "args": ["-c", "sleep 0.5"]}  # ~5 running at a time
+# The load's task: TASK that first appends its OXIDE_TASK_ID to a marker file shared by
+# every host (network namespaces share the file system), so a second run shows up.
+_MARK = 'echo "$OXIDE_TASK_ID" >> "$1"; sleep 0.5'
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out", "lost", "rejected"}
 
 _SAMPLER = """
@@ -161,8 +165,10 @@ class Load:
 
     ATTEMPTS = 8
 
-    def __init__(self, targets: list[OxideNode], rate: float = RATE) -> None:
+    def __init__(self, targets: list[OxideNode], marker: Path, rate: float = RATE) -> None:
         self.targets = targets
+        self.marker = marker
+        self.task = marked_task(marker)
         self.interval = 1.0 / rate
         self.accepted: dict[str, dict[str, Any]] = {}
         self.submitted = self.refused = self.unreachable = self.gave_up = 0
@@ -203,7 +209,7 @@ class Load:
         for _ in range(self.ATTEMPTS):
             node = self._target()
             try:
-                status, body, headers = node.agent.post("/execute", TASK, timeout=10)
+                status, body, headers = node.agent.post("/execute", self.task, timeout=10)
             except NodeUnreachable:
                 with self._lock:
                     self.unreachable += 1
@@ -236,6 +242,24 @@ class Load:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def marked_task(marker: Path) -> dict[str, Any]:
+    """TASK, recording each start of it as one line (its id) in ``marker``."""
+    marker.touch()
+    marker.chmod(0o666)  # whatever user the agents run tasks as
+    return {"command": "sh", "args": ["-c", _MARK, "sh", str(marker)]}
+
+
+def ran_twice(marker: Path, final: dict[str, str]) -> list[str]:
+    """Task ids that started more than once (appended to ``marker`` more than once).
+
+    Call after orphan_count(): every task process has ended, so every start is written.
+    Every succeeded task must have written its id, or the marker proves nothing."""
+    starts = collections.Counter(marker.read_text().split())
+    unmarked = [tid for tid, state in final.items() if state == "succeeded" and tid not in starts]
+    assert not unmarked, f"succeeded without a start in {marker}: {unmarked[:5]}"
+    return sorted(tid for tid, count in starts.items() if count > 1)
 
 
 def task_procs(node_ids: Sequence[str]) -> list[psutil.Process]:
@@ -323,7 +347,8 @@ def kill_with_tasks(node: OxideNode) -> set[str]:
 
 
 def row(report: list[dict[str, Any]], scenario: str, faults: str, load: Load | None,
-        final: dict[str, str], changes: int, split: int, orphans: int, killed: int) -> None:
+        final: dict[str, str], changes: int, split: int, orphans: int, killed: int,
+        twice: list[str]) -> None:
     entry = {
         "scenario": scenario, "faults injected": faults,
         "submitted": load.submitted if load else len(final),
@@ -333,10 +358,12 @@ def row(report: list[dict[str, Any]], scenario: str, faults: str, load: Load | N
         "unknown": sum(s == "unknown" for s in final.values()),
         "refused": load.refused if load else 0,
         "leader changes": changes, "split-brain": split, "orphans": orphans,
-        "killed w/ agent": killed,
+        "killed w/ agent": killed, "ran twice": len(twice),
     }
     report.append(entry)
     print(f"\n{scenario}: {entry}")
+    if twice:
+        print(f"  ran twice: {twice[:10]}")
     if load:
         print(f"  unreachable retries {load.unreachable}, gave up {load.gave_up}, "
               f"other statuses {load.other} {load.other_examples[:3]}")
@@ -369,13 +396,13 @@ def run_for(seconds: float) -> None:
 
 
 @pytest.mark.slow
-def test_leader_kill_9_under_load(fault_cluster, samplers, fault_report):
+def test_leader_kill_9_under_load(fault_cluster, samplers, fault_report, tmp_path):
     c, _ = fault_cluster(3)
     ids = [n.node_id for n in c.nodes]
     sampler = samplers(c.nodes, c.net.log_dir)
     leader, token = wait_for_leader(c.nodes)
     targets = list(c.nodes)
-    with Load(targets) as load:
+    with Load(targets, tmp_path / "starts") as load:
         run_for(3)
         with load._lock:
             targets.remove(leader)
@@ -387,27 +414,29 @@ def test_leader_kill_9_under_load(fault_cluster, samplers, fault_report):
         run_for(5)
     final = settle(load, survivors, [leader.node_id], running)
     orphans = orphan_count(ids)
+    twice = ran_twice(load.marker, final)
     sampler.stop()
     split = sampler.overlaps()
     changes = len(sampler.terms()) - 1
     row(fault_report, "leader kill -9", f"kill -9 {leader.name} (leader)", load, final,
-        changes, len(split), orphans, len(running))
+        changes, len(split), orphans, len(running), twice)
     print(f"  new leader {new.name} token {token} -> {new_token} after {failover:.2f} s; "
           f"{sampler.total()} leader samples")
     assert not split, split
     assert orphans == 0
+    assert not twice, twice
     assert len(load.accepted) > 0
 
 
 @pytest.mark.slow
-def test_leader_sigstop_past_ttl_under_load(fault_cluster, samplers, fault_report):
+def test_leader_sigstop_past_ttl_under_load(fault_cluster, samplers, fault_report, tmp_path):
     c, _ = fault_cluster(3)
     ids = [n.node_id for n in c.nodes]
     sampler = samplers(c.nodes, c.net.log_dir)
     leader, token = wait_for_leader(c.nodes)
     others = [n for n in c.nodes if n is not leader]
     targets = list(c.nodes)
-    with Load(targets) as load:
+    with Load(targets, tmp_path / "starts") as load:
         run_for(3)
         with load._lock:
             targets.remove(leader)
@@ -427,15 +456,17 @@ def test_leader_sigstop_past_ttl_under_load(fault_cluster, samplers, fault_repor
         run_for(5)
     final = settle(load, c.nodes, [], set())
     orphans = orphan_count(ids)
+    twice = ran_twice(load.marker, final)
     sampler.stop()
     split = sampler.overlaps()
     changes = len(sampler.terms()) - 1
     row(fault_report, "leader SIGSTOP", f"SIGSTOP {leader.name} (leader) "
-        f"{1.5 * TTL:.0f}s", load, final, changes, len(split), orphans, 0)
+        f"{1.5 * TTL:.0f}s", load, final, changes, len(split), orphans, 0, twice)
     print(f"  new leader {new.name} token {token} -> {new_token} after {failover:.2f} s; "
           f"agreed leader after SIGCONT: {agreed.name}:{agreed_token}")
     assert not split, split
     assert orphans == 0
+    assert not twice, twice
 
 
 def flushall(redis: harness.RedisServer) -> None:
@@ -443,12 +474,12 @@ def flushall(redis: harness.RedisServer) -> None:
 
 
 @pytest.mark.slow
-def test_redis_restart_and_flushall_under_load(fault_cluster, samplers, fault_report):
+def test_redis_restart_and_flushall_under_load(fault_cluster, samplers, fault_report, tmp_path):
     c, redis = fault_cluster(3)
     ids = [n.node_id for n in c.nodes]
     sampler = samplers(c.nodes, c.net.log_dir)
     _leader, token = wait_for_leader(c.nodes)
-    with Load(list(c.nodes)) as load:
+    with Load(list(c.nodes), tmp_path / "starts") as load:
         run_for(3)
         t0 = time.monotonic()
         redis.restart()
@@ -462,15 +493,17 @@ def test_redis_restart_and_flushall_under_load(fault_cluster, samplers, fault_re
         run_for(3)
     final = settle(load, c.nodes, [], set())
     orphans = orphan_count(ids)
+    twice = ran_twice(load.marker, final)
     sampler.stop()
     split = sampler.overlaps()
     changes = len(sampler.terms()) - 1
     row(fault_report, "redis restart+FLUSHALL", "redis restart; FLUSHALL", load, final,
-        changes, len(split), orphans, 0)
+        changes, len(split), orphans, 0, twice)
     print(f"  leader again {after_restart:.2f} s after the restart (token {token} -> "
           f"{token2}), {after_flush:.2f} s after FLUSHALL ({leader3.name}, token {token3})")
     assert not split, split
     assert orphans == 0
+    assert not twice, twice
     assert agreed_leader(c.nodes) is not None
 
 
@@ -486,12 +519,14 @@ def post_inside(node: OxideNode, body: dict[str, Any]) -> tuple[int, Any]:
 
 
 @pytest.mark.slow
-def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault_report):
+def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault_report, tmp_path):
     c, _ = fault_cluster(5)
     ids = [n.node_id for n in c.nodes]
     sampler = samplers(c.nodes, c.net.log_dir)
     leader, token = wait_for_leader(c.nodes)
     minority = [leader, next(n for n in c.nodes if n is not leader)]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
     majority = [n for n in c.nodes if n not in minority]
     final: dict[str, str] = {}
     cut = time.monotonic()
@@ -508,12 +543,12 @@ def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault
         no_leader_after = time.monotonic() - cut
         # Work during the partition: the majority places it; the minority admits it
         # locally or refuses with Retry-After.
-        status, reply, _ = majority[0].agent.post("/execute?wait=10", TASK, timeout=15)
+        status, reply, _ = majority[0].agent.post("/execute?wait=10", task, timeout=15)
         assert status == 200 and reply["state"] == "succeeded", (status, reply)
         final[reply["id"]] = reply["state"]
         minority_answers = []
         for node in minority:
-            status, reply = post_inside(node, TASK)
+            status, reply = post_inside(node, task)
             minority_answers.append(status)
             assert status in (200, 202, 429, 503), (node, status, reply)
             if status in (200, 202):
@@ -537,6 +572,7 @@ def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault
                 message=f"{tid} to end")
     assert all(s in TERMINAL for s in final.values()), final
     orphans = orphan_count(ids)
+    twice = ran_twice(marker, final)
     sampler.stop()
     split = sampler.overlaps()
     minority_claims = [(node.name, tok) for node in minority
@@ -545,7 +581,7 @@ def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault
                        and tok is not None and tok >= new_token]
     changes = len(sampler.terms()) - 1
     row(fault_report, "partition 2|3", f"link_down {minority[0].name} (leader), "
-        f"{minority[1].name}", None, final, changes, len(split), orphans, 0)
+        f"{minority[1].name}", None, final, changes, len(split), orphans, 0, twice)
     print(f"  majority leader {new.name} token {token} -> {new_token} after "
           f"{failover:.2f} s; minority named no leader after {no_leader_after:.2f} s and "
           f"answered {minority_answers}; after healing all five agree on "
@@ -553,3 +589,4 @@ def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault
     assert not split, split
     assert not minority_claims, minority_claims
     assert orphans == 0
+    assert not twice, twice

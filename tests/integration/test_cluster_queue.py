@@ -145,3 +145,45 @@ def test_idempotency_key_on_two_nodes_names_one_task(make_cluster, tmp_path):
                message="the other task to end")
     assert Counter(marks.read_text().split()) == Counter([one.json()["id"],
                                                          other.json()["id"]])
+
+
+def test_get_queue_on_any_node_lists_the_cluster_queue_in_dispatch_order(
+        make_cluster, tmp_path):
+    make, submitted = make_cluster
+    nodes = make(2)
+    follower = next(node for node in nodes if node is not leader_of(nodes))
+    release = tmp_path / "release"
+    blocker = {"command": "sh", "args": ["-c", f"while [ ! -e {release} ]; do sleep 0.05; done"]}
+    blockers = [node.post("/execute", blocker).json()["id"] for node in nodes]
+    submitted.extend(blockers)
+    poll_until(lambda: all(final_state(nodes, t) is None and any(
+        n.get(f"/task/{t}").json()["state"] == "running" for n in nodes) for t in blockers),
+        timeout=20, message="both one-slot nodes to run a blocker")
+    queued = {}
+    for name, priority, group in (("a1", 0, "a"), ("a2", 0, "a"), ("b1", 5, "b"),
+                                  ("c1", 0, "c")):
+        body = {"command": "true", "priority": priority, "group": group}
+        reply = follower.post("/execute", body)
+        assert reply.status == 202 and reply.json()["state"] == "queued", reply
+        queued[name] = reply.json()["id"]
+    submitted.extend(queued.values())
+    # Priority first, then the groups take turns, FIFO within a group.
+    order = [queued[name] for name in ("b1", "a1", "c1", "a2")]
+    try:
+        for node in nodes:  # the leader and the follower answer alike, from Redis
+            listing = node.get("/queue").json()
+            assert [task["id"] for task in listing["tasks"]] == order, listing
+            assert [task["queue_position"] for task in listing["tasks"]] == [1, 2, 3, 4]
+            assert [task["group"] for task in listing["tasks"]] == ["b", "a", "c", "a"]
+            assert {task["state"] for task in listing["tasks"]} == {"queued"}
+            assert listing["queued"] == 4
+            assert listing["by_priority"] == {"5": 1, "0": 3}
+        limited = follower.get("/queue?limit=2").json()
+        assert [task["id"] for task in limited["tasks"]] == order[:2]
+        assert limited["queued"] == 4
+    finally:
+        release.touch()
+    for task_id in [*blockers, *order]:
+        assert poll_until(lambda t=task_id: final_state(nodes, t), timeout=30,
+                          message=f"task {task_id} to end")["state"] == "succeeded"
+    assert follower.get("/queue").json() == {"queued": 0, "by_priority": {}, "tasks": []}

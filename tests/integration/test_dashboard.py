@@ -358,3 +358,41 @@ def test_login_card_says_where_the_secret_is(agent, browser, tmp_path) -> None:
                   "--secret-file"):
         assert place in where, place
     screenshot(browser, tmp_path, "dashboard-login.png")
+
+
+def test_queue_panel_lists_queued_tasks_in_dispatch_order_with_their_groups(
+        agent_factory, browser, tmp_path) -> None:
+    agent = agent_factory(extra_args=("--max-tasks", "1"))
+    blocker = agent.post("/execute", {"command": "sleep", "args": ["30"]}).json()
+    assert blocker["state"] == "running", blocker
+    # Submitted first, dispatched second: the higher priority goes ahead.
+    later = agent.post("/execute", {"command": "true", "group": "pipeline-a"}).json()
+    first = agent.post("/execute", {"command": "echo", "args": ["hi"], "priority": 5,
+                                    "group": "pipeline-b"}).json()
+    assert later["state"] == first["state"] == "queued", (later, first)
+    open_dashboard(browser, agent)
+
+    def rows(d):
+        return [(r.get_attribute("data-task-id"),
+                 *(r.find_elements("css selector", f"td.{c}")[0].text
+                   for c in ("position", "priority", "group")))
+                for r in css(d, "tr.queued")]
+    expected = [(first["id"], "1", "5", "pipeline-b"), (later["id"], "2", "0", "pipeline-a")]
+    wait(browser, lambda d: rows(d) == expected, message="both queued tasks, in order")
+    assert css(browser, "#queue-depth")[0].get_attribute("data-depth") == "2"
+    assert text_of(browser, "queue-by-priority") == "priority 5: 1 · priority 0: 1"
+    assert visible(browser, "queue-chart")
+    points = css(browser, "#queue-chart polyline")[0].get_attribute("points").split()
+    assert len(points) >= 2 and points[-1].endswith(",2.0"), points  # the top: depth 2
+    # The waiting time counts up from each task's submit.
+    wait(browser, lambda d: all(r.find_elements("css selector", "td.waiting")[0].text
+                                .endswith(" s") for r in css(d, "tr.queued")),
+         message="waiting times")
+    screenshot(browser, tmp_path, "dashboard-queue.png")
+
+    assert agent.post(f"/task/{blocker['id']}/cancel?wait=10").status == 200
+    # Polled every 2 s: the drained queue shows within a few polls.
+    wait(browser, lambda d: not css(d, "tr.queued") and visible(d, "queue-empty"),
+         message="the queue to drain")
+    assert css(browser, "#queue-depth")[0].get_attribute("data-depth") == "0"
+    assert severe_console_errors(browser) == []

@@ -68,3 +68,28 @@ def test_metrics_count_http_requests_by_route_template_and_status(agent):
 def test_metrics_require_the_secret(agent):
     assert agent.get("/metrics", secret=None).status == 401
     assert agent.get("/metrics", secret="wrong").status == 401
+
+
+def test_metrics_show_queue_depth_by_priority_and_queue_waits(agent_factory):
+    import time
+
+    from tests.support import poll_until
+
+    agent = agent_factory(extra_args=("--max-tasks", "1"))
+    blocker = agent.post("/execute", {"command": "sleep", "args": ["30"]})
+    assert blocker.status in (200, 202) and blocker.json()["state"] == "running", blocker
+    queued = agent.post("/execute", {"command": "true", "priority": 3})
+    assert queued.status == 202 and queued.json()["state"] == "queued", queued
+    queued_since = time.monotonic()
+    samples = scrape(agent)
+    assert samples["oxide_queue_depth"] == {(("priority", "0"),): 0, (("priority", "3"),): 1}
+    assert samples["oxide_queue_wait_seconds_count"][()] == 1  # the blocker started at once
+    assert agent.post(f"/task/{blocker.json()['id']}/cancel?wait=10").status == 200
+    waited_at_least = time.monotonic() - queued_since
+    task_id = queued.json()["id"]
+    poll_until(lambda: agent.get(f"/task/{task_id}").json()["state"] == "succeeded",
+               timeout=15, message="the queued task to run")
+    samples = scrape(agent)
+    assert samples["oxide_queue_depth"] == {(("priority", "0"),): 0}
+    assert samples["oxide_queue_wait_seconds_count"][()] == 2
+    assert samples["oxide_queue_wait_seconds_sum"][()] >= waited_at_least

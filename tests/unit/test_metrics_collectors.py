@@ -76,3 +76,28 @@ def test_route_template_keeps_label_values_few():
     assert route_template(url_map, "GET", "/task/abc123") == "/task/<task_id>"
     assert route_template(url_map, "GET", "/nope") == "unmatched"
     assert route_template(url_map, "GET", "/execute") == "unmatched"
+
+
+def test_queue_wait_is_timed_at_start_once_per_task():
+    from oxide_cluster.model import TaskState
+
+    node = fake_node()
+    metrics = NodeMetrics(node, Map([]))
+    queued_long = SimpleNamespace(state=TaskState.RUNNING, created_at=100.0, started_at=102.5)
+    at_once = SimpleNamespace(state=TaskState.RUNNING, created_at=100.0, started_at=100.002)
+    for task in (queued_long, at_once):
+        metrics.task_changed(task)
+    # Its end times the run, not the wait again.
+    metrics.task_changed(SimpleNamespace(state=TaskState.SUCCEEDED, created_at=100.0,
+                                         started_at=102.5, finished_at=103.0))
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = \
+                sample.value
+    assert samples["oxide_queue_wait_seconds_count"][()] == 2
+    assert abs(samples["oxide_queue_wait_seconds_sum"][()] - 2.502) < 1e-6
+    buckets = samples["oxide_queue_wait_seconds_bucket"]
+    assert buckets[(("le", "0.01"),)] == 1
+    assert buckets[(("le", "1.0"),)] == 1
+    assert buckets[(("le", "5.0"),)] == 2
