@@ -397,6 +397,8 @@ class TaskApi:
             "finished_since_start": executor.finished_total,
             "cgroups": executor.cgroups.describe(),
         })
+        if self.node.retention is not None:
+            body["store"] = self.node.retention.to_json()
         if self.node.discovery is not None:
             body["discovery"] = dict(self.node.discovery.counters)
         return render_json(request, body)

@@ -11,6 +11,7 @@ import psutil
 from oxide_cluster import __version__
 from oxide_cluster.config import Config
 from oxide_cluster.model import rfc3339
+from oxide_cluster.retention import Retention
 
 
 def primary_ipv4() -> str | None:
@@ -36,6 +37,7 @@ class Node:
     reactor: Any
     discovery: Any = None
     ws: Any = None
+    retention: Retention | None = None
     hostname: str = attrs.field(factory=socket.gethostname)
     started_at: float = 0.0
     services: tuple[str, ...] = ("executor", "api", "ws")
