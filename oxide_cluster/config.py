@@ -256,6 +256,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store_limit", _optional_size, None,
             "bytes the task store may hold, e.g. 10G; oldest finished tasks go first "
             "(default: a tenth of the state dir's filesystem)"),
+    Setting("drain", _on_off, False,
+            "start draining (true/false): take no new tasks until POST /node/resume"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
     Setting("access_log", _on_off, False,
             "one log line per HTTP request (true/false); /metrics counts requests either way"),
@@ -302,6 +304,7 @@ class Config:
     default_resources: Resources = attrs.field(factory=Resources)
     keep_tasks: float = 14 * 86400.0
     store_limit: int | None = None
+    drain: bool = False
 
     @property
     def clustered(self) -> bool:

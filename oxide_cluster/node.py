@@ -10,6 +10,7 @@ import psutil
 
 from oxide_cluster import __version__
 from oxide_cluster.config import Config
+from oxide_cluster.drain import Drain
 from oxide_cluster.model import rfc3339
 from oxide_cluster.retention import Retention
 
@@ -38,6 +39,7 @@ class Node:
     discovery: Any = None
     ws: Any = None
     retention: Retention | None = None
+    drain: Drain = attrs.Factory(Drain)
     hostname: str = attrs.field(factory=socket.gethostname)
     started_at: float = 0.0
     services: tuple[str, ...] = ("executor", "api", "ws")
@@ -52,6 +54,8 @@ class Node:
             "load": list(load.load),
             "running_tasks": self.executor.running_count,
             "free_slots": self.executor.free_slots,
+            # Announced with the load: a leader places nothing on a draining node.
+            "draining": self.drain.draining,
         }
 
     def leader(self) -> dict[str, Any]:

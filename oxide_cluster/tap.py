@@ -36,6 +36,7 @@ from oxide_cluster.cluster_queue import (
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
+from oxide_cluster.drain import Drain
 from oxide_cluster.election import (
     RedisAddress,
     RedisLockBackend,
@@ -332,10 +333,11 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
             raise ConfigError(f"bad value for 'redis': {error}") from None
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
-                started_at=reactor.seconds(), retention=retention)
+                started_at=reactor.seconds(), retention=retention,
+                drain=Drain(config.drain, reactor.seconds() if config.drain else None))
     labels = LabelBook(config.labels, lambda: _peer_labels(node))
     scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
-                          labels=labels, pins=workspaces)
+                          labels=labels, pins=workspaces, drain=node.drain)
     _RecoverThenRun(store, executor, scheduler, lambda code: exit_after_stop(reactor, code),
                     config.state_dir).setServiceParent(top)
     scheduler.setServiceParent(top)
@@ -426,7 +428,7 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
             return placement.candidates()
         stats = node.stats()
         return [Candidate(node.node_id, stats["free_slots"], stats["cpu_percent"],
-                          stats["memory_percent"], config.labels)]
+                          stats["memory_percent"], config.labels, node.drain.draining)]
 
     dispatcher = ClusterDispatcher(
         reactor, backend, is_leader=lambda: bool(elector.is_leader), candidates=candidates,
