@@ -64,14 +64,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE tasks ADD COLUMN finished_at REAL",
         "UPDATE tasks SET finished_at = coalesce(json_extract(record, '$.finished_at'), 0)"
         " WHERE state NOT IN ('queued', 'running')",
-        "CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at)"
+        "CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at, id)"
         " WHERE finished_at IS NOT NULL",
     ),
 }
 
-# Pages handed back to the filesystem per ``PRAGMA incremental_vacuum`` step (4 KiB each):
-# each step is one short turn of the store's thread, so writes wait at most that long.
-VACUUM_STEP_PAGES = 4096
+# Pages handed back to the filesystem per ``PRAGMA incremental_vacuum`` step (4 MiB in all,
+# about 0.1 s here): one short turn of the store's thread, so writes wait at most that long.
+VACUUM_STEP_PAGES = 1024
 
 T = TypeVar("T")
 TaskRow = tuple[str, str, str, str, int, str | None, int | None, str | None, float | None]
