@@ -427,7 +427,8 @@ class Workspaces(service.Service):
                     body = json.loads(path.read_text())
                 except (FileNotFoundError, ValueError):
                     continue
-                digests.extend(entry["sha256"] for entry in body.get("files", []))
+                # ArtifactListing.to_json writes the files under "artifacts".
+                digests.extend(entry["sha256"] for entry in body.get("artifacts", []))
                 path.unlink(missing_ok=True)
             return digests
 
