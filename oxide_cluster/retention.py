@@ -36,6 +36,8 @@ class Clock(Protocol):
 
 
 class PrunableStore(Protocol):
+    is_open: bool
+
     def prune_batch(self, finished_before: float, size_limit: int | None,
                     batch: int) -> defer.Deferred[PruneBatch]: ...
 
@@ -94,6 +96,10 @@ class Retention(service.MultiService):
                 "last_prune": self.last.to_json() if self.last is not None else None}
 
     def _tick(self) -> defer.Deferred[None]:
+        if not self._store.is_open:
+            # At start the store is still opening (or failed to: start-up ends with its
+            # own one line); the next tick prunes.
+            return defer.succeed(None)
         # TimerService stops for good when its callable fails: log and keep going.
         done = self.prune()
         done.addErrback(lambda failure: self.log.failure("store prune failed", failure))

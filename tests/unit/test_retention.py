@@ -189,3 +189,15 @@ async def test_metrics_count_pruned_tasks_and_the_last_pass(tmp_path):
         assert samples["oxide_store_bytes"] == retention.last.file_bytes > 0
     finally:
         await store.stopService()
+
+
+def test_no_pass_runs_while_the_store_is_not_open(tmp_path):
+    from twisted.internet import reactor
+
+    store = Store(reactor, tmp_path / "s.db")  # never started: a store that failed to open
+    clock = clock_at(NOW)
+    retention = Retention(clock, store, keep_tasks=DAY, store_limit=None, interval=60.0)
+    retention.startService()
+    clock.advance(60)
+    assert retention.passes == 0 and retention.last is None
+    retention.stopService()
