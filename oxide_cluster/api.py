@@ -382,10 +382,31 @@ class TaskApi:
             checks["scheduler"] = self.scheduler.recovered
         if self.node.discovery is not None:
             checks["discovery"] = bool(self.node.discovery.bound)
+        checks["not_draining"] = not self.node.drain.draining  # load balancers: send elsewhere
         ok = all(checks.values())
         return render_json(request, {"ready": ok, "checks": checks,
+                                     "draining": self.node.drain.draining,
                                      "cgroups": self.node.executor.cgroups.mode},
                            200 if ok else 503)
+
+    @app.route("/node/drain", methods=["POST"])
+    def node_drain(self, request: Request) -> bytes:
+        """Take no new tasks, let running ones finish (idempotent)."""
+        self._authorize(request)
+        self._scheduler.drain()
+        return self._drain_json(request)
+
+    @app.route("/node/resume", methods=["POST"])
+    def node_resume(self, request: Request) -> bytes:
+        """End a drain: admit again and start what waited in the queue (idempotent)."""
+        self._authorize(request)
+        self._scheduler.resume()
+        return self._drain_json(request)
+
+    def _drain_json(self, request: Request) -> bytes:
+        return render_json(request, {**self.node.drain.to_json(),
+                                     "running": self.node.executor.running_count,
+                                     "queued": len(self._scheduler)})
 
     @app.route("/stats", methods=["GET"])
     def stats(self, request: Request) -> bytes:
@@ -400,6 +421,8 @@ class TaskApi:
             "finished_since_start": executor.finished_total,
             "cgroups": executor.cgroups.describe(),
         })
+        if self.node.retention is not None:
+            body["store"] = self.node.retention.to_json()
         if self.node.discovery is not None:
             body["discovery"] = dict(self.node.discovery.counters)
         return render_json(request, body)

@@ -9,6 +9,7 @@ cannot drift apart. Unknown keys and bad values raise :class:`ConfigError` namin
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import attrs
 import yaml
 
-from oxide_cluster.cgroups import MODES, ResourceError, Resources, parse_resources
+from oxide_cluster.cgroups import MODES, ResourceError, Resources, parse_resources, parse_size
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,36 @@ def _resources(value: Any) -> Resources:
         raise ValueError(str(error)) from None
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(value: Any) -> float:
+    """Seconds from a number or ``"90m"``/``"12h"``/``"14d"``/``"2w"``."""
+    if isinstance(value, bool):
+        raise ValueError("must be seconds or a duration like '14d'")
+    if isinstance(value, int | float):
+        number = float(value)
+    else:
+        match = _DURATION.match(_text(value))
+        if match is None:
+            raise ValueError("must be seconds or a duration like '14d'")
+        number = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if not number > 0:
+        raise ValueError("must be a duration > 0")
+    return number
+
+
+def _optional_size(value: Any) -> int | None:
+    """Bytes from a number or ``"10G"``; none (empty) for the default."""
+    if value is None or value == "":
+        return None
+    try:
+        return parse_size("store_limit", value)
+    except ResourceError as error:
+        raise ValueError(error.message) from None
+
+
 @attrs.frozen
 class Setting:
     """One configuration key: its parser, default and the help shown everywhere."""
@@ -220,6 +251,13 @@ SETTINGS: tuple[Setting, ...] = (
             "delegated cgroup v2 directory for tasks (default: the agent's own cgroup)"),
     Setting("default_resources", _resources, Resources(),
             "limits of a task that declares none, cpus=1.5,memory=2G,pids=512"),
+    Setting("keep_tasks", _duration, 14 * 86400.0,
+            "how long finished tasks and their output are kept: seconds or 12h, 14d, 2w"),
+    Setting("store_limit", _optional_size, None,
+            "bytes the task store may hold, e.g. 10G; oldest finished tasks go first "
+            "(default: a tenth of the state dir's filesystem)"),
+    Setting("drain", _on_off, False,
+            "start draining (true/false): take no new tasks until POST /node/resume"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
     Setting("access_log", _on_off, False,
             "one log line per HTTP request (true/false); /metrics counts requests either way"),
@@ -264,6 +302,9 @@ class Config:
     cgroups: str = "auto"
     cgroup_root: str | None = None
     default_resources: Resources = attrs.field(factory=Resources)
+    keep_tasks: float = 14 * 86400.0
+    store_limit: int | None = None
+    drain: bool = False
 
     @property
     def clustered(self) -> bool:

@@ -21,6 +21,7 @@ from werkzeug.routing import Map
 
 from oxide_cluster import __version__
 from oxide_cluster.model import Task, TaskState
+from oxide_cluster.retention import Retention
 
 __all__ = ["CONTENT_TYPE_LATEST", "MeteredSite", "NodeMetrics", "route_template"]
 
@@ -178,9 +179,27 @@ class _NodeCollector:
         yield requests
 
         yield from _leader_metrics(node.elector)
+        yield from _retention_metrics(getattr(node, "retention", None))
         yield from _websocket_metrics(node)
         if node.discovery is not None:
             yield from _discovery_metrics(node.discovery)
+
+
+def _retention_metrics(retention: Retention | None) -> Iterator[Metric]:
+    if retention is None:
+        return
+    yield CounterMetricFamily("oxide_store_pruned_tasks",
+                              "Finished tasks deleted by retention since the agent started",
+                              value=retention.pruned_total)
+    last = retention.last
+    if last is not None:
+        yield GaugeMetricFamily("oxide_store_bytes",
+                                "Bytes of the task store on disk after the last prune",
+                                value=last.file_bytes)
+        yield GaugeMetricFamily("oxide_store_last_prune_timestamp",
+                                "When the last prune pass ran", value=last.at)
+        yield GaugeMetricFamily("oxide_store_last_prune_seconds",
+                                "How long the last prune pass took", value=last.seconds)
 
 
 def _leader_metrics(elector: Any) -> Iterator[Metric]:

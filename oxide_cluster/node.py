@@ -10,7 +10,9 @@ import psutil
 
 from oxide_cluster import __version__
 from oxide_cluster.config import Config
+from oxide_cluster.drain import Drain
 from oxide_cluster.model import rfc3339
+from oxide_cluster.retention import Retention
 
 
 def primary_ipv4() -> str | None:
@@ -36,6 +38,8 @@ class Node:
     reactor: Any
     discovery: Any = None
     ws: Any = None
+    retention: Retention | None = None
+    drain: Drain = attrs.Factory(Drain)
     hostname: str = attrs.field(factory=socket.gethostname)
     started_at: float = 0.0
     services: tuple[str, ...] = ("executor", "api", "ws")
@@ -50,6 +54,8 @@ class Node:
             "load": list(load.load),
             "running_tasks": self.executor.running_count,
             "free_slots": self.executor.free_slots,
+            # Announced with the load: a leader places nothing on a draining node.
+            "draining": self.drain.draining,
         }
 
     def leader(self) -> dict[str, Any]:

@@ -79,6 +79,8 @@ _NODE_STATS = {
         "load": {"type": ["array", "null"], "items": {"type": "number"}},
         "running_tasks": {"type": "integer", "minimum": 0},
         "free_slots": {"type": "integer", "minimum": 0},
+        "draining": {"type": "boolean",
+                     "description": "the node takes no new tasks (POST /node/drain)"},
     },
 }
 
@@ -317,8 +319,19 @@ PATHS: dict[str, Any] = {
         "summary": "Readiness: store open, executor recovered, queue restored, discovery bound",
         "responses": {
             "200": _json(_ref("Readiness"), "ready"),
-            "503": _json(_ref("Readiness"), "not ready; checks say which part"),
+            "503": _json(_ref("Readiness"), "not ready, or draining; checks say which "
+                                            "part (`not_draining`)"),
         },
+    })},
+    "/node/drain": {"post": _secured({
+        "summary": "Drain: take no new tasks (submissions 503 `draining`, nothing started "
+                   "from the queue, leaders place elsewhere); running tasks finish. "
+                   "Idempotent",
+        "responses": {"200": _json(_ref("DrainState"), "draining now")},
+    })},
+    "/node/resume": {"post": _secured({
+        "summary": "End a drain: take tasks again and start the queued ones. Idempotent",
+        "responses": {"200": _json(_ref("DrainState"), "not draining")},
     })},
     "/stats": {"get": _secured({
         "summary": "Load, slots, running tasks, discovery counters",
@@ -392,7 +405,8 @@ PATHS: dict[str, Any] = {
             "422": _error("`unschedulable`: no known node has the labels the task asks for"),
             "429": _error("no free slot and `queue: false`, or (with Redis) no node of the "
                           "cluster has one", retry_after=True),
-            "503": _error("the host is overloaded, the chosen node is unreachable, or "
+            "503": _error("the host is overloaded, the chosen node is unreachable, "
+                          "`draining`: this node takes no new tasks, or "
                           "`queue_unavailable`: the cluster queue (Redis) failed, so nothing "
                           "was started or queued", retry_after=True),
         },
@@ -642,9 +656,20 @@ SCHEMAS["Resources"] = {
     },
 }
 
+SCHEMAS["DrainState"] = {
+    "type": "object", "required": ["draining", "since", "running", "queued"],
+    "properties": {"draining": {"type": "boolean"},
+                   "since": {"type": ["string", "null"], "format": "date-time"},
+                   "running": {"type": "integer", "minimum": 0,
+                               "description": "tasks still running here"},
+                   "queued": {"type": "integer", "minimum": 0,
+                              "description": "tasks waiting here (started after resume)"}},
+}
+
 SCHEMAS["Readiness"] = {
     "type": "object", "required": ["ready", "checks"],
     "properties": {"ready": {"type": "boolean"},
+                   "draining": {"type": "boolean"},
                    "cgroups": {"type": "string", "enum": ["v2", "v1", "off"],
                                "description": "how tasks are confined on this node"},
                    "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}},

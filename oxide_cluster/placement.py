@@ -21,11 +21,13 @@ class Candidate:
     cpu_percent: float
     memory_percent: float
     labels: Mapping[str, str]
+    draining: bool = False
 
 
 def eligible(candidate: Candidate, labels: Mapping[str, str]) -> bool:
-    """A node may take the task: it has every label the task asks for."""
-    return all(candidate.labels.get(key) == value for key, value in labels.items())
+    """A node may take the task: it is not draining and has every label the task asks for."""
+    return not candidate.draining and all(candidate.labels.get(key) == value
+                                          for key, value in labels.items())
 
 
 def rank(candidates: Iterable[Candidate], labels: Mapping[str, str]) -> list[Candidate]:
@@ -52,7 +54,8 @@ class Placement:
         node = self._node
         stats = node.stats()
         found = [Candidate(node.node_id, stats["free_slots"], stats["cpu_percent"],
-                           stats["memory_percent"], node.config.labels)]
+                           stats["memory_percent"], node.config.labels,
+                           bool(stats.get("draining")))]
         if node.discovery is not None:
             for peer in node.discovery.membership.healthy():
                 if not peer.api_port:
@@ -61,7 +64,8 @@ class Placement:
                 found.append(Candidate(
                     peer.node_id, int(peer.stats.get("free_slots") or 0) - unseen,
                     float(peer.stats.get("cpu_percent") or 0.0),
-                    float(peer.stats.get("memory_percent") or 0.0), peer.labels))
+                    float(peer.stats.get("memory_percent") or 0.0), peer.labels,
+                    bool(peer.stats.get("draining"))))
         return found
 
     def _placed_since(self, node_id: str, announced_at: float) -> int:

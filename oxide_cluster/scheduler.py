@@ -24,6 +24,8 @@ from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.drain import RETRY_AFTER as DRAIN_RETRY_AFTER
+from oxide_cluster.drain import Drain
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.model import Task, TaskRequest, TaskState
 
@@ -284,8 +286,9 @@ class Scheduler(service.Service):
     def __init__(self, reactor: Clock, store: QueueStore, executor: LocalExecutor, *,
                  default_queue_timeout: float, labels: LabelBook | None = None,
                  idempotency_ttl: float = IDEMPOTENCY_TTL,
-                 pins: QueuePins | None = None) -> None:
+                 pins: QueuePins | None = None, drain: Drain | None = None) -> None:
         self._reactor = reactor
+        self.drain_state = drain if drain is not None else Drain()
         self._pins = pins
         self._store = store
         self._executor = executor
@@ -365,6 +368,7 @@ class Scheduler(service.Service):
                 return earlier
         if not self.recovered:
             raise CapacityError(503, "starting", "the node is still starting", 1)
+        self._refuse_if_draining()
         queueable = queueable and request.queue
         task = self._executor.new_task(request, attempt=attempt, retry_of=retry_of)
         task.idempotency_key = idempotency_key
@@ -390,6 +394,7 @@ class Scheduler(service.Service):
         A slot is held while the claim is on its way, so two claims never share one."""
         if not self.recovered:
             raise CapacityError(503, "starting", "the node is still starting", 1)
+        self._refuse_if_draining()
         self._executor.check_capacity()
         if self._claiming >= self._executor.free_slots or self._queue:
             raise CapacityError(429, "no_free_slots", "every task slot is taken or promised",
@@ -403,6 +408,30 @@ class Scheduler(service.Service):
         finally:
             self._claiming -= 1
         return await self._start(task, request.secret_env)
+
+    # -- drain ----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Take no new tasks and start none from the queue; running ones finish."""
+        if not self.drain_state.draining:
+            self.drain_state.draining = True
+            self.drain_state.since = self._reactor.seconds()
+            self.log.info("draining: no new tasks; {queued} queued stay queued",
+                          queued=len(self._queue))
+
+    def resume(self) -> None:
+        """Undo ``drain``: admit again and start what waited in the queue."""
+        if self.drain_state.draining:
+            self.drain_state.draining = False
+            self.drain_state.since = None
+            self.log.info("drain ended: taking tasks again")
+            self._dispatch()
+
+    def _refuse_if_draining(self) -> None:
+        if self.drain_state.draining:
+            raise CapacityError(503, "draining",
+                                "this node is draining: it takes no new tasks",
+                                DRAIN_RETRY_AFTER)
 
     async def idempotent(self, key: str) -> Task | None:
         """The task an earlier submit with ``key`` made here within the last 24 h."""
@@ -489,7 +518,7 @@ class Scheduler(service.Service):
 
     def _dispatch(self) -> None:
         """Start queued tasks while the executor has room, in dispatch order."""
-        if not self.running or not self.recovered:
+        if not self.running or not self.recovered or self.drain_state.draining:
             return
         while self._queue:
             try:

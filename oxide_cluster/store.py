@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from oxide_cluster.model import Task, TaskState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,10 +59,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS tasks_by_idempotency_key ON tasks (idempotency_key)"
         " WHERE idempotency_key IS NOT NULL",
     ),
+    # Retention: finished tasks found oldest first by index, not by reading every record.
+    3: (
+        "ALTER TABLE tasks ADD COLUMN finished_at REAL",
+        "UPDATE tasks SET finished_at = coalesce(json_extract(record, '$.finished_at'), 0)"
+        " WHERE state NOT IN ('queued', 'running')",
+        "CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at, id)"
+        " WHERE finished_at IS NOT NULL",
+    ),
 }
 
+# Pages handed back to the filesystem per ``PRAGMA incremental_vacuum`` step (4 MiB in all,
+# about 0.1 s here): one short turn of the store's thread, so writes wait at most that long.
+VACUUM_STEP_PAGES = 1024
+
 T = TypeVar("T")
-TaskRow = tuple[str, str, str, str, int, str | None, int | None, str | None]
+TaskRow = tuple[str, str, str, str, int, str | None, int | None, str | None, float | None]
 Operation = Callable[[sqlite3.Connection], Any]
 
 
@@ -79,12 +91,37 @@ class _TaskPut:
 def _insert_task(connection: sqlite3.Connection, row: TaskRow) -> None:
     connection.execute(
         "INSERT OR REPLACE INTO tasks (id, node_id, state, record, priority, task_group,"
-        " queue_seq, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+        " queue_seq, idempotency_key, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
 
 def _task_row(task: Task) -> TaskRow:
     return (task.id, task.node_id, task.state.value, task_to_record(task), task.priority,
-            task.group, task.queue_seq, task.idempotency_key)
+            task.group, task.queue_seq, task.idempotency_key, _finished_at(task))
+
+
+def _finished_at(task: Task) -> float | None:
+    """The retention clock of a task: set once it is finished, whatever its record says."""
+    if not task.state.terminal:
+        return None
+    return task.finished_at if task.finished_at is not None else task.created_at
+
+
+@attrs.frozen
+class PruneBatch:
+    """What one batch of :meth:`Store.prune_batch` deleted, and the store's size after it."""
+
+    task_ids: list[str]
+    output_chunks: int
+    used_bytes: int
+    more: bool
+
+
+def _used_bytes(connection: sqlite3.Connection) -> int:
+    """Bytes in pages that hold data (free pages are reclaimed by the vacuum)."""
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    free = connection.execute("PRAGMA freelist_count").fetchone()[0]
+    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+    return int((pages - free) * page_size)
 
 
 class StoreError(RuntimeError):
@@ -137,6 +174,8 @@ class Store(service.Service):
         try:
             connection = sqlite3.connect(str(self.path), isolation_level=None,
                                          check_same_thread=False)
+            # Before the first table exists, this takes effect without a VACUUM.
+            connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.executescript(_SCHEMA)
@@ -148,7 +187,22 @@ class Store(service.Service):
             raise StoreError(f"store {self.path} has schema {row[0]}, newer than this "
                              f"agent understands ({SCHEMA_VERSION})")
         self._migrate(connection, 1 if row is None else int(row[0]), fresh=row is None)
+        self._enable_incremental_vacuum(connection)
         self._connection = connection
+
+    def _enable_incremental_vacuum(self, connection: sqlite3.Connection) -> None:
+        """A store made before retention existed needs one VACUUM to switch, so that
+        pruned pages can be handed back to the filesystem afterwards."""
+        mode = connection.execute("PRAGMA auto_vacuum").fetchone()[0]
+        if mode == 2:
+            return
+        self.log.info("store {path}: switching to incremental vacuum (one full VACUUM)",
+                      path=self.path)
+        try:
+            connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            connection.execute("VACUUM")
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot vacuum the store {self.path}: {error}") from error
 
     def _migrate(self, connection: sqlite3.Connection, version: int, fresh: bool) -> None:
         """Bring a store from ``version`` to ``SCHEMA_VERSION``, one transaction per step."""
@@ -412,11 +466,69 @@ class Store(service.Service):
                 task.state = TaskState.LOST
                 task.reason = reason
                 task.finished_at = now
-                connection.execute("UPDATE tasks SET state = ?, record = ? WHERE id = ?",
-                                   (task.state.value, task_to_record(task), task.id))
+                connection.execute(
+                    "UPDATE tasks SET state = ?, record = ?, finished_at = ? WHERE id = ?",
+                    (task.state.value, task_to_record(task), now, task.id))
                 lost.append(task)
             return lost
         return self._submit(update)
+
+    # -- retention ----------------------------------------------------------------
+
+    def prune_batch(self, finished_before: float, size_limit: int | None,
+                    batch: int) -> defer.Deferred[PruneBatch]:
+        """Delete up to ``batch`` finished tasks and their output, oldest finished first:
+        those finished before ``finished_before``, then more while the store's used
+        bytes exceed ``size_limit``. Queued and running tasks have no ``finished_at``,
+        so they are never candidates. One short transaction, in the write queue."""
+        def prune(connection: sqlite3.Connection) -> PruneBatch:
+            candidates = connection.execute(
+                "SELECT id, finished_at FROM tasks WHERE finished_at IS NOT NULL"
+                " ORDER BY finished_at, id LIMIT ?", (batch + 1,)).fetchall()
+            used = _used_bytes(connection)
+            deleted: list[str] = []
+            chunks = 0
+            for task_id, finished_at in candidates[:batch]:
+                if finished_at >= finished_before and (size_limit is None
+                                                       or used <= size_limit):
+                    break
+                chunks += connection.execute("DELETE FROM output WHERE task_id = ?",
+                                             (task_id,)).rowcount
+                connection.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+                deleted.append(task_id)
+                if size_limit is not None:
+                    used = _used_bytes(connection)  # three pragmas: cheap
+            more = len(deleted) == batch and len(candidates) > batch
+            return PruneBatch(deleted, chunks, _used_bytes(connection), more)
+        return self._submit(prune)
+
+    def reclaim(self, pages: int = VACUUM_STEP_PAGES) -> defer.Deferred[int]:
+        """Hand up to ``pages`` free pages back to the filesystem; the free pages left.
+
+        Runs between write batches, outside a transaction; the WAL is checkpointed once
+        nothing is left, or the file would not shrink until the next automatic one."""
+        def vacuum() -> int:
+            connection = self._connection
+            if connection is None:
+                raise StoreError("the store is not open")
+            connection.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+            left = int(connection.execute("PRAGMA freelist_count").fetchone()[0])
+            if left == 0:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return left
+        return self._run(vacuum)
+
+    def size(self) -> defer.Deferred[int]:
+        """Bytes the store occupies on disk: the database and its WAL."""
+        def measure() -> int:
+            total = 0
+            for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+                try:
+                    total += path.stat().st_size
+                except FileNotFoundError:
+                    pass
+            return total
+        return self._run(measure)
 
     # -- peers (the discovery layer's PeerStore) --------------------------------
 

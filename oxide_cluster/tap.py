@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ from oxide_cluster.cluster_queue import (
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
+from oxide_cluster.drain import Drain
 from oxide_cluster.election import (
     RedisAddress,
     RedisLockBackend,
@@ -54,6 +56,7 @@ from oxide_cluster.model import Task, TaskState, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Candidate, Placement
 from oxide_cluster.recovery import Recovery
+from oxide_cluster.retention import Retention
 from oxide_cluster.scheduler import LabelBook, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
@@ -305,6 +308,9 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                             artifact_limit=config.artifact_limit,
                             keep_failed=config.keep_failed_workspaces)
     workspaces.setServiceParent(top)
+    retention = Retention(reactor, store, keep_tasks=config.keep_tasks,
+                          store_limit=_store_limit(config), forget=workspaces.forget)
+    retention.setServiceParent(top)
     try:
         cgroups = detect(config.cgroups, node_id, cgroup_root=config.cgroup_root)
     except CgroupUnavailable as error:
@@ -327,10 +333,11 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
             raise ConfigError(f"bad value for 'redis': {error}") from None
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
-                started_at=reactor.seconds())
+                started_at=reactor.seconds(), retention=retention,
+                drain=Drain(config.drain, reactor.seconds() if config.drain else None))
     labels = LabelBook(config.labels, lambda: _peer_labels(node))
     scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
-                          labels=labels, pins=workspaces)
+                          labels=labels, pins=workspaces, drain=node.drain)
     _RecoverThenRun(store, executor, scheduler, lambda code: exit_after_stop(reactor, code),
                     config.state_dir).setServiceParent(top)
     scheduler.setServiceParent(top)
@@ -394,6 +401,16 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     return top, node
 
 
+STORE_LIMIT_FRACTION = 0.1
+
+
+def _store_limit(config: Config) -> int:
+    """``store_limit``, or a tenth of the filesystem that holds the state dir."""
+    if config.store_limit is not None:
+        return config.store_limit
+    return int(shutil.disk_usage(config.state_dir).total * STORE_LIMIT_FRACTION)
+
+
 def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Scheduler,
                    redis: RedisLockBackend, peers: PeerClient | None,
                    placement: Placement | None) -> ClusterQueue:
@@ -411,7 +428,7 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
             return placement.candidates()
         stats = node.stats()
         return [Candidate(node.node_id, stats["free_slots"], stats["cpu_percent"],
-                          stats["memory_percent"], config.labels)]
+                          stats["memory_percent"], config.labels, node.drain.draining)]
 
     dispatcher = ClusterDispatcher(
         reactor, backend, is_leader=lambda: bool(elector.is_leader), candidates=candidates,

@@ -573,6 +573,25 @@ class Workspaces(service.Service):
         await self.blobs.run(lambda: _write_json(self.listings / f"{task.id}.json", body))
         return listing
 
+    async def forget(self, task_ids: list[str]) -> None:
+        """Tasks deleted by retention: unpin their artifacts (the cache may evict them
+        now) and remove their listings."""
+        paths = [self.listings / f"{task_id}.json" for task_id in task_ids]
+
+        def read_and_remove() -> list[str]:
+            digests: list[str] = []
+            for path in paths:
+                try:
+                    body = json.loads(path.read_text())
+                except (FileNotFoundError, ValueError):
+                    continue
+                # ArtifactListing.to_json writes the files under "artifacts".
+                digests.extend(entry["sha256"] for entry in body.get("artifacts", []))
+                path.unlink(missing_ok=True)
+            return digests
+
+        self.blobs.unpin(await self.blobs.run(read_and_remove))
+
     async def listing(self, task_id: str) -> ArtifactListing | None:
         """The artifacts recorded for a task, or None if it kept none."""
         path = self.listings / f"{task_id}.json"

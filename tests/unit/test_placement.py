@@ -22,3 +22,9 @@ def test_labels_must_all_match():
              candidate("other", 4, gpu="no")]
     assert [c.node_id for c in rank(nodes, {"gpu": "yes"})] == ["gpu"]
     assert rank(nodes, {"gpu": "yes", "os": "mac"}) == []
+
+
+def test_a_draining_node_is_never_chosen():
+    draining = Candidate("d", 8, 1.0, 1.0, {}, draining=True)
+    assert [c.node_id for c in rank([draining, candidate("busy", 0)], {})] == ["busy"]
+    assert rank([draining], {}) == []

@@ -337,3 +337,29 @@ def test_fair_queue_pop_matches_ordered_under_random_pushes_and_removes():
     while (task_id := queue.pop()) is not None:
         popped.append(task_id)
     assert popped == order and len(queue) == 0
+
+
+def test_a_draining_node_refuses_new_work_starts_nothing_queued_and_resumes():
+    rig = make_rig(slots=1)
+    running = rig.submit("a")
+    queued = rig.submit("b")
+    rig.scheduler.drain()
+    assert rig.scheduler.drain_state.draining and rig.scheduler.drain_state.since == 1000
+    with pytest.raises(CapacityError) as refused:
+        rig.submit("c")
+    assert (refused.value.status, refused.value.code) == (503, "draining")
+    assert refused.value.retry_after > 0
+    rig.executor.finish("a")  # the running task finishes; the queued one waits
+    assert running.state is TaskState.SUCCEEDED
+    assert rig.executor.started == ["a"] and queued.state is TaskState.QUEUED
+    rig.scheduler.resume()
+    assert not rig.scheduler.drain_state.draining
+    assert rig.executor.started == ["a", "b"] and queued.state is TaskState.RUNNING
+    assert rig.submit("c", queue=True).state is TaskState.QUEUED  # taken again
+
+
+def test_a_repeat_of_an_earlier_submit_is_answered_while_draining():
+    rig = make_rig(slots=1)
+    first = rig.submit("a", idempotency_key="k")
+    rig.scheduler.drain()
+    assert rig.submit("a", idempotency_key="k").id == first.id

@@ -209,9 +209,17 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_tasks(tmp_path):
     check = sqlite3.connect(path)
     try:
         version = check.execute("SELECT value FROM meta WHERE key = 'schema_version'")
-        assert version.fetchone() == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 2
+        assert version.fetchone() == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 3
         columns = {row[1] for row in check.execute("PRAGMA table_info(tasks)")}
-        assert {"priority", "task_group", "queue_seq", "idempotency_key"} <= columns
+        assert {"priority", "task_group", "queue_seq", "idempotency_key",
+                "finished_at"} <= columns
+        # Retention's clock is backfilled: a finished task without a finish time is oldest.
+        assert check.execute("SELECT finished_at FROM tasks WHERE id = 'old'").fetchone() \
+            == (0,)
+        assert check.execute("SELECT finished_at FROM tasks WHERE id = 'q'").fetchone() \
+            == (None,)
+        # The one VACUUM that lets pruned pages go back to the filesystem has run.
+        assert check.execute("PRAGMA auto_vacuum").fetchone() == (2,)
         row = check.execute("SELECT priority, task_group, queue_seq, idempotency_key FROM tasks"
                             " WHERE id = 'q'").fetchone()
         assert row == (7, None, 3, "k1")

@@ -24,7 +24,13 @@ from oxide_cluster.manifest import (
 )
 from oxide_cluster.model import TaskState, parse_task_request
 from oxide_cluster.scheduler import Scheduler
-from oxide_cluster.workspace import Workspaces, build_tree, match_artifacts, open_inside
+from oxide_cluster.workspace import (
+    ArtifactListing,
+    Workspaces,
+    build_tree,
+    match_artifacts,
+    open_inside,
+)
 from oxide_cluster.workspace_client import junit_summary
 
 D = "a" * 64
@@ -314,3 +320,20 @@ def test_prepare_takes_over_the_pins_a_queued_task_held(tmp_path):
     queued.state = TaskState.SUCCEEDED
     outcome(workspaces.finish(queued))
     assert not blobs.pinned(digest_bytes(content)) and not blobs.pinned(tree.digest())
+
+
+def test_forgetting_a_pruned_task_unpins_its_artifacts_and_removes_its_listing(tmp_path):
+    blobs = blob_store(tmp_path, 1000)
+    listings = tmp_path / "state" / "artifacts"
+    listings.mkdir(parents=True)
+    kept, other = b"k" * 10, b"o" * 10
+    for data in (kept, other):
+        assert put(blobs, data, pin=True) is True
+    for task_id, data in (("pruned", kept), ("alive", other)):
+        listing = ArtifactListing(task_id, [{"path": "a", "size": 10,
+                                             "sha256": digest_bytes(data)}])
+        (listings / f"{task_id}.json").write_text(json.dumps(listing.to_json()))
+    workspaces = Workspaces(Clock(), blobs, tmp_path / "state", artifact_limit=100)
+    outcome(defer.Deferred.fromCoroutine(workspaces.forget(["pruned", "never-had-any"])))
+    assert not blobs.pinned(digest_bytes(kept)) and blobs.pinned(digest_bytes(other))
+    assert not (listings / "pruned.json").exists() and (listings / "alive.json").exists()
