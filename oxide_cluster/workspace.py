@@ -355,7 +355,7 @@ class Workspaces(service.Service):
 
         await self.blobs.loaded
         for listing in await self.blobs.run(sweep):
-            self.blobs.pin(entry["sha256"] for entry in listing.get("files", []))
+            self.blobs.pin(entry["sha256"] for entry in listing.get("artifacts", []))
 
     def stopService(self) -> None:
         super().stopService()

@@ -337,3 +337,17 @@ def test_forgetting_a_pruned_task_unpins_its_artifacts_and_removes_its_listing(t
     outcome(defer.Deferred.fromCoroutine(workspaces.forget(["pruned", "never-had-any"])))
     assert not blobs.pinned(digest_bytes(kept)) and blobs.pinned(digest_bytes(other))
     assert not (listings / "pruned.json").exists() and (listings / "alive.json").exists()
+
+
+def test_kept_artifacts_are_pinned_again_when_the_agent_starts(tmp_path):
+    blobs = blob_store(tmp_path, 1000)
+    listings = tmp_path / "state" / "artifacts"
+    listings.mkdir(parents=True)
+    kept = b"r" * 10
+    assert put(blobs, kept) is True and not blobs.pinned(digest_bytes(kept))
+    listing = ArtifactListing("t1", [{"path": "junit.xml", "size": 10,
+                                      "sha256": digest_bytes(kept)}])
+    (listings / "t1.json").write_text(json.dumps(listing.to_json()))
+    workspaces = Workspaces(Clock(), blobs, tmp_path / "state", artifact_limit=100)
+    workspaces.startService()
+    assert blobs.pinned(digest_bytes(kept))
