@@ -488,6 +488,15 @@ def test_task_ends_only_when_its_cgroup_is_empty_then_usage_and_removal():
     assert task_.oom_killed is False
 
 
+def test_an_empty_cgroup_is_not_killed_at_exit():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups)
+    task_ = started(harness)
+    harness.processes[0].exit(0)
+    assert task_.state is TaskState.SUCCEEDED and cgroups.made[0].removed
+    assert "kill" not in cgroups.made[0].events  # nothing left: a read, no kill write
+
+
 def test_oom_kill_fails_the_task_naming_the_limit():
     cgroups = FakeCgroups()
     harness = Harness(cgroups=cgroups)
