@@ -11,11 +11,13 @@ One provider per host layout, behind one small interface (:class:`CgroupProvider
   plus the v2 unified hierarchy (if mounted and writable) only for ``cgroup.kill``.
 * ``off``: no cgroup (an unprivileged container): process groups as before.
 
-How a child enters its cgroup: the fork path's child writes its own pid into each
-``cgroup.procs`` after ``fork`` and before ``exec`` (``executor._enter_cgroups``). Moving
-the pid from the parent after ``posix_spawn`` is racy (the command may fork first, and that
-child stays outside), ``clone3(CLONE_INTO_CGROUP)`` is out of Python's reach, and a shell
-wrapper costs an exec and changes ``argv[0]``.
+How a child enters its cgroup: ``posix_spawn`` starts a small ``sh`` that writes its own
+pid into each ``cgroup.procs`` and then execs the command (``executor._ENTER_SCRIPT``;
+``exec "$@"`` keeps ``argv[0]``); where sh cannot run it the same way, the fork path's
+child does the writes between ``fork`` and ``exec`` (``executor._enter_cgroups``). The
+extra exec is far cheaper than forking the agent (bench.tasks on v1: ~45 → ~140 tasks/s).
+Moving the pid from the parent after ``posix_spawn`` is racy (the command may fork first,
+and that child stays outside) and ``clone3(CLONE_INTO_CGROUP)`` is out of Python's reach.
 """
 
 from __future__ import annotations
@@ -442,6 +444,16 @@ class V1Provider:
         self.unified = unified
         self._kill = kill
         self._rmdir = rmdir
+        # Each hierarchy costs every task a mkdir, a cgroup.procs write (a migration) and
+        # an rmdir. The unified cgroup's cgroup.kill replaces the freezer and its cpu.stat
+        # the cpuacct counter, so where it has them a task joins neither.
+        redundant = set()
+        if unified is not None and (unified / "cgroup.kill").exists():
+            redundant.add("freezer")
+        if unified is not None and (unified / "cpu.stat").exists():
+            redundant.add("cpuacct")
+        self.per_task = {name: base for name, base in self.bases.items()
+                         if name not in redundant}
 
     def close(self) -> None:
         _remove_empty([*self.bases.values(), *([self.unified] if self.unified else [])])
@@ -457,7 +469,7 @@ class V1Provider:
         unified = None
         cgroup = V1Cgroup(made, None, self._kill, self._rmdir)
         try:
-            for controller, base in self.bases.items():
+            for controller, base in self.per_task.items():
                 if base / name not in made.values():  # co-mounted cpu,cpuacct: one dir
                     os.mkdir(base / name)
                 made[controller] = base / name

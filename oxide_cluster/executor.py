@@ -145,13 +145,42 @@ class _SignalSafeFork:
         signal.pthread_sigmask(signal.SIG_SETMASK, self._mask_before_fork)
 
 
+# The cgroup path without a fork of the agent: posix_spawn (no copy of the agent's page
+# tables, no Python in the child) runs this small sh, which writes its own pid into each
+# cgroup.procs, changes directory, then execs the command, so the command and all it
+# starts are inside from their first instruction. An error exits 127 before the exec: a
+# task never runs unconfined. ``exec "$@"`` keeps the task's argv[0]; sh looks the name
+# up in the same PATH the agent resolved it in (relative PATH entries take the fork path).
+_ENTER_SCRIPT = (
+    'n=$1; d=$2; shift 2\n'
+    'while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 127; shift; n=$((n - 1)); done\n'
+    '[ -z "$d" ] || cd -- "$d" || exit 127\n'
+    'exec "$@"\n')
+_SHELL = "/bin/sh"
+
+
+def _spawn_via_shell(args: list[str], path: str | None, environment: Mapping[str, str],
+                     cgroup_procs: tuple[str, ...]) -> list[str] | None:
+    """argv for ``_ENTER_SCRIPT`` that enters ``cgroup_procs`` and runs ``args`` in
+    ``path``; None where sh could resolve or run it differently (take the fork path)."""
+    if not os.path.exists(_SHELL) or (path is not None and not os.path.isabs(path)):
+        return None
+    if os.sep not in args[0] and not all(
+            os.path.isabs(entry) for entry in environment.get("PATH", "").split(os.pathsep)):
+        return None
+    return ["sh", "-c", _ENTER_SCRIPT, "oxide-enter", str(len(cgroup_procs)), path or "",
+            *cgroup_procs, *args]
+
+
 class _GroupLeaderProcess(_SignalSafeFork, process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
     The fast path is ``posix_spawnp(..., setsid=True)``, Twisted's own spawn call plus
     ``setsid``; it needs Twisted's private fd helpers and cannot change directory, so a
     task with a ``cwd`` (or a Twisted without those helpers) takes the fork path, whose
-    child calls ``setsid()`` before exec.
+    child calls ``setsid()`` before exec. A task with a cgroup is spawned through
+    ``_ENTER_SCRIPT`` (which also changes directory); the fork path (a fork of the whole
+    agent, Python in the child) is left for what sh cannot do the same way.
     """
 
     processReaderFactory = _LargeReadProcessReader
@@ -167,8 +196,14 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
                                kwargs: dict[str, Any]) -> bool:
         helpers: list[Any] = [getattr(process, name, None) for name in
                    ("_listOpenFDs", "_getFileActions", "_PS_CLOSE", "_PS_DUP2")]
-        if path is not None or uid is not None or gid is not None or None in helpers \
-                or self.cgroup_procs:  # the child joins its cgroup itself: fork path
+        if uid is not None or gid is not None or None in helpers:
+            return False
+        if self.cgroup_procs:
+            wrapped = _spawn_via_shell(args, path, environment, self.cgroup_procs)
+            if wrapped is None:
+                return False
+            executable, args = _SHELL, wrapped
+        elif path is not None:
             return False
         list_open_fds, file_actions, ps_close, ps_dup2 = helpers
         fd_state = []
@@ -363,7 +398,7 @@ class TaskRun:
         """The main process is gone: kill what it left in its group (and cgroup) so the
         pipes close and nothing of the task outlives it."""
         self._signal_group(signal.SIGKILL)
-        self._kill_cgroup()
+        self._kill_cgroup(if_populated=True)
 
     def ended(self, reason: Failure) -> None:
         status = reason.value
@@ -382,7 +417,7 @@ class TaskRun:
         if self.cgroup is None:
             self._finish(state, why)
             return
-        self._kill_cgroup()
+        self._kill_cgroup(if_populated=True)
         self._settle(state, why, self._reactor.seconds() + KILL_GIVE_UP)
 
     def _settle(self, state: TaskState, why: str, deadline: float) -> None:
@@ -469,10 +504,15 @@ class TaskRun:
             self.log.warn("cannot signal task {task_id}: {error}", task_id=self.task.id,
                           error=failure)
 
-    def _kill_cgroup(self) -> None:
+    def _kill_cgroup(self, if_populated: bool = False) -> None:
+        """SIGKILL the cgroup. ``if_populated``: first look whether anything is left (a
+        read costs far less than a kill, and an empty cgroup stays empty: only a member
+        can add a process to it)."""
         if self.cgroup is None:
             return
         try:
+            if if_populated and not self.cgroup.populated():
+                return
             self.cgroup.kill()
         except OSError as failure:
             self.log.warn("cannot kill the cgroup of task {task_id}: {error}",

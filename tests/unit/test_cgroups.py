@@ -129,6 +129,21 @@ def test_v1_create_writes_limits_and_enters_every_hierarchy(tmp_path):
     assert not any((tmp_path / name / "t1").exists() for name in ("cpu", "memory", "unified"))
 
 
+def test_v1_tasks_skip_freezer_and_cpuacct_where_the_unified_cgroup_replaces_them(tmp_path):
+    names = ("cpu", "cpuacct", "memory", "pids", "freezer")
+    for name in (*names, "unified"):
+        (tmp_path / name).mkdir()
+    bases = {name: tmp_path / name for name in names}
+    assert V1Provider(bases, tmp_path / "unified").per_task == bases  # no kill, no cpu.stat
+    (tmp_path / "unified" / "cgroup.kill").write_text("")
+    (tmp_path / "unified" / "cpu.stat").write_text("usage_usec 0\n")
+    provider = V1Provider(bases, tmp_path / "unified")
+    cgroup = provider.create("t1", Resources())
+    assert set(cgroup.procs_files) == {str(tmp_path / name / "t1" / "cgroup.procs")
+                                       for name in ("cpu", "memory", "pids", "unified")}
+    assert not (tmp_path / "freezer/t1").exists() and not (tmp_path / "cpuacct/t1").exists()
+
+
 def test_v1_create_failure_removes_what_it_made(tmp_path):
     _v1_host(tmp_path)
     provider = V1Provider({"memory": tmp_path / "memory", "pids": tmp_path / "nowhere"},

@@ -9,11 +9,11 @@ import attrs
 import psutil
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error, protocol, task
 from twisted.python.failure import Failure
 
 from oxide_cluster.cgroups import Resources, Usage
-from oxide_cluster.executor import CapacityError, Executor
+from oxide_cluster.executor import CapacityError, Executor, spawn_in_new_group
 from oxide_cluster.model import TaskState, parse_task_request
 from tests.support import poll_until
 
@@ -488,6 +488,15 @@ def test_task_ends_only_when_its_cgroup_is_empty_then_usage_and_removal():
     assert task_.oom_killed is False
 
 
+def test_an_empty_cgroup_is_not_killed_at_exit():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups)
+    task_ = started(harness)
+    harness.processes[0].exit(0)
+    assert task_.state is TaskState.SUCCEEDED and cgroups.made[0].removed
+    assert "kill" not in cgroups.made[0].events  # nothing left: a read, no kill write
+
+
 def test_oom_kill_fails_the_task_naming_the_limit():
     cgroups = FakeCgroups()
     harness = Harness(cgroups=cgroups)
@@ -528,3 +537,47 @@ def test_a_cgroup_that_cannot_be_made_fails_the_task():
     assert task_.state is TaskState.FAILED
     assert task_.reason.startswith("cannot create the task's cgroup:")
     assert harness.processes == []
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self):
+        self.out = b""
+        self.ended: defer.Deferred[BaseException] = defer.Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def errReceived(self, data):
+        self.out += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)  # the exception, not a Failure: not an error
+
+
+@pytest_twisted.ensureDeferred
+async def test_spawned_child_joins_its_cgroups_before_the_command_runs(tmp_path):
+    procs = (str(tmp_path / "a.procs"), str(tmp_path / "b.procs"))
+    for name in procs:
+        open(name, "w").close()
+    script = "cat {} {}; echo $$; tr '\\0' ' ' < /proc/$$/cmdline; echo; pwd".format(*procs)
+    proto = _Collect()
+    process = spawn_in_new_group(reactor_(), proto, "/bin/sh", ["sh", "-c", script],
+                                 {"PATH": "/usr/bin:/bin"}, str(tmp_path), cgroup_procs=procs)
+    pid = process.pid
+    await proto.ended
+    lines = proto.out.decode().splitlines()
+    # each file got the pid, then the command ran as that same process, argv[0] kept
+    assert lines[:3] == [str(pid)] * 3, lines
+    assert lines[3] == "sh -c " + script.replace("\n", " ") + " ", lines
+    assert lines[4] == str(tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cgroup_that_cannot_be_joined_stops_the_command_before_it_runs(tmp_path):
+    proto = _Collect()
+    marker = tmp_path / "ran"
+    spawn_in_new_group(reactor_(), proto, "/bin/sh", ["sh", "-c", f"touch {marker}"],
+                       {"PATH": "/usr/bin:/bin"}, None,
+                       cgroup_procs=(str(tmp_path / "missing" / "cgroup.procs"),))
+    reason = await proto.ended
+    assert reason.exitCode == 127 and not marker.exists()
