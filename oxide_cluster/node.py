@@ -48,15 +48,16 @@ class Node:
 
     def stats(self) -> dict[str, Any]:
         load = self.sampler.current
-        return {
+        stats: dict[str, Any] = {
             "cpu_percent": load.cpu_percent,
             "memory_percent": load.memory_percent,
             "load": list(load.load),
             "running_tasks": self.executor.running_count,
             "free_slots": self.executor.free_slots,
-            # Announced with the load: a leader places nothing on a draining node.
-            "draining": self.drain.draining,
         }
+        if self.drain.draining:  # a leader places nothing on a draining node
+            stats["draining"] = True
+        return stats
 
     def leader(self) -> dict[str, Any]:
         """The contract shape of ``/api/cluster/leader``: since as RFC 3339 or null."""

@@ -69,6 +69,8 @@ REASONS: Final = (
 
 _ENVELOPE_KEYS = frozenset({"v", "type", "node_id", "ts", "nonce", "body", "mac"})
 _STATS_KEYS = frozenset({"cpu_percent", "memory_percent", "load", "running_tasks", "free_slots"})
+# Sent only while true, so a node that is not draining stays readable by older peers.
+_STATS_OPTIONAL = frozenset({"draining"})
 _LEADER_KEYS = frozenset({"node_id", "token", "since"})
 _ANNOUNCE_KEYS = frozenset(
     {
@@ -179,12 +181,13 @@ def _check_number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _check_keys(value: Any, name: str, required: frozenset[str]) -> dict[str, Any]:
+def _check_keys(value: Any, name: str, required: frozenset[str],
+                optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad(f"{name} must be an object")
-    if value.keys() != required:
+    if not required <= value.keys() <= required | optional:
         missing = sorted(required - value.keys())
-        extra = sorted(value.keys() - required)
+        extra = sorted(value.keys() - required - optional)
         raise _bad(f"{name} keys: missing {missing}, unexpected {extra}")
     return value
 
@@ -243,7 +246,9 @@ def _check_announce(node_id: str, body: dict[str, Any], version: int) -> None:
         _check_str(value, f"labels[{key}]", 128)
     _check_str(body["version"], "version", 64)
     _check_number(body["started_at"], "started_at")
-    stats = _check_keys(body["stats"], "stats", _STATS_KEYS)
+    stats = _check_keys(body["stats"], "stats", _STATS_KEYS, _STATS_OPTIONAL)
+    if "draining" in stats and not isinstance(stats["draining"], bool):
+        raise _bad("stats.draining must be true or false")
     for key in ("cpu_percent", "memory_percent"):
         _check_number(stats[key], f"stats.{key}")
     load = stats["load"]

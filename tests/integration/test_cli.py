@@ -11,8 +11,7 @@ import time
 import pytest
 
 from tests.integration.test_node import SLEEP_TREE, task_processes
-from tests.redis_server import RedisServer
-from tests.support import REPO_ROOT, SECRET, loopback_cluster, poll_until, start_meshed, stop_all
+from tests.support import REPO_ROOT, SECRET, poll_until
 
 TASK_LINE = re.compile(rb"^oxide-cluster: task (\S+) on node (\S+) \((http://\S+/ui/#task=\S+)\)$")
 
@@ -89,20 +88,8 @@ def test_global_options_before_the_subcommand(agent):
 
 
 @pytest.fixture
-def two_nodes(tmp_path, request):
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
-    nodes = loopback_cluster(tmp_path, 2, ("--redis", redis.url))
-    try:
-        start_meshed(nodes)
-        poll_until(lambda: any(n.get("/api/cluster/leader").json()["node_id"]
-                               == n.get("/health").json()["node_id"] for n in nodes),
-                   timeout=20, message="a node that leads")
-        yield nodes
-    finally:
-        report = getattr(request.node, "rep_call", None)
-        stop_all(nodes, report is not None and report.failed)
-        redis.stop()
+def two_nodes(redis, meshed):
+    return meshed(2, ("--redis", redis.url), leader=True)
 
 
 def test_run_and_logs_follow_exit_75_when_the_tasks_node_is_killed(two_nodes):

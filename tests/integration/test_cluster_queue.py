@@ -13,18 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_node import task_processes
-from tests.redis_server import RedisServer
 from tests.support import AgentProcess, loopback_cluster, poll_until, start_meshed, stop_all
 
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out", "lost", "rejected"}
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

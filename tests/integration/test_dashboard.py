@@ -259,18 +259,9 @@ def seconds_shown(text: str) -> float:
 
 
 @pytest.fixture
-def pair(tmp_path, request):
+def pair(meshed):
     """Two agents on loopback that know each other (static peers)."""
-    from tests.support import loopback_cluster, start_meshed, stop_all
-
-    nodes = loopback_cluster(tmp_path / "pair", 2)
-    try:
-        start_meshed(nodes)
-        yield nodes
-    finally:
-        report = getattr(request.node, "rep_call", None)
-        stop_all(nodes, report is not None and report.failed)
-
+    return meshed(2)
 
 def test_a_remote_tasks_duration_stops_when_it_ends(pair, browser, tmp_path) -> None:
     from datetime import datetime

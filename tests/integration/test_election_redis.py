@@ -11,24 +11,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from tests import split_brain
 from tests.redis_server import RedisServer
 from tests.support import AgentProcess, http, poll_until
 
 TTL = 2.0
-
-
-@pytest.fixture
-def redis(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def node_id_of(agent: AgentProcess) -> str:

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import AgentProcess, loopback_cluster, poll_until, start_meshed, stop_all
+from tests.support import AgentProcess, poll_until
 
 
 @pytest.fixture
-def trio(tmp_path, request):
-    nodes = loopback_cluster(tmp_path, 3, ("--max-tasks", "2"))
-    try:
-        start_meshed(nodes)
-        yield nodes
-    finally:
-        report = getattr(request.node, "rep_call", None)
-        stop_all(nodes, report is not None and report.failed)
-
+def trio(meshed):
+    return meshed(3, ("--max-tasks", "2"))
 
 def node_id(node):
     return node.get("/health").json()["node_id"]

@@ -10,16 +10,7 @@ import time
 import pytest
 
 from tests.integration.test_node import task_processes
-from tests.redis_server import RedisServer
 from tests.support import loopback_cluster, poll_until, start_meshed, stop_all
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

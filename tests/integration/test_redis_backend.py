@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
 from twisted.internet import task
 
 from oxide_cluster.election import RedisAddress, RedisLockBackend
-from tests.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,7 @@ from oxide_cluster.workspace_client import (
     download_artifacts,
     upload_workspace,
 )
-from tests.support import SECRET, loopback_cluster, start_meshed, stop_all
+from tests.support import SECRET
 
 JUNIT = (b'<?xml version="1.0"?><testsuite name="t" tests="3" failures="1" errors="0" '
          b'skipped="1" time="0.5"><testcase name="a"/></testsuite>')
@@ -161,15 +161,8 @@ def test_blob_over_the_cache_size_is_413(agent_factory):
 
 
 @pytest.fixture
-def pair(tmp_path, request):
-    nodes = loopback_cluster(tmp_path, 2)
-    try:
-        start_meshed(nodes)
-        yield nodes
-    finally:
-        report = getattr(request.node, "rep_call", None)
-        stop_all(nodes, report is not None and report.failed)
-
+def pair(meshed):
+    return meshed(2)
 
 def test_artifacts_from_another_node_and_blobs_fetched_from_a_peer(pair, tmp_path):
     a, b = pair

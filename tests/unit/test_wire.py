@@ -94,6 +94,7 @@ def test_datagram_is_canonical_json_with_contract_fields() -> None:
         {"leader": {"node_id": None, "token": None, "since": None}},
         {"leader": {"node_id": "b", "token": "7", "since": "2024-01-01T00:00:00Z"}},
         {"stats": {**announce_body()["stats"], "load": 0.5}},
+        {"stats": {**announce_body()["stats"], "draining": True}},
     ],
 )
 def test_announce_accepts_every_documented_shape(overrides: dict[str, Any]) -> None:
@@ -357,3 +358,11 @@ def test_any_member_list_is_accepted_or_refused_never_crashes(members: Any) -> N
     except WireError:
         return
     assert len(msg.members) + msg.dropped_members == len(members)
+
+
+def test_draining_must_be_a_boolean_and_nothing_else_is_optional() -> None:
+    for stats in ({**announce_body()["stats"], "draining": "yes"},
+                  {**announce_body()["stats"], "paused": True}):
+        with pytest.raises(WireError) as info:
+            wire.encode(KEY, wire.ANNOUNCE, "node-a", announce_body(stats=stats), ts=NOW)
+        assert info.value.reason == "bad_field"
