@@ -447,7 +447,6 @@ class DiscoveryService(service.MultiService):
             broadcast=settings.broadcast)
         self._listening = False
         self._limit = _RateLimit(reactor)
-        self._broadcast_targets: list[Address] = []
         self._static_targets: dict[str, list[Address]] = {}
         self._resolving: set[str] = set()
         #: Node ids learned by gossip or heard by unicast: we announce to them by unicast.
@@ -559,13 +558,18 @@ class DiscoveryService(service.MultiService):
             seen.pop(address, None)
         return list(seen)
 
+    @property
+    def _broadcast_targets(self) -> list[Address]:
+        """Asked of the transport each time: one whose cluster changes (the Unix-socket
+        demo's directory) answers without waiting for the next refresh."""
+        return list(self.transport.cluster_addresses())
+
     def _broadcast_reaches(self, address: Address) -> bool:
         """A datagram to the cluster reaches ``address``: unicast would only double traffic."""
         return bool(self._broadcast_targets) and bool(self.transport.reaches(address))
 
     def _refresh_targets(self) -> None:
         self.transport.refresh()
-        self._broadcast_targets = list(self.transport.cluster_addresses())
         for spec in self.settings.peers:
             host, port = parse_peer(spec, self.settings.port)
             if _is_ipv4(host):

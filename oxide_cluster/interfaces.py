@@ -33,7 +33,8 @@ class IDiscoveryTransport(Interface):
 
     def cluster_addresses():  # type: ignore[misc]  # zope interfaces have no self
         """The addresses a datagram "to the whole cluster" is written to, one write each
-        (each gets its own encoding: fresh nonces). Empty: unicast to peers only."""
+        (each gets its own encoding: fresh nonces). Empty: unicast to peers only.
+        Asked before every announce: keep it cheap."""
 
     def reaches(address):
         """True if a datagram to the cluster already reaches ``address``, so the service
