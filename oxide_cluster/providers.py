@@ -173,6 +173,10 @@ def select(config: Config, found: Iterable[Any] | None = None) -> Selection:
         providers[kind] = matching[0]
     if providers["election"].name == "redis" and not config.redis:
         raise ConfigError("election 'redis' needs a Redis URL ('redis', --redis)")
+    if providers["election"].name == "standalone" and config.redis:
+        # Every node would lead the Redis queue and dispatch the same tasks.
+        raise ConfigError("election 'standalone' cannot run with 'redis': the Redis "
+                          "queue needs one leader (leave 'election' unset)")
     remaining = dict(config.provider_options)
     options: dict[str, dict[str, Any]] = {}
     for kind, provider in providers.items():

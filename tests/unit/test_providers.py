@@ -66,6 +66,21 @@ def test_unknown_name_is_one_line_listing_the_installed_providers():
         providers.select(load(election="etcd"), providers.BUILTIN)
 
 
+def test_standalone_election_beside_a_redis_queue_is_refused():
+    with pytest.raises(config.ConfigError, match="'standalone' cannot run with 'redis'"):
+        providers.select(load(redis="redis://h:6379", election="standalone"),
+                         providers.BUILTIN)
+
+
+def test_peers_transport_has_no_cluster_addresses_and_broadcast_has_them():
+    peers = UdpTransport(Clock(), 4001, interfaces=("10.0.0.255",), broadcast=False)
+    peers.refresh()
+    assert peers.cluster_addresses() == []
+    broadcast = UdpTransport(Clock(), 4001, interfaces=("10.0.0.255",))
+    broadcast.refresh()
+    assert broadcast.cluster_addresses() == [("10.0.0.255", 4001)]
+
+
 def test_redis_election_without_a_url_is_refused():
     with pytest.raises(config.ConfigError, match="election 'redis' needs a Redis URL"):
         providers.select(load(election="redis"), providers.BUILTIN)
