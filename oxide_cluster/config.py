@@ -167,6 +167,33 @@ def _optional_size(value: Any) -> int | None:
         raise ValueError(error.message) from None
 
 
+def _name(value: Any) -> str:
+    """A provider name; whether it is installed is checked at start-up (providers.py)."""
+    text = _text(value).strip().lower()
+    if not text:
+        raise ValueError("must name a provider")
+    return text
+
+
+def _optional_name(value: Any) -> str | None:
+    return None if value is None or value == "" else _name(value)
+
+
+def _multicast_group(value: Any) -> str:
+    # Imported here: discovery imports much more than the config needs.
+    from oxide_cluster.discovery import parse_multicast_group
+
+    group, port = parse_multicast_group(_text(value))
+    return f"{group}:{port}"
+
+
+def _ttl(value: Any) -> int:
+    number = int(value)
+    if not 0 <= number <= 255:
+        raise ValueError("must be a TTL 0-255")
+    return number
+
+
 @attrs.frozen
 class Setting:
     """One configuration key: its parser, default and the help shown everywhere."""
@@ -226,10 +253,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("discovery", _flag, True,
             "UDP discovery (this node announces itself and learns its peers)"),
     Setting("discovery_port", _port, 4001, "UDP port of the discovery protocol"),
+    Setting("discovery_transport", _name, "broadcast",
+            "discovery transport provider: broadcast (plus peers), peers (unicast only), "
+            "multicast, or an installed plugin's"),
     Setting("discovery_interface", _word_list, (),
             "interfaces to broadcast on (default: every non-loopback IPv4 one)"),
     Setting("peers", _word_list, (),
             "static host:port peers for networks without broadcast"),
+    Setting("multicast_group", _multicast_group, "239.255.77.1:4002",
+            "IPv4 group[:port] of discovery_transport multicast"),
+    Setting("multicast_ttl", _ttl, 1,
+            "multicast TTL: 1 stays on the segment, more crosses multicast routers"),
+    Setting("multicast_interface", _optional_text, None,
+            "IPv4 address of the interface to join and send multicast on (default: route)"),
     Setting("announce_interval", _positive_float, 0.25,
             "seconds between discovery announcements"),
     Setting("dead_after", _positive_float, 2.5,
@@ -237,6 +273,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis", _optional_text, None,
             "Redis URL for leader election (none: standalone leader)",
             env="OXIDE_REDIS_URL"),
+    Setting("election", _optional_name, None,
+            "election provider: standalone or redis (default: redis when 'redis' is set)"),
     Setting("leader_ttl", _positive_float, 2.0,
             "seconds a Redis leader lease lasts (failover after a crash takes about this)"),
     Setting("workspace_cache", _positive_int, 4 * 1024 ** 3,
@@ -245,6 +283,10 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes of artifacts kept per task; the rest is not kept and the cut recorded"),
     Setting("keep_failed_workspaces", _non_negative_float, 0.0,
             "seconds to keep the directory of a task that did not succeed (0: remove)"),
+    Setting("runner", _name, "process",
+            "task runner provider: process (own process group, isolated per 'cgroups')"),
+    Setting("provider_options", _labels, {},
+            "options of plugin providers, k=v,k2=v2 (each provider lists its own)"),
     Setting("cgroups", _cgroup_mode, "auto",
             "a cgroup per task: auto (v2, else v1, else off), or force v2, v1 or off"),
     Setting("cgroup_root", _optional_text, None,
@@ -305,6 +347,13 @@ class Config:
     keep_tasks: float = 14 * 86400.0
     store_limit: int | None = None
     drain: bool = False
+    discovery_transport: str = "broadcast"
+    multicast_group: str = "239.255.77.1:4002"
+    multicast_ttl: int = 1
+    multicast_interface: str | None = None
+    election: str | None = None
+    runner: str = "process"
+    provider_options: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def clustered(self) -> bool:

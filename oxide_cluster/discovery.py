@@ -26,8 +26,10 @@ from twisted.application.internet import TimerService
 from twisted.internet import defer, threads
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from oxide_cluster import wire
+from oxide_cluster.interfaces import DiscoveryTransport, IDiscoveryTransport
 from oxide_cluster.membership import Membership, PeerState, PeerStore
 from oxide_cluster.wire import Codec, Message, SecondsClock, WireError
 
@@ -251,12 +253,152 @@ def _never_raise(what: str, func: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
+Deliver = Callable[[bytes, Address], None]
+
+
+class _Receiver(DatagramProtocol):
+    """Hands every datagram of a UDP port to the service's ``deliver``."""
+
+    def __init__(self, deliver: Deliver) -> None:
+        self.deliver = deliver
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.deliver(datagram, addr)
+
+
+@implementer(IDiscoveryTransport)
+class UdpTransport:
+    """The ``broadcast`` and ``peers`` transports: one UDP socket; with ``broadcast``, the
+    cluster is every IPv4 broadcast address of ``interfaces`` (all if empty)."""
+
+    def __init__(self, reactor: Any, port: int, *, bind: str = "0.0.0.0",
+                 interfaces: tuple[str, ...] = (), broadcast: bool = True) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.bind_address = bind
+        self.interfaces = interfaces
+        self.broadcast = broadcast
+        self._listening: Any = None
+        self._targets: list[Address] = []
+        self._networks: list[ipaddress.IPv4Network] = []
+
+    def bind(self, deliver: Deliver) -> int:
+        self._listening = self.reactor.listenUDP(self.port, _Receiver(deliver),
+                                                 interface=self.bind_address)
+        self._listening.setBroadcastAllowed(True)  # a static peer may be one
+        bound: int = self._listening.getHost().port
+        return bound
+
+    def refresh(self) -> None:
+        if self.broadcast:
+            port = self.port or (self._listening.getHost().port if self._listening else 0)
+            self._targets = [(address, port)
+                             for address in broadcast_addresses(self.interfaces)]
+            self._networks = broadcast_networks(self.interfaces)
+
+    def cluster_addresses(self) -> list[Address]:
+        return list(self._targets)
+
+    def reaches(self, address: Address) -> bool:
+        """Our broadcasts reach ``address``: unicast to it as well would only double traffic."""
+        if not self._targets or address[1] != self._targets[0][1]:
+            return False
+        try:
+            ip = ipaddress.IPv4Address(address[0])
+        except ValueError:
+            return False
+        return any(ip in network for network in self._networks)
+
+    def send(self, datagram: bytes, address: Address) -> None:
+        self._listening.write(datagram, address)
+
+    def close(self) -> defer.Deferred[None]:
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listening.stopListening).addCallback(lambda _: None)
+
+
+def parse_multicast_group(text: str) -> Address:
+    """``239.1.2.3[:port]`` -> ``(group, port)``; the port defaults to 4002."""
+    host, sep, port_text = str(text).strip().rpartition(":")
+    if not sep:
+        host, port_text = str(text).strip(), "4002"
+    try:
+        group = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 multicast group[:port]") from None
+    if not group.is_multicast:
+        raise ValueError(f"{host} is not an IPv4 multicast address (224.0.0.0/4)")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: the port must be 1-65535")
+    return str(group), int(port_text)
+
+
+@implementer(IDiscoveryTransport)
+class MulticastTransport:
+    """The ``multicast`` transport, for networks that filter broadcast but route multicast.
+
+    Two sockets: the node's own discovery port sends everything and receives unicast, so
+    peers record our unicast address; a second one on the group's port (shared with other
+    nodes on the host) joins the group and receives what is sent to the cluster.
+    """
+
+    def __init__(self, reactor: Any, port: int, group: Address, *, ttl: int = 1,
+                 interface: str = "", bind: str = "0.0.0.0") -> None:
+        self.reactor = reactor
+        self.port = port
+        self.group = group
+        self.ttl = ttl
+        self.interface = interface
+        self.bind_address = bind
+        self._unicast: Any = None
+        self._group_port: Any = None
+
+    def bind(self, deliver: Deliver) -> int:
+        self._unicast = self.reactor.listenMulticast(self.port, _Receiver(deliver),
+                                                     interface=self.bind_address)
+        self._unicast.setTTL(self.ttl)
+        self._unicast.setLoopbackMode(1)  # other nodes on this host hear us too
+        if self.interface:
+            self._unicast.setOutgoingInterface(self.interface)
+        self._group_port = self.reactor.listenMulticast(self.group[1], _Receiver(deliver),
+                                                        listenMultiple=True)
+        joined = self._group_port.joinGroup(self.group[0], self.interface or "")
+        joined.addErrback(lambda f: log.error("cannot join multicast group {group}: {error}",
+                                              group=self.group[0],
+                                              error=f.getErrorMessage()))
+        bound: int = self._unicast.getHost().port
+        return bound
+
+    def refresh(self) -> None:
+        """The group does not change."""
+
+    def cluster_addresses(self) -> list[Address]:
+        return [self.group]
+
+    def reaches(self, address: Address) -> bool:
+        # Group membership is invisible to the sender: a unicast peer stays unicast.
+        return False
+
+    def send(self, datagram: bytes, address: Address) -> None:
+        self._unicast.write(datagram, address)
+
+    def close(self) -> defer.Deferred[None]:
+        ports = [port for port in (self._group_port, self._unicast) if port is not None]
+        self._group_port = self._unicast = None
+        steps = [defer.maybeDeferred(port.stopListening) for port in ports]
+        return defer.gatherResults(steps, consumeErrors=True).addCallback(lambda _: None)
+
+
 class DiscoveryService(service.MultiService):
     """Bind the discovery port, announce on a timer, keep ``membership`` current.
 
-    ``reactor`` provides IReactorUDP and IReactorTime (and IReactorThreads unless a
-    ``resolver`` is given). ``wall`` stamps ``ts``/``last_seen``; it defaults to
-    ``reactor.seconds`` so a ``task.Clock`` makes everything deterministic.
+    ``reactor`` provides IReactorTime (IReactorUDP for the default transport, and
+    IReactorThreads unless a ``resolver`` is given). ``transport`` (an
+    IDiscoveryTransport) defaults to UDP broadcast built from ``settings``. ``wall`` stamps
+    ``ts``/``last_seen``; it defaults to ``reactor.seconds`` so a ``task.Clock`` makes
+    everything deterministic.
     """
 
     def __init__(
@@ -271,6 +413,7 @@ class DiscoveryService(service.MultiService):
         resolver: Resolver | None = None,
         burst: int = 3,
         burst_spacing: float = 0.05,
+        transport: DiscoveryTransport | None = None,
     ) -> None:
         super().__init__()
         self.setName("discovery")
@@ -299,10 +442,11 @@ class DiscoveryService(service.MultiService):
         self.bound = False
         self.port: int | None = None
         self.node_id: str | None = None
-        self._listening: Any = None
+        self.transport: DiscoveryTransport = transport if transport is not None else UdpTransport(
+            reactor, settings.port, bind=settings.bind, interfaces=settings.interfaces,
+            broadcast=settings.broadcast)
+        self._listening = False
         self._limit = _RateLimit(reactor)
-        self._broadcast_targets: list[Address] = []
-        self._broadcast_networks: list[ipaddress.IPv4Network] = []
         self._static_targets: dict[str, list[Address]] = {}
         self._resolving: set[str] = set()
         #: Node ids learned by gossip or heard by unicast: we announce to them by unicast.
@@ -326,23 +470,20 @@ class DiscoveryService(service.MultiService):
 
     def privilegedStartService(self) -> None:
         """Bind the UDP socket before any service starts, so a taken port stops start-up."""
-        if self.settings.enabled and self._listening is None:
+        if self.settings.enabled and not self._listening:
             self._bind()
         super().privilegedStartService()
 
     def _bind(self) -> None:
-        self._listening = self.reactor.listenUDP(
-            self.settings.port, self.protocol, interface=self.settings.bind
-        )
-        self._listening.setBroadcastAllowed(True)
-        self.port = self._listening.getHost().port
+        self.port = self.transport.bind(self.protocol.datagramReceived)
+        self._listening = True
 
     def startService(self) -> None:
         if not self.settings.enabled:
             service.Service.startService(self)
             return
         self.node_id = self.local_node()["node_id"]
-        if self._listening is None:
+        if not self._listening:
             self._bind()
         self.bound = True
         log.info("discovery bound on {bind}:{port}", bind=self.settings.bind, port=self.port)
@@ -361,9 +502,9 @@ class DiscoveryService(service.MultiService):
     def stopService(self) -> defer.Deferred[None]:
         if not self.bound:
             stopped = defer.maybeDeferred(super().stopService)
-            if self._listening is not None:  # bound at privileged start, never started
-                listening, self._listening = self._listening, None
-                stopped.addCallback(lambda _: listening.stopListening())
+            if self._listening:  # bound at privileged start, never started
+                self._listening = False
+                stopped.addCallback(lambda _: self.transport.close())
             return stopped.addCallback(lambda _: None)
         for call in self._pending:
             if call.active():
@@ -374,13 +515,13 @@ class DiscoveryService(service.MultiService):
         saved = defer.maybeDeferred(self.peer_store.save_peers, self.membership.records())
         saved.addErrback(lambda f: log.failure("saving peers on stop failed", f))
         steps.append(saved)
-        closed = defer.maybeDeferred(self._listening.stopListening)
+        closed = defer.maybeDeferred(self.transport.close)
         steps.append(closed.addBoth(self._closed))
         return defer.gatherResults(steps, consumeErrors=True).addCallback(lambda _: None)
 
     def _closed(self, result: Any) -> None:
         self.bound = False
-        self._listening = None
+        self._listening = False
         log.info("discovery closed port {port}", port=self.port)
 
     def _loaded(self, records: list[dict[str, Any]]) -> None:
@@ -417,23 +558,18 @@ class DiscoveryService(service.MultiService):
             seen.pop(address, None)
         return list(seen)
 
+    @property
+    def _broadcast_targets(self) -> list[Address]:
+        """Asked of the transport each time: one whose cluster changes (the Unix-socket
+        demo's directory) answers without waiting for the next refresh."""
+        return list(self.transport.cluster_addresses())
+
     def _broadcast_reaches(self, address: Address) -> bool:
-        """Our broadcasts reach ``address``: unicast to it as well would only double traffic."""
-        if not self._broadcast_targets or address[1] != (self.settings.port or self.port):
-            return False
-        try:
-            ip = ipaddress.IPv4Address(address[0])
-        except ValueError:
-            return False
-        return any(ip in network for network in self._broadcast_networks)
+        """A datagram to the cluster reaches ``address``: unicast would only double traffic."""
+        return bool(self._broadcast_targets) and bool(self.transport.reaches(address))
 
     def _refresh_targets(self) -> None:
-        if self.settings.broadcast:
-            self._broadcast_targets = [
-                (address, self.settings.port or self.port or 0)
-                for address in broadcast_addresses(self.settings.interfaces)
-            ]
-            self._broadcast_networks = broadcast_networks(self.settings.interfaces)
+        self.transport.refresh()
         for spec in self.settings.peers:
             host, port = parse_peer(spec, self.settings.port)
             if _is_ipv4(host):
@@ -482,7 +618,7 @@ class DiscoveryService(service.MultiService):
                 log.error("cannot encode our own {type}: {error}", type=type_, error=e)
             return
         try:
-            self._listening.write(data, address)
+            self.transport.send(data, address)
         except Exception as e:
             self.counters["errors"]["send"] += 1
             if self._limit.allow(f"send:{address[0]}") is not None:
@@ -606,8 +742,11 @@ __all__ = [
     "DiscoveryProtocol",
     "DiscoveryService",
     "DiscoverySettings",
+    "MulticastTransport",
+    "UdpTransport",
     "broadcast_addresses",
     "broadcast_networks",
     "new_counters",
+    "parse_multicast_group",
     "parse_peer",
 ]

@@ -43,6 +43,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from oxide_cluster.interfaces import IElectionBackend
 
 log = Logger()
 
@@ -494,6 +497,7 @@ class _QuietFactory(ClientFactory):
         return self.protocol_instance
 
 
+@implementer(IElectionBackend)
 class RedisLockBackend:
     """:class:`LockBackend` on one txredisapi connection, made and timed by our reactor.
 
@@ -621,10 +625,17 @@ class RedisLockBackend:
         return gone.addCallback(lambda _: None)
 
 
+def lease_elector(reactor: Any, node_id: str, backend: LockBackend, cluster: str,
+                  ttl: float) -> RedisElector:
+    """Leader election on any IElectionBackend, with monotonic deadlines: what an
+    ``election`` provider's factory returns around its backend."""
+    return RedisElector(reactor, node_id, backend, cluster=cluster, ttl=ttl,
+                        monotonic=time.monotonic)
+
+
 def redis_elector(reactor: Any, node_id: str, url: str, cluster: str,
                   ttl: float) -> RedisElector:
     """The production elector: Redis backend, monotonic deadlines, the real reactor."""
     backend = RedisLockBackend(reactor, RedisAddress.parse(url),
                                timeout=max(0.2, ttl / 2))
-    return RedisElector(reactor, node_id, backend, cluster=cluster, ttl=ttl,
-                        monotonic=time.monotonic)
+    return lease_elector(reactor, node_id, backend, cluster, ttl)

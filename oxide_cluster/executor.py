@@ -23,6 +23,7 @@ from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from oxide_cluster.cgroups import (
     CgroupProvider,
@@ -31,6 +32,7 @@ from oxide_cluster.cgroups import (
     TaskCgroup,
     format_size,
 )
+from oxide_cluster.interfaces import ITaskRunner
 from oxide_cluster.model import Task, TaskRequest, TaskState, new_task_id
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -282,6 +284,28 @@ def spawn_in_new_group(reactor: IReactorProcess, proto: protocol.ProcessProtocol
     if tty:
         return _TerminalProcess(reactor, executable, args, env, path, proto, cgroup_procs)
     return _GroupLeaderProcess(reactor, executable, args, env, path, proto, cgroup_procs)
+
+
+@implementer(ITaskRunner)
+class ProcessRunner:
+    """The ``process`` runner: each task leads its own process group, isolated and limited
+    by ``cgroups`` (the ``cgroups`` key: auto, v2, v1 or off)."""
+
+    def __init__(self, cgroups: CgroupProvider | None = None,
+                 spawn: Callable[..., Any] = spawn_in_new_group,
+                 signal_group: Callable[[int, int], None] = os.killpg) -> None:
+        self.cgroups: CgroupProvider = cgroups or OffProvider()
+        self._spawn = spawn
+        self._signal_group = signal_group
+
+    def spawn(self, reactor: Any, proto: Any, executable: str, args: list[str],
+              env: dict[str, str], path: str | None, tty: bool = False,
+              cgroup_procs: tuple[str, ...] = ()) -> Any:
+        return self._spawn(reactor, proto, executable, args, env, path, tty=tty,
+                           cgroup_procs=cgroup_procs)
+
+    def signal(self, pid: int, signum: int) -> None:
+        self._signal_group(pid, signum)
 
 
 class TaskRun:

@@ -21,10 +21,10 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
-from oxide_cluster import logs
+from oxide_cluster import logs, providers
 from oxide_cluster.api import ApiRequest, TaskApi
 from oxide_cluster.cas import BlobStore
-from oxide_cluster.cgroups import CgroupUnavailable, describe_isolation, detect
+from oxide_cluster.cgroups import describe_isolation
 from oxide_cluster.cluster_queue import (
     AdmittedWatch,
     ClusterAdmission,
@@ -37,12 +37,7 @@ from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
 from oxide_cluster.drain import Drain
-from oxide_cluster.election import (
-    RedisAddress,
-    RedisLockBackend,
-    StandaloneElector,
-    redis_elector,
-)
+from oxide_cluster.election import RedisAddress, RedisLockBackend
 from oxide_cluster.executor import Executor
 from oxide_cluster.forwarding import PeerClient
 from oxide_cluster.identity import (
@@ -108,6 +103,11 @@ class Options(usage.Options):
             raise SystemExit(1) from None
         logs.use_config(getattr(self, "parent", None), self.config.log_format)
 
+    def getUsage(self, width: int | None = None) -> str:
+        """The options, then the providers installed now (built-in and plugins)."""
+        return (super().getUsage(width)
+                + f"\nInstalled providers: {providers.describe()}.\n")
+
 
 def check_usable(config: Config) -> None:
     """Catch what makes start-up fail before twistd starts anything: an unusable state
@@ -118,6 +118,7 @@ def check_usable(config: Config) -> None:
             RedisAddress.parse(config.redis)
         except ValueError as error:
             raise ConfigError(f"bad value for 'redis': {error}") from None
+    providers.select(config)  # an unknown name: one line listing the installed ones
 
 
 class StartupRefused(Exception):
@@ -311,26 +312,24 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     retention = Retention(reactor, store, keep_tasks=config.keep_tasks,
                           store_limit=_store_limit(config), forget=workspaces.forget)
     retention.setServiceParent(top)
-    try:
-        cgroups = detect(config.cgroups, node_id, cgroup_root=config.cgroup_root)
-    except CgroupUnavailable as error:
-        raise ConfigError(f"bad value for 'cgroups': {config.cgroups}: {error}") from None
-    log.info("tasks run in {isolation}", isolation=describe_isolation(cgroups))
+    chosen = providers.select(config)
+    runner = chosen.build("runner", reactor, config, node_id)
+    log.info("tasks run in {isolation}", isolation=describe_isolation(runner.cgroups))
     executor = Executor(
         reactor, store, node_id,
         max_tasks=config.max_tasks, kill_grace=config.kill_grace,
         output_limit=config.output_limit, default_timeout=config.default_timeout,
         load=sampler.cpu_and_memory, max_cpu_percent=config.max_cpu_percent,
         max_memory_percent=config.max_memory_percent, workspaces=workspaces,
-        cgroups=cgroups, default_resources=config.default_resources,
+        cgroups=runner.cgroups, spawn=runner.spawn, signal_group=runner.signal,
+        default_resources=config.default_resources,
     )
-    elector: Any = StandaloneElector(reactor, node_id)
-    if config.redis:
-        try:
-            elector = redis_elector(reactor, node_id, config.redis, config.cluster_name,
-                                    config.leader_ttl)
-        except ValueError as error:
-            raise ConfigError(f"bad value for 'redis': {error}") from None
+    try:
+        elector: Any = chosen.build("election", reactor, config, node_id)
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"bad value for 'redis': {error}") from None
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds(), retention=retention,
@@ -343,8 +342,10 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     scheduler.setServiceParent(top)
     elector.setServiceParent(top)
     if config.discovery:
+        transport = chosen.build("discovery_transport", reactor, config, node_id)
         node.discovery = DiscoveryService(reactor, discovery_settings(config),
-                                          node.announcement, store, secret)
+                                          node.announcement, store, secret,
+                                          transport=transport)
         top.add_listener(node.discovery, BindOption("discovery_port",
                                                     str(config.discovery_port),
                                                     "--discovery-port"))

@@ -1,0 +1,144 @@
+"""The replaceable parts of a node, as ``zope.interface`` interfaces.
+
+A provider package implements one of these and ships an :class:`IOxideProvider` in its own
+``twisted/plugins/<name>.py``; ``twisted.plugin.getPlugins`` finds it (``providers.py``)
+and the configuration selects it by name. The core never imports a provider module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from zope.interface import Attribute, Interface
+
+#: ``(host, port)``: an IPv4 address and discovery port, as membership records peers.
+#: A transport that is not UDP maps its own addresses onto such pairs (the demo maps
+#: ``127.0.0.1:N`` to a socket file), because the host part is also where peers' HTTP goes.
+Address = tuple[str, int]
+
+
+class IDiscoveryTransport(Interface):
+    """Moves discovery datagrams; knows nothing of their content or of membership.
+
+    ``DiscoveryService`` encodes, signs, decodes and keeps the membership table; the
+    transport only binds, sends and delivers. Datagrams are at most ``wire.MAX_DATAGRAM``.
+    """
+
+    def bind(deliver):
+        """Open the socket now (``privilegedStartService``: a taken port stops start-up)
+        and call ``deliver(datagram: bytes, sender: Address)`` for each arrival.
+        Return the bound discovery port (an ``int``)."""
+
+    def cluster_addresses():  # type: ignore[misc]  # zope interfaces have no self
+        """The addresses a datagram "to the whole cluster" is written to, one write each
+        (each gets its own encoding: fresh nonces). Empty: unicast to peers only.
+        Asked before every announce: keep it cheap."""
+
+    def reaches(address):
+        """True if a datagram to the cluster already reaches ``address``, so the service
+        need not also unicast to it."""
+
+    def refresh():  # type: ignore[misc]  # zope interfaces have no self
+        """Re-read what the cluster addresses depend on (interfaces come and go)."""
+
+    def send(datagram, address):
+        """Write one datagram to one address; raise ``OSError`` if it cannot."""
+
+    def close():  # type: ignore[misc]  # zope interfaces have no self
+        """Close the socket; return a Deferred that fires when it is closed."""
+
+
+class DiscoveryTransport(Protocol):
+    """:class:`IDiscoveryTransport` for the type checker (mypy does not read zope)."""
+
+    def bind(self, deliver: Callable[[bytes, Address], None]) -> int: ...
+
+    def cluster_addresses(self) -> list[Address]: ...
+
+    def reaches(self, address: Address) -> bool: ...
+
+    def refresh(self) -> None: ...
+
+    def send(self, datagram: bytes, address: Address) -> None: ...
+
+    def close(self) -> defer.Deferred[None]: ...
+
+
+class IElectionBackend(Interface):
+    """A lease store with fencing tokens, which ``RedisElector`` runs leader election on.
+
+    Every method returns a Deferred. A lease is ``key`` -> ``value`` with a ttl; only the
+    holder (same ``value``) renews or releases it. Tokens only ever grow.
+    """
+
+    def acquire(key, value, ttl_ms):
+        """Take the lease if nobody holds it; fires True if taken."""
+
+    def renew(key, value, ttl_ms):
+        """Extend our lease; fires False if it is no longer ours."""
+
+    def release(key, value):
+        """Give our lease up; fires True if it was ours."""
+
+    def get(key):
+        """Fires with the lease's current value, or None."""
+
+    def next_token(key, floor, quiet_ms):
+        """Fires ``(token, fresh)``: a fencing token above ``floor`` and every earlier one."""
+
+    def close():  # type: ignore[misc]  # zope interfaces have no self
+        """Disconnect; fires when done."""
+
+
+class ITaskRunner(Interface):
+    """Starts a task's process tree, signals it as a whole; its end is reported through
+    the process protocol's ``processEnded`` (``executor.TaskRun`` owns everything else)."""
+
+    cgroups = Attribute("The cgroups.CgroupProvider that isolates and limits each task.")
+
+    def spawn(reactor, proto, executable, args, env, path, tty=False,
+              cgroup_procs=()):
+        """Start the process as the leader of its own process group (on a new
+        pseudo-terminal with ``tty``), entering ``cgroup_procs`` before exec; return
+        the ``IProcessTransport``."""
+
+    def signal(pid, signum):
+        """Send ``signum`` to the whole process group led by ``pid``."""
+
+
+class TaskRunner(Protocol):
+    """:class:`ITaskRunner` for the type checker."""
+
+    cgroups: Any  # cgroups.CgroupProvider (imported lazily there: no import cycle here)
+
+    def spawn(self, reactor: Any, proto: Any, executable: str, args: list[str],
+              env: dict[str, str], path: str | None, tty: bool = False,
+              cgroup_procs: tuple[str, ...] = ()) -> Any: ...
+
+    def signal(self, pid: int, signum: int) -> None: ...
+
+
+class IOxideProvider(Interface):
+    """A named provider of one kind, found by ``twisted.plugin.getPlugins``.
+
+    Declare one in ``twisted/plugins/<name>.py`` as an object that also provides
+    ``twisted.plugin.IPlugin`` (``providers.Provider`` does both).
+    """
+
+    kind = Attribute("'discovery_transport', 'election' or 'runner'.")
+    name = Attribute("The name the configuration selects it by, e.g. 'multicast'.")
+    options = Attribute(
+        "A tuple of config.Setting: its own options, given as provider_options "
+        "(k=v,... or a YAML mapping) and parsed like every other key.")
+    description = Attribute("One line for --help and the start-up error.")
+
+    def factory(context):
+        """Build the provider from a ``providers.ProviderContext``: an
+        IDiscoveryTransport, an elector service (``election.lease_elector`` around an
+        IElectionBackend) or an ITaskRunner."""
+
+
+__all__ = ["Address", "DiscoveryTransport", "IDiscoveryTransport", "IElectionBackend",
+           "IOxideProvider", "ITaskRunner", "TaskRunner"]
