@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from oxide_cluster.client import (
@@ -311,6 +312,8 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         sys.stderr.flush()
         if task["state"] == "queued":
             task = wait_in_queue(node, task)
+            if task.get("started_at"):  # running, or already ended: it did start
+                _say(f"started on node {task['node_id']}")
         if task["state"] in ("queued", "running"):
             state = follow(node, task["id"])
         else:
@@ -337,23 +340,25 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         return EXIT_CANCELLED
 
 
-def wait_in_queue(node: Node, task: dict[str, Any]) -> dict[str, Any]:
+def _say(message: str) -> None:
+    sys.stderr.write(f"oxide-cluster: {message}\n")
+    sys.stderr.flush()
+
+
+def wait_in_queue(node: Node, task: dict[str, Any],
+                  say: Callable[[str], None] = _say) -> dict[str, Any]:
     """Say where a queued task stands (on each change) until it leaves the queue."""
     said = None
     while task["state"] == "queued":
         position = task.get("queue_position")
         if position is not None and position != said:
-            sys.stderr.write(f"oxide-cluster: queued: {position - 1} ahead\n")
-            sys.stderr.flush()
+            say(f"queued: {position - 1} ahead")
             said = position
         _pause(QUEUE_POLL)
         try:
             task = node.request("GET", f"/task/{urllib.parse.quote(task['id'], safe='')}")
         except NodeError as error:
             raise _node_failure(error) from None
-    if task.get("started_at"):  # running, or already ended: it did start
-        sys.stderr.write(f"oxide-cluster: started on node {task['node_id']}\n")
-        sys.stderr.flush()
     return task
 
 

@@ -37,7 +37,6 @@ from oxide_cluster.cli import (
     EXIT_CANCELLED,
     EXIT_SOFTWARE,
     EXIT_USAGE,
-    QUEUE_POLL,
     Failed,
     Interrupted,
     _node_failure,
@@ -45,6 +44,7 @@ from oxide_cluster.cli import (
     follow,
     request_body,
     task_exit_code,
+    wait_in_queue,
 )
 from oxide_cluster.client import Node, NodeError
 from oxide_cluster.manifest import ManifestError, glob_regex
@@ -319,18 +319,7 @@ def _directory_name(group: str | None, task_id: str) -> str:
 
 
 def _wait_started(node: Node, shard: Shard, task: dict[str, Any]) -> dict[str, Any]:
-    said = None
-    while task["state"] == "queued":
-        position = task.get("queue_position")
-        if position is not None and position != said:
-            _say(f"[{shard.label}] queued: {position - 1} ahead")
-            said = position
-        _pause(QUEUE_POLL)
-        try:
-            task = node.request("GET", f"/task/{urllib.parse.quote(task['id'], safe='')}")
-        except NodeError as error:
-            raise _node_failure(error) from None
-    return task
+    return wait_in_queue(node, task, say=lambda line: _say(f"[{shard.label}] {line}"))
 
 
 def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
