@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
 
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -13,6 +14,11 @@ from tests.support import (
     start_meshed,
     stop_all,
 )
+
+# Property tests check correctness, not speed (benchmarks in bench/ do that): no
+# per-example deadline, which a loaded 2-core machine turns into spurious failures.
+settings.register_profile("oxide", deadline=None)
+settings.load_profile("oxide")
 
 
 @pytest.fixture

@@ -63,7 +63,9 @@ json_values = st.recursive(
 
 @given(st.dictionaries(
     st.sampled_from(["command", "args", "cwd", "env", "secret_env", "timeout",
-                     "idle_timeout", "labels", "node", "retries", "tty", "other"]),
+                     "idle_timeout", "labels", "node", "retries", "tty", "priority",
+                     "group", "queue_timeout", "queue", "workspace", "artifacts",
+                     "source", "resources", "other"]),
     json_values, max_size=6))
 def test_any_json_body_parses_or_raises_request_error(body):
     try:
