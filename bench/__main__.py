@@ -55,6 +55,7 @@ from bench.common import (
     http_rate,
     print_table,
     raw_spawn_rate,
+    run_true,
     save,
 )
 from bench.load import closed_loop, open_loop, parse_rfc3339, percentile
@@ -98,14 +99,9 @@ def http_task_call(port: int, refused: list[int]) -> Callable[[], Any]:
     client = Client(port)
 
     def call() -> dict[str, Any]:
-        while True:
-            status, body = client.call("POST", "/execute?wait=30", {"command": "/bin/true"})
-            if status in (429, 503):
-                refused[0] += 1
-                time.sleep(0.001)
-                continue
-            assert status == 200 and body["state"] == "succeeded", (status, body)
-            return body
+        body, retried = run_true(client, pause=0.001)
+        refused[0] += retried
+        return body
     return call
 
 
@@ -187,12 +183,8 @@ def oxide_latency_call(port: int) -> Callable[[float], tuple[float, float]]:
 
     def call(scheduled: float) -> tuple[float, float]:
         # A refusal (all slots busy) is retried: the wait counts, from the scheduled time.
-        while (reply := client.call("POST", "/execute?wait=30",
-                                    {"command": "/bin/true"}))[0] in (429, 503):
-            time.sleep(0.002)
-        status, body = reply
+        body, _ = run_true(client, pause=0.002)
         received = time.time()
-        assert status == 200 and body["state"] == "succeeded", (status, body)
         return (parse_rfc3339(body["started_at"]) - scheduled,
                 received - parse_rfc3339(body["finished_at"]))
     return call

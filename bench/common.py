@@ -108,6 +108,26 @@ def raw_spawn_rate(count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+def run_true(client: Client, pause: float = 0.005) -> tuple[dict[str, Any], int]:
+    """Run /bin/true to its end through ``POST /execute?wait`` on ``client``: (final task,
+    refusals retried). A task the cluster queued (202 ``queued``: a Redis cluster answers
+    at once) is followed with ``GET /task/{id}?wait`` until it ends."""
+    refused = 0
+    while True:
+        status, body = client.call("POST", "/execute?wait=30", {"command": "/bin/true"})
+        if status in (429, 503):
+            refused += 1
+            time.sleep(pause)
+            continue
+        break
+    while status in (200, 202) and body["state"] in ("queued", "running"):
+        if body["state"] == "queued":
+            time.sleep(pause)  # ?wait does not wait on a task queued in Redis yet
+        status, body = client.call("GET", f"/task/{body['id']}?wait=30")
+    assert status == 200 and body["state"] == "succeeded", (status, body)
+    return body, refused
+
+
 def http_rate(port: int, count: int, clients: int) -> tuple[float, int, dict[str, int]]:
     """(tasks/s, refusals retried, tasks per node id) for ``count`` tasks of /bin/true."""
     remaining = [count]
@@ -124,18 +144,10 @@ def http_rate(port: int, count: int, clients: int) -> tuple[float, int, dict[str
                     if remaining[0] <= 0:
                         return
                     remaining[0] -= 1
-                while True:
-                    status, body = client.call("POST", "/execute?wait=30",
-                                               {"command": "/bin/true"})
-                    if status in (429, 503):
-                        with lock:
-                            refused[0] += 1
-                        time.sleep(0.005)
-                        continue
-                    assert status == 200 and body["state"] == "succeeded", (status, body)
-                    with lock:
-                        where[body["node_id"]] = where.get(body["node_id"], 0) + 1
-                    break
+                body, retried = run_true(client)
+                with lock:
+                    refused[0] += retried
+                    where[body["node_id"]] = where.get(body["node_id"], 0) + 1
         except BaseException as error:  # surfaced after join
             errors.append(error)
 
