@@ -1,10 +1,16 @@
-"""Providers on real twistd nodes: an out-of-tree plugin transport, multicast on loopback."""
+"""Providers on real twistd nodes: an out-of-tree plugin transport pip-installed into a
+venv, multicast on loopback."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,22 +33,58 @@ def nodes(request):
     stop_all(started, report is None or report.failed)
 
 
-def test_an_out_of_tree_plugin_transport_is_listed_and_joins_two_nodes(tmp_path, nodes):
-    # The demo package, as a third party would ship it, on PYTHONPATH beside the core: its
-    # own twisted/plugins/ file is all that makes it known.
-    package = tmp_path / "site"
-    shutil.copytree(DEMO, package, ignore=shutil.ignore_patterns("dropin.cache",
-                                                                 "__pycache__"))
-    env = {"PYTHONPATH": f"{package}:{REPO_ROOT}"}
-    help_text = subprocess.run([*TWISTD, "oxide-cluster", "--help"], capture_output=True,
-                               text=True, env={**AgentProcess(tmp_path).environment(), **env},
+class VenvAgent(AgentProcess):
+    """An agent run by another interpreter (a venv with the demo installed)."""
+
+    def __init__(self, python: Path, home: Path, **options: Any) -> None:
+        super().__init__(home, **options)
+        self.python = python
+
+    def argv(self) -> list[str]:
+        return [str(self.python), *super().argv()[1:]]
+
+
+@pytest.fixture(scope="module")
+def demo_venv(tmp_path_factory) -> Path:
+    """A throwaway venv that sees the test venv's packages and has the demo pip-installed
+    into its own site-packages, as a third party's provider would be."""
+    root = tmp_path_factory.mktemp("demo-venv")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; "
+                          "print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    # --system-site-packages means the base interpreter's, not this venv's: chain ours.
+    Path(own, "test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    source = root / "oxide-unixdgram"  # a copy: the build leaves build/ behind
+    shutil.copytree(DEMO, source, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "dropin.cache", "__pycache__"))
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+         "--quiet", str(source)], capture_output=True, text=True, timeout=300, check=False)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    return python
+
+
+def test_the_installed_demo_provider_is_found_listed_and_joins_two_nodes(tmp_path, nodes,
+                                                                          demo_venv):
+    env = {"PYTHONPATH": str(REPO_ROOT)}  # the core from this tree; the demo from the venv
+    where = subprocess.run([str(demo_venv), "-c", "import oxide_unixdgram; "
+                            "print(oxide_unixdgram.__file__)"], capture_output=True,
+                           text=True, env={**os.environ, **env}, check=True).stdout
+    assert where.startswith(str(demo_venv.parent.parent))  # installed, not on a path
+    probe = VenvAgent(demo_venv, tmp_path / "probe", env=env)
+    help_text = subprocess.run([*probe.argv()[:3], "oxide-cluster", "--help"],
+                               capture_output=True, text=True, env=probe.environment(),
                                timeout=60, check=False).stdout
     assert "discovery_transport: broadcast, multicast, peers, unixdgram" in help_text
 
     sockets = tmp_path / "socks"
     args = ("--discovery-transport", "unixdgram", "--provider-options", f"unix_dir={sockets}")
     for name in ("a", "b"):
-        node = AgentProcess(tmp_path / name, discovery=True, extra_args=args, env=env)
+        node = VenvAgent(demo_venv, tmp_path / name, discovery=True, extra_args=args, env=env)
         nodes.append(node)
         node.start()
     ids = {node.get("/health").json()["node_id"] for node in nodes}
@@ -51,6 +93,14 @@ def test_an_out_of_tree_plugin_transport_is_listed_and_joins_two_nodes(tmp_path,
                    message=f"{node.name} to list both nodes through the Unix sockets")
     assert sorted(p.name for p in sockets.iterdir()) == sorted(
         f"{node.discovery_port}.sock" for node in nodes)
+
+
+def test_help_lists_no_plugin_provider_where_none_is_installed():
+    help_text = subprocess.run([*TWISTD, "oxide-cluster", "--help"], capture_output=True,
+                               text=True, env=AgentProcess(REPO_ROOT).environment(),
+                               timeout=60, check=False).stdout
+    assert ("Installed providers: discovery_transport: broadcast, multicast, peers; "
+            "election: redis, standalone; runner: process.") in " ".join(help_text.split())
 
 
 def test_an_unknown_transport_stops_start_up_in_one_line(tmp_path):
