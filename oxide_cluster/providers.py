@@ -26,12 +26,15 @@ KINDS = ("discovery_transport", "election", "runner")
 
 @attrs.frozen
 class ProviderContext:
-    """What a factory gets: the reactor, the node's config and id, its parsed options."""
+    """What a factory gets: the reactor, the node's config and id, its parsed options, and
+    (for discovery transports) what the node announces, for one that also speaks to
+    foreign systems (``codara``)."""
 
     reactor: Any
     config: Config
     node_id: str
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    local_node: Callable[[], Mapping[str, Any]] | None = None
 
 
 @implementer(IPlugin, IOxideProvider)
@@ -64,6 +67,32 @@ def _multicast(context: ProviderContext) -> Any:
                               parse_multicast_group(config.multicast_group),
                               ttl=config.multicast_ttl,
                               interface=config.multicast_interface or "")
+
+
+def _peer(value: Any) -> str | None:
+    """``host[:port]`` (checked now; the default port is the discovery port)."""
+    from oxide_cluster.discovery import parse_peer
+
+    if value is None or str(value).strip() == "":
+        return None
+    parse_peer(str(value), 1)
+    return str(value).strip()
+
+
+def _codara(context: ProviderContext) -> Any:
+    from oxide_cluster.codara import CodaraTransport
+    from oxide_cluster.discovery import UdpTransport, parse_peer
+
+    config = context.config
+    if context.local_node is None:
+        raise ConfigError("discovery_transport 'codara' needs the node's announcement")
+    server = context.options.get("codara_server")
+    return CodaraTransport(
+        context.reactor,
+        UdpTransport(context.reactor, config.discovery_port,
+                     interfaces=config.discovery_interface, broadcast=True),
+        context.local_node,
+        parse_peer(server, config.discovery_port) if server else None)
 
 
 def _standalone(context: ProviderContext) -> Any:
@@ -101,6 +130,12 @@ BUILTIN: tuple[Provider, ...] = (
              "UDP unicast to the static/DNS 'peers' only (no broadcast), plus gossip"),
     Provider("discovery_transport", "multicast", _multicast,
              "UDP to an IPv4 multicast group (multicast_group, multicast_ttl)"),
+    Provider("discovery_transport", "codara", _codara,
+             "broadcast, plus the Codara agent's unauthenticated cluster_announce and "
+             "cluster_stats datagrams (opt-in)",
+             options=(Setting("codara_server", _peer, None,
+                              "a Codara main server host[:port] that also gets them by "
+                              "unicast (default: broadcast only)"),)),
     Provider("election", "standalone", _standalone, "this node always leads (token 1)"),
     Provider("election", "redis", _redis, "a Redis lease with fencing tokens ('redis')"),
     Provider("runner", "process", _process,
@@ -155,8 +190,9 @@ class Selection:
     providers: Mapping[str, Any]
     options: Mapping[str, Mapping[str, Any]]
 
-    def build(self, kind: str, reactor: Any, config: Config, node_id: str) -> Any:
-        context = ProviderContext(reactor, config, node_id, self.options[kind])
+    def build(self, kind: str, reactor: Any, config: Config, node_id: str,
+              local_node: Callable[[], Mapping[str, Any]] | None = None) -> Any:
+        context = ProviderContext(reactor, config, node_id, self.options[kind], local_node)
         return self.providers[kind].factory(context)
 
 
@@ -197,7 +233,7 @@ def select(config: Config, found: Iterable[Any] | None = None) -> Selection:
 
 
 def describe(found: Iterable[Any] | None = None) -> str:
-    """``discovery_transport: broadcast, multicast, peers; election: ...`` for --help."""
+    """``discovery_transport: broadcast, codara, multicast, peers; election: ...`` for --help."""
     found = installed() if found is None else list(found)
     return "; ".join(f"{kind}: {', '.join(names(found, kind))}" for kind in KINDS)
 

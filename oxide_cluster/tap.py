@@ -342,7 +342,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     scheduler.setServiceParent(top)
     elector.setServiceParent(top)
     if config.discovery:
-        transport = chosen.build("discovery_transport", reactor, config, node_id)
+        transport = chosen.build("discovery_transport", reactor, config, node_id,
+                                 local_node=node.announcement)
         node.discovery = DiscoveryService(reactor, discovery_settings(config),
                                           node.announcement, store, secret,
                                           transport=transport)

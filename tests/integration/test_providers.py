@@ -3,12 +3,14 @@ venv, multicast on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,7 @@ def test_the_installed_demo_provider_is_found_listed_and_joins_two_nodes(tmp_pat
     help_text = subprocess.run([*probe.argv()[:3], "oxide-cluster", "--help"],
                                capture_output=True, text=True, env=probe.environment(),
                                timeout=60, check=False).stdout
-    assert "discovery_transport: broadcast, multicast, peers, unixdgram" in help_text
+    assert "discovery_transport: broadcast, codara, multicast, peers, unixdgram" in help_text
 
     sockets = tmp_path / "socks"
     args = ("--discovery-transport", "unixdgram", "--provider-options", f"unix_dir={sockets}")
@@ -99,7 +101,7 @@ def test_help_lists_no_plugin_provider_where_none_is_installed():
     help_text = subprocess.run([*TWISTD, "oxide-cluster", "--help"], capture_output=True,
                                text=True, env=AgentProcess(REPO_ROOT).environment(),
                                timeout=60, check=False).stdout
-    assert ("Installed providers: discovery_transport: broadcast, multicast, peers; "
+    assert ("Installed providers: discovery_transport: broadcast, codara, multicast, peers; "
             "election: redis, standalone; runner: process.") in " ".join(help_text.split())
 
 
@@ -111,7 +113,7 @@ def test_an_unknown_transport_stops_start_up_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "oxide-cluster: cannot start: unknown discovery_transport 'pigeon' "
-        "(installed: broadcast, multicast, peers)")
+        "(installed: broadcast, codara, multicast, peers)")
 
 
 def _loopback_multicast_works(group: str, port: int) -> bool:
@@ -149,3 +151,59 @@ def test_two_nodes_find_each_other_by_multicast_on_loopback(tmp_path, nodes):
     for node in nodes:
         poll_until(lambda node=node: listed(node) == ids, timeout=15,
                    message=f"{node.name} to list both nodes through the multicast group")
+
+
+# The Codara cluster agent's README, "Discovery Protocol": each field and its JSON type.
+CODARA_ANNOUNCE = {"type": str, "hostname": str, "platform": str, "arch": str, "cpus": int,
+                   "totalMemory": int, "port": int, "timestamp": int}
+CODARA_STATS = {"type": str, "hostname": str, "port": int, "stats": dict, "timestamp": int}
+CODARA_STATS_STATS = {"cpu": (int, float), "memoryUsagePercent": (int, float),
+                      "runningTasks": int, "availableSlots": int}
+
+
+def _fields_typed(message: dict[str, Any], spec: dict[str, Any]) -> None:
+    assert set(message) == set(spec), message
+    for name, kind in spec.items():
+        value = message[name]
+        assert isinstance(value, kind) and not isinstance(value, bool), (name, value)
+
+
+def test_a_codara_node_sends_codara_datagrams_and_keeps_oxide_membership_signed(tmp_path,
+                                                                               nodes):
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the Codara main server
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(0.5)
+    a, b = (AgentProcess(tmp_path / name, discovery=True) for name in ("a", "b"))
+    a.extra_args = ("--discovery-transport", "codara", "--peers",
+                    f"127.0.0.1:{b.discovery_port}", "--provider-options",
+                    f"codara_server=127.0.0.1:{server.getsockname()[1]}")
+    b.extra_args = ("--peers", f"127.0.0.1:{a.discovery_port}")  # a plain oxide node
+    try:
+        for node in (a, b):
+            nodes.append(node)
+            node.start()
+        received: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + 20
+        while len(received) < 2 and time.monotonic() < deadline:
+            try:
+                data, sender = server.recvfrom(65536)
+            except TimeoutError:
+                continue
+            assert sender[1] == a.discovery_port  # sent from the node's discovery port
+            message = json.loads(data)  # only Codara's JSON comes here, never ours
+            assert message["type"] in ("cluster_announce", "cluster_stats"), message
+            received.setdefault(message["type"], message)
+    finally:
+        server.close()
+    assert set(received) == {"cluster_announce", "cluster_stats"}, received
+    announce, stats = received["cluster_announce"], received["cluster_stats"]
+    _fields_typed(announce, CODARA_ANNOUNCE)
+    _fields_typed(stats, CODARA_STATS)
+    _fields_typed(stats["stats"], CODARA_STATS_STATS)
+    assert announce["port"] == stats["port"] == a.port  # where its HTTP API answers
+    assert abs(announce["timestamp"] / 1000 - time.time()) < 60
+    # Membership between the two stays on oxide's signed protocol.
+    ids = {node.get("/health").json()["node_id"] for node in nodes}
+    for node in nodes:
+        poll_until(lambda node=node: listed(node) == ids, timeout=15,
+                   message=f"{node.name} to list both nodes")

@@ -75,7 +75,8 @@ def demo_plugin(monkeypatch: pytest.MonkeyPatch) -> Any:
 def build(kind: str, values: dict[str, Any], found: list[Any] | None = None,
           node_id: str = "n1") -> Any:
     loaded = config.load(values, {})
-    return providers.select(loaded, found).build(kind, reactor(), loaded, node_id)
+    return providers.select(loaded, found).build(kind, reactor(), loaded, node_id,
+                                                 local_node=lambda: announce_body(node_id))
 
 
 @attrs.frozen
@@ -88,7 +89,7 @@ class TransportPair:
     cluster_reaches_peer: bool
 
 
-TRANSPORTS = ["broadcast", "peers", "multicast", "unixdgram"]
+TRANSPORTS = ["broadcast", "peers", "multicast", "codara", "unixdgram"]
 
 
 def transport_pair(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

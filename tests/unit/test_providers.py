@@ -61,7 +61,7 @@ def test_unknown_name_is_one_line_listing_the_installed_providers():
     with pytest.raises(config.ConfigError) as error:
         providers.select(load(discovery_transport="carrier-pigeon"), providers.BUILTIN)
     assert str(error.value) == ("unknown discovery_transport 'carrier-pigeon' "
-                                "(installed: broadcast, multicast, peers)")
+                                "(installed: broadcast, codara, multicast, peers)")
     with pytest.raises(config.ConfigError, match=r"installed: redis, standalone\)"):
         providers.select(load(election="etcd"), providers.BUILTIN)
 
@@ -124,7 +124,7 @@ def test_options_refuse_an_unknown_runner_in_one_line(tmp_path, monkeypatch, cap
 
 
 def test_help_lists_the_installed_providers():
-    assert "discovery_transport: broadcast, multicast, peers" in Options().getUsage()
+    assert "discovery_transport: broadcast, codara, multicast, peers" in Options().getUsage()
 
 
 @pytest.mark.parametrize("text, parsed", [
