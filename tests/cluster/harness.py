@@ -618,6 +618,19 @@ def drop_from(host: Host, src_ip: str) -> None:
     _nft(host, f"add rule inet {FAULT_TABLE} in ip saddr {src_ip} drop")
 
 
+def drop_broadcast(host: Host) -> None:
+    """Drop every link-layer broadcast ``host`` receives (a network that filters broadcast)."""
+    _fault_chain(host)
+    _nft(host, f"add rule inet {FAULT_TABLE} in meta pkttype broadcast drop")
+
+
+def route_multicast(host: Host) -> None:
+    """Send IPv4 multicast out of the host's eth0 (the namespaces have no default route)."""
+    res = host.run(["ip", "route", "replace", "224.0.0.0/4", "dev", "eth0"])
+    if res.returncode != 0:
+        raise HarnessError(f"multicast route in {host.netns}: {res.stderr.strip()}")
+
+
 def clear_faults(host: Host) -> None:
     """Remove every nft fault rule and bring the link back up."""
     host.run(["nft", "delete", "table", "inet", FAULT_TABLE])
