@@ -618,6 +618,15 @@ def drop_from(host: Host, src_ip: str) -> None:
     _nft(host, f"add rule inet {FAULT_TABLE} in ip saddr {src_ip} drop")
 
 
+def drop_replies(host: Host, src_ip: str, port: int) -> None:
+    """Lose the answers ``host`` gets from ``src_ip``'s TCP ``port`` *after* its requests
+    arrived there: segments carrying data are dropped, handshakes and bare ACKs pass
+    (an IPv4 packet over 100 bytes carries data; an ACK with every option is at most 80)."""
+    _fault_chain(host)
+    _nft(host, f"add rule inet {FAULT_TABLE} in ip saddr {src_ip} tcp sport {port} "
+         "ip length > 100 drop")
+
+
 def clear_faults(host: Host) -> None:
     """Remove every nft fault rule and bring the link back up."""
     host.run(["nft", "delete", "table", "inet", FAULT_TABLE])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import sys
 import threading
 import time
@@ -373,10 +374,12 @@ def row(report: list[dict[str, Any]], scenario: str, faults: str, load: Load | N
 def fault_cluster(network: Callable[[int], harness.Network], redis_server: Any,
                   tmp_path: Path) -> Callable[..., tuple[oxide.Cluster, harness.RedisServer]]:
     """Factory: N agents electing through one real redis-server; waits for one leader."""
-    def make(n_hosts: int = 3) -> tuple[oxide.Cluster, harness.RedisServer]:
+    def make(n_hosts: int = 3, extra_args: Sequence[str] = ()
+             ) -> tuple[oxide.Cluster, harness.RedisServer]:
         net = network(n_hosts)
         redis = redis_server(net)
-        args = ("--redis", redis.url, "--leader-ttl", str(TTL), "--max-tasks", "8")
+        args = ("--redis", redis.url, "--leader-ttl", str(TTL), "--max-tasks", "8",
+                *extra_args)
         c = oxide.Cluster(net, tmp_path / f"{net.log_dir.name}-agents", args)
         c.start(net.hosts)
         c.wait_meshed(timeout=30)
@@ -588,5 +591,223 @@ def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault
           f"{agreed.name}:{agreed_token} and are meshed after {converged:.2f} s")
     assert not split, split
     assert not minority_claims, minority_claims
+    assert orphans == 0
+    assert not twice, twice
+
+
+# --------------------------------------------------------------------------- stalls, lost replies
+
+# The stall and reply-loss scenarios run their agents with --peer-timeout PEER_TIMEOUT (the
+# default is 30 s): a forward to the leader gives up after SUBMIT_WAIT + PEER_TIMEOUT.
+PEER_TIMEOUT = 4.0
+SUBMIT_WAIT = 1
+_ADMITTED = re.compile(r"task (\S+) was admitted before")
+
+
+def submit(node: OxideNode, task: dict[str, Any]) -> tuple[int, Any, float]:
+    """POST /execute?wait=SUBMIT_WAIT to ``node``: (status, body, seconds to the answer)."""
+    t0 = time.monotonic()
+    status, body, _ = node.agent.post(f"/execute?wait={SUBMIT_WAIT}", task, timeout=120)
+    return status, body, time.monotonic() - t0
+
+
+def answered_id(status: int, body: Any) -> str:
+    """The task a submit's answer names. An answer must name one: queued/started (200/202)
+    or a clear refusal naming the id; a client told nothing cannot know whether to retry."""
+    if status in (200, 202) and isinstance(body, dict) and body.get("id"):
+        assert body["state"] in TERMINAL | {"queued", "running"}, body
+        return str(body["id"])
+    message = body.get("error", {}).get("message", "") if isinstance(body, dict) else ""
+    found = _ADMITTED.search(message)
+    assert status == 409 and found, f"a submit answered {status} {body!r}: no task named"
+    return found.group(1)
+
+
+def brief(answers: Sequence[tuple[int, Any, float]]) -> list[tuple[int, Any, float]]:
+    """(status, state or body, seconds) of each submit, for the report."""
+    return [(status, body.get("state") if isinstance(body, dict) else body, round(took, 2))
+            for status, body, took in answers]
+
+
+def end_of(nodes: Sequence[OxideNode], task_id: str, timeout: float = 60.0) -> str:
+    """The terminal state of ``task_id`` as the first of ``nodes`` to know it says."""
+    def ended() -> str | None:
+        for node in nodes:
+            with contextlib.suppress(NodeUnreachable):
+                status, body, _ = node.agent.get(f"/task/{task_id}", timeout=5)
+                if status == 200 and body["state"] in TERMINAL:
+                    return str(body["state"])
+        return None
+    state: str = poll_until(ended, timeout, interval=0.2, message=f"task {task_id} to end")
+    return state
+
+
+def runs_twice_or_unasked(marker: Path, final: dict[str, str]) -> list[str]:
+    """ran_twice(), plus every run under an id no submit was answered with (a second run
+    of a task under a new id, as a leader's local fallback once made)."""
+    starts = collections.Counter(marker.read_text().split())
+    return ran_twice(marker, final) + sorted(f"{tid} (unasked)" for tid in starts
+                                             if tid not in final)
+
+
+def gave_up_on_leader(nodes: Sequence[OxideNode], task_ids: Sequence[str]) -> list[str]:
+    """Ids whose forward to the leader timed out, as the followers' logs say."""
+    logs = "".join(node.agent.log_text() for node in nodes)
+    return [tid for tid in task_ids
+            if re.search(rf"leader \S+ unreachable: task {re.escape(tid)} stays queued", logs)]
+
+
+def submit_while_started(marker: Path, submits: Sequence[tuple[OxideNode, dict[str, Any]]]
+                         ) -> list[tuple[int, Any, float]]:
+    """submit() each (node, task) at once; assert every task started (its line in
+    ``marker``) while no submit was answered yet: the requests arrived, the answers are
+    what got lost. The answers, in order."""
+    with ThreadPoolExecutor(len(submits)) as pool:
+        futures = [pool.submit(submit, node, task) for node, task in submits]
+        poll_until(lambda: len(marker.read_text().split()) >= len(submits), 60,
+                   interval=0.05, message="every task to start while its submit waits")
+        assert not any(f.done() for f in futures), [f.result() for f in futures if f.done()]
+        return [f.result() for f in futures]
+
+
+def drain_stale_requests(node: OxideNode, task: dict[str, Any]) -> str:
+    """A fresh task through ``node`` once it is back: its answer comes after the node read
+    every request that waited in its sockets (one reactor reads them in order)."""
+    status, body, _ = node.agent.post("/execute?wait=10", task, timeout=30)
+    assert status == 200 and body["state"] == "succeeded", (status, body)
+    return str(body["id"])
+
+
+@pytest.mark.slow
+def test_leader_sigstop_past_the_forward_timeout_runs_each_task_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT)))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, token = wait_for_leader(c.nodes)
+    followers = [n for n in c.nodes if n is not leader]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    final: dict[str, str] = {}
+    poll_until(lambda: sampler.latest(leader.name, 0) is not None, 20, interval=0.1,
+               message="a leader sample before the stall")
+    frozen = time.monotonic()
+    leader.agent.pause()
+    try:
+        # At once, while the followers still name the frozen leader: each forwards its
+        # submit there, where the request waits unread in the socket past the timeout.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda n: submit(n, task), [*followers, *followers]))
+        task_ids = [answered_id(status, body) for status, body, _ in answers]
+        new, new_token = wait_for_leader(followers, newer_than=token, timeout=30)
+        for tid in task_ids:  # dispatched by the new leader while the old one sleeps
+            final[tid] = end_of(followers, tid)
+        stopped = time.monotonic() - frozen
+    finally:
+        leader.agent.resume()
+    agreed, agreed_token = wait_for_leader(c.nodes, newer_than=token, timeout=30)
+    fresh = drain_stale_requests(leader, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    timed_out = gave_up_on_leader(followers, task_ids)
+    row(fault_report, "leader SIGSTOP > forward timeout",
+        f"SIGSTOP {leader.name} (leader) {stopped:.0f}s > wait+peer_timeout "
+        f"{SUBMIT_WAIT + PEER_TIMEOUT:g}s; {len(task_ids)} submits on followers", None,
+        final, changes, len(split), orphans, 0, twice)
+    print(f"  answers {brief(answers)}; forwards that timed out: {len(timed_out)}; "
+          f"new leader {new.name}:{new_token}; after SIGCONT {agreed.name}:{agreed_token}")
+    assert timed_out, "no submit's forward to the frozen leader timed out: not the scenario"
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0
+    assert not twice, twice
+
+
+@pytest.mark.slow
+def test_lost_reply_to_a_forwarded_submit_runs_the_task_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT)))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, _token = wait_for_leader(c.nodes)
+    follower = next(n for n in c.nodes if n is not leader)
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    final: dict[str, str] = {}
+    # The follower's forwards reach the leader, which places them; its answers are lost.
+    harness.drop_replies(follower.host, leader.host.ip, oxide.API_PORT)
+    try:
+        answers = submit_while_started(marker, [(follower, task)] * 3)
+        task_ids = [answered_id(status, body) for status, body, _ in answers]
+    finally:
+        harness.clear_faults(follower.host)
+    for tid in task_ids:
+        final[tid] = end_of(c.nodes, tid)
+    fresh = drain_stale_requests(follower, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    timed_out = gave_up_on_leader([follower], task_ids)
+    row(fault_report, "lost reply: leader -> follower",
+        f"drop {leader.name} (leader) -> {follower.name} HTTP data; "
+        f"{len(task_ids)} submits on {follower.name}", None, final, changes, len(split),
+        orphans, 0, twice)
+    print(f"  answers {brief(answers)}; forwards that timed out: {len(timed_out)}")
+    assert len(timed_out) == len(task_ids), "a forward was answered: no reply was lost"
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0
+    assert not twice, twice
+
+
+@pytest.mark.slow
+def test_lost_reply_to_the_leaders_placement_runs_the_task_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT), "--max-tasks", "1"))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, _token = wait_for_leader(c.nodes)
+    others = [n for n in c.nodes if n is not leader]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    release = tmp_path / "release"
+    # The leader's one slot is taken, so it places the task on another node.
+    blocker = {"command": "sh", "args": ["-c", f"while [ ! -e {release} ]; do sleep 0.05; "
+                                         "done"], "node": leader.node_id}
+    status, body, _ = leader.agent.post("/execute", blocker, timeout=30)
+    assert status == 202 and body["state"] == "running", (status, body)
+    final: dict[str, str] = {}
+    # Placements reach the nodes, which start the task; their answers to the leader are lost.
+    for node in others:
+        harness.drop_replies(leader.host, node.host.ip, oxide.API_PORT)
+    try:
+        (answer,) = submit_while_started(marker, [(leader, task)])
+        task_id = answered_id(*answer[:2])
+    finally:
+        harness.clear_faults(leader.host)
+        release.touch()
+    final[task_id] = end_of(c.nodes, task_id)
+    assert end_of(c.nodes, body["id"]) == "succeeded"  # the blocker (no marker line)
+    fresh = drain_stale_requests(leader, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    row(fault_report, "lost reply: node -> leader",
+        f"drop {', '.join(n.name for n in others)} -> {leader.name} (leader) HTTP data; "
+        f"1 submit on {leader.name} (full)", None, final, changes, len(split), orphans, 0,
+        twice)
+    print(f"  answer {brief([answer])}")
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
     assert orphans == 0
     assert not twice, twice
