@@ -918,3 +918,65 @@ def test_redis_restart_with_appendonly_keeps_the_queue(fault_cluster, fault_repo
     assert not twice, twice
     assert set(final.values()) == {"succeeded"}, final
     assert orphans == 0
+
+
+DISPATCH_TIMEOUT = 10.0  # ClusterAdmission._send's wait for a node's /internal/dispatch answer
+
+
+@pytest.mark.slow
+def test_lost_reply_to_a_queued_tasks_dispatch_runs_it_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--max-tasks", "1"))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, _token = wait_for_leader(c.nodes)
+    target = next(n for n in c.nodes if n is not leader)
+    others = [n for n in c.nodes if n is not leader]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    releases = {node.name: tmp_path / f"release-{node.name}" for node in c.nodes}
+    blockers = {}
+    final: dict[str, str] = {}
+    try:
+        for node in c.nodes:  # every slot taken, so the task waits in the queue
+            hold = ["-c", f"while [ ! -e {releases[node.name]} ]; do sleep 0.05; done"]
+            status, body, _ = node.agent.post(
+                "/execute", {"command": "sh", "args": hold, "node": node.node_id}, timeout=30)
+            assert status == 202 and body["state"] == "running", (status, body)
+            blockers[node.name] = body["id"]
+        status, body, _ = target.agent.post("/execute", task, timeout=30)
+        assert status == 202 and body["state"] == "queued", (status, body)
+        task_id = body["id"]
+        for node in others:  # the nodes' answers to the leader's dispatches are lost
+            harness.drop_replies(leader.host, node.host.ip, oxide.API_PORT)
+        try:
+            releases[target.name].touch()  # a slot frees on target: the leader sends it there
+            poll_until(lambda: task_id in marker.read_text().split(), 30, interval=0.05,
+                       message=f"{task_id} to start on {target.name}")
+            started = time.monotonic()
+            # Past the leader's wait for that answer: it counts the node busy, tries again.
+            poll_until(lambda: time.monotonic() > started + DISPATCH_TIMEOUT + 2, 30,
+                       message="the dispatch to time out")
+        finally:
+            harness.clear_faults(leader.host)
+    finally:
+        for path in releases.values():
+            path.touch()
+    final[task_id] = end_of(c.nodes, task_id)
+    for tid in blockers.values():
+        assert end_of(c.nodes, tid) == "succeeded"
+    fresh = drain_stale_requests(leader, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    row(fault_report, "lost reply: dispatch -> leader",
+        f"drop {', '.join(n.name for n in others)} -> {leader.name} (leader) HTTP data "
+        f"{DISPATCH_TIMEOUT + 2:g}s; 1 queued task dispatched to {target.name}", None, final,
+        changes, len(split), orphans, 0, twice)
+    assert not twice, twice
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0
