@@ -830,6 +830,8 @@ def test_leader_kill_9_with_five_queued_runs_every_queued_task_once(
     sampler = samplers(c.nodes, c.net.log_dir)
     leader, token = wait_for_leader(c.nodes)
     follower = next(n for n in c.nodes if n is not leader)
+    poll_until(lambda: sampler.latest(leader.name, 0) is not None, 20, interval=0.1,
+               message="a leader sample before the kill")  # else no term shows the change
     marker = tmp_path / "starts"
     task = marked_task(marker, 3)
     with ThreadPoolExecutor(9) as pool:  # 9 tasks, 3 slots: 6 wait in the queue
