@@ -869,7 +869,8 @@ class TaskApi:
         try:
             reply = await self.peers.request(node_id, method or request.method,
                                              path or request.uri, body,
-                                             headers, timeout=(wait or 0) + 30)
+                                             headers,
+                                             timeout=(wait or 0) + self.node.config.peer_timeout)
         except PeerUnavailable as error:
             raise ApiError(503, "node_unavailable", str(error), {"Retry-After": "1"}) from None
         return reply

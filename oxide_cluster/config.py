@@ -277,6 +277,9 @@ SETTINGS: tuple[Setting, ...] = (
             "election provider: standalone or redis (default: redis when 'redis' is set)"),
     Setting("leader_ttl", _positive_float, 2.0,
             "seconds a Redis leader lease lasts (failover after a crash takes about this)"),
+    Setting("peer_timeout", _positive_float, 30.0,
+            "seconds a node waits for a peer's answer (a forward to the leader, a "
+            "placement) beyond the request's own wait; then the peer counts as unreachable"),
     Setting("workspace_cache", _positive_int, 4 * 1024 ** 3,
             "bytes of workspace and artifact blobs kept in the state dir (LRU beyond)"),
     Setting("artifact_limit", _positive_int, 256 * 1024 * 1024,
@@ -354,6 +357,7 @@ class Config:
     election: str | None = None
     runner: str = "process"
     provider_options: dict[str, str] = attrs.field(factory=dict)
+    peer_timeout: float = 30.0
 
     @property
     def clustered(self) -> bool:

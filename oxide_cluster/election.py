@@ -322,12 +322,14 @@ class RedisElector(service.Service):
         # A new or lost epoch means Redis may have lost a live lease: the old leader keeps
         # leading until its own deadline, at most a ttl from now. Hold the key that long.
         quiet_until = self._now() + self.timing.ttl if fresh else 0.0
-        self.observe_token(token)
         value = f"{self.node_id}:{token}"
         sent = self._now()
         acquired = await self.backend.acquire(self.key, value, self.timing.ttl_ms)
         if not acquired:
+            # Lost the race: no lease ever held this token, so it fences nobody. Observing
+            # it would refuse the winner's (lower) token here for as long as it leads.
             return
+        self.observe_token(token)
         deadline = sent + self.timing.ttl - self.timing.margin
         if not self.running or self._now() >= deadline:
             await self.backend.release(self.key, value)

@@ -360,7 +360,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         node.discovery.membership.subscribe(hub.publish)
     peers = placement = None
     if node.discovery is not None:
-        peers = PeerClient(reactor, secret, node.discovery)
+        peers = PeerClient(reactor, secret, node.discovery, timeout=config.peer_timeout)
         placement = Placement(reactor, node)
         reactor.addSystemEventTrigger("before", "shutdown", peers.close)
         hub.peers, hub.node_id, hub.reactor = peers, node_id, reactor

@@ -79,13 +79,14 @@ def network(request: pytest.FixtureRequest, tmp_path: Path
 
 
 @pytest.fixture
-def redis_server() -> Callable[[harness.Network], harness.RedisServer]:
-    """Factory: ``redis = redis_server(net)`` starts redis-server on the net's bridge IP.
+def redis_server() -> Callable[..., harness.RedisServer]:
+    """Factory: ``redis = redis_server(net)`` starts redis-server on the net's bridge IP
+    (``appendonly=True``: persisted in an append-only file, kept across restarts).
 
     The network owns the process, so the network's teardown stops it.
     """
-    def make(net: harness.Network) -> harness.RedisServer:
-        return harness.RedisServer(net).start()
+    def make(net: harness.Network, appendonly: bool = False) -> harness.RedisServer:
+        return harness.RedisServer(net, appendonly=appendonly).start()
     return make
 
 

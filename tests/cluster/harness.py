@@ -631,6 +631,15 @@ def route_multicast(host: Host) -> None:
         raise HarnessError(f"multicast route in {host.netns}: {res.stderr.strip()}")
 
 
+def drop_replies(host: Host, src_ip: str, port: int) -> None:
+    """Lose the answers ``host`` gets from ``src_ip``'s TCP ``port`` *after* its requests
+    arrived there: segments carrying data are dropped, handshakes and bare ACKs pass
+    (an IPv4 packet over 100 bytes carries data; an ACK with every option is at most 80)."""
+    _fault_chain(host)
+    _nft(host, f"add rule inet {FAULT_TABLE} in ip saddr {src_ip} tcp sport {port} "
+         "ip length > 100 drop")
+
+
 def clear_faults(host: Host) -> None:
     """Remove every nft fault rule and bring the link back up."""
     host.run(["nft", "delete", "table", "inet", FAULT_TABLE])
@@ -713,11 +722,13 @@ class UdpSink:
 class RedisServer:
     """A real redis-server on the bridge address (.1) so every host reaches it."""
 
-    def __init__(self, network: Network, port: int | None = None):
+    def __init__(self, network: Network, port: int | None = None, appendonly: bool = False):
         self.network = network
         self.host_ip = network.gateway
         self.port = port or free_port(self.host_ip)
         self.log_path = network.log_dir / "redis.log"
+        self.appendonly = appendonly
+        self.data_dir = network.log_dir / f"redis-{self.port}-data"
         self.proc: Proc | None = None
 
     @property
@@ -725,8 +736,10 @@ class RedisServer:
         return f"redis://{self.host_ip}:{self.port}"
 
     def start(self) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = ["redis-server", "--port", str(self.port), "--bind", self.host_ip,
-                "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                "127.0.0.1", "--save", "", "--dir", str(self.data_dir),
+                "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "no",
                 "--daemonize", "no", "--logfile", ""]
         self.proc = self.network.spawn_root(argv, self.log_path)
         poll_until(self.ping, 10, message=f"redis-server on {self.url} not answering PING")
@@ -750,7 +763,8 @@ class RedisServer:
         return self.proc.kill_tree()
 
     def restart(self) -> RedisServer:
-        """Stop and start again on the same port (data is gone: no persistence)."""
+        """Stop and start again on the same port (data is gone, unless ``appendonly``:
+        then it is read back from the append-only file)."""
         if self.proc and self.proc.alive:
             self.stop()
         return self.start()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import sys
 import threading
 import time
@@ -42,7 +43,7 @@ RATE = 10.0  # task submissions per second
 TASK = {"command": "sh", "args": ["-c", "sleep 0.5"]}  # ~5 running at a time
 # The load's task: TASK that first appends its OXIDE_TASK_ID to a marker file shared by
 # every host (network namespaces share the file system), so a second run shows up.
-_MARK = 'echo "$OXIDE_TASK_ID" >> "$1"; sleep 0.5'
+_MARK = 'echo "$OXIDE_TASK_ID" >> "$1"; sleep "$2"'
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out", "lost", "rejected"}
 
 _SAMPLER = """
@@ -244,11 +245,12 @@ class Load:
 # --------------------------------------------------------------------------- checks
 
 
-def marked_task(marker: Path) -> dict[str, Any]:
-    """TASK, recording each start of it as one line (its id) in ``marker``."""
+def marked_task(marker: Path, seconds: float = 0.5) -> dict[str, Any]:
+    """TASK (``seconds`` long), recording each start of it as one line (its id) in
+    ``marker``."""
     marker.touch()
     marker.chmod(0o666)  # whatever user the agents run tasks as
-    return {"command": "sh", "args": ["-c", _MARK, "sh", str(marker)]}
+    return {"command": "sh", "args": ["-c", _MARK, "sh", str(marker), f"{seconds:g}"]}
 
 
 def ran_twice(marker: Path, final: dict[str, str]) -> list[str]:
@@ -373,10 +375,12 @@ def row(report: list[dict[str, Any]], scenario: str, faults: str, load: Load | N
 def fault_cluster(network: Callable[[int], harness.Network], redis_server: Any,
                   tmp_path: Path) -> Callable[..., tuple[oxide.Cluster, harness.RedisServer]]:
     """Factory: N agents electing through one real redis-server; waits for one leader."""
-    def make(n_hosts: int = 3) -> tuple[oxide.Cluster, harness.RedisServer]:
+    def make(n_hosts: int = 3, extra_args: Sequence[str] = (), appendonly: bool = False
+             ) -> tuple[oxide.Cluster, harness.RedisServer]:
         net = network(n_hosts)
-        redis = redis_server(net)
-        args = ("--redis", redis.url, "--leader-ttl", str(TTL), "--max-tasks", "8")
+        redis = redis_server(net, appendonly)
+        args = ("--redis", redis.url, "--leader-ttl", str(TTL), "--max-tasks", "8",
+                *extra_args)
         c = oxide.Cluster(net, tmp_path / f"{net.log_dir.name}-agents", args)
         c.start(net.hosts)
         c.wait_meshed(timeout=30)
@@ -590,3 +594,391 @@ def test_partition_of_the_leader_and_one_follower(fault_cluster, samplers, fault
     assert not minority_claims, minority_claims
     assert orphans == 0
     assert not twice, twice
+
+
+# --------------------------------------------------------------------------- stalls, lost replies
+
+# The stall and reply-loss scenarios run their agents with --peer-timeout PEER_TIMEOUT (the
+# default is 30 s): a forward to the leader gives up after SUBMIT_WAIT + PEER_TIMEOUT.
+PEER_TIMEOUT = 4.0
+SUBMIT_WAIT = 1
+_ADMITTED = re.compile(r"task (\S+) was admitted before")
+
+
+def submit(node: OxideNode, task: dict[str, Any]) -> tuple[int, Any, float]:
+    """POST /execute?wait=SUBMIT_WAIT to ``node``: (status, body, seconds to the answer)."""
+    t0 = time.monotonic()
+    status, body, _ = node.agent.post(f"/execute?wait={SUBMIT_WAIT}", task, timeout=120)
+    return status, body, time.monotonic() - t0
+
+
+def answered_id(status: int, body: Any) -> str:
+    """The task a submit's answer names. An answer must name one: queued/started (200/202)
+    or a clear refusal naming the id; a client told nothing cannot know whether to retry."""
+    if status in (200, 202) and isinstance(body, dict) and body.get("id"):
+        assert body["state"] in TERMINAL | {"queued", "running"}, body
+        return str(body["id"])
+    message = body.get("error", {}).get("message", "") if isinstance(body, dict) else ""
+    found = _ADMITTED.search(message)
+    assert status == 409 and found, f"a submit answered {status} {body!r}: no task named"
+    return found.group(1)
+
+
+def brief(answers: Sequence[tuple[int, Any, float]]) -> list[tuple[int, Any, float]]:
+    """(status, state or body, seconds) of each submit, for the report."""
+    return [(status, body.get("state") if isinstance(body, dict) else body, round(took, 2))
+            for status, body, took in answers]
+
+
+def end_of(nodes: Sequence[OxideNode], task_id: str, timeout: float = 60.0) -> str:
+    """The terminal state of ``task_id`` as the first of ``nodes`` to know it says."""
+    def ended() -> str | None:
+        for node in nodes:
+            with contextlib.suppress(NodeUnreachable):
+                status, body, _ = node.agent.get(f"/task/{task_id}", timeout=5)
+                if status == 200 and body["state"] in TERMINAL:
+                    return str(body["state"])
+        return None
+    state: str = poll_until(ended, timeout, interval=0.2, message=f"task {task_id} to end")
+    return state
+
+
+def runs_twice_or_unasked(marker: Path, final: dict[str, str]) -> list[str]:
+    """ran_twice(), plus every run under an id no submit was answered with (a second run
+    of a task under a new id, as a leader's local fallback once made)."""
+    starts = collections.Counter(marker.read_text().split())
+    return ran_twice(marker, final) + sorted(f"{tid} (unasked)" for tid in starts
+                                             if tid not in final)
+
+
+def gave_up_on_leader(nodes: Sequence[OxideNode], task_ids: Sequence[str]) -> list[str]:
+    """Ids whose forward to the leader timed out, as the followers' logs say."""
+    logs = "".join(node.agent.log_text() for node in nodes)
+    return [tid for tid in task_ids
+            if re.search(rf"leader \S+ unreachable: task {re.escape(tid)} stays queued", logs)]
+
+
+def submit_while_started(marker: Path, submits: Sequence[tuple[OxideNode, dict[str, Any]]]
+                         ) -> list[tuple[int, Any, float]]:
+    """submit() each (node, task) at once; assert every task started (its line in
+    ``marker``) while no submit was answered yet: the requests arrived, the answers are
+    what got lost. The answers, in order."""
+    with ThreadPoolExecutor(len(submits)) as pool:
+        futures = [pool.submit(submit, node, task) for node, task in submits]
+        poll_until(lambda: len(marker.read_text().split()) >= len(submits), 60,
+                   interval=0.05, message="every task to start while its submit waits")
+        assert not any(f.done() for f in futures), [f.result() for f in futures if f.done()]
+        return [f.result() for f in futures]
+
+
+def drain_stale_requests(node: OxideNode, task: dict[str, Any]) -> str:
+    """A fresh task through ``node`` once it is back: its answer comes after the node read
+    every request that waited in its sockets (one reactor reads them in order)."""
+    status, body, _ = node.agent.post("/execute?wait=10", task, timeout=30)
+    assert status == 200 and body["state"] == "succeeded", (status, body)
+    return str(body["id"])
+
+
+@pytest.mark.slow
+def test_leader_sigstop_past_the_forward_timeout_runs_each_task_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT)))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, token = wait_for_leader(c.nodes)
+    followers = [n for n in c.nodes if n is not leader]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    final: dict[str, str] = {}
+    poll_until(lambda: sampler.latest(leader.name, 0) is not None, 20, interval=0.1,
+               message="a leader sample before the stall")
+    frozen = time.monotonic()
+    leader.agent.pause()
+    try:
+        # At once, while the followers still name the frozen leader: each forwards its
+        # submit there, where the request waits unread in the socket past the timeout.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda n: submit(n, task), [*followers, *followers]))
+        task_ids = [answered_id(status, body) for status, body, _ in answers]
+        new, new_token = wait_for_leader(followers, newer_than=token, timeout=30)
+        for tid in task_ids:  # dispatched by the new leader while the old one sleeps
+            final[tid] = end_of(followers, tid)
+        stopped = time.monotonic() - frozen
+    finally:
+        leader.agent.resume()
+    agreed, agreed_token = wait_for_leader(c.nodes, newer_than=token, timeout=30)
+    fresh = drain_stale_requests(leader, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    timed_out = gave_up_on_leader(followers, task_ids)
+    row(fault_report, "leader SIGSTOP > forward timeout",
+        f"SIGSTOP {leader.name} (leader) {stopped:.0f}s > wait+peer_timeout "
+        f"{SUBMIT_WAIT + PEER_TIMEOUT:g}s; {len(task_ids)} submits on followers", None,
+        final, changes, len(split), orphans, 0, twice)
+    print(f"  answers {brief(answers)}; forwards that timed out: {len(timed_out)}; "
+          f"new leader {new.name}:{new_token}; after SIGCONT {agreed.name}:{agreed_token}")
+    assert not twice, twice
+    assert timed_out, "no submit's forward to the frozen leader timed out: not the scenario"
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0
+
+
+@pytest.mark.slow
+def test_lost_reply_to_a_forwarded_submit_runs_the_task_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT)))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, _token = wait_for_leader(c.nodes)
+    follower = next(n for n in c.nodes if n is not leader)
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    final: dict[str, str] = {}
+    # The follower's forwards reach the leader, which places them; its answers are lost.
+    harness.drop_replies(follower.host, leader.host.ip, oxide.API_PORT)
+    try:
+        answers = submit_while_started(marker, [(follower, task)] * 3)
+        task_ids = [answered_id(status, body) for status, body, _ in answers]
+    finally:
+        harness.clear_faults(follower.host)
+    for tid in task_ids:
+        final[tid] = end_of(c.nodes, tid)
+    fresh = drain_stale_requests(follower, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    timed_out = gave_up_on_leader([follower], task_ids)
+    row(fault_report, "lost reply: leader -> follower",
+        f"drop {leader.name} (leader) -> {follower.name} HTTP data; "
+        f"{len(task_ids)} submits on {follower.name}", None, final, changes, len(split),
+        orphans, 0, twice)
+    print(f"  answers {brief(answers)}; forwards that timed out: {len(timed_out)}")
+    assert not twice, twice
+    assert len(timed_out) == len(task_ids), "a forward was answered: no reply was lost"
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0
+
+
+@pytest.mark.slow
+def test_lost_reply_to_the_leaders_placement_runs_the_task_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT), "--max-tasks", "1"))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, _token = wait_for_leader(c.nodes)
+    others = [n for n in c.nodes if n is not leader]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    release = tmp_path / "release"
+    # The leader's one slot is taken, so it places the task on another node.
+    blocker = {"command": "sh", "args": ["-c", f"while [ ! -e {release} ]; do sleep 0.05; "
+                                         "done"], "node": leader.node_id}
+    status, body, _ = leader.agent.post("/execute", blocker, timeout=30)
+    assert status == 202 and body["state"] == "running", (status, body)
+    final: dict[str, str] = {}
+    # Placements reach the nodes, which start the task; their answers to the leader are lost.
+    for node in others:
+        harness.drop_replies(leader.host, node.host.ip, oxide.API_PORT)
+    try:
+        (answer,) = submit_while_started(marker, [(leader, task)])
+        task_id = answered_id(*answer[:2])
+    finally:
+        harness.clear_faults(leader.host)
+        release.touch()
+    final[task_id] = end_of(c.nodes, task_id)
+    assert end_of(c.nodes, body["id"]) == "succeeded"  # the blocker (no marker line)
+    fresh = drain_stale_requests(leader, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    row(fault_report, "lost reply: node -> leader",
+        f"drop {', '.join(n.name for n in others)} -> {leader.name} (leader) HTTP data; "
+        f"1 submit on {leader.name} (full)", None, final, changes, len(split), orphans, 0,
+        twice)
+    print(f"  answer {brief([answer])}")
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0
+    assert not twice, twice
+
+
+# --------------------------------------------------------------------------- the cluster queue
+
+
+def queued_ids(node: OxideNode) -> list[str]:
+    """``GET /queue`` on ``node``: the queued task ids in dispatch order."""
+    return [task["id"] for task in node.get_json("/queue")["tasks"]]
+
+
+@pytest.mark.slow
+def test_leader_kill_9_with_five_queued_runs_every_queued_task_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--max-tasks", "1"))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, token = wait_for_leader(c.nodes)
+    follower = next(n for n in c.nodes if n is not leader)
+    poll_until(lambda: sampler.latest(leader.name, 0) is not None, 20, interval=0.1,
+               message="a leader sample before the kill")  # else no term shows the change
+    marker = tmp_path / "starts"
+    task = marked_task(marker, 3)
+    with ThreadPoolExecutor(9) as pool:  # 9 tasks, 3 slots: 6 wait in the queue
+        answers = list(pool.map(lambda _: follower.agent.post("/execute", task, timeout=60),
+                                range(9)))
+    assert [status for status, _, _ in answers] == [202] * 9, answers
+    task_ids = [body["id"] for _, body, _ in answers]
+    queued = poll_until(lambda: (lambda q: q if len(q) >= 5 else None)(queued_ids(follower)),
+                        20, interval=0.1, message="five tasks queued")
+    running = kill_with_tasks(leader)
+    survivors = [n for n in c.nodes if n is not leader]
+    new, new_token = wait_for_leader(survivors, newer_than=token, timeout=30)
+    final = {tid: end_of(survivors, tid, timeout=120) for tid in task_ids}
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    row(fault_report, "leader kill -9, 5+ queued", f"kill -9 {leader.name} (leader) with "
+        f"{len(queued)} queued on 3 x 1 slot", None, final, changes, len(split), orphans,
+        len(running), twice)
+    print(f"  queued at the kill {len(queued)}; running on the leader {sorted(running)}; "
+          f"new leader {new.name}:{new_token}")
+    assert not twice, twice
+    for tid in queued:  # every queued task started on a survivor, and ended well
+        assert final[tid] == "succeeded", (tid, final[tid])
+    assert {s for t, s in final.items() if t in running} <= {"lost"}, final
+    assert {s for t, s in final.items() if t not in running} == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0
+
+
+@pytest.mark.slow
+def test_redis_restart_with_appendonly_keeps_the_queue(fault_cluster, fault_report, tmp_path):
+    c, redis = fault_cluster(3, ("--max-tasks", "1"), appendonly=True)
+    ids = [n.node_id for n in c.nodes]
+    leader, token = wait_for_leader(c.nodes)
+    follower = next(n for n in c.nodes if n is not leader)
+    survivors = [n for n in c.nodes if n is not follower]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    release = tmp_path / "release"
+    hold = ["-c", f"while [ ! -e {release} ]; do sleep 0.05; done"]
+    blockers = {}
+    try:
+        for node in c.nodes:  # every slot taken: what follows waits in the queue
+            status, body, _ = node.agent.post(
+                "/execute", {"command": "sh", "args": hold, "node": node.node_id}, timeout=30)
+            assert status == 202 and body["state"] == "running", (status, body)
+            blockers[node.name] = body["id"]
+        task_ids = []
+        for priority in (0, 5, 0, 1):
+            status, body, _ = follower.agent.post("/execute", {**task, "priority": priority},
+                                                  timeout=30)
+            assert status == 202 and body["state"] == "queued", (status, body)
+            task_ids.append(body["id"])
+        before = queued_ids(follower)
+        assert sorted(before) == sorted(task_ids), before
+        # The node the tasks entered by dies first: only Redis's own file holds the queue.
+        killed = kill_with_tasks(follower)
+        t0 = time.monotonic()
+        redis.restart()
+        _, token2 = wait_for_leader(survivors, newer_than=token - 1, timeout=30)
+
+        def same_queue() -> list[str] | None:
+            with contextlib.suppress(AssertionError, NodeUnreachable):
+                after = [queued_ids(node) for node in survivors]
+                if all(listing == before for listing in after):
+                    return after[0]
+            return None
+        poll_until(same_queue, 30, interval=0.2,
+                   message=f"both live nodes to list the queue {before} again")
+        intact_after = time.monotonic() - t0
+    finally:
+        release.touch()
+    final = {tid: end_of(survivors, tid, timeout=60) for tid in task_ids}
+    for node in survivors:
+        assert end_of(survivors, blockers[node.name]) == "succeeded"
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    row(fault_report, "redis restart (appendonly), queued", f"kill -9 {follower.name} (its "
+        f"{len(task_ids)} tasks queued), redis restart", None, final, 0, 0, orphans,
+        len(killed), twice)
+    print(f"  queue {before} listed again by both live nodes {intact_after:.2f} s after the "
+          f"restart; leader token {token} -> {token2}")
+    assert not twice, twice
+    assert set(final.values()) == {"succeeded"}, final
+    assert orphans == 0
+
+
+DISPATCH_TIMEOUT = 10.0  # ClusterAdmission._send's wait for a node's /internal/dispatch answer
+
+
+@pytest.mark.slow
+def test_lost_reply_to_a_queued_tasks_dispatch_runs_it_once(
+        fault_cluster, samplers, fault_report, tmp_path):
+    c, _ = fault_cluster(3, ("--max-tasks", "1"))
+    ids = [n.node_id for n in c.nodes]
+    sampler = samplers(c.nodes, c.net.log_dir)
+    leader, _token = wait_for_leader(c.nodes)
+    target = next(n for n in c.nodes if n is not leader)
+    others = [n for n in c.nodes if n is not leader]
+    marker = tmp_path / "starts"
+    task = marked_task(marker)
+    releases = {node.name: tmp_path / f"release-{node.name}" for node in c.nodes}
+    blockers = {}
+    final: dict[str, str] = {}
+    try:
+        for node in c.nodes:  # every slot taken, so the task waits in the queue
+            hold = ["-c", f"while [ ! -e {releases[node.name]} ]; do sleep 0.05; done"]
+            status, body, _ = node.agent.post(
+                "/execute", {"command": "sh", "args": hold, "node": node.node_id}, timeout=30)
+            assert status == 202 and body["state"] == "running", (status, body)
+            blockers[node.name] = body["id"]
+        status, body, _ = target.agent.post("/execute", task, timeout=30)
+        assert status == 202 and body["state"] == "queued", (status, body)
+        task_id = body["id"]
+        for node in others:  # the nodes' answers to the leader's dispatches are lost
+            harness.drop_replies(leader.host, node.host.ip, oxide.API_PORT)
+        try:
+            releases[target.name].touch()  # a slot frees on target: the leader sends it there
+            poll_until(lambda: task_id in marker.read_text().split(), 30, interval=0.05,
+                       message=f"{task_id} to start on {target.name}")
+            started = time.monotonic()
+            # Past the leader's wait for that answer: it counts the node busy, tries again.
+            poll_until(lambda: time.monotonic() > started + DISPATCH_TIMEOUT + 2, 30,
+                       message="the dispatch to time out")
+        finally:
+            harness.clear_faults(leader.host)
+    finally:
+        for path in releases.values():
+            path.touch()
+    final[task_id] = end_of(c.nodes, task_id)
+    for tid in blockers.values():
+        assert end_of(c.nodes, tid) == "succeeded"
+    fresh = drain_stale_requests(leader, task)
+    final[fresh] = end_of(c.nodes, fresh)
+    orphans = orphan_count(ids)
+    twice = runs_twice_or_unasked(marker, final)
+    sampler.stop()
+    split = sampler.overlaps()
+    changes = len(sampler.terms()) - 1
+    row(fault_report, "lost reply: dispatch -> leader",
+        f"drop {', '.join(n.name for n in others)} -> {leader.name} (leader) HTTP data "
+        f"{DISPATCH_TIMEOUT + 2:g}s; 1 queued task dispatched to {target.name}", None, final,
+        changes, len(split), orphans, 0, twice)
+    assert not twice, twice
+    assert set(final.values()) == {"succeeded"}, final
+    assert not split, split
+    assert orphans == 0

@@ -105,6 +105,17 @@ def test_queue_timeout_has_a_default_and_comes_from_every_source(tmp_path):
         config.load({"queue_timeout": "0"}, {})
 
 
+def test_peer_timeout_defaults_to_30_s_and_comes_from_every_source(tmp_path):
+    assert config.load({}, {}).peer_timeout == 30.0
+    path = tmp_path / "node.yaml"
+    path.write_text("peer_timeout: 10\n")
+    assert config.load({}, {}, str(path)).peer_timeout == 10.0
+    assert config.load({}, {"OXIDE_PEER_TIMEOUT": "4"}, str(path)).peer_timeout == 4.0
+    assert config.load({"peer_timeout": "2.5"}, {"OXIDE_PEER_TIMEOUT": "4"}).peer_timeout == 2.5
+    with pytest.raises(ConfigError, match="peer_timeout"):
+        config.load({"peer_timeout": "0"}, {})
+
+
 def test_cgroup_settings_from_environment_and_yaml(tmp_path):
     from oxide_cluster.cgroups import Resources
     path = tmp_path / "c.yaml"

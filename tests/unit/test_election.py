@@ -400,6 +400,27 @@ def test_clean_stop_hands_over_within_a_poll_interval(clock, store):
     assert b.is_leader
 
 
+def test_a_lost_race_for_the_lease_does_not_fence_out_the_winner(clock, store):
+    """Both draw a token (a 1, then b 2) before either sets the key; a sets it. b's
+    token was never a lease's: b must still accept the leader's token 1 (placements)."""
+    a, a_backend = elector(clock, store, "a")
+    b, b_backend = elector(clock, store, "b")
+    a_backend.hold = b_backend.hold = True
+    a.startService()
+    b.startService()
+    clock.advance(0)  # both read: no leader
+    for _ in range(3):  # then, in turn: next_token (a 1, b 2), acquire (a wins), its reply
+        a_backend.deliver_held()
+        b_backend.deliver_held()
+    a_backend.hold = b_backend.hold = False
+    a_backend.deliver_held()
+    b_backend.deliver_held()
+    assert store.read(KEY) == "a:1"
+    run(clock, 3, lambda: assert_true(leaders(a, b) == ["a"]))
+    assert b.leader() == {"node_id": "a", "token": 1, "since": b.leader()["since"]}
+    assert b.current_token_valid(1) and b.observe_token(1)
+
+
 def test_fencing_tokens():
     a = RedisElector(Clock(), "a", FakeBackend(FakeStore(Clock())))
     assert a.observe_token(3) and a.highest_token == 3
