@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -22,8 +23,9 @@ from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
 from oxide_cluster import logs, providers
-from oxide_cluster.api import ApiRequest, TaskApi
+from oxide_cluster.api import TaskApi
 from oxide_cluster.cas import BlobStore
+from oxide_cluster.cas_http import UploadRequest
 from oxide_cluster.cgroups import describe_isolation
 from oxide_cluster.cluster_queue import (
     AdmittedWatch,
@@ -388,7 +390,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         node.discovery.membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,
-                       requestFactory=ApiRequest)
+                       requestFactory=partial(UploadRequest, sinks=api.batch_sink))
     site.displayTracebacks = False
     try:
         endpoint = endpoints.serverFromString(reactor, config.listen)

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ from oxide_cluster.cas import BlobError, BlobStore
 from oxide_cluster.forwarding import PeerClient, PeerUnavailable
 from oxide_cluster.gitsource import GitMirrors, SourceError
 from oxide_cluster.manifest import (
+    FileEntry,
     Manifest,
     ManifestError,
     check_relative_path,
@@ -50,6 +52,7 @@ _FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
 MAX_LISTED_MISSING = 5
 # Finished task directories kept per node to build later trees from (see reuse_tree).
 RETAINED_TREES = 2
+PARALLEL_FROM = 64  # files; a tree this large is copied by two threads
 
 
 class WorkspaceError(Exception):
@@ -66,16 +69,40 @@ class BlobSource(Protocol):
 # -- building a tree (blocking: runs off the reactor thread) --------------------------
 
 
-def _clone_or_copy(source: Path, target: Path) -> None:
-    with open(source, "rb") as src, open(target, "wb") as dst:
+class _Copier:
+    """Copies blobs into a tree: a reflink where the filesystem offers one, else an
+    in-kernel ``sendfile``. After the first refused reflink it stops asking (one failed
+    ioctl per file is a syscall each of thousands of files)."""
+
+    def __init__(self) -> None:
+        self.reflink = True
+
+    def copy(self, source: Path, target: Path, mode: int) -> os.stat_result:
+        """Write ``target`` (which must not exist) with ``source``'s bytes and ``mode``;
+        its stat as the task will find it."""
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
-            return
-        except OSError:
-            pass  # not a reflink filesystem (ext4, tmpfs): the kernel copies the bytes
-        size, offset = os.fstat(src.fileno()).st_size, 0
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                          | os.O_NOFOLLOW, 0o600)
+            try:
+                self._fill(src, dst)
+                os.fchmod(dst, mode)
+                return os.fstat(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _fill(self, src: int, dst: int) -> None:
+        if self.reflink:
+            try:
+                fcntl.ioctl(dst, _FICLONE, src)
+                return
+            except OSError:
+                self.reflink = False  # not a reflink filesystem (ext4, tmpfs)
+        size, offset = os.fstat(src).st_size, 0
         while offset < size:
-            sent = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
+            sent = os.sendfile(dst, src, offset, size - offset)
             if not sent:
                 break
             offset += sent
@@ -113,6 +140,7 @@ def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Pat
     return what was made."""
     made: set[str] = set()
     files: dict[str, FileStat] = {}
+    todo = []
     for entry in manifest.files:
         if entry.path in keep:
             files[entry.path] = keep[entry.path]
@@ -121,16 +149,41 @@ def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Pat
         if parent and parent not in made:
             (root / parent).mkdir(parents=True, exist_ok=True)
             made.add(parent)
-        target = root / entry.path
-        _clone_or_copy(blob_path(entry.digest), target)
-        os.chmod(target, entry.mode)
-        files[entry.path] = _file_stat(os.lstat(target))
+        todo.append(entry)
+    copier = _Copier()
+
+    def place(entries: Sequence[FileEntry]) -> None:
+        for entry in entries:
+            info = copier.copy(blob_path(entry.digest), root / entry.path, entry.mode)
+            files[entry.path] = _file_stat(info)
+
+    # Two threads: the copies are in the kernel, the per-file calls release the GIL.
+    helper = threading.Thread(target=place, args=(todo[1::2],), name="oxide-tree")
+    failed: list[BaseException] = []
+    helper.run = partial(_catching, helper.run, failed)  # type: ignore[method-assign]
+    if len(todo) >= PARALLEL_FROM:
+        helper.start()
+        try:
+            place(todo[0::2])
+        finally:
+            helper.join()
+        if failed:
+            raise failed[0]
+    else:
+        place(todo)
     for link in manifest.links:
         parent = os.path.dirname(link.path)
         if parent:
             (root / parent).mkdir(parents=True, exist_ok=True)
         os.symlink(link.target, root / link.path)
     return BuiltTree(manifest, files, os.lstat(root).st_mode, len(keep))
+
+
+def _catching(run: Callable[[], None], failed: list[BaseException]) -> None:
+    try:
+        run()
+    except BaseException as error:  # re-raised by the thread that waits for it
+        failed.append(error)
 
 
 def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path
@@ -424,9 +477,9 @@ class Workspaces(service.Service):
         self.blobs.pin([digest])
         pins.append(digest)
         await self._fetch([digest])
-        raw = await self.blobs.run(lambda: self.blobs.path(digest).read_bytes())
-        try:
-            manifest = parse_manifest(raw)
+        try:  # read and parsed off the reactor thread: thousands of entries
+            manifest = await self.blobs.run(
+                lambda: parse_manifest(self.blobs.path(digest).read_bytes()))
         except ManifestError as error:
             raise WorkspaceError(f"workspace manifest {digest} is refused: {error}") from None
         if manifest.total_size > self.blobs.capacity:

@@ -21,6 +21,7 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,12 @@ from oxide_cluster.manifest import (
 MISSING_BATCH = 5000
 # Blobs up to this size travel together in ``POST /cas/batch`` bodies of up to
 # BATCH_BYTES (thousands of single PUTs cost a round trip each); larger ones by PUT.
+# UPLOADS requests at a time: the node writes one body into its cache while the next
+# arrives (it streams each into the cache as it comes, see cas_http.py).
 BATCH_BLOB_MAX = 1024 * 1024
-BATCH_BYTES = 64 * 1024 * 1024
-BATCH_BLOBS = 4096
+BATCH_BYTES = 16 * 1024 * 1024
+BATCH_BLOBS = 2048
+UPLOADS = 2
 _WRITE = 256 * 1024
 
 
@@ -296,13 +300,6 @@ def missing_digests(connection: _Connection, digests: Sequence[str]) -> list[str
     return lacking
 
 
-def _read_checked(path: Path, digest: str) -> bytes:
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise WorkspaceError(f"{path} changed while being sent")
-    return data
-
-
 def _file_chunks(path: Path, digest: str) -> Iterator[bytes]:
     """A large blob's bytes, streamed and checked against its digest on the way."""
     hashed = hashlib.sha256()
@@ -316,11 +313,13 @@ def _file_chunks(path: Path, digest: str) -> Iterator[bytes]:
 
 def _frames(blobs: Sequence[tuple[str, int]], sources: dict[str, Path]) -> Iterator[bytes]:
     """A ``POST /cas/batch`` body, read file by file and written in pieces of about
-    ``_WRITE`` bytes (never the whole batch in memory)."""
+    ``_WRITE`` bytes (never the whole batch in memory). Not hashed again here: the node
+    checks every frame against its digest (a file changed since the scan is refused
+    with ``digest_mismatch``, reported by :func:`upload_tree`)."""
     pending: list[bytes] = []
     pending_size = 0
     for digest, size in blobs:
-        data = _read_checked(sources[digest], digest)
+        data = sources[digest].read_bytes()
         if len(data) != size:
             raise WorkspaceError(f"{sources[digest]} changed while being sent")
         pending += [f"{digest} {size}\n".encode(), data]
@@ -354,6 +353,33 @@ def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = ()
     return upload_tree(node, scan_tree(root, excludes))
 
 
+def _send_batches(node: Node, batches: list[list[tuple[str, int]]],
+                  sources: dict[str, Path]) -> int:
+    """Send batches over one connection (run by each of the UPLOADS threads, which share
+    ``batches``); the bytes sent."""
+    connection = _Connection(node)
+    sent = 0
+    try:
+        while batches:
+            try:
+                batch = batches.pop(0)
+            except IndexError:
+                break
+            length = sum(len(f"{digest} {size}\n") + size for digest, size in batch)
+            try:
+                connection.checked("POST", "/cas/batch",
+                                   (length, partial(_frames, batch, sources)))
+            except NodeError as error:
+                if error.code == "digest_mismatch":
+                    raise WorkspaceError(f"a file changed while being sent ({error})") \
+                        from None
+                raise
+            sent += sum(size for _, size in batch)
+    finally:
+        connection.close()
+    return sent
+
+
 def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
     """Send an already scanned tree (the fan-out splits files from the same scan)."""
     manifest_bytes = tree.manifest.encode()
@@ -365,12 +391,15 @@ def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
         lacking = missing_digests(connection, wanted)
         blobs = [(digest, sizes[digest]) for digest in lacking if digest != manifest_digest]
         small = [blob for blob in blobs if blob[1] <= BATCH_BLOB_MAX]
-        sent_bytes = 0
-        for batch in _batches(small):
-            length = sum(len(f"{digest} {size}\n") + size for digest, size in batch)
-            connection.checked("POST", "/cas/batch",
-                               (length, partial(_frames, batch, tree.sources)))
-            sent_bytes += sum(size for _, size in batch)
+        batches = list(_batches(small))
+        workers = min(UPLOADS, len(batches))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                sent_bytes = sum(pool.map(lambda _: _send_batches(node, batches,
+                                                                  tree.sources),
+                                          range(workers)))
+        else:
+            sent_bytes = _send_batches(node, batches, tree.sources)
         for digest, size in blobs:
             if size > BATCH_BLOB_MAX:
                 connection.checked("PUT", f"/cas/{digest}",
