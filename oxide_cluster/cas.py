@@ -248,6 +248,11 @@ class BlobStore(service.Service):
         self.used = 0
         self.evicted = 0
         self.streaming = 0  # batch bodies being written as they arrive
+        # Bytes of task directories kept on this disk after their task (workspace.py:
+        # retained for reuse, kept after a failure), counted inside ``capacity``; when a
+        # blob cannot fit otherwise, ``reclaim`` drops some of them (see _admit).
+        self.trees = 0
+        self.reclaim: Callable[[Callable[[], bool]], defer.Deferred[None]] | None = None
         self.loaded: defer.Deferred[None] = defer.Deferred()
 
     # -- lifecycle --------------------------------------------------------------
@@ -461,6 +466,13 @@ class BlobStore(service.Service):
                 self.pin([digest])
             return False
         victims = self._choose_victims(size)
+        if victims is None and self.trees and self.reclaim is not None:
+            await self.reclaim(lambda: self.room_for(size))
+            if digest in self._sizes:
+                if pin:
+                    self.pin([digest])
+                return False
+            victims = self._choose_victims(size)
         if victims is None:
             await self._run(lambda: _unlink(self.path(digest)))
             raise BlobError(507, "cache_full",
@@ -476,10 +488,19 @@ class BlobStore(service.Service):
             await self._run(lambda: _unlink_all(paths))
         return True
 
+    def room_for(self, incoming: int) -> bool:
+        """Whether ``incoming`` bytes fit once every unpinned blob is evicted."""
+        pinned = sum(size for digest, size in self._sizes.items() if digest in self._pins)
+        return pinned + self.trees + incoming <= self.capacity
+
+    def fits(self, incoming: int) -> bool:
+        """Whether ``incoming`` more bytes fit without evicting anything."""
+        return self.used + self.trees + incoming <= self.capacity
+
     def _choose_victims(self, incoming: int) -> list[str] | None:
         """Least recently used unpinned blobs to drop so ``incoming`` bytes fit; None if
         even dropping all of them would not be enough. Dropped from the index at once."""
-        excess = self.used + incoming - self.capacity
+        excess = self.used + self.trees + incoming - self.capacity
         if excess <= 0:
             return []
         chosen, freed = [], 0

@@ -309,7 +309,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     blobs.setServiceParent(top)
     workspaces = Workspaces(reactor, blobs, config.state_dir,
                             artifact_limit=config.artifact_limit,
-                            keep_failed=config.keep_failed_workspaces)
+                            keep_failed=config.keep_failed_workspaces,
+                            git_cache=config.git_cache, git_cache_age=config.git_cache_age)
     workspaces.setServiceParent(top)
     retention = Retention(reactor, store, keep_tasks=config.keep_tasks,
                           store_limit=_store_limit(config), forget=workspaces.forget)
