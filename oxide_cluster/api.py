@@ -170,6 +170,13 @@ class _BlobFile(static.File):
 
     isLeaf = True
 
+    def makeProducer(self, request: Any, fileForReading: Any) -> Any:
+        # Read in 512 KiB pieces, not Twisted's 64 KiB: a large artifact or blob takes
+        # eight times fewer turns of the reactor.
+        producer = super().makeProducer(request, fileForReading)
+        producer.bufferSize = 512 * 1024
+        return producer
+
 
 class _Utf8Paths(Resource):
     """Refuse a path that is not UTF-8 in our error shape, before Klein does: Klein

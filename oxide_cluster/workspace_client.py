@@ -49,6 +49,7 @@ BATCH_BYTES = 16 * 1024 * 1024
 BATCH_BLOBS = 2048
 UPLOADS = 2
 _WRITE = 256 * 1024
+_READ = 1024 * 1024
 
 
 class WorkspaceError(Exception):
@@ -275,6 +276,22 @@ class _Connection:
                     from None
         raise AssertionError("unreachable")
 
+    def stream(self, method: str, path: str) -> tuple[int, http.client.HTTPResponse]:
+        """A request whose reply body the caller reads (to the end, before the next)."""
+        for attempt in (1, 2):
+            try:
+                self._connection.request(method, self._prefix + path, None, self._headers)
+                reply = self._connection.getresponse()
+                return reply.status, reply
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._connection.close()
+                if attempt == 2:
+                    raise
+            except OSError as error:
+                raise NodeError(0, "unreachable", f"cannot reach {self.url}: {error}") \
+                    from None
+        raise AssertionError("unreachable")
+
     def checked(self, method: str, path: str, body: Body = None,
                 content_type: str = "application/octet-stream") -> bytes:
         status, data = self.call(method, path, body, content_type)
@@ -430,19 +447,37 @@ def download_artifacts(node: Node, task_id: str, directory: str | Path) -> list[
             except ManifestError as error:
                 raise WorkspaceError(f"the node listed a bad artifact path: {error}") \
                     from None
-            data = connection.checked(
-                "GET", f"/task/{quoted_id}/artifacts/{urllib.parse.quote(relative)}")
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise WorkspaceError(f"artifact {relative} does not match its sha256")
             target = target_root / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_symlink():
-                target.unlink()
-            target.write_bytes(data)
+            path = f"/task/{quoted_id}/artifacts/{urllib.parse.quote(relative)}"
+            _download(connection, path, target, entry["sha256"], relative)
             written.append(target)
     finally:
         connection.close()
     return written
+
+
+def _download(connection: _Connection, path: str, target: Path, digest: str,
+              relative: str) -> None:
+    """Stream one artifact into a temporary file beside ``target``, checking its sha256
+    on the way, and rename it into place (a symlink there is replaced, not followed)."""
+    status, reply = connection.stream("GET", path)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".oxide-", delete=False) \
+            as spool:
+        try:
+            hashed = hashlib.sha256()
+            if status >= 400:
+                raise WorkspaceError(f"artifact {relative}: HTTP {status}: "
+                                     f"{reply.read(200).decode('utf-8', 'replace')}")
+            for chunk in iter(lambda: reply.read(_READ), b""):
+                hashed.update(chunk)
+                spool.write(chunk)
+            if hashed.hexdigest() != digest:
+                raise WorkspaceError(f"artifact {relative} does not match its sha256")
+        except BaseException:
+            os.unlink(spool.name)
+            raise
+    os.replace(spool.name, target)
 
 
 # -- JUnit ------------------------------------------------------------------------------
