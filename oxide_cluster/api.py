@@ -22,7 +22,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
-from oxide_cluster.cas import BlobError
+from oxide_cluster.cas import BatchSink, BlobError
 from oxide_cluster.cluster_queue import (
     AlreadyAdmitted,
     ClusterQueue,
@@ -169,6 +169,13 @@ class _BlobFile(static.File):
     segments (an artifact's ``a/b.txt``) are not looked up as children of it."""
 
     isLeaf = True
+
+    def makeProducer(self, request: Any, fileForReading: Any) -> Any:
+        # Read in 512 KiB pieces, not Twisted's 64 KiB: a large artifact or blob takes
+        # eight times fewer turns of the reactor.
+        producer = super().makeProducer(request, fileForReading)
+        producer.bufferSize = 512 * 1024
+        return producer
 
 
 class _Utf8Paths(Resource):
@@ -1142,15 +1149,32 @@ class TaskApi:
         self._authorize(request)
         blobs = self._blobs().blobs
         length = request.getHeader(b"content-length")
-        if request.content is None or length in (None, b"0"):
+        content = request.content
+        if content is None or length in (None, b"0"):
             raise ApiError(400, "bad_batch", "the body is required: frames of "
                                              "'<sha256> <length>\\n' and the bytes")
         try:
-            result = await blobs.put_batch(request.content)
+            if isinstance(content, BatchSink):  # written as it arrived (cas_http.py)
+                result = await content.finish()
+            else:
+                result = await blobs.put_batch(content)
         except BlobError as error:
             raise ApiError(error.status, error.code, error.message) from None
         return render_json(request, {"stored": result.stored, "present": result.present,
                                      "bytes": result.size})
+
+    def batch_sink(self, request: Request, length: int) -> BatchSink | None:
+        """For ``cas_http.UploadRequest``: an authorized batch body's sink (else None:
+        spooled, and refused by the handler as usual)."""
+        if self.workspaces is None:
+            return None
+        try:
+            self._authorize(request)
+        except ApiError:
+            return None
+        transport: Any = request.channel.transport  # a TCP/TLS transport: a producer
+        return self.workspaces.blobs.batch_sink(length, transport.pauseProducing,
+                                                transport.resumeProducing)
 
     # 64 characters, so /cas/missing is never taken for a digest (PUT there is a 405).
     @app.route("/cas/<string(length=64):digest>", methods=["PUT"])

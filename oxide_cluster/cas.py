@@ -14,10 +14,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import os
 import shutil
-import tempfile
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,9 @@ CHUNK = 1024 * 1024
 BATCH_STEP_BLOBS = 256
 BATCH_STEP_BYTES = 16 * CHUNK
 _FRAME_HEADER_MAX = 64 + 1 + 20 + 1
+BATCH_BUFFER = 8 * CHUNK  # a streamed batch body buffered before its sender is paused
+STREAMING_MAX = 2  # at most this many pool threads wait on a batch body's bytes
+_SERIAL = itertools.count()
 T = TypeVar("T")
 # Runs a blocking function somewhere that is not the reactor thread (tests: right away).
 Offload = Callable[[Callable[[], T]], "defer.Deferred[T]"]
@@ -102,6 +106,122 @@ def read_frame_header(source: BinaryIO) -> tuple[str, int] | None:
     return digest, int(fields[1])
 
 
+class _Pipe:
+    """A batch body handed from the reactor thread (``feed``) to the thread writing it
+    into the cache (``read``/``readline``, blocking). The chunks Twisted received are
+    passed on as views, not copied; past ``high`` buffered bytes the sender is paused,
+    so a fast client costs at most that much memory."""
+
+    def __init__(self, high: int, pause: Callable[[], None],
+                 resume: Callable[[], None]) -> None:
+        self._chunks: deque[memoryview] = deque()
+        self._buffered = 0
+        self._ready = threading.Condition()
+        self._state = "open"  # "end": no more bytes; "abort": the request went away
+        self._high = high
+        self._pause = pause
+        self._resume = resume
+        self.paused = False
+
+    def feed(self, data: bytes) -> None:
+        with self._ready:
+            self._chunks.append(memoryview(data))
+            self._buffered += len(data)
+            self._ready.notify()
+            pause = not self.paused and self._buffered > self._high
+            self.paused = self.paused or pause
+        if pause:
+            self._pause()
+
+    def close(self, state: str) -> None:
+        with self._ready:
+            if self._state == "open":
+                self._state = state
+            self._ready.notify()
+
+    def _wait(self) -> bool:
+        """Wait for bytes; False at the end of the body."""
+        while not self._chunks and self._state == "open":
+            self._ready.wait()
+        if not self._chunks and self._state == "abort":
+            raise BlobError(400, "aborted", "the request ended before its body")
+        return bool(self._chunks)
+
+    def _take(self, size: int) -> memoryview:
+        head = self._chunks[0]
+        if len(head) <= size:
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = head[size:]
+            head = head[:size]
+        self._buffered -= len(head)
+        if self.paused and self._buffered < self._high // 4 and self._state == "open":
+            self.paused = False
+            self._resume()
+        return head
+
+    def read(self, size: int) -> memoryview | bytes:
+        with self._ready:
+            return self._take(size) if self._wait() else b""
+
+    def readline(self, limit: int) -> bytes:
+        line = bytearray()
+        with self._ready:
+            while len(line) < limit and self._wait():
+                head = self._chunks[0]
+                end = bytes(head[:limit - len(line)]).find(b"\n")
+                line += self._take(end + 1 if end >= 0 else limit - len(line))
+                if end >= 0:
+                    break
+        return bytes(line)
+
+
+class BatchSink:
+    """``request.content`` of a ``POST /cas/batch`` streamed into the cache as it
+    arrives: frames are hashed and written by a pool thread while the body is still
+    coming (one write of each byte, no spooled copy of the body first)."""
+
+    def __init__(self, store: BlobStore, pipe: _Pipe, length: int) -> None:
+        self._pipe = pipe
+        self._left = length
+        self._received = 0
+        self._error: object = None
+        self.result = defer.Deferred.fromCoroutine(store.put_batch(pipe))  # type: ignore[arg-type]
+        self.result.addErrback(self._keep)
+
+    def _keep(self, failure: object) -> None:
+        self._error = failure  # handed to ``finish``; never an unhandled error
+
+    # -- the file-like part Twisted's Request uses ---------------------------------
+
+    def write(self, data: bytes) -> None:
+        self._left -= len(data)
+        self._received += len(data)
+        self._pipe.feed(data)
+        if self._left <= 0:
+            self._pipe.close("end")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return self._received
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        self._pipe.close("abort")  # a no-op once the whole body arrived
+
+    async def finish(self) -> BatchResult:
+        """What was stored, once the whole body is in the cache (raises BlobError)."""
+        self._pipe.close("end")
+        result = await self.result
+        if self._error is not None:
+            self._error.raiseException()  # type: ignore[attr-defined]
+        return result
+
+
 @attrs.frozen
 class BatchResult:
     """What ``POST /cas/batch`` stored: new blobs, blobs already here, their bytes."""
@@ -127,6 +247,12 @@ class BlobStore(service.Service):
         self._pins: dict[str, int] = {}
         self.used = 0
         self.evicted = 0
+        self.streaming = 0  # batch bodies being written as they arrive
+        # Bytes of task directories kept on this disk after their task (workspace.py:
+        # retained for reuse, kept after a failure), counted inside ``capacity``; when a
+        # blob cannot fit otherwise, ``reclaim`` drops some of them (see _admit).
+        self.trees = 0
+        self.reclaim: Callable[[Callable[[], bool]], defer.Deferred[None]] | None = None
         self.loaded: defer.Deferred[None] = defer.Deferred()
 
     # -- lifecycle --------------------------------------------------------------
@@ -160,6 +286,8 @@ class BlobStore(service.Service):
         tmp = self.root / "tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
+        for number in range(256):  # made once here, not checked per blob
+            (self.root / f"{number:02x}").mkdir(exist_ok=True)
         found = []
         for shard in self.root.iterdir():
             if len(shard.name) != 2 or not shard.is_dir():
@@ -193,13 +321,13 @@ class BlobStore(service.Service):
     def missing(self, digests: Iterable[str]) -> list[str]:
         """The digests this node lacks, in order; those it has count as just used, so
         they are not evicted between a client's question and its task."""
-        lacking = []
+        lacking: dict[str, None] = {}
         for digest in digests:
             if digest in self._sizes:
                 self._sizes.move_to_end(digest)
-            elif digest not in lacking:
-                lacking.append(digest)
-        return lacking
+            else:
+                lacking[digest] = None
+        return list(lacking)
 
     def touch(self, digest: str) -> None:
         if digest in self._sizes:
@@ -307,25 +435,30 @@ class BlobStore(service.Service):
         return written, None, True
 
     def _write(self, expected: str | None, source: BinaryIO) -> tuple[str, int]:
-        fd, temp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="put-")
+        # A temp name of our own (no mkstemp retries), created read-only: no chmod after.
+        temp_name = str(self.root / "tmp" / f"put-{threading.get_ident()}-{next(_SERIAL)}")
         try:
+            fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             with os.fdopen(fd, "wb") as target:
                 actual, size = _copy_hashing(source, target, self.capacity)
             if expected is not None and actual != expected:
                 raise BlobError(400, "digest_mismatch",
                                 f"the bytes hash to {actual}, not {expected}")
-            os.chmod(temp_name, 0o444)
             final = self.path(actual)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(temp_name, final)
+            try:
+                os.replace(temp_name, final)
+            except FileNotFoundError:  # its shard directory is not made yet
+                final.parent.mkdir(exist_ok=True)
+                os.replace(temp_name, final)
+            temp_name = ""
             return actual, size
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise BlobError(507, "disk_full", "no space left for the blob") from None
             raise
         finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
+            if temp_name:
+                _unlink(Path(temp_name))
 
     async def _admit(self, digest: str, size: int, pin: bool) -> bool:
         if digest in self._sizes:  # a concurrent upload of the same bytes won
@@ -333,6 +466,13 @@ class BlobStore(service.Service):
                 self.pin([digest])
             return False
         victims = self._choose_victims(size)
+        if victims is None and self.trees and self.reclaim is not None:
+            await self.reclaim(lambda: self.room_for(size))
+            if digest in self._sizes:
+                if pin:
+                    self.pin([digest])
+                return False
+            victims = self._choose_victims(size)
         if victims is None:
             await self._run(lambda: _unlink(self.path(digest)))
             raise BlobError(507, "cache_full",
@@ -348,10 +488,19 @@ class BlobStore(service.Service):
             await self._run(lambda: _unlink_all(paths))
         return True
 
+    def room_for(self, incoming: int) -> bool:
+        """Whether ``incoming`` bytes fit once every unpinned blob is evicted."""
+        pinned = sum(size for digest, size in self._sizes.items() if digest in self._pins)
+        return pinned + self.trees + incoming <= self.capacity
+
+    def fits(self, incoming: int) -> bool:
+        """Whether ``incoming`` more bytes fit without evicting anything."""
+        return self.used + self.trees + incoming <= self.capacity
+
     def _choose_victims(self, incoming: int) -> list[str] | None:
         """Least recently used unpinned blobs to drop so ``incoming`` bytes fit; None if
         even dropping all of them would not be enough. Dropped from the index at once."""
-        excess = self.used + incoming - self.capacity
+        excess = self.used + self.trees + incoming - self.capacity
         if excess <= 0:
             return []
         chosen, freed = [], 0
@@ -367,6 +516,24 @@ class BlobStore(service.Service):
             self.used -= self._sizes.pop(digest)
         self.evicted += len(chosen)
         return chosen
+
+    def batch_sink(self, length: int, pause: Callable[[], None],
+                   resume: Callable[[], None]) -> BatchSink | None:
+        """A ``request.content`` writing a batch body into the cache as it arrives;
+        None where there is no thread to write it (a store running work in line)."""
+        if self._pool is None or self.streaming >= STREAMING_MAX:
+            return None  # the others wait in a spooled file: threads are few
+        reactor = self._reactor
+        pipe = _Pipe(BATCH_BUFFER, pause, lambda: reactor.callFromThread(resume))
+        sink = BatchSink(self, pipe, length)
+        self.streaming += 1
+
+        def done(result: object) -> object:
+            self.streaming -= 1
+            return result
+
+        sink.result.addBoth(done)
+        return sink
 
     def open(self, digest: str) -> BinaryIO:
         """Open a stored blob for reading (blocking: call it off the reactor thread)."""

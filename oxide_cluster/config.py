@@ -167,6 +167,20 @@ def _optional_size(value: Any) -> int | None:
         raise ValueError(error.message) from None
 
 
+def _size(value: Any) -> int:
+    """Bytes from a number or ``"2G"``."""
+    if (isinstance(value, int) and not isinstance(value, bool)) or \
+            (isinstance(value, str) and value.strip().isdigit()):
+        return _positive_int(value)
+    try:
+        size = parse_size("size", value)
+    except ResourceError as error:
+        raise ValueError(error.message) from None
+    if size <= 0:
+        raise ValueError("must be a size > 0")
+    return size
+
+
 def _name(value: Any) -> str:
     """A provider name; whether it is installed is checked at start-up (providers.py)."""
     text = _text(value).strip().lower()
@@ -285,7 +299,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("artifact_limit", _positive_int, 256 * 1024 * 1024,
             "bytes of artifacts kept per task; the rest is not kept and the cut recorded"),
     Setting("keep_failed_workspaces", _non_negative_float, 0.0,
-            "seconds to keep the directory of a task that did not succeed (0: remove)"),
+            "seconds to keep the directory of a task that did not succeed (0: remove); "
+            "counted in workspace_cache, removed early when a blob needs the room"),
+    Setting("git_cache", _size, 2 * 1024 ** 3,
+            "bytes of git mirrors kept in the state dir, e.g. 2G (least recently used "
+            "pruned beyond)"),
+    Setting("git_cache_age", _duration, 30 * 86400.0,
+            "a git mirror unused this long is pruned: seconds or 12h, 30d, 2w"),
     Setting("runner", _name, "process",
             "task runner provider: process (own process group, isolated per 'cgroups')"),
     Setting("provider_options", _labels, {},
@@ -344,6 +364,8 @@ class Config:
     workspace_cache: int = 4 * 1024 ** 3
     artifact_limit: int = 256 * 1024 * 1024
     keep_failed_workspaces: float = 0.0
+    git_cache: int = 2 * 1024 ** 3
+    git_cache_age: float = 30 * 86400.0
     cgroups: str = "auto"
     cgroup_root: str | None = None
     default_resources: Resources = attrs.field(factory=Resources)

@@ -8,6 +8,11 @@ directory and a detached checkout of the commit REV names. git runs as a child p
 (``getProcessOutputAndValue``), never on the reactor thread; one operation per mirror
 at a time. Only https, ssh, git and local-path URLs are allowed (``GIT_ALLOW_PROTOCOL``):
 ``ext::`` and other remote helpers could run commands.
+
+Mirrors are bounded (config ``git_cache`` bytes and ``git_cache_age`` seconds): after
+each checkout, mirrors unused for ``max_age`` go, then the least recently used until the
+rest fit in ``limit``. A mirror a checkout or a running task uses (the task's clone
+borrows its objects) is never pruned.
 """
 
 from __future__ import annotations
@@ -15,10 +20,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, utils
+from twisted.logger import Logger
+
+T = TypeVar("T")
 
 ALLOWED_PROTOCOLS = "https:ssh:git:file"
 _SCHEME_URL = re.compile(r"^(https|ssh|git)://[^\s]+$")
@@ -49,16 +60,83 @@ def check_source(source: object) -> dict[str, str]:
     return {"git": url, "ref": ref}
 
 
+def _mirror_sizes(root: Path) -> list[tuple[float, str, int]]:
+    """(last use, name, bytes) of each mirror (and leftover ``.partial`` clone)."""
+    found = []
+    try:
+        listed = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    for entry in listed:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        size = 0
+        for directory, _, filenames in os.walk(entry.path):
+            for name in filenames:
+                try:
+                    size += os.lstat(os.path.join(directory, name)).st_size
+                except OSError:
+                    continue
+        found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name, size))
+    return sorted(found)
+
+
 class GitMirrors:
     """Per-node mirrors of git repositories, and checkouts from them."""
 
-    def __init__(self, reactor: Any, root: Path, git: str = "git") -> None:
+    log = Logger()
+
+    def __init__(self, reactor: Any, root: Path, git: str = "git", *,
+                 limit: int = 2 * 1024 ** 3, max_age: float = 30 * 86400.0,
+                 offload: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None
+                 ) -> None:
         self._reactor = reactor
         self.root = root
         self._git = git
         self._locks: dict[str, defer.DeferredLock] = {}
+        self._users: dict[str, int] = {}  # mirror name: checkouts and tasks using it
+        self.limit = limit
+        self.max_age = max_age
+        self._offload = offload or (lambda function: defer.maybeDeferred(function))
         self.fetches = 0  # mirror updates (not first clones) since start
         self.clones = 0
+        self.pruned = 0
+
+    def release(self, url: str) -> None:
+        """A task whose directory was checked out from ``url``'s mirror has ended."""
+        name = self.mirror_path(url).name
+        count = self._users.get(name, 0) - 1
+        if count > 0:
+            self._users[name] = count
+        else:
+            self._users.pop(name, None)
+
+    async def prune(self, now: float | None = None) -> list[str]:
+        """Remove mirrors unused for ``max_age``, then the least recently used until the
+        rest fit in ``limit``; never one in use. The names removed."""
+        found = await self._offload(lambda: _mirror_sizes(self.root))
+        now = time.time() if now is None else now
+        total = sum(size for _, _, size in found)
+        doomed = []
+        for last_used, name, size in found:  # oldest first
+            if self._users.get(name.removesuffix(".partial")):
+                continue
+            if now - last_used > self.max_age or total > self.limit:
+                doomed.append(name)
+                total -= size
+        if doomed:
+            paths = [self.root / name for name in doomed]
+
+            def remove() -> None:
+                for path in paths:
+                    shutil.rmtree(path, ignore_errors=True)
+
+            await self._offload(remove)
+            self.pruned += len(doomed)
+            self.log.info("git mirrors pruned: {names} (git_cache {limit} bytes, "
+                          "git_cache_age {age} s)", names=doomed, limit=self.limit,
+                          age=self.max_age)
+        return doomed
 
     def mirror_path(self, url: str) -> Path:
         return self.root / hashlib.sha256(url.encode()).hexdigest()[:32]
@@ -84,6 +162,20 @@ class GitMirrors:
         message."""
         mirror = self.mirror_path(url)
         lock = self._locks.setdefault(url, defer.DeferredLock())
+        self._users[mirror.name] = self._users.get(mirror.name, 0) + 1  # until release
+        try:
+            commit = await self._checkout(url, ref, target, mirror, lock)
+        except BaseException:
+            self.release(url)
+            raise
+        os.utime(mirror)  # its last use, for prune
+        pruning = defer.Deferred.fromCoroutine(self.prune())
+        pruning.addErrback(lambda failure: self.log.failure("cannot prune git mirrors",
+                                                            failure))
+        return commit
+
+    async def _checkout(self, url: str, ref: str, target: Path, mirror: Path,
+                        lock: defer.DeferredLock) -> str:
         await lock.acquire()
         try:
             self.root.mkdir(parents=True, exist_ok=True)

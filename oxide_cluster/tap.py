@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -22,8 +23,9 @@ from twisted.web.server import Site
 
 from oxide_cluster import config as config_module
 from oxide_cluster import logs, providers
-from oxide_cluster.api import ApiRequest, TaskApi
+from oxide_cluster.api import TaskApi
 from oxide_cluster.cas import BlobStore
+from oxide_cluster.cas_http import UploadRequest
 from oxide_cluster.cgroups import describe_isolation
 from oxide_cluster.cluster_queue import (
     AdmittedWatch,
@@ -307,7 +309,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     blobs.setServiceParent(top)
     workspaces = Workspaces(reactor, blobs, config.state_dir,
                             artifact_limit=config.artifact_limit,
-                            keep_failed=config.keep_failed_workspaces)
+                            keep_failed=config.keep_failed_workspaces,
+                            git_cache=config.git_cache, git_cache_age=config.git_cache_age)
     workspaces.setServiceParent(top)
     retention = Retention(reactor, store, keep_tasks=config.keep_tasks,
                           store_limit=_store_limit(config), forget=workspaces.forget)
@@ -389,7 +392,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         node.discovery.membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,
-                       requestFactory=ApiRequest)
+                       requestFactory=partial(UploadRequest, sinks=api.batch_sink))
     site.displayTracebacks = False
     try:
         endpoint = endpoints.serverFromString(reactor, config.listen)

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ from oxide_cluster.cas import BlobError, BlobStore
 from oxide_cluster.forwarding import PeerClient, PeerUnavailable
 from oxide_cluster.gitsource import GitMirrors, SourceError
 from oxide_cluster.manifest import (
+    FileEntry,
     Manifest,
     ManifestError,
     check_relative_path,
@@ -50,6 +52,7 @@ _FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
 MAX_LISTED_MISSING = 5
 # Finished task directories kept per node to build later trees from (see reuse_tree).
 RETAINED_TREES = 2
+PARALLEL_FROM = 64  # files; a tree this large is copied by two threads
 
 
 class WorkspaceError(Exception):
@@ -66,16 +69,40 @@ class BlobSource(Protocol):
 # -- building a tree (blocking: runs off the reactor thread) --------------------------
 
 
-def _clone_or_copy(source: Path, target: Path) -> None:
-    with open(source, "rb") as src, open(target, "wb") as dst:
+class _Copier:
+    """Copies blobs into a tree: a reflink where the filesystem offers one, else an
+    in-kernel ``sendfile``. After the first refused reflink it stops asking (one failed
+    ioctl per file is a syscall each of thousands of files)."""
+
+    def __init__(self) -> None:
+        self.reflink = True
+
+    def copy(self, source: Path, target: Path, mode: int) -> os.stat_result:
+        """Write ``target`` (which must not exist) with ``source``'s bytes and ``mode``;
+        its stat as the task will find it."""
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
-            return
-        except OSError:
-            pass  # not a reflink filesystem (ext4, tmpfs): the kernel copies the bytes
-        size, offset = os.fstat(src.fileno()).st_size, 0
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                          | os.O_NOFOLLOW, 0o600)
+            try:
+                self._fill(src, dst)
+                os.fchmod(dst, mode)
+                return os.fstat(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _fill(self, src: int, dst: int) -> None:
+        if self.reflink:
+            try:
+                fcntl.ioctl(dst, _FICLONE, src)
+                return
+            except OSError:
+                self.reflink = False  # not a reflink filesystem (ext4, tmpfs)
+        size, offset = os.fstat(src).st_size, 0
         while offset < size:
-            sent = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
+            sent = os.sendfile(dst, src, offset, size - offset)
             if not sent:
                 break
             offset += sent
@@ -113,6 +140,7 @@ def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Pat
     return what was made."""
     made: set[str] = set()
     files: dict[str, FileStat] = {}
+    todo = []
     for entry in manifest.files:
         if entry.path in keep:
             files[entry.path] = keep[entry.path]
@@ -121,16 +149,41 @@ def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Pat
         if parent and parent not in made:
             (root / parent).mkdir(parents=True, exist_ok=True)
             made.add(parent)
-        target = root / entry.path
-        _clone_or_copy(blob_path(entry.digest), target)
-        os.chmod(target, entry.mode)
-        files[entry.path] = _file_stat(os.lstat(target))
+        todo.append(entry)
+    copier = _Copier()
+
+    def place(entries: Sequence[FileEntry]) -> None:
+        for entry in entries:
+            info = copier.copy(blob_path(entry.digest), root / entry.path, entry.mode)
+            files[entry.path] = _file_stat(info)
+
+    # Two threads: the copies are in the kernel, the per-file calls release the GIL.
+    helper = threading.Thread(target=place, args=(todo[1::2],), name="oxide-tree")
+    failed: list[BaseException] = []
+    helper.run = partial(_catching, helper.run, failed)  # type: ignore[method-assign]
+    if len(todo) >= PARALLEL_FROM:
+        helper.start()
+        try:
+            place(todo[0::2])
+        finally:
+            helper.join()
+        if failed:
+            raise failed[0]
+    else:
+        place(todo)
     for link in manifest.links:
         parent = os.path.dirname(link.path)
         if parent:
             (root / parent).mkdir(parents=True, exist_ok=True)
         os.symlink(link.target, root / link.path)
     return BuiltTree(manifest, files, os.lstat(root).st_mode, len(keep))
+
+
+def _catching(run: Callable[[], None], failed: list[BaseException]) -> None:
+    try:
+        run()
+    except BaseException as error:  # re-raised by the thread that waits for it
+        failed.append(error)
 
 
 def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path
@@ -191,6 +244,25 @@ def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: Callable[[str], Pa
 
     sweep(".")
     return _place_files(manifest, blob_path, root, keep)
+
+
+def _tree_size(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (symlinks not followed)."""
+    total = 0
+    for directory, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                info = os.lstat(os.path.join(directory, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
+
+
+def _remove_all(paths: list[Path]) -> None:
+    for path in paths:
+        remove_tree(path)
 
 
 def remove_tree(root: Path) -> None:
@@ -317,7 +389,8 @@ class Workspaces(service.Service):
 
     def __init__(self, reactor: Any, blobs: BlobStore, state_dir: Path, *,
                  artifact_limit: int, keep_failed: float = 0.0,
-                 source: BlobSource | None = None) -> None:
+                 source: BlobSource | None = None, git_cache: int = 2 * 1024 ** 3,
+                 git_cache_age: float = 30 * 86400.0) -> None:
         self._reactor = reactor
         self.blobs = blobs
         self.root = state_dir / "workspaces"
@@ -333,7 +406,12 @@ class Workspaces(service.Service):
         self._built: dict[str, BuiltTree] = {}
         # Finished task directories kept to build the next tree from, oldest first.
         self._retained: list[tuple[Path, BuiltTree]] = []
-        self.git = GitMirrors(reactor, state_dir / "git")
+        # Bytes of each retained or kept-after-failure directory (in blobs.trees).
+        self._tree_bytes: dict[Path, int] = {}
+        self._git_users: dict[str, str] = {}  # task id: the URL its checkout borrows from
+        blobs.reclaim = self._reclaim
+        self.git = GitMirrors(reactor, state_dir / "git", limit=git_cache,
+                              max_age=git_cache_age, offload=blobs.run)
         self.reused_files = 0  # files kept rather than copied, since start (tests, bench)
         self.ready: defer.Deferred[None] = defer.Deferred()
 
@@ -412,6 +490,7 @@ class Workspaces(service.Service):
             try:
                 await self.ready
                 await self.git.checkout(task.source["git"], task.source["ref"], root)
+                self._git_users[task.id] = task.source["git"]
             except SourceError as error:
                 await self.blobs.run(lambda: remove_tree(root))
                 raise WorkspaceError(str(error)) from None
@@ -424,9 +503,9 @@ class Workspaces(service.Service):
         self.blobs.pin([digest])
         pins.append(digest)
         await self._fetch([digest])
-        raw = await self.blobs.run(lambda: self.blobs.path(digest).read_bytes())
-        try:
-            manifest = parse_manifest(raw)
+        try:  # read and parsed off the reactor thread: thousands of entries
+            manifest = await self.blobs.run(
+                lambda: parse_manifest(self.blobs.path(digest).read_bytes()))
         except ManifestError as error:
             raise WorkspaceError(f"workspace manifest {digest} is refused: {error}") from None
         if manifest.total_size > self.blobs.capacity:
@@ -452,6 +531,7 @@ class Workspaces(service.Service):
         if best is None:
             return await self.blobs.run(lambda: build_tree(manifest, self.blobs.path, root))
         retained, old = self._retained.pop(best)
+        self._uncount(retained)  # the task's own directory now, not a kept one
 
         def rebuild() -> BuiltTree:
             try:
@@ -495,6 +575,9 @@ class Workspaces(service.Service):
             except Exception:
                 pass
         root = self.directory(task.id)
+        borrowed = self._git_users.pop(task.id, None)
+        if borrowed is not None:
+            self.git.release(borrowed)  # its mirror may be pruned now
         try:
             if task.artifacts:
                 listing = await self._collect(task, root)
@@ -504,37 +587,94 @@ class Workspaces(service.Service):
             self.blobs.unpin(self._pins.pop(task.id, []))
             built = self._built.pop(task.id, None)
             if self.keep_failed > 0 and task.state is not TaskState.SUCCEEDED:
-                self._kept[task.id] = self._reactor.callLater(
-                    self.keep_failed, self._remove_kept, task.id)
+                await self._keep_failed(task.id, root)
             else:
                 await self._retire(task.id, root, built)
 
+    # -- directories kept after their task, counted in workspace_cache ---------------
+
+    def _count(self, path: Path, size: int) -> None:
+        self._tree_bytes[path] = size
+        self.blobs.trees += size
+
+    def _uncount(self, path: Path) -> None:
+        self.blobs.trees -= self._tree_bytes.pop(path, 0)
+
+    def _drop_retained(self, fits: Callable[[], bool], keep: int) -> list[Path]:
+        """Oldest retained trees out of the count until ``fits()`` and at most ``keep``
+        are left; their paths, to remove."""
+        dropped = []
+        while self._retained and (len(self._retained) > keep or not fits()):
+            path, _ = self._retained.pop(0)
+            self._uncount(path)
+            dropped.append(path)
+        return dropped
+
+    def _reclaim(self, fits: Callable[[], bool]) -> defer.Deferred[None]:
+        """For the blob store: a blob needs room only kept trees hold. Retained trees go
+        first, then directories kept after a failure (their debugging time cut short)."""
+        dropped = self._drop_retained(fits, RETAINED_TREES)
+        while self._kept and not fits():
+            task_id = next(iter(self._kept))
+            call = self._kept.pop(task_id)
+            if call.active():
+                call.cancel()
+            path = self.directory(task_id)
+            self._uncount(path)
+            dropped.append(path)
+            self.log.info("removing the kept directory of failed task {task_id} early: "
+                          "workspace_cache needs the room", task_id=task_id)
+        return self.blobs.run(partial(_remove_all, dropped))
+
+    async def _keep_failed(self, task_id: str, root: Path) -> None:
+        """Keep a failed task's directory ``keep_failed`` seconds if it fits in
+        workspace_cache beside the blobs (retained trees make way), else remove it."""
+        size = await self.blobs.run(partial(_tree_size, root))
+        dropped = self._drop_retained(lambda: self.blobs.fits(size), RETAINED_TREES)
+        fits = self.blobs.fits(size)
+        if fits:
+            self._count(root, size)
+            self._kept[task_id] = self._reactor.callLater(
+                self.keep_failed, self._remove_kept, task_id)
+        else:
+            dropped.append(root)
+            self.log.info("not keeping the directory of failed task {task_id}: its "
+                          "{size} bytes do not fit in workspace_cache", task_id=task_id,
+                          size=size)
+        await self.blobs.run(partial(_remove_all, dropped))
+
     async def _retire(self, task_id: str, root: Path, built: BuiltTree | None) -> None:
         """Keep the directory of a finished task to build the next tree from (up to
-        RETAINED_TREES of them, each the size of its workspace), else remove it."""
+        RETAINED_TREES of them, counted in workspace_cache), else remove it."""
         if built is None or RETAINED_TREES == 0 or not self.running:
             await self.blobs.run(lambda: remove_tree(root))
             return
         target = self.retained_root / task_id
-        evicted = self._retained[:max(0, len(self._retained) + 1 - RETAINED_TREES)]
-        del self._retained[:len(evicted)]
 
-        def move() -> bool:
-            for path, _ in evicted:
-                remove_tree(path)
+        def move() -> int | None:
             try:
                 os.rename(root, target)
-                return True
             except OSError:
                 remove_tree(root)
-                return False
+                return None
+            return _tree_size(target)
 
-        if await self.blobs.run(move):
+        size = await self.blobs.run(move)
+        if size is None:
+            return
+        dropped = self._drop_retained(lambda: self.blobs.fits(size), RETAINED_TREES - 1)
+        if self.blobs.fits(size):
             self._retained.append((target, built))
+            self._count(target, size)
+        else:
+            dropped.append(target)
+        if dropped:
+            await self.blobs.run(partial(_remove_all, dropped))
 
     def _remove_kept(self, task_id: str) -> None:
         self._kept.pop(task_id, None)
         root = self.directory(task_id)
+        self._uncount(root)
         self.blobs.run(lambda: remove_tree(root)).addErrback(
             lambda failure: self.log.failure("cannot remove {root}", failure, root=root))
 

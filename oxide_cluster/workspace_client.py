@@ -21,6 +21,7 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,14 @@ from oxide_cluster.manifest import (
 MISSING_BATCH = 5000
 # Blobs up to this size travel together in ``POST /cas/batch`` bodies of up to
 # BATCH_BYTES (thousands of single PUTs cost a round trip each); larger ones by PUT.
+# UPLOADS requests at a time: the node writes one body into its cache while the next
+# arrives (it streams each into the cache as it comes, see cas_http.py).
 BATCH_BLOB_MAX = 1024 * 1024
-BATCH_BYTES = 64 * 1024 * 1024
-BATCH_BLOBS = 4096
+BATCH_BYTES = 16 * 1024 * 1024
+BATCH_BLOBS = 2048
+UPLOADS = 2
 _WRITE = 256 * 1024
+_READ = 1024 * 1024
 
 
 class WorkspaceError(Exception):
@@ -271,6 +276,22 @@ class _Connection:
                     from None
         raise AssertionError("unreachable")
 
+    def stream(self, method: str, path: str) -> tuple[int, http.client.HTTPResponse]:
+        """A request whose reply body the caller reads (to the end, before the next)."""
+        for attempt in (1, 2):
+            try:
+                self._connection.request(method, self._prefix + path, None, self._headers)
+                reply = self._connection.getresponse()
+                return reply.status, reply
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._connection.close()
+                if attempt == 2:
+                    raise
+            except OSError as error:
+                raise NodeError(0, "unreachable", f"cannot reach {self.url}: {error}") \
+                    from None
+        raise AssertionError("unreachable")
+
     def checked(self, method: str, path: str, body: Body = None,
                 content_type: str = "application/octet-stream") -> bytes:
         status, data = self.call(method, path, body, content_type)
@@ -296,13 +317,6 @@ def missing_digests(connection: _Connection, digests: Sequence[str]) -> list[str
     return lacking
 
 
-def _read_checked(path: Path, digest: str) -> bytes:
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise WorkspaceError(f"{path} changed while being sent")
-    return data
-
-
 def _file_chunks(path: Path, digest: str) -> Iterator[bytes]:
     """A large blob's bytes, streamed and checked against its digest on the way."""
     hashed = hashlib.sha256()
@@ -316,11 +330,13 @@ def _file_chunks(path: Path, digest: str) -> Iterator[bytes]:
 
 def _frames(blobs: Sequence[tuple[str, int]], sources: dict[str, Path]) -> Iterator[bytes]:
     """A ``POST /cas/batch`` body, read file by file and written in pieces of about
-    ``_WRITE`` bytes (never the whole batch in memory)."""
+    ``_WRITE`` bytes (never the whole batch in memory). Not hashed again here: the node
+    checks every frame against its digest (a file changed since the scan is refused
+    with ``digest_mismatch``, reported by :func:`upload_tree`)."""
     pending: list[bytes] = []
     pending_size = 0
     for digest, size in blobs:
-        data = _read_checked(sources[digest], digest)
+        data = sources[digest].read_bytes()
         if len(data) != size:
             raise WorkspaceError(f"{sources[digest]} changed while being sent")
         pending += [f"{digest} {size}\n".encode(), data]
@@ -354,6 +370,33 @@ def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = ()
     return upload_tree(node, scan_tree(root, excludes))
 
 
+def _send_batches(node: Node, batches: list[list[tuple[str, int]]],
+                  sources: dict[str, Path]) -> int:
+    """Send batches over one connection (run by each of the UPLOADS threads, which share
+    ``batches``); the bytes sent."""
+    connection = _Connection(node)
+    sent = 0
+    try:
+        while batches:
+            try:
+                batch = batches.pop(0)
+            except IndexError:
+                break
+            length = sum(len(f"{digest} {size}\n") + size for digest, size in batch)
+            try:
+                connection.checked("POST", "/cas/batch",
+                                   (length, partial(_frames, batch, sources)))
+            except NodeError as error:
+                if error.code == "digest_mismatch":
+                    raise WorkspaceError(f"a file changed while being sent ({error})") \
+                        from None
+                raise
+            sent += sum(size for _, size in batch)
+    finally:
+        connection.close()
+    return sent
+
+
 def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
     """Send an already scanned tree (the fan-out splits files from the same scan)."""
     manifest_bytes = tree.manifest.encode()
@@ -365,12 +408,15 @@ def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
         lacking = missing_digests(connection, wanted)
         blobs = [(digest, sizes[digest]) for digest in lacking if digest != manifest_digest]
         small = [blob for blob in blobs if blob[1] <= BATCH_BLOB_MAX]
-        sent_bytes = 0
-        for batch in _batches(small):
-            length = sum(len(f"{digest} {size}\n") + size for digest, size in batch)
-            connection.checked("POST", "/cas/batch",
-                               (length, partial(_frames, batch, tree.sources)))
-            sent_bytes += sum(size for _, size in batch)
+        batches = list(_batches(small))
+        workers = min(UPLOADS, len(batches))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                sent_bytes = sum(pool.map(lambda _: _send_batches(node, batches,
+                                                                  tree.sources),
+                                          range(workers)))
+        else:
+            sent_bytes = _send_batches(node, batches, tree.sources)
         for digest, size in blobs:
             if size > BATCH_BLOB_MAX:
                 connection.checked("PUT", f"/cas/{digest}",
@@ -401,19 +447,37 @@ def download_artifacts(node: Node, task_id: str, directory: str | Path) -> list[
             except ManifestError as error:
                 raise WorkspaceError(f"the node listed a bad artifact path: {error}") \
                     from None
-            data = connection.checked(
-                "GET", f"/task/{quoted_id}/artifacts/{urllib.parse.quote(relative)}")
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise WorkspaceError(f"artifact {relative} does not match its sha256")
             target = target_root / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_symlink():
-                target.unlink()
-            target.write_bytes(data)
+            path = f"/task/{quoted_id}/artifacts/{urllib.parse.quote(relative)}"
+            _download(connection, path, target, entry["sha256"], relative)
             written.append(target)
     finally:
         connection.close()
     return written
+
+
+def _download(connection: _Connection, path: str, target: Path, digest: str,
+              relative: str) -> None:
+    """Stream one artifact into a temporary file beside ``target``, checking its sha256
+    on the way, and rename it into place (a symlink there is replaced, not followed)."""
+    status, reply = connection.stream("GET", path)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".oxide-", delete=False) \
+            as spool:
+        try:
+            hashed = hashlib.sha256()
+            if status >= 400:
+                raise WorkspaceError(f"artifact {relative}: HTTP {status}: "
+                                     f"{reply.read(200).decode('utf-8', 'replace')}")
+            for chunk in iter(lambda: reply.read(_READ), b""):
+                hashed.update(chunk)
+                spool.write(chunk)
+            if hashed.hexdigest() != digest:
+                raise WorkspaceError(f"artifact {relative} does not match its sha256")
+        except BaseException:
+            os.unlink(spool.name)
+            raise
+    os.replace(spool.name, target)
 
 
 # -- JUnit ------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.support import SECRET  # noqa: F401  (the agent fixture's secret)
+from tests.support import (
+    SECRET,  # noqa: F401  (the agent fixture's secret)
+    poll_until,
+)
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -15,6 +18,7 @@ def git(*args: str, cwd: Path) -> str:
 
 
 def make_repository(tmp_path: Path) -> tuple[Path, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     bare, work = tmp_path / "repo.git", tmp_path / "work"
     subprocess.run(["git", "init", "--bare", "-q", str(bare)], check=True)
     subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
@@ -85,3 +89,20 @@ def test_git_source_refuses_transport_helpers_and_option_refs(agent, tmp_path):
         reply = agent.post("/execute", {"command": "true", "source": source})
         assert reply.status == 400, (source, reply)
         assert words in reply.json()["error"]["message"], reply.json()
+
+
+def test_an_unused_mirror_is_pruned_past_git_cache(agent_factory, tmp_path):
+    agent = agent_factory(extra_args=("--git-cache", "1"))
+    first, _ = make_repository(tmp_path / "first")
+    second, _ = make_repository(tmp_path / "second")
+    task = agent.run_task("true", source={"git": str(first), "ref": "main"})
+    assert task["state"] == "succeeded", task
+    assert len(list((agent.state_dir / "git").iterdir())) == 1  # in use while it ran
+    task = agent.run_task("true", source={"git": str(second), "ref": "main"})
+    assert task["state"] == "succeeded", task
+    # Over the 1-byte cap: the first repository's mirror (its task ended) goes; the
+    # second's stays while its checkout and task use it.
+    poll_until(lambda: len(list((agent.state_dir / "git").iterdir())) == 1, timeout=10,
+               message="the first mirror pruned")
+    assert agent.run_task("true", source={"git": str(first), "ref": "main"})["state"] \
+        == "succeeded"  # cloned again when needed

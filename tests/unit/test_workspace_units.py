@@ -25,7 +25,9 @@ from oxide_cluster.manifest import (
 from oxide_cluster.model import TaskState, parse_task_request
 from oxide_cluster.scheduler import Scheduler
 from oxide_cluster.workspace import (
+    PARALLEL_FROM,
     ArtifactListing,
+    WorkspaceError,
     Workspaces,
     build_tree,
     match_artifacts,
@@ -235,6 +237,28 @@ def test_build_tree_copies_files_so_a_task_cannot_write_into_the_cache(tmp_path)
     (root / "x").write_bytes(b"changed!")
     assert store.path(digest_bytes(b"original")).read_bytes() == b"original"
     assert os.readlink(root / "l") == "x"
+
+
+def test_a_large_tree_is_copied_by_two_threads_with_modes_and_a_failure_in_either(tmp_path):
+    store = blob_store(tmp_path, 100_000)
+    entries = []
+    for index in range(PARALLEL_FROM + 11):
+        data = f"file {index}".encode()
+        put(store, data)
+        entries.append(FileEntry(f"d{index % 3}/f{index}", 0o755 if index % 2 else 0o644,
+                                 len(data), digest_bytes(data)))
+    built = build_tree(build_manifest(entries, []), store.path, tmp_path / "ws")
+    for entry in entries:
+        path = tmp_path / "ws" / entry.path
+        assert path.read_bytes() == store.path(entry.digest).read_bytes()
+        assert path.stat().st_mode & 0o777 == entry.mode
+        assert built.files[entry.path][0] == path.stat().st_ino
+    # A blob gone from the cache, copied by the second thread (odd index): refused, and
+    # nothing of the half-built tree is left.
+    store.path(entries[1].digest).unlink()
+    with pytest.raises(WorkspaceError, match="cannot build the workspace"):
+        build_tree(build_manifest(entries, []), store.path, tmp_path / "ws2")
+    assert not (tmp_path / "ws2").exists()
 
 
 def test_junit_summary_counts_and_refuses_doctype():
