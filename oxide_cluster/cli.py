@@ -294,8 +294,9 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
     if options.parallel is not None:
         from oxide_cluster.fanout import run_parallel  # it imports this module
         return run_parallel(node, options, command)
-    if options.split or options.junit or options.group_output:
-        raise Failed(EXIT_USAGE, "run: --split, --junit and --group-output need --parallel N")
+    if options.split or options.junit or options.group_output or options.suite:
+        raise Failed(EXIT_USAGE, "run: --split, --suite, --junit and --group-output need "
+                                 "--parallel N")
     body = request_body(options, command)
     if options.workspace is not None:
         body.update(_send_workspace(node, options))
@@ -505,8 +506,12 @@ def parser() -> argparse.ArgumentParser:
                      "lowest-numbered failing shard's code")
     run.add_argument("--split", action="append", default=[], metavar="GLOB",
                      help="with --parallel and --workspace: split the workspace files "
-                     "matching GLOB (repeatable) over the shards, balanced by size, and put "
+                     "matching GLOB (repeatable) over the shards, balanced by the durations "
+                     "earlier runs of the suite recorded (by size without them), and put "
                      "each shard's files in place of the {files} argument of CMD")
+    run.add_argument("--suite", metavar="NAME",
+                     help="with --split: the name the cluster keeps the files' durations "
+                     "under (default: the workspace directory's name)")
     run.add_argument("--junit", action="append", default=[], metavar="GLOB",
                      help="with --parallel and --workspace: collect JUnit XML reports "
                      "matching GLOB from every shard and merge them into OUT/junit.xml")

@@ -7,8 +7,12 @@ threads share it); the main thread only waits for their results, which keeps Ctr
 signal, delivered to the main thread) able to cancel every shard. Output passes through a
 :class:`ShardOutput` per shard and stream: whole lines, prefixed ``[i/N] ``, under one lock.
 
-Files given by ``--split`` are balanced by size (greedy longest-processing-time): the
-cluster keeps no per-file durations yet.
+Files given by ``--split`` are balanced (greedy longest-processing-time) by the per-file
+durations the cluster recorded for the suite (``--suite NAME``, default the workspace
+directory's name; ``GET /suites/{name}/durations``), by size when it has none. After the
+run, each shard's JUnit test cases are traced to its files (the ``file`` attribute, or the
+``classname``'s module), the rest of the shard's run time is spread over its other files by
+size, and the result is stored (``PUT``) for the next split (:mod:`oxide_cluster.split`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import IO, Any
 
 import attrs
 
+from oxide_cluster import split as splitting
 from oxide_cluster.cli import (
     EXIT_CANCELLED,
     EXIT_SOFTWARE,
@@ -260,9 +265,41 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
+@attrs.define
+class SplitPlan:
+    """What ``--split`` matched, and the suite's durations before this run."""
+
+    suite: str | None
+    sizes: dict[str, int]
+    durations: dict[str, float]
+
+
+def _suite_path(suite: str) -> str:
+    return f"/suites/{urllib.parse.quote(suite, safe='')}/durations"
+
+
+def _recorded(node: Node, options: argparse.Namespace) -> tuple[str | None, dict[str, float]]:
+    """The suite's name and its recorded durations (none when the node cannot say)."""
+    suite = options.suite or splitting.default_suite_name(
+        Path(options.workspace).resolve().name)
+    if suite is None:
+        _say("no suite name (give --suite NAME): durations are neither read nor recorded")
+        return None, {}
+    try:
+        reply = node.request("GET", _suite_path(suite))
+    except NodeError as error:
+        if error.status == 400:
+            raise Failed(EXIT_USAGE, f"run: --suite {suite}: {error}") from None
+        _say(f"durations of suite {suite} not read ({error}): splitting by size")
+        return suite, {}
+    durations = reply.get("durations")
+    return suite, dict(durations) if isinstance(durations, dict) else {}
+
+
 def _plan(node: Node, options: argparse.Namespace, command: list[str]
-          ) -> tuple[list[list[str]], dict[str, Any]]:
-    """Each shard's files (empty lists without --split) and the workspace fields."""
+          ) -> tuple[list[list[str]], dict[str, Any], SplitPlan | None]:
+    """Each shard's files (empty lists without --split), the workspace fields, and what
+    the split was made of."""
     if not 1 <= options.parallel <= MAX_PARALLEL:
         raise Failed(EXIT_USAGE, f"run: --parallel takes 1 to {MAX_PARALLEL}")
     if options.workspace is None:
@@ -271,7 +308,7 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
             if given:
                 raise Failed(EXIT_USAGE, f"run: {flag} needs --workspace (files are "
                                          "taken from and collected in the workspace)")
-        return [[] for _ in range(options.parallel)], {}
+        return [[] for _ in range(options.parallel)], {}, None
     if options.split and FILES not in " ".join(command):
         raise Failed(EXIT_USAGE, f"run: --split needs {FILES} in the command, where each "
                                  "shard's files go")
@@ -282,6 +319,7 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
     except WorkspaceError as error:
         raise Failed(EXIT_USAGE, f"run: --workspace {options.workspace}: {error}") from None
     parts: list[list[str]] = [[] for _ in range(options.parallel)]
+    plan = None
     if options.split:
         sizes = {entry.path: entry.size for entry in tree.manifest.files}
         try:
@@ -291,12 +329,18 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
         if not chosen:
             raise Failed(EXIT_USAGE, "run: --split " + " ".join(options.split) +
                          f" matches no file of the workspace {options.workspace}")
-        parts = split_by_size({name: sizes[name] for name in chosen}, options.parallel)
+        suite, durations = _recorded(node, options)
+        plan = SplitPlan(suite, {name: sizes[name] for name in chosen}, durations)
+        costs, basis = splitting.weights(plan.sizes, durations)
+        parts = splitting.split_by_weight(costs, options.parallel)
         if len(parts) < options.parallel:
             _say(f"{len(chosen)} files for {options.parallel} shards: running "
                  f"{len(parts)} shards")
-        _say(f"split {len(chosen)} files by size: " +
-             ", ".join(f"{len(part)}" for part in parts))
+        loads = ", ".join(f"{len(part)}" + (f" ({sum(costs[n] for n in part):.1f}s)"
+                                            if basis == "durations" else "")
+                          for part in parts)
+        _say(f"split {len(chosen)} files by {basis}" +
+             (f" of suite {suite}" if basis == "durations" else "") + f": {loads}")
     try:
         sent = upload_tree(node, tree)
     except WorkspaceError as error:
@@ -308,7 +352,7 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
     fields: dict[str, Any] = {"workspace": sent.digest}
     if options.artifacts or options.junit:
         fields["artifacts"] = [*options.artifacts, *options.junit]
-    return parts, fields
+    return parts, fields, plan
 
 
 def _directory_name(group: str | None, task_id: str) -> str:
@@ -391,7 +435,7 @@ def run_parallel(node: Node, options: argparse.Namespace, command: list[str]) ->
 def _run_all(node: Node, options: argparse.Namespace, command: list[str],
              buffers: contextlib.ExitStack) -> int:
     began = time.monotonic()
-    parts, workspace_fields = _plan(node, options, command)
+    parts, workspace_fields, plan = _plan(node, options, command)
     total = len(parts)
     shards = [Shard(index, total, files) for index, files in enumerate(parts)]
     lock = threading.Lock()
@@ -441,7 +485,7 @@ def _run_all(node: Node, options: argparse.Namespace, command: list[str],
     wall = time.monotonic() - began
     if options.group_output:
         _print_grouped(shards, grouped)
-    return _report(shards, options, artifacts_dir, wall)
+    return _report(node, shards, options, artifacts_dir, wall, plan)
 
 
 def _spool(buffers: contextlib.ExitStack) -> IO[bytes]:
@@ -462,8 +506,8 @@ def _print_grouped(shards: Sequence[Shard], grouped: Sequence[tuple[IO[bytes], I
             target.flush()
 
 
-def _report(shards: Sequence[Shard], options: argparse.Namespace,
-            artifacts_dir: Path | None, wall: float) -> int:
+def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
+            artifacts_dir: Path | None, wall: float, plan: SplitPlan | None) -> int:
     for shard in shards:
         took = "" if shard.seconds is None else f" in {shard.seconds:.2f}s"
         files = f" ({len(shard.files)} files)" if options.split else ""
@@ -473,6 +517,7 @@ def _report(shards: Sequence[Shard], options: argparse.Namespace,
     timed = [shard for shard in shards if shard.seconds is not None]
     slowest = max(timed, key=lambda s: s.seconds or 0.0) if timed else None
     slow = f"; slowest shard {slowest.label} {slowest.seconds:.2f}s" if slowest else ""
+    reports: list[list[bytes]] = [[] for _ in shards]
     if options.junit and artifacts_dir is not None:
         patterns = [glob_regex(pattern) for pattern in options.junit]
         reports = []
@@ -490,6 +535,8 @@ def _report(shards: Sequence[Shard], options: argparse.Namespace,
         _say(f"junit total {target}: {merged.total.line()}; wall {wall:.2f}s{slow}")
     else:
         _say(f"{len(shards)} shards in {wall:.2f}s wall{slow}")
+    if plan is not None and plan.suite is not None:
+        _record(node, plan, shards, reports)
     failed = first_failure(shards)
     if failed is None:
         return 0
@@ -499,3 +546,25 @@ def _report(shards: Sequence[Shard], options: argparse.Namespace,
          " (the exit code is the lowest-numbered failing shard's)")
     assert failed.code is not None
     return failed.code
+
+
+def _record(node: Node, plan: SplitPlan, shards: Sequence[Shard],
+            reports: Sequence[Sequence[bytes]]) -> None:
+    """Store what this run measured per file for the next split. A shard that did not
+    run to its own end (cancelled, lost, timed out) tells nothing and is left out."""
+    assert plan.suite is not None
+    measured: dict[str, float] = {}
+    for shard, documents in zip(shards, reports, strict=True):
+        if shard.state not in ("succeeded", "failed"):
+            continue
+        measured.update(splitting.shard_durations(documents, shard.files, plan.sizes,
+                                                  shard.seconds))
+    if not measured:
+        return
+    durations = splitting.updated(plan.durations, measured, list(plan.sizes))
+    try:
+        node.request("PUT", _suite_path(plan.suite), {"durations": durations})
+    except NodeError as error:
+        _say(f"durations of suite {plan.suite} not recorded: {error}")
+        return
+    _say(f"recorded the durations of {len(measured)} files for suite {plan.suite}")

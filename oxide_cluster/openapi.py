@@ -675,6 +675,50 @@ SCHEMAS["Readiness"] = {
                    "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}},
 }
 
+# -- suites: recorded durations for ``run --split`` (issue 15; oxide_cluster.suites) -----
+
+_SUITE = {"name": "name", "in": "path", "required": True,
+          "description": "the suite (`--suite NAME`, default the workspace directory's name)",
+          "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
+SCHEMAS["SuiteDurations"] = {
+    "type": "object", "required": ["suite", "recorded", "durations"],
+    "properties": {
+        "suite": {"type": "string"},
+        "recorded": {"type": "boolean", "description": "false: no run recorded it yet"},
+        "durations": {"type": "object", "additionalProperties": {"type": "number"},
+                      "description": "workspace-relative file path to seconds"},
+    },
+}
+PATHS["/suites/{name}/durations"] = {
+    "get": _secured({
+        "summary": "Per-file durations earlier runs measured ('run --split' balances by "
+                   "them); kept in Redis with Redis, else in this node's store",
+        "parameters": [_SUITE],
+        "responses": {"200": _json(_ref("SuiteDurations"), "the durations (empty when "
+                                                           "none recorded)"),
+                      "400": _error("bad suite name (`bad_suite`)"),
+                      "503": _UNAVAILABLE},
+    }),
+    "put": _secured({
+        "summary": "Replace the suite's durations (the CLI sends them after a run)",
+        "parameters": [_SUITE],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["durations"], "additionalProperties": False,
+            "properties": {"durations": {
+                "type": "object", "maxProperties": 20000,
+                "propertyNames": {"type": "string", "minLength": 1, "maxLength": 1024,
+                                  "pattern": "^[^/\u0000]"},
+                "additionalProperties": {"type": "number", "minimum": 0,
+                                         "maximum": 604800}}}}}}},
+        "responses": {"200": _json(_ref("SuiteDurations"), "stored"),
+                      "400": _error("bad suite name, or durations that are not relative "
+                                    "paths to seconds (`bad_request`)"),
+                      "413": _error("body larger than max_body"),
+                      "415": _error("Content-Type is not application/json"),
+                      "503": _UNAVAILABLE},
+    }),
+}
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
