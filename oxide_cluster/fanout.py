@@ -55,6 +55,7 @@ from oxide_cluster.client import Node, NodeError
 from oxide_cluster.manifest import ManifestError, glob_regex
 from oxide_cluster.workspace_client import (
     JUnitSummary,
+    LocalTree,
     WorkspaceError,
     download_artifacts,
     junit_summary,
@@ -175,10 +176,22 @@ class Shard:
     reason: str | None = None
     seconds: float | None = None  # run time on its node (started_at to finished_at)
     artifacts: list[Path] = attrs.Factory(list)
+    signal: int | None = None
+    # --queue-split: this is batch ``index`` taken by worker ``worker`` of ``total``.
+    worker: int | None = None
 
     @property
     def label(self) -> str:
+        if self.worker is not None:
+            return f"{self.worker + 1}/{self.total}#{self.index + 1}"
         return f"{self.index + 1}/{self.total}"
+
+    @property
+    def directory(self) -> str:
+        """Where its artifacts go under the run's artifacts directory."""
+        if self.worker is not None:
+            return f"batch-{self.index + 1}"
+        return f"shard-{self.index + 1}"
 
 
 def first_failure(shards: Sequence[Shard]) -> Shard | None:
@@ -214,8 +227,8 @@ def _add(a: JUnitSummary, b: JUnitSummary) -> JUnitSummary:
 ZERO = JUnitSummary(0, 0, 0, 0, 0.0)
 
 
-def merge_junit(reports: Sequence[Sequence[bytes]], name: str = "oxide-cluster"
-                ) -> MergedJUnit:
+def merge_junit(reports: Sequence[Sequence[bytes]], name: str = "oxide-cluster",
+                labels: Sequence[str] | None = None) -> MergedJUnit:
     """One ``<testsuites>`` holding every shard's suites (``reports[i]``: shard i's report
     files). Each suite gets its counts as attributes and an ``oxide.shard`` property
     (``2/4``); the root has the totals. Files that are not JUnit are left out."""
@@ -236,7 +249,8 @@ def merge_junit(reports: Sequence[Sequence[bytes]], name: str = "oxide-cluster"
                     properties = ElementTree.Element("properties")
                     suite.insert(0, properties)
                 ElementTree.SubElement(properties, "property", name="oxide.shard",
-                                       value=f"{index + 1}/{len(reports)}")
+                                       value=labels[index] if labels is not None
+                                       else f"{index + 1}/{len(reports)}")
                 root.append(suite)
                 shard_total = _add(shard_total, counts)
         per_shard.append(shard_total)
@@ -332,6 +346,11 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
         suite, durations = _recorded(node, options)
         plan = SplitPlan(suite, {name: sizes[name] for name in chosen}, durations)
         costs, basis = splitting.weights(plan.sizes, durations)
+        if options.queue_split:
+            _say(f"queue of {len(chosen)} files by {basis}" +
+                 (f" of suite {suite}" if basis == "durations" else "") +
+                 f" for {options.parallel} workers")
+            return _upload(node, options, tree, [], plan)
         parts = splitting.split_by_weight(costs, options.parallel)
         if len(parts) < options.parallel:
             _say(f"{len(chosen)} files for {options.parallel} shards: running "
@@ -341,6 +360,12 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
                           for part in parts)
         _say(f"split {len(chosen)} files by {basis}" +
              (f" of suite {suite}" if basis == "durations" else "") + f": {loads}")
+    return _upload(node, options, tree, parts, plan)
+
+
+def _upload(node: Node, options: argparse.Namespace, tree: LocalTree,
+            parts: list[list[str]], plan: SplitPlan | None
+            ) -> tuple[list[list[str]], dict[str, Any], SplitPlan | None]:
     try:
         sent = upload_tree(node, tree)
     except WorkspaceError as error:
@@ -378,7 +403,7 @@ def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
             follow(node, shard.task_id, until_live=True, stdout=out, stderr=err)
             state = task
         shard.code, shard.state = task_exit_code(state), state.get("state")
-        shard.reason = state.get("reason")
+        shard.reason, shard.signal = state.get("reason"), state.get("signal")
     except Failed as failure:
         shard.code, shard.reason = failure.code, str(failure)
     except NodeError as error:
@@ -395,7 +420,7 @@ def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
     except NodeError:
         pass  # only the timing line lacks it
     if artifacts_dir is not None:
-        target = artifacts_dir / f"shard-{shard.index + 1}"
+        target = artifacts_dir / shard.directory
         try:
             shard.artifacts = download_artifacts(node, shard.task_id, target)
         except (WorkspaceError, NodeError, OSError) as error:
@@ -428,6 +453,9 @@ def _cancel(node: Node, shards: Sequence[Shard]) -> None:
 def run_parallel(node: Node, options: argparse.Namespace, command: list[str]) -> int:
     """``run --parallel N``: submit the shards, follow them all, report, and return the
     exit code of the lowest-numbered failing shard (0 when all succeeded)."""
+    if options.queue_split:
+        from oxide_cluster.queue_split import run_queue  # it imports this module
+        return run_queue(node, options, command)
     with contextlib.ExitStack() as buffers:
         return _run_all(node, options, command, buffers)
 
@@ -522,11 +550,11 @@ def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
         patterns = [glob_regex(pattern) for pattern in options.junit]
         reports = []
         for shard in shards:
-            root = artifacts_dir / f"shard-{shard.index + 1}"
+            root = artifacts_dir / shard.directory
             reports.append([path.read_bytes() for path in sorted(shard.artifacts)
                             if any(p.match(path.relative_to(root).as_posix())
                                    for p in patterns)])
-        merged = merge_junit(reports)
+        merged = merge_junit(reports, labels=[shard.label for shard in shards])
         target = artifacts_dir / "junit.xml"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(merged.document)
