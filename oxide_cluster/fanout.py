@@ -22,6 +22,7 @@ import contextlib
 import os
 import queue
 import re
+import secrets
 import shlex
 import signal
 import sys
@@ -68,6 +69,11 @@ MAX_PARALLEL = 256
 MAX_LINE = 64 * 1024  # a longer line without a newline is cut, or one shard holds the lock
 CANCEL_WAIT = 15.0  # after Ctrl-C, how long the shards' ends are awaited
 GROUPED_IN_MEMORY = 8 * 1024 * 1024  # --group-output spills to a temporary file beyond
+
+
+def new_run_id() -> str:
+    """The ``fanout.run`` of one ``run --parallel``: the dashboard folds its tasks."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
 def shard_env(index: int, total: int) -> dict[str, str]:
@@ -466,6 +472,7 @@ def _run_all(node: Node, options: argparse.Namespace, command: list[str],
     parts, workspace_fields, plan = _plan(node, options, command)
     total = len(parts)
     shards = [Shard(index, total, files) for index, files in enumerate(parts)]
+    run_id = new_run_id()
     lock = threading.Lock()
     grouped: list[tuple[IO[bytes], IO[bytes]]] = []
     ended: queue.Queue[Shard] = queue.Queue()
@@ -475,6 +482,8 @@ def _run_all(node: Node, options: argparse.Namespace, command: list[str],
             body = request_body(options, substitute(command, shard.files))
             body["env"] = {**body.get("env", {}), **shard_env(shard.index, total)}
             body.update(workspace_fields)
+            body["fanout"] = {"run": run_id, "index": shard.index, "total": total,
+                              "mode": "shards"}
             task = node.request("POST", "/execute", body)
             shard.task_id, shard.node_id = task["id"], task["node_id"]
             _say(f"[{shard.label}] task {shard.task_id} on node {shard.node_id} "

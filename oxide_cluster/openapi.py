@@ -153,6 +153,7 @@ SCHEMAS: dict[str, Any] = {
                       "description": "false: refuse with 429 when no slot is free instead "
                                      "of queueing (default true)"},
             "resources": {"anyOf": [_ref("Resources"), {"type": "null"}]},
+            "fanout": {"anyOf": [_ref("Fanout"), {"type": "null"}]},
         },
     },
     "Task": {
@@ -206,6 +207,7 @@ SCHEMAS: dict[str, Any] = {
             "oom_killed": {"type": "boolean",
                            "description": "the kernel's OOM killer ended a process of the "
                                           "task at its memory limit (the task is failed)"},
+            "fanout": {"anyOf": [_ref("Fanout"), {"type": "null"}]},
             "links": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     },
@@ -619,6 +621,20 @@ PATHS: dict[str, Any] = {
     }},
 }
 
+SCHEMAS["Fanout"] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["run", "index", "total", "mode"],
+    "description": "part of a fan-out run (`oxide-cluster run --parallel`); the dashboard "
+                   "shows a run as one row",
+    "properties": {
+        "run": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+        "index": {"type": "integer", "minimum": 0, "maximum": 100000,
+                  "description": "0-based shard, or batch number with mode queue"},
+        "total": {"type": "integer", "minimum": 1, "maximum": 100000,
+                  "description": "shards, or workers with mode queue"},
+        "mode": {"type": "string", "enum": ["shards", "queue"]},
+    },
+}
 SCHEMAS["BlobStored"] = {
     "type": "object", "required": ["digest", "size", "stored"],
     "properties": {"digest": {"type": "string"}, "size": {"type": ["integer", "null"]},

@@ -46,6 +46,7 @@ from oxide_cluster.fanout import (
     _report,
     _run_shard,
     _say,
+    new_run_id,
     substitute,
 )
 
@@ -168,6 +169,7 @@ class _Run:
     batches: list[Shard] = attrs.Factory(list)
     returned: set[int] = attrs.Factory(set)
     errors: list[Failed] = attrs.Factory(list)
+    run_id: str = attrs.Factory(new_run_id)
 
 
 def _work(run: _Run, worker: int) -> None:
@@ -178,6 +180,8 @@ def _work(run: _Run, worker: int) -> None:
         body["env"] = {**body.get("env", {}),
                        **queue_env(worker, run.workers, batch.number)}
         body.update(run.fields)
+        body["fanout"] = {"run": run.run_id, "index": batch.number, "total": run.workers,
+                          "mode": "queue"}
         try:
             task = run.node.request("POST", "/execute", body)
         except NodeError as error:

@@ -69,3 +69,22 @@ def test_lost_or_killed_tasks_died_but_failing_or_cancelled_ones_did_not():
     assert not died(shard("failed"))
     assert not died(shard("cancelled", 15))
     assert not died(shard("succeeded"))
+
+
+# -- the ``fanout`` field that marks a task as part of a run ------------------------------
+
+
+def test_the_fanout_field_is_parsed_kept_on_the_task_and_refused_when_malformed():
+    import pytest
+
+    from oxide_cluster.model import RequestError, parse_task_request
+
+    fanout = {"run": "20261202T010203-ab12cd34", "index": 2, "total": 3, "mode": "shards"}
+    request = parse_task_request({"command": "true", "fanout": fanout}, 600.0)
+    assert request.fanout == fanout
+    for bad in ({"run": "x", "index": 0, "total": 1}, {**fanout, "run": "a/b"},
+                {**fanout, "index": -1}, {**fanout, "total": 0}, {**fanout, "index": True},
+                {**fanout, "mode": "other"}, {**fanout, "extra": 1}, "run"):
+        with pytest.raises(RequestError) as caught:
+            parse_task_request({"command": "true", "fanout": bad}, 600.0)
+        assert caught.value.field.startswith("fanout"), bad
