@@ -16,7 +16,7 @@ merge. Nothing is added to the node's API: no queue state on a node that could d
 per-run token handed to tasks. The cost is one task submission per batch, which is why
 batches are large at first: a batch is the costliest files first until it holds
 ``remaining / (4N)`` of the expected time (durations, else sizes), never less than
-``total / (16N)``, so the first batches are a quarter of a worker's share and they shrink
+``total / (8N)``, so the first batches are a quarter of a worker's share and they shrink
 toward the end, where small batches even out the workers' finishing times.
 """
 
@@ -52,7 +52,7 @@ from oxide_cluster.fanout import (
 
 MAX_RETURNS = 2
 START_SHARE = 4  # a batch holds remaining / (START_SHARE * N) of the expected time
-FLOOR_SHARE = 16  # and never less than total / (FLOOR_SHARE * N)
+FLOOR_SHARE = 8  # and never less than total / (FLOOR_SHARE * N)
 
 
 @attrs.frozen

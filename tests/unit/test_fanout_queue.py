@@ -14,7 +14,7 @@ from oxide_cluster.queue_split import FileQueue, batch_sizes, died
 def test_batches_start_at_a_quarter_of_a_worker_s_share_and_shrink_toward_the_end():
     sizes = batch_sizes([1.0] * 120, workers=3)
     assert sizes[0] == 10  # 120 / (4 * 3)
-    assert sizes[-2] == 3 and sizes[-1] <= 3  # the floor: 120 / (16 * 3), in whole files
+    assert sizes[-2] == 5 and sizes[-1] <= 5  # the floor: 120 / (8 * 3), in whole files
     assert sizes == sorted(sizes, reverse=True)
     assert sum(sizes) == 120
 
