@@ -799,7 +799,7 @@ class TaskApi:
                                                    "idle_timeout", "labels")}
         fields["retries"] = int(record["retries"]) - 1
         fields["tty"] = bool(record.get("tty", False))
-        fields.update({name: record[name] for name in ("workspace", "artifacts", "source")
+        fields.update({name: record[name] for name in ("workspace", "artifacts", "source", "fanout")
                        if record.get(name)})
         task_request = parse_task_request(fields, self.node.config.max_timeout)
         attempt = int(record.get("attempt") or 1) + 1
