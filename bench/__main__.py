@@ -24,6 +24,10 @@ Sections:
   bytes as output (``bench.workspace``).
 * ``discovery``: join and crash detection at N=3 in network namespaces (root only).
 * ``failover``: leader failover after ``kill -9`` and after a clean stop.
+* ``fanout``: a real suite (more-itertools' tests, run by pytest) locally in one
+  process, with ``pytest -n 2``, and through 3 local nodes with ``run --parallel 3
+  --split`` (by size, then by the recorded durations) and ``--queue-split``
+  (``bench.fanout``); every run must report the same number of tests.
 * ``idle``: agent RSS and CPU with 30 peers (29 simulated announcers) against a
   standalone agent, both measured over the same window.
 
@@ -63,7 +67,7 @@ from tests.redis_server import RedisServer
 from tests.support import AgentProcess, poll_until
 
 SECTIONS = ("tasks", "latency", "queue", "stream", "workspace", "discovery", "failover",
-            "idle")
+            "idle", "fanout")
 MB = 1024 * 1024
 
 
@@ -379,6 +383,65 @@ def section_idle(report: Report, opts: argparse.Namespace, home: Path) -> None:
     report.notes.append(f"idle: {opts.idle:.0f} s window, both agents at once; 29 of the 30 "
                         f"peers are simulated announcers (bench/announcers.py); "
                         f"{healthy} healthy at the end")
+
+
+def section_fanout(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import fanout
+
+    root = fanout.fetch_suite(home / "fanout")
+    files = len(list((root / "tests" / "oxide_split").glob("test_*.py")))
+    runs: dict[str, dict[str, Any]] = {"local": fanout.local(root, [])}
+    plugin = fanout.xdist()
+    if plugin is not None:
+        runs["xdist"] = fanout.local(root, ["-n", "2"], plugin)
+    else:
+        report.notes.append("fanout: pytest-xdist could not be installed: no -n 2 row")
+    with Cluster(home / "fanout-cluster", 1) as cluster:
+        entry = cluster.non_leader()
+        runs["split by size"] = fanout.pool(entry.url, root, home / "fo1", queue=False)
+        runs["split by durations"] = fanout.pool(entry.url, root, home / "fo2", queue=False)
+        runs["queue-split"] = fanout.pool(entry.url, root, home / "fo3", queue=True)
+        durations = entry.get(f"/suites/{fanout.SUITE}/durations").json()["durations"]
+    # The machine is shared: the baseline runs again after the pool, and the pool's runs
+    # are compared with the mean of the two.
+    again = fanout.local(root, [])
+    runs["local"]["wall_s_runs"] = [runs["local"]["wall_s"], again["wall_s"]]
+    runs["local"]["wall_s"] = (runs["local"]["wall_s"] + again["wall_s"]) / 2
+    bound = fanout.lower_bound(durations, 3)
+    report.data["fanout"] = {"files": files, "runs": runs, "lower_bound_s": bound,
+                             "summed_test_s": sum(durations.values())}
+    base = runs["local"]
+    counts = {name: run["tests"] for name, run in runs.items()}
+    same = len(set(counts.values())) == 1
+    labels = {"local": "local, 1 process (mean of before and after)", "xdist": "local, pytest -n 2",
+              "split by size": "pool --parallel 3 --split (size)",
+              "split by durations": "pool --parallel 3 --split (durations)",
+              "queue-split": "pool --parallel 3 --queue-split"}
+    for name, run in runs.items():
+        ratio = f"{run['wall_s'] / base['wall_s']:.2f}"
+        report.row("fanout", f"{labels[name]}: {run['tests']} tests, exit {run['code']}",
+                   f"{run['wall_s']:.1f} s", "local, 1 process", f"{base['wall_s']:.1f} s",
+                   ratio, "<= 0.6" if name.startswith(("split", "queue")) else "-")
+    queue = runs["queue-split"]
+    busiest = max(queue["worker_busy_s"].values(), default=0.0)
+    report.row("fanout", f"queue-split: busiest worker ({queue['batches']} batches)",
+               f"{busiest:.1f} s", "lower bound (test time / 3)", f"{bound:.1f} s",
+               f"{busiest / bound:.2f}" if bound else "-", "<= 1.10")
+    by_time = runs["split by durations"]
+    shard_sum = sum(by_time["task_seconds"])
+    if by_time["slowest_shard_s"] and shard_sum:
+        # On 3 machines nothing is shared: a shard would take its share of the local run.
+        alone = by_time["slowest_shard_s"] / shard_sum * base["wall_s"]
+        report.row("fanout", f"estimate on 3 machines: local / 3 x balance "
+                   f"{by_time['slowest_shard_s'] / (shard_sum / 3):.2f} (slowest / mean "
+                   "shard)", f"{alone:.1f} s", "local, 1 process", f"{base['wall_s']:.1f} s",
+                   f"{alone / base['wall_s']:.2f}", "<= 0.6")
+    report.notes.append(f"fanout: {files} test modules (one per test class); tests per run "
+                        f"{counts} ({'all equal' if same else 'NOT EQUAL'}); summed test "
+                        f"time {sum(durations.values()):.1f} s; slowest shard of the split "
+                        f"by durations {runs['split by durations']['slowest_shard_s']} s; "
+                        f"local runs {runs['local']['wall_s_runs']}; load average "
+                        f"{os.getloadavg()[0]:.1f} at the end")
 
 
 # -- driver -------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from oxide_cluster.openapi import document as openapi_document
 from oxide_cluster.placement import Placement
 from oxide_cluster.scheduler import IDEMPOTENCY_TTL, Scheduler, Unschedulable
 from oxide_cluster.store import StoreError
+from oxide_cluster.suites import SuiteDurations, SuiteError, parse_durations, parse_suite_name
 from oxide_cluster.workspace import ArtifactListing, Workspaces
 from oxide_cluster.ws import output_messages
 
@@ -208,8 +209,10 @@ class TaskApi:
                  placement: Placement | None = None, directory: Any = None,
                  workspaces: Workspaces | None = None,
                  scheduler: Scheduler | None = None,
-                 cluster: ClusterQueue | None = None) -> None:
+                 cluster: ClusterQueue | None = None,
+                 suites: SuiteDurations | None = None) -> None:
         self.node = node
+        self.suites = suites
         self.cluster = cluster
         self.workspaces = workspaces
         self.scheduler = scheduler
@@ -803,7 +806,7 @@ class TaskApi:
                                                    "idle_timeout", "labels")}
         fields["retries"] = int(record["retries"]) - 1
         fields["tty"] = bool(record.get("tty", False))
-        fields.update({name: record[name] for name in ("workspace", "artifacts", "source")
+        fields.update({name: record[name] for name in ("workspace", "artifacts", "source", "fanout")
                        if record.get(name)})
         task_request = parse_task_request(fields, self.node.config.max_timeout)
         attempt = int(record.get("attempt") or 1) + 1
@@ -1243,3 +1246,36 @@ class TaskApi:
         served.type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         served.encoding = None
         return served
+
+    # -- suites: recorded durations for ``run --split`` (issue 15; oxide_cluster.suites) --
+
+    def _suites(self, name: str) -> tuple[SuiteDurations, str]:
+        if self.suites is None:
+            raise ApiError(404, "not_found", "this node keeps no suite durations")
+        try:
+            return self.suites, parse_suite_name(name)
+        except SuiteError as error:
+            raise ApiError(400, "bad_suite", str(error)) from None
+
+    @app.route("/suites/<name>/durations", methods=["GET"])
+    async def suite_durations(self, request: Request, name: str) -> bytes:
+        """What earlier runs of the suite measured per file (empty when never recorded)."""
+        self._authorize(request)
+        suites, suite = self._suites(name)
+        durations = await suites.get(suite)
+        return render_json(request, {"suite": suite, "recorded": durations is not None,
+                                     "durations": durations or {}})
+
+    @app.route("/suites/<name>/durations", methods=["PUT"])
+    async def put_suite_durations(self, request: Request, name: str) -> bytes:
+        """Replace the suite's durations (the CLI sends the old ones updated by a run)."""
+        self._authorize(request)
+        suites, suite = self._suites(name)
+        _, body = self._json_body(request)
+        try:
+            durations = parse_durations(body)
+        except SuiteError as error:
+            raise ApiError(400, "bad_request", str(error)) from None
+        await suites.put(suite, durations)
+        return render_json(request, {"suite": suite, "recorded": True,
+                                     "durations": durations})

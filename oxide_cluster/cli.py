@@ -294,8 +294,10 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
     if options.parallel is not None:
         from oxide_cluster.fanout import run_parallel  # it imports this module
         return run_parallel(node, options, command)
-    if options.split or options.junit or options.group_output:
-        raise Failed(EXIT_USAGE, "run: --split, --junit and --group-output need --parallel N")
+    if options.split or options.junit or options.group_output or options.suite \
+            or options.queue_split:
+        raise Failed(EXIT_USAGE, "run: --split, --queue-split, --suite, --junit and "
+                                 "--group-output need --parallel N")
     body = request_body(options, command)
     if options.workspace is not None:
         body.update(_send_workspace(node, options))
@@ -505,8 +507,17 @@ def parser() -> argparse.ArgumentParser:
                      "lowest-numbered failing shard's code")
     run.add_argument("--split", action="append", default=[], metavar="GLOB",
                      help="with --parallel and --workspace: split the workspace files "
-                     "matching GLOB (repeatable) over the shards, balanced by size, and put "
+                     "matching GLOB (repeatable) over the shards, balanced by the durations "
+                     "earlier runs of the suite recorded (by size without them), and put "
                      "each shard's files in place of the {files} argument of CMD")
+    run.add_argument("--queue-split", action="store_true",
+                     help="with --split: instead of one fixed part per shard, N workers "
+                     "take batches of the files from a queue until it is empty (batches "
+                     "shrink toward the end); a batch whose task is lost or killed by a "
+                     "signal goes back to the queue")
+    run.add_argument("--suite", metavar="NAME",
+                     help="with --split: the name the cluster keeps the files' durations "
+                     "under (default: the workspace directory's name)")
     run.add_argument("--junit", action="append", default=[], metavar="GLOB",
                      help="with --parallel and --workspace: collect JUnit XML reports "
                      "matching GLOB from every shard and merge them into OUT/junit.xml")

@@ -732,6 +732,7 @@ class Executor(service.Service):
             queue_timeout=request.queue_timeout,
             resources=(request.resources or Resources()).over(
                 self._default_resources).to_json() or None,
+            fanout=dict(request.fanout) if request.fanout else None,
         )
 
     def start(self, task: Task, secret_env: Mapping[str, str]) -> defer.Deferred[Task]:

@@ -7,8 +7,12 @@ threads share it); the main thread only waits for their results, which keeps Ctr
 signal, delivered to the main thread) able to cancel every shard. Output passes through a
 :class:`ShardOutput` per shard and stream: whole lines, prefixed ``[i/N] ``, under one lock.
 
-Files given by ``--split`` are balanced by size (greedy longest-processing-time): the
-cluster keeps no per-file durations yet.
+Files given by ``--split`` are balanced (greedy longest-processing-time) by the per-file
+durations the cluster recorded for the suite (``--suite NAME``, default the workspace
+directory's name; ``GET /suites/{name}/durations``), by size when it has none. After the
+run, each shard's JUnit test cases are traced to its files (the ``file`` attribute, or the
+``classname``'s module), the rest of the shard's run time is spread over its other files by
+size, and the result is stored (``PUT``) for the next split (:mod:`oxide_cluster.split`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import os
 import queue
 import re
+import secrets
 import shlex
 import signal
 import sys
@@ -33,6 +38,7 @@ from typing import IO, Any
 
 import attrs
 
+from oxide_cluster import split as splitting
 from oxide_cluster.cli import (
     EXIT_CANCELLED,
     EXIT_SOFTWARE,
@@ -50,6 +56,7 @@ from oxide_cluster.client import Node, NodeError
 from oxide_cluster.manifest import ManifestError, glob_regex
 from oxide_cluster.workspace_client import (
     JUnitSummary,
+    LocalTree,
     WorkspaceError,
     download_artifacts,
     junit_summary,
@@ -62,6 +69,11 @@ MAX_PARALLEL = 256
 MAX_LINE = 64 * 1024  # a longer line without a newline is cut, or one shard holds the lock
 CANCEL_WAIT = 15.0  # after Ctrl-C, how long the shards' ends are awaited
 GROUPED_IN_MEMORY = 8 * 1024 * 1024  # --group-output spills to a temporary file beyond
+
+
+def new_run_id() -> str:
+    """The ``fanout.run`` of one ``run --parallel``: the dashboard folds its tasks."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
 def shard_env(index: int, total: int) -> dict[str, str]:
@@ -170,10 +182,22 @@ class Shard:
     reason: str | None = None
     seconds: float | None = None  # run time on its node (started_at to finished_at)
     artifacts: list[Path] = attrs.Factory(list)
+    signal: int | None = None
+    # --queue-split: this is batch ``index`` taken by worker ``worker`` of ``total``.
+    worker: int | None = None
 
     @property
     def label(self) -> str:
+        if self.worker is not None:
+            return f"{self.worker + 1}/{self.total}#{self.index + 1}"
         return f"{self.index + 1}/{self.total}"
+
+    @property
+    def directory(self) -> str:
+        """Where its artifacts go under the run's artifacts directory."""
+        if self.worker is not None:
+            return f"batch-{self.index + 1}"
+        return f"shard-{self.index + 1}"
 
 
 def first_failure(shards: Sequence[Shard]) -> Shard | None:
@@ -209,8 +233,8 @@ def _add(a: JUnitSummary, b: JUnitSummary) -> JUnitSummary:
 ZERO = JUnitSummary(0, 0, 0, 0, 0.0)
 
 
-def merge_junit(reports: Sequence[Sequence[bytes]], name: str = "oxide-cluster"
-                ) -> MergedJUnit:
+def merge_junit(reports: Sequence[Sequence[bytes]], name: str = "oxide-cluster",
+                labels: Sequence[str] | None = None) -> MergedJUnit:
     """One ``<testsuites>`` holding every shard's suites (``reports[i]``: shard i's report
     files). Each suite gets its counts as attributes and an ``oxide.shard`` property
     (``2/4``); the root has the totals. Files that are not JUnit are left out."""
@@ -231,7 +255,8 @@ def merge_junit(reports: Sequence[Sequence[bytes]], name: str = "oxide-cluster"
                     properties = ElementTree.Element("properties")
                     suite.insert(0, properties)
                 ElementTree.SubElement(properties, "property", name="oxide.shard",
-                                       value=f"{index + 1}/{len(reports)}")
+                                       value=labels[index] if labels is not None
+                                       else f"{index + 1}/{len(reports)}")
                 root.append(suite)
                 shard_total = _add(shard_total, counts)
         per_shard.append(shard_total)
@@ -260,9 +285,41 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
+@attrs.define
+class SplitPlan:
+    """What ``--split`` matched, and the suite's durations before this run."""
+
+    suite: str | None
+    sizes: dict[str, int]
+    durations: dict[str, float]
+
+
+def _suite_path(suite: str) -> str:
+    return f"/suites/{urllib.parse.quote(suite, safe='')}/durations"
+
+
+def _recorded(node: Node, options: argparse.Namespace) -> tuple[str | None, dict[str, float]]:
+    """The suite's name and its recorded durations (none when the node cannot say)."""
+    suite = options.suite or splitting.default_suite_name(
+        Path(options.workspace).resolve().name)
+    if suite is None:
+        _say("no suite name (give --suite NAME): durations are neither read nor recorded")
+        return None, {}
+    try:
+        reply = node.request("GET", _suite_path(suite))
+    except NodeError as error:
+        if error.status == 400:
+            raise Failed(EXIT_USAGE, f"run: --suite {suite}: {error}") from None
+        _say(f"durations of suite {suite} not read ({error}): splitting by size")
+        return suite, {}
+    durations = reply.get("durations")
+    return suite, dict(durations) if isinstance(durations, dict) else {}
+
+
 def _plan(node: Node, options: argparse.Namespace, command: list[str]
-          ) -> tuple[list[list[str]], dict[str, Any]]:
-    """Each shard's files (empty lists without --split) and the workspace fields."""
+          ) -> tuple[list[list[str]], dict[str, Any], SplitPlan | None]:
+    """Each shard's files (empty lists without --split), the workspace fields, and what
+    the split was made of."""
     if not 1 <= options.parallel <= MAX_PARALLEL:
         raise Failed(EXIT_USAGE, f"run: --parallel takes 1 to {MAX_PARALLEL}")
     if options.workspace is None:
@@ -271,7 +328,7 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
             if given:
                 raise Failed(EXIT_USAGE, f"run: {flag} needs --workspace (files are "
                                          "taken from and collected in the workspace)")
-        return [[] for _ in range(options.parallel)], {}
+        return [[] for _ in range(options.parallel)], {}, None
     if options.split and FILES not in " ".join(command):
         raise Failed(EXIT_USAGE, f"run: --split needs {FILES} in the command, where each "
                                  "shard's files go")
@@ -282,6 +339,7 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
     except WorkspaceError as error:
         raise Failed(EXIT_USAGE, f"run: --workspace {options.workspace}: {error}") from None
     parts: list[list[str]] = [[] for _ in range(options.parallel)]
+    plan = None
     if options.split:
         sizes = {entry.path: entry.size for entry in tree.manifest.files}
         try:
@@ -291,12 +349,29 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
         if not chosen:
             raise Failed(EXIT_USAGE, "run: --split " + " ".join(options.split) +
                          f" matches no file of the workspace {options.workspace}")
-        parts = split_by_size({name: sizes[name] for name in chosen}, options.parallel)
+        suite, durations = _recorded(node, options)
+        plan = SplitPlan(suite, {name: sizes[name] for name in chosen}, durations)
+        costs, basis = splitting.weights(plan.sizes, durations)
+        if options.queue_split:
+            _say(f"queue of {len(chosen)} files by {basis}" +
+                 (f" of suite {suite}" if basis == "durations" else "") +
+                 f" for {options.parallel} workers")
+            return _upload(node, options, tree, [], plan)
+        parts = splitting.split_by_weight(costs, options.parallel)
         if len(parts) < options.parallel:
             _say(f"{len(chosen)} files for {options.parallel} shards: running "
                  f"{len(parts)} shards")
-        _say(f"split {len(chosen)} files by size: " +
-             ", ".join(f"{len(part)}" for part in parts))
+        loads = ", ".join(f"{len(part)}" + (f" ({sum(costs[n] for n in part):.1f}s)"
+                                            if basis == "durations" else "")
+                          for part in parts)
+        _say(f"split {len(chosen)} files by {basis}" +
+             (f" of suite {suite}" if basis == "durations" else "") + f": {loads}")
+    return _upload(node, options, tree, parts, plan)
+
+
+def _upload(node: Node, options: argparse.Namespace, tree: LocalTree,
+            parts: list[list[str]], plan: SplitPlan | None
+            ) -> tuple[list[list[str]], dict[str, Any], SplitPlan | None]:
     try:
         sent = upload_tree(node, tree)
     except WorkspaceError as error:
@@ -308,7 +383,7 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
     fields: dict[str, Any] = {"workspace": sent.digest}
     if options.artifacts or options.junit:
         fields["artifacts"] = [*options.artifacts, *options.junit]
-    return parts, fields
+    return parts, fields, plan
 
 
 def _directory_name(group: str | None, task_id: str) -> str:
@@ -334,7 +409,7 @@ def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
             follow(node, shard.task_id, until_live=True, stdout=out, stderr=err)
             state = task
         shard.code, shard.state = task_exit_code(state), state.get("state")
-        shard.reason = state.get("reason")
+        shard.reason, shard.signal = state.get("reason"), state.get("signal")
     except Failed as failure:
         shard.code, shard.reason = failure.code, str(failure)
     except NodeError as error:
@@ -351,7 +426,7 @@ def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
     except NodeError:
         pass  # only the timing line lacks it
     if artifacts_dir is not None:
-        target = artifacts_dir / f"shard-{shard.index + 1}"
+        target = artifacts_dir / shard.directory
         try:
             shard.artifacts = download_artifacts(node, shard.task_id, target)
         except (WorkspaceError, NodeError, OSError) as error:
@@ -384,6 +459,9 @@ def _cancel(node: Node, shards: Sequence[Shard]) -> None:
 def run_parallel(node: Node, options: argparse.Namespace, command: list[str]) -> int:
     """``run --parallel N``: submit the shards, follow them all, report, and return the
     exit code of the lowest-numbered failing shard (0 when all succeeded)."""
+    if options.queue_split:
+        from oxide_cluster.queue_split import run_queue  # it imports this module
+        return run_queue(node, options, command)
     with contextlib.ExitStack() as buffers:
         return _run_all(node, options, command, buffers)
 
@@ -391,9 +469,10 @@ def run_parallel(node: Node, options: argparse.Namespace, command: list[str]) ->
 def _run_all(node: Node, options: argparse.Namespace, command: list[str],
              buffers: contextlib.ExitStack) -> int:
     began = time.monotonic()
-    parts, workspace_fields = _plan(node, options, command)
+    parts, workspace_fields, plan = _plan(node, options, command)
     total = len(parts)
     shards = [Shard(index, total, files) for index, files in enumerate(parts)]
+    run_id = new_run_id()
     lock = threading.Lock()
     grouped: list[tuple[IO[bytes], IO[bytes]]] = []
     ended: queue.Queue[Shard] = queue.Queue()
@@ -403,6 +482,8 @@ def _run_all(node: Node, options: argparse.Namespace, command: list[str],
             body = request_body(options, substitute(command, shard.files))
             body["env"] = {**body.get("env", {}), **shard_env(shard.index, total)}
             body.update(workspace_fields)
+            body["fanout"] = {"run": run_id, "index": shard.index, "total": total,
+                              "mode": "shards"}
             task = node.request("POST", "/execute", body)
             shard.task_id, shard.node_id = task["id"], task["node_id"]
             _say(f"[{shard.label}] task {shard.task_id} on node {shard.node_id} "
@@ -441,7 +522,7 @@ def _run_all(node: Node, options: argparse.Namespace, command: list[str],
     wall = time.monotonic() - began
     if options.group_output:
         _print_grouped(shards, grouped)
-    return _report(shards, options, artifacts_dir, wall)
+    return _report(node, shards, options, artifacts_dir, wall, plan)
 
 
 def _spool(buffers: contextlib.ExitStack) -> IO[bytes]:
@@ -462,8 +543,8 @@ def _print_grouped(shards: Sequence[Shard], grouped: Sequence[tuple[IO[bytes], I
             target.flush()
 
 
-def _report(shards: Sequence[Shard], options: argparse.Namespace,
-            artifacts_dir: Path | None, wall: float) -> int:
+def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
+            artifacts_dir: Path | None, wall: float, plan: SplitPlan | None) -> int:
     for shard in shards:
         took = "" if shard.seconds is None else f" in {shard.seconds:.2f}s"
         files = f" ({len(shard.files)} files)" if options.split else ""
@@ -473,15 +554,16 @@ def _report(shards: Sequence[Shard], options: argparse.Namespace,
     timed = [shard for shard in shards if shard.seconds is not None]
     slowest = max(timed, key=lambda s: s.seconds or 0.0) if timed else None
     slow = f"; slowest shard {slowest.label} {slowest.seconds:.2f}s" if slowest else ""
+    reports: list[list[bytes]] = [[] for _ in shards]
     if options.junit and artifacts_dir is not None:
         patterns = [glob_regex(pattern) for pattern in options.junit]
         reports = []
         for shard in shards:
-            root = artifacts_dir / f"shard-{shard.index + 1}"
+            root = artifacts_dir / shard.directory
             reports.append([path.read_bytes() for path in sorted(shard.artifacts)
                             if any(p.match(path.relative_to(root).as_posix())
                                    for p in patterns)])
-        merged = merge_junit(reports)
+        merged = merge_junit(reports, labels=[shard.label for shard in shards])
         target = artifacts_dir / "junit.xml"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(merged.document)
@@ -490,6 +572,8 @@ def _report(shards: Sequence[Shard], options: argparse.Namespace,
         _say(f"junit total {target}: {merged.total.line()}; wall {wall:.2f}s{slow}")
     else:
         _say(f"{len(shards)} shards in {wall:.2f}s wall{slow}")
+    if plan is not None and plan.suite is not None:
+        _record(node, plan, shards, reports)
     failed = first_failure(shards)
     if failed is None:
         return 0
@@ -499,3 +583,25 @@ def _report(shards: Sequence[Shard], options: argparse.Namespace,
          " (the exit code is the lowest-numbered failing shard's)")
     assert failed.code is not None
     return failed.code
+
+
+def _record(node: Node, plan: SplitPlan, shards: Sequence[Shard],
+            reports: Sequence[Sequence[bytes]]) -> None:
+    """Store what this run measured per file for the next split. A shard that did not
+    run to its own end (cancelled, lost, timed out) tells nothing and is left out."""
+    assert plan.suite is not None
+    measured: dict[str, float] = {}
+    for shard, documents in zip(shards, reports, strict=True):
+        if shard.state not in ("succeeded", "failed"):
+            continue
+        measured.update(splitting.shard_durations(documents, shard.files, plan.sizes,
+                                                  shard.seconds))
+    if not measured:
+        return
+    durations = splitting.updated(plan.durations, measured, list(plan.sizes))
+    try:
+        node.request("PUT", _suite_path(plan.suite), {"durations": durations})
+    except NodeError as error:
+        _say(f"durations of suite {plan.suite} not recorded: {error}")
+        return
+    _say(f"recorded the durations of {len(measured)} files for suite {plan.suite}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -98,6 +99,8 @@ class Task:
     resources: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     oom_killed: bool = False
+    # Part of a fan-out run (``run --parallel``): {"run", "index", "total", "mode"}.
+    fanout: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The contract shape of a task in every response and stream."""
@@ -132,6 +135,7 @@ class Task:
             "resources": self.resources,
             "usage": self.usage,
             "oom_killed": self.oom_killed,
+            "fanout": self.fanout,
         }
 
 
@@ -167,12 +171,13 @@ class TaskRequest:
     queue_timeout: float | None = None
     queue: bool = True
     resources: Resources | None = None
+    fanout: Mapping[str, Any] | None = None
 
 
 _FIELDS = {
     "command", "args", "cwd", "env", "secret_env", "timeout", "idle_timeout",
     "labels", "node", "retries", "tty", "priority", "group", "queue_timeout", "queue",
-    "resources",
+    "resources", "fanout",
 } | {"workspace", "artifacts", "source"}
 _MAX_TEXT = 64 * 1024
 MAX_PRIORITY = 1_000_000
@@ -293,6 +298,7 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
             resources = parse_resources(body["resources"])
         except ResourceError as error:
             raise RequestError(error.field, error.message) from None
+    fanout = None if body.get("fanout") is None else parse_fanout(body["fanout"])
     return TaskRequest(
         command=command,
         args=checked_args,
@@ -313,7 +319,32 @@ def parse_task_request(body: Any, max_timeout: float) -> TaskRequest:
         queue_timeout=_seconds("queue_timeout", body.get("queue_timeout"), MAX_QUEUE_TIMEOUT),
         queue=queue,
         resources=resources,
+        fanout=fanout,
     )
+
+
+FANOUT_RUN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_FANOUT = 100_000
+FANOUT_MODES = ("shards", "queue")
+
+
+def parse_fanout(value: Any) -> dict[str, Any]:
+    """``fanout``: which run of ``run --parallel`` the task belongs to, and its place in
+    it (shard ``index`` of ``total``; with ``mode`` ``queue``, batch ``index`` taken by
+    one of ``total`` workers). The dashboard folds a run's tasks into one row."""
+    if not isinstance(value, dict) or set(value) != {"run", "index", "total", "mode"}:
+        raise RequestError("fanout", "must be an object with run, index, total and mode")
+    run, index, total, mode = value["run"], value["index"], value["total"], value["mode"]
+    if not isinstance(run, str) or not FANOUT_RUN.fullmatch(run):
+        raise RequestError("fanout.run", "must be 1 to 64 of A-Z a-z 0-9 . _ -")
+    for name, number, low in (("index", index, 0), ("total", total, 1)):
+        if isinstance(number, bool) or not isinstance(number, int) \
+                or not low <= number <= MAX_FANOUT:
+            raise RequestError(f"fanout.{name}",
+                               f"must be a whole number from {low} to {MAX_FANOUT}")
+    if mode not in FANOUT_MODES:
+        raise RequestError("fanout.mode", "must be 'shards' or 'queue'")
+    return {"run": run, "index": index, "total": total, "mode": mode}
 
 
 def _workspace_fields(body: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:

@@ -153,6 +153,7 @@ SCHEMAS: dict[str, Any] = {
                       "description": "false: refuse with 429 when no slot is free instead "
                                      "of queueing (default true)"},
             "resources": {"anyOf": [_ref("Resources"), {"type": "null"}]},
+            "fanout": {"anyOf": [_ref("Fanout"), {"type": "null"}]},
         },
     },
     "Task": {
@@ -206,6 +207,7 @@ SCHEMAS: dict[str, Any] = {
             "oom_killed": {"type": "boolean",
                            "description": "the kernel's OOM killer ended a process of the "
                                           "task at its memory limit (the task is failed)"},
+            "fanout": {"anyOf": [_ref("Fanout"), {"type": "null"}]},
             "links": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     },
@@ -619,6 +621,20 @@ PATHS: dict[str, Any] = {
     }},
 }
 
+SCHEMAS["Fanout"] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["run", "index", "total", "mode"],
+    "description": "part of a fan-out run (`oxide-cluster run --parallel`); the dashboard "
+                   "shows a run as one row",
+    "properties": {
+        "run": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+        "index": {"type": "integer", "minimum": 0, "maximum": 100000,
+                  "description": "0-based shard, or batch number with mode queue"},
+        "total": {"type": "integer", "minimum": 1, "maximum": 100000,
+                  "description": "shards, or workers with mode queue"},
+        "mode": {"type": "string", "enum": ["shards", "queue"]},
+    },
+}
 SCHEMAS["BlobStored"] = {
     "type": "object", "required": ["digest", "size", "stored"],
     "properties": {"digest": {"type": "string"}, "size": {"type": ["integer", "null"]},
@@ -673,6 +689,50 @@ SCHEMAS["Readiness"] = {
                    "cgroups": {"type": "string", "enum": ["v2", "v1", "off"],
                                "description": "how tasks are confined on this node"},
                    "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}},
+}
+
+# -- suites: recorded durations for ``run --split`` (issue 15; oxide_cluster.suites) -----
+
+_SUITE = {"name": "name", "in": "path", "required": True,
+          "description": "the suite (`--suite NAME`, default the workspace directory's name)",
+          "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
+SCHEMAS["SuiteDurations"] = {
+    "type": "object", "required": ["suite", "recorded", "durations"],
+    "properties": {
+        "suite": {"type": "string"},
+        "recorded": {"type": "boolean", "description": "false: no run recorded it yet"},
+        "durations": {"type": "object", "additionalProperties": {"type": "number"},
+                      "description": "workspace-relative file path to seconds"},
+    },
+}
+PATHS["/suites/{name}/durations"] = {
+    "get": _secured({
+        "summary": "Per-file durations earlier runs measured ('run --split' balances by "
+                   "them); kept in Redis with Redis, else in this node's store",
+        "parameters": [_SUITE],
+        "responses": {"200": _json(_ref("SuiteDurations"), "the durations (empty when "
+                                                           "none recorded)"),
+                      "400": _error("bad suite name (`bad_suite`)"),
+                      "503": _UNAVAILABLE},
+    }),
+    "put": _secured({
+        "summary": "Replace the suite's durations (the CLI sends them after a run)",
+        "parameters": [_SUITE],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["durations"], "additionalProperties": False,
+            "properties": {"durations": {
+                "type": "object", "maxProperties": 20000,
+                "propertyNames": {"type": "string", "minLength": 1, "maxLength": 1024,
+                                  "pattern": "^[^/\u0000]"},
+                "additionalProperties": {"type": "number", "minimum": 0,
+                                         "maximum": 604800}}}}}}},
+        "responses": {"200": _json(_ref("SuiteDurations"), "stored"),
+                      "400": _error("bad suite name, or durations that are not relative "
+                                    "paths to seconds (`bad_request`)"),
+                      "413": _error("body larger than max_body"),
+                      "415": _error("Content-Type is not application/json"),
+                      "503": _UNAVAILABLE},
+    }),
 }
 
 DOCUMENT: dict[str, Any] = {

@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from oxide_cluster.model import Task, TaskState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +66,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " WHERE state NOT IN ('queued', 'running')",
         "CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at, id)"
         " WHERE finished_at IS NOT NULL",
+    ),
+    # Recorded per-file durations of a test suite (``--split`` balances by them).
+    4: (
+        "CREATE TABLE IF NOT EXISTS suite_durations (suite TEXT PRIMARY KEY,"
+        " durations TEXT NOT NULL)",
     ),
 }
 
@@ -543,4 +548,22 @@ class Store(service.Service):
         def replace(connection: sqlite3.Connection) -> None:
             connection.execute("DELETE FROM peers")
             connection.executemany("INSERT INTO peers (node_id, record) VALUES (?, ?)", rows)
+        return self._submit(replace)
+
+    # -- suites' recorded durations (oxide_cluster.suites) ------------------------
+
+    def get_suite_durations(self, suite: str) -> defer.Deferred[dict[str, float] | None]:
+        def select(connection: sqlite3.Connection) -> dict[str, float] | None:
+            row = connection.execute("SELECT durations FROM suite_durations WHERE suite = ?",
+                                     (suite,)).fetchone()
+            return None if row is None else dict(json.loads(row[0]))
+        return self._submit(select)
+
+    def put_suite_durations(self, suite: str, durations: dict[str, float]
+                            ) -> defer.Deferred[None]:
+        text = json.dumps(durations, separators=(",", ":"), sort_keys=True)
+
+        def replace(connection: sqlite3.Connection) -> None:
+            connection.execute("INSERT OR REPLACE INTO suite_durations VALUES (?, ?)",
+                               (suite, text))
         return self._submit(replace)

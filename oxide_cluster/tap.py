@@ -57,6 +57,7 @@ from oxide_cluster.retention import Retention
 from oxide_cluster.scheduler import LabelBook, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
+from oxide_cluster.suites import RedisSuiteDurations, StoreSuiteDurations, SuiteDurations
 from oxide_cluster.workspace import PeerBlobs, Workspaces
 from oxide_cluster.ws import LiveFactory, LiveHub
 
@@ -373,8 +374,10 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
             peers, lambda: [peer.node_id for peer in membership.healthy()])
     directory = None
     cluster = None
+    suites: SuiteDurations = StoreSuiteDurations(store)
     if config.redis:
         redis = RedisLockBackend(reactor, RedisAddress.parse(config.redis))
+        suites = RedisSuiteDurations(redis, config.cluster_name)
         directory = TaskDirectory(redis, config.cluster_name)
         executor.state_listeners.append(directory.task_changed)
         reactor.callWhenRunning(directory.connect)
@@ -384,7 +387,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         cluster.watch.setServiceParent(top)
     api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   peers=peers, placement=placement, directory=directory,
-                  workspaces=workspaces, scheduler=scheduler, cluster=cluster)
+                  workspaces=workspaces, scheduler=scheduler, cluster=cluster,
+                  suites=suites)
     if cluster is not None:
         hub.locate = api.locate_owner
     if directory is not None and node.discovery is not None:

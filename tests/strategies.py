@@ -15,10 +15,14 @@ JSON = st.recursive(
 )
 
 TASK_FIELDS = st.sampled_from(["command", "args", "cwd", "env", "secret_env", "timeout",
-                               "idle_timeout", "labels", "node", "retries", "bogus"])
+                               "idle_timeout", "labels", "node", "retries", "fanout",
+                               "bogus"])
 TEXT_MAP = st.dictionaries(ANY_TEXT, ANY_TEXT, max_size=3)
 # Nearly valid bodies: right types, hostile text (lone surrogates, NUL, '=', empty).
 PLAUSIBLE_BODIES = st.fixed_dictionaries({"command": ANY_TEXT}, optional={
     "args": st.lists(ANY_TEXT, max_size=3), "cwd": ANY_TEXT.map(lambda t: "/" + t),
     "env": TEXT_MAP, "secret_env": TEXT_MAP, "labels": TEXT_MAP, "node": ANY_TEXT,
-    "timeout": st.floats(), "idle_timeout": st.floats(), "retries": st.integers()})
+    "timeout": st.floats(), "idle_timeout": st.floats(), "retries": st.integers(),
+    "fanout": st.fixed_dictionaries({
+        "run": ANY_TEXT, "index": st.integers(), "total": st.integers(),
+        "mode": ANY_TEXT | st.sampled_from(["shards", "queue"])})})

@@ -347,32 +347,117 @@ function commandLine(task) {
     .join(" ");
 }
 
+function taskRow(task) {
+  const row = el("tr", "task");
+  row.dataset.taskId = task.id;
+  row.dataset.state = task.state;
+  if (view && view.id === task.id) row.classList.add("selected");
+  const id = el("td");
+  const link = el("a", "", short(task.id));
+  link.href = `#task=${encodeURIComponent(task.id)}`;
+  id.append(link);
+  const state = el("td");
+  state.append(el("span", `state state-${task.state}`, task.state));
+  const command = el("td", "command", commandLine(task));
+  command.title = commandLine(task);
+  row.append(id, state, el("td", "", short(task.node_id)), command,
+    el("td", "duration", duration(task)), outcomeCell(task));
+  row.addEventListener("click", (event) => {
+    // Already open (the hash does not change): just bring the view back into sight.
+    if (view && view.id === task.id) $("task-view").scrollIntoView({block: "start"});
+    else if (event.target.tagName !== "A") location.hash = `task=${encodeURIComponent(task.id)}`;
+  });
+  return row;
+}
+
+// -- fan-out runs (run --parallel): one row per run, opened to its shards or batches ----
+
+const openRuns = new Set();  // fanout.run values whose tasks are shown
+
+// Progress of a run: tasks ended / tasks (shards: the declared total; a queue's batches
+// are only known as they are taken), and how many ended other than succeeded.
+function runSummary(members) {
+  const first = members[0].fanout;
+  const ended = members.filter((task) => !ACTIVE.has(task.state));
+  const failures = ended.filter((task) => task.state !== "succeeded").length;
+  const total = first.mode === "shards" ? first.total : members.length;
+  const unit = first.mode === "shards" ? "shards" : `batches (${first.total} workers)`;
+  const state = members.some((task) => ACTIVE.has(task.state)) ? "running"
+    : failures ? "failed" : "succeeded";
+  return {done: ended.length, total, unit, failures, state};
+}
+
+function runDuration(members) {
+  const starts = members.map((task) => Date.parse(task.started_at)).filter((t) => !Number.isNaN(t));
+  if (!starts.length) return "";
+  const active = members.some((task) => ACTIVE.has(task.state));
+  const ends = members.map((task) => Date.parse(task.finished_at)).filter((t) => !Number.isNaN(t));
+  return duration({state: active ? "running" : "succeeded",
+                   started_at: new Date(Math.min(...starts)).toISOString(),
+                   finished_at: new Date(Math.max(...ends, Math.min(...starts))).toISOString()});
+}
+
+function runRow(run, members) {
+  const summary = runSummary(members);
+  const opened = openRuns.has(run);
+  const row = el("tr", "fanout");
+  row.dataset.run = run;
+  row.dataset.state = summary.state;
+  row.dataset.done = String(summary.done);
+  row.dataset.total = String(summary.total);
+  row.dataset.failures = String(summary.failures);
+  const id = el("td");
+  const toggle = el("button", "fanout-toggle", `${opened ? "▾" : "▸"} run ${run.slice(-8)}`);
+  toggle.type = "button";
+  toggle.setAttribute("aria-expanded", String(opened));
+  toggle.title = `fan-out run ${run}: show its tasks`;
+  id.append(toggle);
+  const state = el("td");
+  state.append(el("span", `state state-${summary.state}`, summary.state));
+  const nodes = new Set(members.map((task) => task.node_id)).size;
+  const command = el("td", "command", commandLine(members[0]));
+  command.title = commandLine(members[0]);
+  const progress = el("td", "exit progress",
+    `${summary.done}/${summary.total} ${summary.unit} done` +
+    (summary.failures ? `, ${summary.failures} failed` : ""));
+  row.append(id, state, el("td", "", `${nodes} node${nodes === 1 ? "" : "s"}`), command,
+    el("td", "duration", runDuration(members)), progress);
+  row.addEventListener("click", () => {
+    if (openRuns.has(run)) openRuns.delete(run);
+    else openRuns.add(run);
+    renderTasks();
+  });
+  return row;
+}
+
 function renderTasks() {
   const sorted = [...tasks.values()]
     .sort((a, b) => (b.created_at || "").localeCompare(a.created_at || ""))
     .slice(0, TASK_LIMIT);
-  const rows = sorted.map((task) => {
-    const row = el("tr", "task");
-    row.dataset.taskId = task.id;
-    row.dataset.state = task.state;
-    if (view && view.id === task.id) row.classList.add("selected");
-    const id = el("td");
-    const link = el("a", "", short(task.id));
-    link.href = `#task=${encodeURIComponent(task.id)}`;
-    id.append(link);
-    const state = el("td");
-    state.append(el("span", `state state-${task.state}`, task.state));
-    const command = el("td", "command", commandLine(task));
-    command.title = commandLine(task);
-    row.append(id, state, el("td", "", short(task.node_id)), command,
-      el("td", "duration", duration(task)), outcomeCell(task));
-    row.addEventListener("click", (event) => {
-      // Already open (the hash does not change): just bring the view back into sight.
-      if (view && view.id === task.id) $("task-view").scrollIntoView({block: "start"});
-      else if (event.target.tagName !== "A") location.hash = `task=${encodeURIComponent(task.id)}`;
-    });
-    return row;
-  });
+  // A run takes the place of its newest task; its tasks follow it, in shard/batch order.
+  const runs = new Map();
+  for (const task of sorted) {
+    if (!task.fanout) continue;
+    if (!runs.has(task.fanout.run)) runs.set(task.fanout.run, []);
+    runs.get(task.fanout.run).push(task);
+  }
+  const rows = [];
+  const shown = new Set();
+  for (const task of sorted) {
+    if (!task.fanout) { rows.push(taskRow(task)); continue; }
+    if (shown.has(task.fanout.run)) continue;
+    shown.add(task.fanout.run);
+    const members = runs.get(task.fanout.run);
+    members.sort((a, b) => a.fanout.index - b.fanout.index);
+    rows.push(runRow(task.fanout.run, members));
+    if (openRuns.has(task.fanout.run)) {
+      for (const member of members) {
+        const row = taskRow(member);
+        row.classList.add("fanout-member");
+        rows.push(row);
+      }
+    }
+  }
   $("tasks").replaceChildren(...rows);
   $("tasks-empty").hidden = rows.length > 0;
 }

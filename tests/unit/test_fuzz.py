@@ -88,7 +88,8 @@ def test_task_request_parser_answers_a_request_or_a_request_error(body) -> None:
     assert isinstance(request, TaskRequest)
     texts = [request.command, *request.args, request.cwd or "", request.node or "",
              *request.env, *request.env.values(), *request.secret_env,
-             *request.secret_env.values(), *request.labels, *request.labels.values()]
+             *request.secret_env.values(), *request.labels, *request.labels.values(),
+             *([request.fanout["run"], request.fanout["mode"]] if request.fanout else [])]
     for text in texts:
         assert "\x00" not in text
         text.encode("utf-8")

@@ -209,7 +209,7 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_tasks(tmp_path):
     check = sqlite3.connect(path)
     try:
         version = check.execute("SELECT value FROM meta WHERE key = 'schema_version'")
-        assert version.fetchone() == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 3
+        assert version.fetchone() == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 4
         columns = {row[1] for row in check.execute("PRAGMA table_info(tasks)")}
         assert {"priority", "task_group", "queue_seq", "idempotency_key",
                 "finished_at"} <= columns
