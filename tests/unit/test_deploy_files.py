@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oxide_cluster import config, fanout
+from oxide_cluster import config, fanout, queue_split
 from tests import dockerfile
 from tests.support import REPO_ROOT
 
@@ -27,10 +27,11 @@ STATE_DIR = "/var/lib/oxide-cluster"
 NODES = ("node1", "node2", "node3")
 
 # Config names, the CLI's node URL and config file, the names every task receives, and
-# those of a fan-out's shards.
+# those of a fan-out's shards and work-queue batches.
 KNOWN_ENV = ({setting.env_name for setting in config.SETTINGS} | {"OXIDE_NODE", "OXIDE_CONFIG"}
              | {"OXIDE_TASK_ID", "OXIDE_NODE_ID"}
-             | {name for name in fanout.shard_env(0, 2) if name.startswith("OXIDE_")})
+             | {name for name in fanout.shard_env(0, 2) if name.startswith("OXIDE_")}
+             | set(queue_split.queue_env(0, 2, 1)))
 
 
 def load(path: Path) -> dict:
