@@ -26,6 +26,7 @@ from oxide_cluster.cas import BlobError
 from oxide_cluster.cluster_queue import (
     AlreadyAdmitted,
     ClusterQueue,
+    First,
     QueueUnavailable,
     StaleToken,
     list_queue,
@@ -628,6 +629,17 @@ class TaskApi:
             return await self._start_claimed(request, task_request, task_id, wait)
         if pinned is not None:
             return await self._forward(request, pinned, raw, HOP_RUN, wait, extra=extra)
+        if hop is None:  # no hop when it can start here and nothing waits (cluster_queue)
+            try:
+                first = await self.cluster.admission.start_first(task_request, task_id)
+            except AlreadyAdmitted as error:
+                raise ApiError(409, "already_admitted", str(error)) from None
+            if first is First.QUEUE and task_request.queue and not task_request.secret_env:
+                return await self._enqueue(request, task_request, raw, task_id, key)
+            if not isinstance(first, First):
+                if self.directory is not None:
+                    await self.directory.recorded(first.id)
+                return await self._answer(request, first, wait)
         if self.node.elector.is_leader:
             return await self._place(request, task_request, raw, wait, key=key,
                                      task_id=task_id)

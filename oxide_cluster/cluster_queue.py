@@ -99,6 +99,13 @@ class QueueBackend(Protocol):
     def claim(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
         """Mark the task started on ``node_id``: None when this call claimed it, else why not."""
 
+    def claim_first(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
+        """Claim a new id for ``node_id`` only while no task waits in the queue: None when
+        claimed, :data:`WAITING` when tasks wait (they go first), else why not."""
+
+    def waiting(self) -> defer.Deferred[bool]:
+        """Some task waits in the queue."""
+
     def end_queued(self, task_id: str, state: str, reason: str,
                    at: float) -> defer.Deferred[bool]:
         """End a task still queued (cancelled, rejected); False when it is not queued."""
@@ -139,6 +146,19 @@ if state == false or state == 'queued' then
 end
 return state .. ' ' .. (redis.call('HGET', KEYS[1], 'node') or '')
 """
+# The claim of a task started where it entered, with no hop: only while nothing waits in
+# the queue (queued tasks, of any priority, go first) and only for an id nobody knows.
+_CLAIM_FIRST = """
+if redis.call('ZCARD', KEYS[2]) > 0 then return 'waiting' end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == false then
+  redis.call('HSET', KEYS[1], 'state', 'started', 'node', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 'ok'
+end
+return state .. ' ' .. (redis.call('HGET', KEYS[1], 'node') or '')
+"""
+WAITING = "waiting"
 _END_QUEUED = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'reason', ARGV[3], 'finished', ARGV[4])
@@ -226,6 +246,14 @@ class RedisQueueBackend:
         reply = self._call("EVAL", _CLAIM, 2, self.task_key(task_id), self.queue_key,
                            task_id, node_id, RECORD_TTL)
         return reply.addCallback(lambda why: None if _text(why) == "ok" else _text(why))
+
+    def claim_first(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
+        reply = self._call("EVAL", _CLAIM_FIRST, 2, self.task_key(task_id), self.queue_key,
+                           node_id, RECORD_TTL)
+        return reply.addCallback(lambda why: None if _text(why) == "ok" else _text(why))
+
+    def waiting(self) -> defer.Deferred[bool]:
+        return self._call("ZCARD", self.queue_key).addCallback(lambda n: int(n or 0) > 0)
 
     def end_queued(self, task_id: str, state: str, reason: str,
                    at: float) -> defer.Deferred[bool]:
@@ -570,6 +598,17 @@ def parse_dispatch(body: Any) -> tuple[int | None, dict[str, Any]]:
     return token, record
 
 
+class First(enum.Enum):
+    """Where a new submit goes when it cannot start where it entered."""
+
+    QUEUE = "queue"   # tasks wait in the cluster queue: behind them
+    PLACE = "place"   # nothing waits but no room here: the leader places it
+
+
+class _Waiting(Exception):
+    """``claim_first`` found tasks waiting in the queue."""
+
+
 class ClusterAdmission:
     """Start tasks whose id another node gave, exactly once; send queued tasks to nodes."""
 
@@ -579,8 +618,10 @@ class ClusterAdmission:
                  parse: Callable[[dict[str, Any]], TaskRequest],
                  peers: PeerRequester | None,
                  token: Callable[[], int | None],
-                 observe_token: Callable[[int], bool]) -> None:
+                 observe_token: Callable[[int], bool],
+                 labels: Mapping[str, str] | None = None) -> None:
         self._node_id = node_id
+        self._labels = dict(labels or {})
         self._backend = backend
         self._scheduler = scheduler
         self._parse = parse
@@ -597,6 +638,27 @@ class ClusterAdmission:
                     created_at: float | None = None) -> Task:
         """Claim the id, then start it here (CapacityError, AlreadyAdmitted)."""
         return await self._scheduler.admit(request, task_id, self.claim, created_at=created_at)
+
+    async def start_first(self, request: TaskRequest, task_id: str) -> Task | First:
+        """A new submit where it entered: started here at once when this node has a free
+        slot and nothing waits in the cluster queue (no hop, one Redis round trip);
+        :attr:`First.QUEUE` when tasks wait (it queues behind them, keeping priority and
+        group order); :attr:`First.PLACE` otherwise (the leader places it)."""
+        async def claim(task: Task) -> None:
+            why = await self._backend.claim_first(task.id, self._node_id)
+            if why == WAITING:
+                raise _Waiting()
+            if why is not None:
+                raise AlreadyAdmitted(task.id, why)
+        if not all(self._labels.get(key) == value for key, value in request.labels.items()):
+            return First.PLACE
+        try:
+            return await self._scheduler.admit(request, task_id, claim)
+        except _Waiting:
+            return First.QUEUE
+        except CapacityError:
+            pass
+        return First.QUEUE if await self._backend.waiting() else First.PLACE
 
     async def dispatched(self, token: int | None, record: Mapping[str, Any]) -> Task:
         """A leader's dispatch of a queued task (the body of ``/internal/dispatch``)."""

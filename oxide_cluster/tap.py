@@ -422,7 +422,8 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
     admission = ClusterAdmission(
         node.node_id, backend, scheduler,
         parse=lambda fields: parse_task_request(fields, config.max_timeout),
-        peers=peers, token=lambda: elector.token, observe_token=elector.observe_token)
+        peers=peers, token=lambda: elector.token, observe_token=elector.observe_token,
+        labels=config.labels)
 
     def candidates() -> list[Candidate]:
         if placement is not None:
