@@ -370,7 +370,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     directory = None
     cluster = None
     if config.redis:
-        redis = RedisLockBackend(reactor, RedisAddress.parse(config.redis))
+        redis = RedisLockBackend(reactor, RedisAddress.parse(config.redis),
+                                 timeout=QUEUE_REDIS_TIMEOUT)
         directory = TaskDirectory(redis, config.cluster_name)
         executor.state_listeners.append(directory.task_changed)
         reactor.callWhenRunning(directory.connect)
@@ -402,6 +403,11 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     return top, node
 
 
+# The queue's and directory's Redis connection: a command timeout drops the connection
+# and fails every command in flight on it (each a 503 queue_unavailable), so it is longer
+# than the election's 1 s lease-sized one: on a loaded machine (10,000 submits at once on
+# 2 shared cores) replies waited past 1 s in the reactor and whole bursts failed.
+QUEUE_REDIS_TIMEOUT = 5.0
 STORE_LIMIT_FRACTION = 0.1
 
 
