@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import itertools
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -53,6 +54,10 @@ RECORD_TTL = 8 * 24 * 3600
 SCAN_LIMIT = 1000
 # Queue entries ``GET /queue`` reads to order the listing (the oldest by admission).
 LISTING_SCAN = 10_000
+# Queued tasks the entering node's watch asks Redis about per round (1 s), oldest checked
+# first, in turns: asking about all of them each second made every node stall for
+# hundreds of ms each second with tens of thousands queued (submit p99 0.8 s at 23,500).
+WATCH_BATCH = 500
 # Tasks looked at per dispatch round (a task whose labels no node with room has is
 # skipped, not a blocker).
 DISPATCH_WINDOW = 200
@@ -765,8 +770,9 @@ class AdmittedWatch(service.Service):
     def __init__(self, reactor: Clock, backend: QueueBackend, locator: TaskLocator,
                  lost: LostStore, *, wake: Callable[[], None] = lambda: None,
                  default_queue_timeout: float = 3600.0, grace: float = 2.0,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, batch: int = WATCH_BATCH) -> None:
         self._reactor = reactor
+        self._batch = batch
         self._backend = backend
         self._locator = locator
         self._lost = lost
@@ -822,8 +828,9 @@ class AdmittedWatch(service.Service):
         check.addBoth(again)
 
     async def check(self) -> None:
-        """One round: forget started/ended tasks, settle the ones Redis lost."""
-        ids = list(self._watched)
+        """One round over the ``batch`` tasks checked longest ago: forget started/ended
+        tasks, settle the ones Redis lost; the ones still queued go to the back."""
+        ids = list(itertools.islice(self._watched, self._batch))
         if not ids:
             return
         try:
@@ -835,6 +842,7 @@ class AdmittedWatch(service.Service):
             watched = self._watched.get(task_id)
             if watched is None:
                 continue
+            self._watched[task_id] = self._watched.pop(task_id)  # its turn is spent
             if state is not None:
                 watched.missing_since = None
                 if state != "queued":

@@ -410,6 +410,35 @@ def test_a_task_redis_lost_ends_lost_at_its_queue_timeout_while_a_node_cannot_be
     assert "t0" not in queue.state_of and service.requeued == 0
 
 
+class CountingQueue(FakeQueue):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list[str]] = []
+
+    def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
+        self.asked.append(list(task_ids))
+        return super().states(task_ids)
+
+
+def test_the_watch_asks_about_a_bounded_batch_per_round_in_turns():
+    # Asking Redis about every queued task each second stalled nodes at a deep queue.
+    clock, queue = Clock(), CountingQueue()
+    service = AdmittedWatch(clock, queue, Locator(), Lost(), interval=1.0, batch=2)
+    service.startService()
+    for task_id in ("t0", "t1", "t2", "t3", "t4"):
+        admit(queue, service, task_id)
+    clock.advance(1)
+    clock.advance(1)
+    assert queue.asked == [["t0", "t1"], ["t2", "t3"]]
+    queue.claim("t4", "b")
+    queue.claim("t0", "b")
+    clock.advance(1)
+    clock.advance(1)
+    assert queue.asked[2:] == [["t4", "t0"], ["t1", "t2"]]
+    assert "t4" not in service and "t0" not in service and "t1" in service
+    service.stopService()
+
+
 def test_a_submit_answered_503_is_ended_if_redis_queued_it_after_all(watch):
     clock, queue, _, _, service, _ = watch
     admit(queue, service, "t0")
