@@ -271,7 +271,9 @@ class TaskApi:
             queued = await self._cluster_task(task_id)
             if queued is not None:
                 return queued[0]
-            raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
+            task = self._live_task(task_id)  # claimed here while Redis was read
+            if task is None:
+                raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
         return task
 
     async def _cluster_task(self, task_id: str) -> tuple[Task, int | None] | None:
@@ -1018,6 +1020,11 @@ class TaskApi:
         try:
             task = await self._find_task(task_id)
         except ApiError:
+            # Queued at the first read of Redis, claimed by a node before the second: ask
+            # again where it runs (a poll answered 404 in that window).
+            moved = await self._owner(request, task_id) if self.cluster is not None else None
+            if moved is not None:
+                return await self._forward(request, moved, None, HOP_RUN, wait)
             # An owner long dead is forgotten by membership; the leader's record remains.
             lost = None if owner_of(task_id) == self.node.node_id \
                 else await self._lost_elsewhere(task_id)
