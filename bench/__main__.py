@@ -1,7 +1,7 @@
 """The benchmark suite: every figure next to a baseline measured in the same run.
 
-    python -m bench [--quick] [--sections tasks,latency,queue,stream,workspace,discovery,
-                               failover,idle]
+    python -m bench [--quick] [--sections tasks,latency,queue,cluster_queue,stream,
+                               workspace,discovery,failover,idle]
                     [--skip SECTIONS] [--tasks 600] [--clients 8]
 
 Sections:
@@ -16,6 +16,11 @@ Sections:
 * ``queue``: 2,000 ``/bin/true`` queued at once on a 2-slot standalone node (``bench.queue``):
   drain rate next to the same node's HTTP rate, queue wait p50/p99, submit p99 while the
   queue fills, RSS, priority inversions, fair share between groups of 1,000 and 10.
+* ``cluster_queue``: 10,000 ``/bin/true`` queued at once in Redis on 3 nodes x 2 slots,
+  submitted through all three (``bench.cluster_queue``): drain rate next to the same
+  cluster's HTTP rate, queue wait p50/p99, agents' RSS, priority inversions, fair share
+  (start index of a group of 10's last task next to a group of 1,000's 50th), submit p99
+  with 100 and with 100,000 queued (or as deep as 110 s of submitting gets).
 * ``stream``: line latency and throughput of live output over ``/ws`` against a plain
   pipe, and the agent's RSS and CPU while it streams.
 * ``workspace``: a 5,000-file / 100 MB tree sent by content and run (``true``), first
@@ -52,6 +57,7 @@ import psutil
 
 from bench import celery_bench
 from bench.announcers import Announcers
+from bench.cluster import Cluster
 from bench.common import (
     SECRET,
     Client,
@@ -66,8 +72,8 @@ from bench.load import closed_loop, open_loop, parse_rfc3339, percentile
 from tests.redis_server import RedisServer
 from tests.support import AgentProcess, poll_until
 
-SECTIONS = ("tasks", "latency", "queue", "stream", "workspace", "discovery", "failover",
-            "idle", "fanout")
+SECTIONS = ("tasks", "latency", "queue", "cluster_queue", "stream", "workspace", "discovery",
+            "failover", "idle", "fanout")
 MB = 1024 * 1024
 
 
@@ -107,40 +113,6 @@ def http_task_call(port: int, refused: list[int]) -> Callable[[], Any]:
         refused[0] += retried
         return body
     return call
-
-
-class Cluster:
-    """Three agents on loopback with static peers and a real redis-server."""
-
-    def __init__(self, home: Path, max_tasks: int) -> None:
-        self.redis = RedisServer(home / "redis")
-        self.nodes = [AgentProcess(home / f"node{i}", secret=SECRET, discovery=True)
-                      for i in range(3)]
-        for node in self.nodes:
-            others = [f"127.0.0.1:{peer.discovery_port}" for peer in self.nodes
-                      if peer is not node]
-            node.extra_args = ("--peers", ",".join(others), "--max-tasks", str(max_tasks))
-
-    def __enter__(self) -> Cluster:
-        self.redis.start()
-        for node in self.nodes:
-            node.extra_args += ("--redis", self.redis.url)
-            node.start()
-        for node in self.nodes:
-            poll_until(lambda node=node: node.get("/api/cluster/nodes").json()
-                       ["healthy_nodes"] == 3, 30, message=f"{node.name} to see all three")
-        poll_until(lambda: len({n.get("/api/cluster/leader").json()["node_id"]
-                                for n in self.nodes} - {None}) == 1, 30, message="a leader")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for node in self.nodes:
-            node.terminate()
-        self.redis.stop()
-
-    def non_leader(self) -> AgentProcess:
-        leader = self.nodes[0].get("/api/cluster/leader").json()["node_id"]
-        return next(n for n in self.nodes if n.get("/health").json()["node_id"] != leader)
 
 
 # -- sections -----------------------------------------------------------------------------
@@ -241,6 +213,24 @@ def section_queue(report: Report, opts: argparse.Namespace, home: Path) -> None:
                goal="0")
     report.row("queue", f"groups {figures['fair_groups'][0]}+10: small done first",
                str(figures["small_last_start_before_big_50th"]), goal="True")
+
+
+def section_cluster_queue(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import cluster_queue
+
+    if opts.quick:
+        sizes = {"tasks": 300, "fair": 100, "depth": 1000, "probes": 50, "fill_budget": 60.0}
+    else:
+        sizes = {"tasks": 10_000, "fair": 1000, "depth": 100_000, "probes": 200,
+                 "fill_budget": 110.0}
+    figures = cluster_queue.run(home / "cluster-queue", clients=16, **sizes)
+    report.data["cluster_queue"] = figures
+    for row in cluster_queue.rows(figures):
+        report.row(*row)
+    report.notes.append(
+        f"cluster_queue: 3 nodes x 2 slots on loopback, Redis; submits over 16 threads "
+        f"round robin over the nodes; queue filled to {figures['deep_depth']} at "
+        f"{figures['fill_per_s']:.0f} submits/s ({figures['fill_s']:.0f} s)")
 
 
 def section_stream(report: Report, opts: argparse.Namespace, home: Path) -> None:

@@ -125,6 +125,45 @@ def placement_timing(peers: int, calls: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- end to end
 
 
+class Cluster:
+    """Three agents on loopback with static peers and a real redis-server (``python -m
+    bench``'s tasks, latency and cluster_queue sections)."""
+
+    def __init__(self, home: Path, max_tasks: int) -> None:
+        self.redis = RedisServer(home / "redis")
+        self.nodes = [AgentProcess(home / f"node{i}", secret=SECRET, discovery=True)
+                      for i in range(3)]
+        for node in self.nodes:
+            others = [f"127.0.0.1:{peer.discovery_port}" for peer in self.nodes
+                      if peer is not node]
+            node.extra_args = ("--peers", ",".join(others), "--max-tasks", str(max_tasks))
+
+    def __enter__(self) -> Cluster:
+        self.redis.start()
+        for node in self.nodes:
+            node.extra_args += ("--redis", self.redis.url)
+            node.start()
+        for node in self.nodes:
+            poll_until(lambda node=node: node.get("/api/cluster/nodes").json()
+                       ["healthy_nodes"] == 3, 30, message=f"{node.name} to see all three")
+        poll_until(lambda: len({n.get("/api/cluster/leader").json()["node_id"]
+                                for n in self.nodes} - {None}) == 1, 30, message="a leader")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for node in self.nodes:
+            node.terminate()
+        self.redis.stop()
+
+    def leader(self) -> AgentProcess:
+        leader = self.nodes[0].get("/api/cluster/leader").json()["node_id"]
+        return next(n for n in self.nodes if node_id(n) == leader)
+
+    def non_leader(self) -> AgentProcess:
+        leader = self.nodes[0].get("/api/cluster/leader").json()["node_id"]
+        return next(n for n in self.nodes if n.get("/health").json()["node_id"] != leader)
+
+
 def node_id(agent: AgentProcess) -> str:
     return (agent.state_dir / "node_id").read_text().strip()
 

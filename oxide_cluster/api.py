@@ -26,6 +26,7 @@ from oxide_cluster.cas import BatchSink, BlobError
 from oxide_cluster.cluster_queue import (
     AlreadyAdmitted,
     ClusterQueue,
+    First,
     QueueUnavailable,
     StaleToken,
     list_queue,
@@ -280,7 +281,9 @@ class TaskApi:
             queued = await self._cluster_task(task_id)
             if queued is not None:
                 return queued[0]
-            raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
+            task = self._live_task(task_id)  # claimed here while Redis was read
+            if task is None:
+                raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
         return task
 
     async def _cluster_task(self, task_id: str) -> tuple[Task, int | None] | None:
@@ -638,6 +641,17 @@ class TaskApi:
             return await self._start_claimed(request, task_request, task_id, wait)
         if pinned is not None:
             return await self._forward(request, pinned, raw, HOP_RUN, wait, extra=extra)
+        if hop is None:  # no hop when it can start here and nothing waits (cluster_queue)
+            try:
+                first = await self.cluster.admission.start_first(task_request, task_id)
+            except AlreadyAdmitted as error:
+                raise ApiError(409, "already_admitted", str(error)) from None
+            if first is First.QUEUE and task_request.queue and not task_request.secret_env:
+                return await self._enqueue(request, task_request, raw, task_id, key)
+            if not isinstance(first, First):
+                if self.directory is not None:
+                    await self.directory.recorded(first.id)
+                return await self._answer(request, first, wait)
         if self.node.elector.is_leader:
             return await self._place(request, task_request, raw, wait, key=key,
                                      task_id=task_id)
@@ -1017,6 +1031,11 @@ class TaskApi:
         try:
             task = await self._find_task(task_id)
         except ApiError:
+            # Queued at the first read of Redis, claimed by a node before the second: ask
+            # again where it runs (a poll answered 404 in that window).
+            moved = await self._owner(request, task_id) if self.cluster is not None else None
+            if moved is not None:
+                return await self._forward(request, moved, None, HOP_RUN, wait)
             # An owner long dead is forgotten by membership; the leader's record remains.
             lost = None if owner_of(task_id) == self.node.node_id \
                 else await self._lost_elsewhere(task_id)

@@ -301,6 +301,9 @@ class Scheduler(service.Service):
         self._keys: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self._retry: DelayedCall | None = None
         self._claiming = 0  # slots held by ``admit`` while its claim is on its way
+        # Tasks ``admit`` is claiming: Redis may already name this node as the one
+        # that runs them, so a GET forwarded here must find them (not 404).
+        self._admitting: dict[str, Task] = {}
         self.recovered = False
         self.started_total = 0
         self.rejected_total = 0
@@ -403,11 +406,18 @@ class Scheduler(service.Service):
         if created_at is not None:
             task.created_at = created_at
         self._claiming += 1
+        self._admitting[task.id] = task
         try:
             await claim(task)
+        except BaseException:
+            del self._admitting[task.id]
+            raise
         finally:
             self._claiming -= 1
-        return await self._start(task, request.secret_env)
+        try:
+            return await self._start(task, request.secret_env)
+        finally:
+            self._admitting.pop(task.id, None)
 
     # -- drain ----------------------------------------------------------------------
 
@@ -611,7 +621,8 @@ class Scheduler(service.Service):
 
     def live_task(self, task_id: str) -> Task | None:
         """The in-memory record of a queued or running task."""
-        return self.queued_task(task_id) or self._executor.live_task(task_id)
+        return (self.queued_task(task_id) or self._executor.live_task(task_id)
+                or self._admitting.get(task_id))
 
     async def find(self, task_id: str) -> Task | None:
         live = self.live_task(task_id)

@@ -376,7 +376,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     cluster = None
     suites: SuiteDurations = StoreSuiteDurations(store)
     if config.redis:
-        redis = RedisLockBackend(reactor, RedisAddress.parse(config.redis))
+        redis = RedisLockBackend(reactor, RedisAddress.parse(config.redis),
+                                 timeout=QUEUE_REDIS_TIMEOUT)
         suites = RedisSuiteDurations(redis, config.cluster_name)
         directory = TaskDirectory(redis, config.cluster_name)
         executor.state_listeners.append(directory.task_changed)
@@ -410,6 +411,11 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     return top, node
 
 
+# The queue's and directory's Redis connection: a command timeout drops the connection
+# and fails every command in flight on it (each a 503 queue_unavailable), so it is longer
+# than the election's 1 s lease-sized one: on a loaded machine (10,000 submits at once on
+# 2 shared cores) replies waited past 1 s in the reactor and whole bursts failed.
+QUEUE_REDIS_TIMEOUT = 5.0
 STORE_LIMIT_FRACTION = 0.1
 
 
@@ -430,7 +436,8 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
     admission = ClusterAdmission(
         node.node_id, backend, scheduler,
         parse=lambda fields: parse_task_request(fields, config.max_timeout),
-        peers=peers, token=lambda: elector.token, observe_token=elector.observe_token)
+        peers=peers, token=lambda: elector.token, observe_token=elector.observe_token,
+        labels=config.labels)
 
     def candidates() -> list[Candidate]:
         if placement is not None:

@@ -11,16 +11,20 @@ from twisted.internet.task import Clock
 
 from oxide_cluster.cluster_queue import (
     LOST_REASON,
+    WAITING,
     AdmittedWatch,
     AlreadyAdmitted,
+    ClusterAdmission,
     ClusterDispatcher,
     Entry,
+    First,
     Outcome,
     QueueUnavailable,
     RedisQueueBackend,
     parse_dispatch,
 )
-from oxide_cluster.model import RequestError
+from oxide_cluster.executor import CapacityError
+from oxide_cluster.model import RequestError, Task, parse_task_request
 from oxide_cluster.placement import Candidate
 
 
@@ -46,6 +50,17 @@ class FakeQueue:
         self.state_of[task_id] = f"started {node_id}"
         self.queued.pop(task_id, None)
         return defer.succeed(None)
+
+    def claim_first(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
+        if self.queued:
+            return defer.succeed(WAITING)
+        if task_id in self.state_of:
+            return defer.succeed(self.state_of[task_id])
+        self.state_of[task_id] = f"started {node_id}"
+        return defer.succeed(None)
+
+    def waiting(self) -> defer.Deferred[bool]:
+        return defer.succeed(bool(self.queued))
 
     def end_queued(self, task_id: str, state: str, reason: str,
                    at: float) -> defer.Deferred[bool]:
@@ -222,6 +237,76 @@ def test_already_admitted_says_where():
     assert error.node == "n2" and "never started twice" in str(error)
 
 
+# -- a new submit where it entered: start here first -----------------------------------------
+
+
+class SlotAdmitter:
+    """``Scheduler.admit`` with slots only: refuses when full, else claims and starts."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.started: list[str] = []
+
+    async def admit(self, request: Any, task_id: str, claim: Any, *,
+                    created_at: float | None = None) -> Task:
+        if len(self.started) >= self.slots:
+            raise CapacityError(429, "no_free_slots", "full", 1)
+        task = Task(id=task_id, node_id="n1", command=request.command, args=[], cwd=None,
+                    env={}, secret_env_keys=[], labels={}, timeout=60.0, idle_timeout=None,
+                    retries=0, created_at=0.0)
+        await claim(task)
+        self.started.append(task_id)
+        return task
+
+
+def first(admission: ClusterAdmission, task_id: str, **fields: Any) -> Any:
+    request = parse_task_request({"command": "true", **fields}, 3600)
+    return defer.Deferred.fromCoroutine(admission.start_first(request, task_id))
+
+
+def admission_of(queue: FakeQueue, slots: int) -> tuple[ClusterAdmission, SlotAdmitter]:
+    admitter = SlotAdmitter(slots)
+    return ClusterAdmission("n1", queue, admitter, parse=lambda f: f, peers=None,
+                            token=lambda: None, observe_token=lambda t: True,
+                            labels={"zone": "a"}), admitter
+
+
+def test_a_new_submit_starts_where_it_entered_when_there_is_room_and_nothing_waits():
+    queue = FakeQueue()
+    admission, admitter = admission_of(queue, slots=1)
+    started = first(admission, "t1")
+    assert isinstance(started.result, Task) and admitter.started == ["t1"]
+    assert queue.state_of["t1"] == "started n1"  # claimed: never started anywhere else
+    # full here, nothing waits: the leader places it
+    assert first(admission, "t2").result is First.PLACE and "t2" not in queue.state_of
+
+
+def test_a_new_submit_queues_behind_waiting_tasks_even_with_room_here():
+    queue = FakeQueue()
+    queue.enqueue("t0", record("t0", priority=5))
+    admission, admitter = admission_of(queue, slots=2)
+    assert first(admission, "t1").result is First.QUEUE
+    assert admitter.started == [] and "t1" not in queue.state_of
+    admission_full, _ = admission_of(queue, slots=0)
+    assert first(admission_full, "t2").result is First.QUEUE
+
+
+def test_a_new_submit_with_labels_this_node_lacks_is_placed_by_the_leader():
+    queue = FakeQueue()
+    admission, _ = admission_of(queue, slots=1)
+    assert first(admission, "t1", labels={"zone": "b"}).result is First.PLACE
+    assert first(admission, "t2", labels={"zone": "a"}).result.id == "t2"
+
+
+def test_a_known_id_is_never_started_first():
+    queue = FakeQueue()
+    queue.state_of["t1"] = "started n2"
+    admission, admitter = admission_of(queue, slots=1)
+    results: list[Any] = []
+    first(admission, "t1").addBoth(results.append)
+    assert results[0].check(AlreadyAdmitted) and admitter.started == []
+
+
 # -- Redis unreachable, Redis losing its data ------------------------------------------------
 
 
@@ -323,6 +408,35 @@ def test_a_task_redis_lost_ends_lost_at_its_queue_timeout_while_a_node_cannot_be
     clock.advance(1)
     assert lost.ended == [("t0", LOST_REASON)] and "t0" not in service
     assert "t0" not in queue.state_of and service.requeued == 0
+
+
+class CountingQueue(FakeQueue):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list[str]] = []
+
+    def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
+        self.asked.append(list(task_ids))
+        return super().states(task_ids)
+
+
+def test_the_watch_asks_about_a_bounded_batch_per_round_in_turns():
+    # Asking Redis about every queued task each second stalled nodes at a deep queue.
+    clock, queue = Clock(), CountingQueue()
+    service = AdmittedWatch(clock, queue, Locator(), Lost(), interval=1.0, batch=2)
+    service.startService()
+    for task_id in ("t0", "t1", "t2", "t3", "t4"):
+        admit(queue, service, task_id)
+    clock.advance(1)
+    clock.advance(1)
+    assert queue.asked == [["t0", "t1"], ["t2", "t3"]]
+    queue.claim("t4", "b")
+    queue.claim("t0", "b")
+    clock.advance(1)
+    clock.advance(1)
+    assert queue.asked[2:] == [["t4", "t0"], ["t1", "t2"]]
+    assert "t4" not in service and "t0" not in service and "t1" in service
+    service.stopService()
 
 
 def test_a_submit_answered_503_is_ended_if_redis_queued_it_after_all(watch):

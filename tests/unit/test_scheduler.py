@@ -51,6 +51,10 @@ class SlotExecutor:
         self._waiters: dict[str, list[defer.Deferred[Task]]] = {}
         self._count = 0
 
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.running)
+
     def check_capacity(self) -> None:
         if len(self.running) >= self.slots:
             raise CapacityError(429, "no_free_slots", "all slots are busy", 1)
@@ -363,3 +367,27 @@ def test_a_repeat_of_an_earlier_submit_is_answered_while_draining():
     first = rig.submit("a", idempotency_key="k")
     rig.scheduler.drain()
     assert rig.submit("a", idempotency_key="k").id == first.id
+
+
+def test_a_task_whose_claim_is_on_its_way_is_found_and_forgotten_if_refused():
+    # Redis names this node as soon as the claim lands: a GET forwarded here before the
+    # claim's reply must find the task, not answer 404.
+    rig = make_rig(slots=2)
+    request = parse_task_request({"command": "a"}, 3600)
+    claims: list[defer.Deferred[None]] = []
+
+    def claim(_: Task) -> defer.Deferred[None]:
+        claims.append(defer.Deferred())
+        return claims[-1]
+
+    first = defer.Deferred.fromCoroutine(rig.scheduler.admit(request, "t1-n2", claim))
+    assert rig.scheduler.live_task("t1-n2") is not None
+    claims[0].callback(None)
+    assert rig.executor.started == ["a"]
+    assert rig.scheduler.live_task("t1-n2") is rig.executor.running["t1-n2"]
+    second = defer.Deferred.fromCoroutine(rig.scheduler.admit(request, "t2-n2", claim))
+    assert rig.scheduler.live_task("t2-n2") is not None
+    claims[1].errback(RuntimeError("claimed elsewhere"))
+    second.addErrback(lambda failure: failure.trap(RuntimeError))
+    assert rig.scheduler.live_task("t2-n2") is None and rig.executor.started == ["a"]
+    assert first.called
