@@ -510,7 +510,8 @@ class TaskApi:
             task_request, raw = self._with_group(request, task_request, body, raw)
             key = self._idempotency_key(request)
             try:
-                self._scheduler.check_schedulable(task_request.labels)
+                self._scheduler.check_schedulable(task_request.labels,
+                                                  task_request.resources)
             except Unschedulable as error:
                 raise ApiError(422, "unschedulable", str(error)) from None
             if self.cluster is not None:

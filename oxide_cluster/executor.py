@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from oxide_cluster.capacity import Allocatable, Capacity, describe, misfit, taken
 from oxide_cluster.cgroups import (
     CgroupProvider,
     OffProvider,
@@ -608,8 +609,10 @@ class Executor(service.Service):
                  signal_group: Callable[[int, int], None] = os.killpg,
                  workspaces: WorkspaceHook | None = None,
                  cgroups: CgroupProvider | None = None,
-                 default_resources: Resources = Resources()) -> None:
+                 default_resources: Resources = Resources(),
+                 allocatable: Allocatable | None = None) -> None:
         self._reactor = reactor
+        self.allocatable = allocatable
         self.cgroups: CgroupProvider = cgroups or OffProvider()
         self._default_resources = default_resources
         self._store = store
@@ -648,8 +651,17 @@ class Executor(service.Service):
     def free_slots(self) -> int:
         return max(0, self.max_tasks - len(self.runs))
 
-    def check_capacity(self) -> None:
-        """Raise CapacityError when a new task would exceed slots, CPU or memory limits."""
+    def capacity(self) -> Capacity | None:
+        """Allocatable and free declared resources (None: the node does not count them)."""
+        if self.allocatable is None:
+            return None
+        cpus, memory = taken(run.task.resources for run in self.runs.values())
+        return Capacity(self.allocatable, self.allocatable.cpus - cpus,
+                        self.allocatable.memory - memory)
+
+    def check_capacity(self, resources: Resources | None = None) -> None:
+        """Raise CapacityError when a new task would exceed slots, the free declared
+        ``resources``, or the CPU or memory limits."""
         if self._stopping:
             raise CapacityError(503, "shutting_down", "the node is shutting down", 5)
         if not self.ready:
@@ -657,6 +669,17 @@ class Executor(service.Service):
         if not self.free_slots:
             raise CapacityError(429, "no_free_slots",
                                 f"all {self.max_tasks} task slots are busy", 1)
+        capacity = self.capacity()
+        if resources is not None and capacity is not None:
+            resource = misfit(resources, capacity.free_cpus, capacity.free_memory)
+            if resource is not None:
+                free = (f"{max(0.0, capacity.free_cpus):g} of {capacity.allocatable.cpus:g} "
+                        "allocatable CPUs" if resource == "cpus" else
+                        f"{max(0, capacity.free_memory) // 2**20} of "
+                        f"{capacity.allocatable.memory // 2**20} MiB allocatable memory")
+                raise CapacityError(429, "no_free_resources",
+                                    f"the task declares {describe(resource, resources)}; "
+                                    f"{free} are free", 1)
         cpu, memory = self._load()
         if cpu > self._max_cpu:
             raise CapacityError(503, "cpu_busy",
@@ -700,8 +723,8 @@ class Executor(service.Service):
     def submit(self, request: TaskRequest, *, task_id: str | None = None, attempt: int = 1,
                retry_of: str | None = None) -> defer.Deferred[Task]:
         """Admit and start a task; fires with the task once its record is committed."""
-        self.check_capacity()
         task = self.new_task(request, task_id=task_id, attempt=attempt, retry_of=retry_of)
+        self.check_capacity(Resources.from_json(task.resources))
         return self.start(task, request.secret_env)
 
     def new_task(self, request: TaskRequest, *, task_id: str | None = None, attempt: int = 1,

@@ -23,6 +23,7 @@ from twisted.web.server import Site
 from oxide_cluster import config as config_module
 from oxide_cluster import logs, providers
 from oxide_cluster.api import ApiRequest, TaskApi
+from oxide_cluster.capacity import Capacity, host_allocatable
 from oxide_cluster.cas import BlobStore
 from oxide_cluster.cgroups import describe_isolation
 from oxide_cluster.cluster_queue import (
@@ -52,7 +53,7 @@ from oxide_cluster.node import Node
 from oxide_cluster.placement import Candidate, Placement
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.retention import Retention
-from oxide_cluster.scheduler import LabelBook, Scheduler
+from oxide_cluster.scheduler import LabelBook, Room, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
 from oxide_cluster.workspace import PeerBlobs, Workspaces
@@ -323,6 +324,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         max_memory_percent=config.max_memory_percent, workspaces=workspaces,
         cgroups=runner.cgroups, spawn=runner.spawn, signal_group=runner.signal,
         default_resources=config.default_resources,
+        allocatable=host_allocatable(config.reserve),
     )
     try:
         elector: Any = chosen.build("election", reactor, config, node_id)
@@ -334,9 +336,12 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds(), retention=retention,
                 drain=Drain(config.drain, reactor.seconds() if config.drain else None))
-    labels = LabelBook(config.labels, lambda: _peer_labels(node))
+    labels = LabelBook(config.labels, lambda: _peer_labels(node),
+                       local_allocatable=executor.allocatable,
+                       rooms=lambda: _peer_rooms(node))
     scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
-                          labels=labels, pins=workspaces, drain=node.drain)
+                          labels=labels, pins=workspaces, drain=node.drain,
+                          default_resources=config.default_resources)
     _RecoverThenRun(store, executor, scheduler, lambda code: exit_after_stop(reactor, code),
                     config.state_dir).setServiceParent(top)
     scheduler.setServiceParent(top)
@@ -429,12 +434,13 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
             return placement.candidates()
         stats = node.stats()
         return [Candidate(node.node_id, stats["free_slots"], stats["cpu_percent"],
-                          stats["memory_percent"], config.labels, node.drain.draining)]
+                          stats["memory_percent"], config.labels, node.drain.draining,
+                          Capacity.from_stats(stats))]
 
     dispatcher = ClusterDispatcher(
         reactor, backend, is_leader=lambda: bool(elector.is_leader), candidates=candidates,
         send=admission.send,
-        placed=placement.placed if placement is not None else (lambda node_id: None),
+        placed=placement.placed if placement is not None else (lambda node_id, _: None),
         term=lambda: elector.token if elector.is_leader else None,
         default_queue_timeout=config.queue_timeout)
 
@@ -472,6 +478,17 @@ def _peer_labels(node: Node) -> list[dict[str, str]]:
     if node.discovery is None:
         return []
     return [peer.labels for peer in node.discovery.membership]
+
+
+def _peer_rooms(node: Node) -> list[Room]:
+    """Labels and announced allocatable of every peer membership knows (the 422 check)."""
+    if node.discovery is None:
+        return []
+    rooms: list[Room] = []
+    for peer in node.discovery.membership:
+        capacity = Capacity.from_stats(peer.stats)
+        rooms.append((peer.labels, capacity.allocatable if capacity is not None else None))
+    return rooms
 
 
 def discovery_settings(config: Config) -> DiscoverySettings:

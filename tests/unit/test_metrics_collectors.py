@@ -18,7 +18,8 @@ class _State(enum.Enum):
 
 
 def fake_node(**extra):
-    executor = SimpleNamespace(state_listeners=[], running_count=1, max_tasks=4, free_slots=3)
+    executor = SimpleNamespace(state_listeners=[], running_count=1, max_tasks=4, free_slots=3,
+                               capacity=lambda: None)
     elector = SimpleNamespace(is_leader=False,
                               leader=lambda: {"node_id": "other", "token": "17", "since": None})
     sampler = SimpleNamespace(current=SimpleNamespace(cpu_percent=5.0, memory_percent=9.0))

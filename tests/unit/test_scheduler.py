@@ -51,7 +51,7 @@ class SlotExecutor:
         self._waiters: dict[str, list[defer.Deferred[Task]]] = {}
         self._count = 0
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, resources=None) -> None:
         if len(self.running) >= self.slots:
             raise CapacityError(429, "no_free_slots", "all slots are busy", 1)
 
