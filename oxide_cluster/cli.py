@@ -113,6 +113,20 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def usage_line(usage: Any) -> str | None:
+    """``cpu 12.3 s, peak memory 410 MiB`` from a task's ``usage`` (None: nothing known)."""
+    if not isinstance(usage, dict):
+        return None
+    parts = []
+    if isinstance(usage.get("cpu_seconds"), int | float):
+        parts.append(f"cpu {usage['cpu_seconds']:.1f} s")
+    if isinstance(usage.get("memory_peak_bytes"), int):
+        parts.append(f"peak memory {usage['memory_peak_bytes'] / 2**20:.0f} MiB")
+    if not parts:
+        return None
+    return ", ".join(parts) + (" (sampled)" if usage.get("source") == "sampled" else "")
+
+
 def task_exit_code(task: dict[str, Any]) -> int:
     """The documented exit code for a finished task's JSON."""
     state = task.get("state")
@@ -322,6 +336,9 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         if state.get("state") != "succeeded" and state.get("exit_code") is None:
             sys.stderr.write(f"oxide-cluster: task {task_id} {state.get('state')}: "
                              f"{state.get('reason')}\n")
+        line = usage_line(state.get("usage"))
+        if line:
+            sys.stderr.write(f"oxide-cluster: {line}\n")
         if options.artifacts:
             _fetch_artifacts(node, task_id, options)
         return task_exit_code(state)

@@ -309,6 +309,8 @@ SETTINGS: tuple[Setting, ...] = (
             "delegated cgroup v2 directory for tasks (default: the agent's own cgroup)"),
     Setting("default_resources", _resources, Resources(),
             "limits of a task that declares none, cpus=1.5,memory=2G,pids=512"),
+    Setting("run_as", _optional_text, None,
+            "user the tasks run as when the agent runs as root (default: the agent's user)"),
     Setting("reserve", _reserve, Resources(),
             "CPUs and memory kept from the tasks' declared resources for the agent and "
             "the OS, cpus=0.5,memory=512M"),
@@ -364,6 +366,7 @@ class Config:
     cgroup_root: str | None = None
     default_resources: Resources = attrs.field(factory=Resources)
     reserve: Resources = attrs.field(factory=Resources)
+    run_as: str | None = None
     keep_tasks: float = 14 * 86400.0
     store_limit: int | None = None
     drain: bool = False

@@ -21,6 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, error, main, process, protocol
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,6 +36,9 @@ from oxide_cluster.cgroups import (
 )
 from oxide_cluster.interfaces import ITaskRunner
 from oxide_cluster.model import Task, TaskRequest, TaskState, new_task_id
+from oxide_cluster.protection import TASK_OOM_SCORE_ADJ, User, set_oom_score_adj
+from oxide_cluster.sampling import INTERVAL as SAMPLE_INTERVAL
+from oxide_cluster.sampling import REAPED, TreeSampler
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # After SIGKILL a process can still hang in the kernel (D state); after this long we
@@ -113,9 +117,11 @@ _CATCHABLE_SIGNALS = tuple(sorted(number for number in signal.valid_signals()
 
 
 def _enter_cgroups(files: tuple[str, ...]) -> None:
-    """In the forked child, before exec: join the task's cgroup(s) so that nothing the
-    command starts can be outside them. An error ends the child (its traceback goes to
-    the task's stderr): a task must not run unconfined."""
+    """In the forked child, before exec: raise its OOM score above the agent's, and join
+    the task's cgroup(s) so that nothing the command starts can be outside them. An
+    error ends the child (its traceback goes to the task's stderr): a task must not run
+    unconfined."""
+    set_oom_score_adj(TASK_OOM_SCORE_ADJ)
     pid = str(os.getpid()).encode()
     for name in files:
         fd = os.open(name, os.O_WRONLY)
@@ -155,6 +161,7 @@ class _SignalSafeFork:
 # task never runs unconfined. ``exec "$@"`` keeps the task's argv[0]; sh looks the name
 # up in the same PATH the agent resolved it in (relative PATH entries take the fork path).
 _ENTER_SCRIPT = (
+    f'echo {TASK_OOM_SCORE_ADJ} > /proc/self/oom_score_adj 2>/dev/null\n'
     'n=$1; d=$2; shift 2\n'
     'while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 127; shift; n=$((n - 1)); done\n'
     '[ -z "$d" ] || cd -- "$d" || exit 127\n'
@@ -190,9 +197,11 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
 
     def __init__(self, reactor: Any, executable: str, args: list[str],
                  environment: dict[str, str], path: str | None,
-                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = ()) -> None:
+                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = (),
+                 user: User | None = None) -> None:
         self.cgroup_procs = cgroup_procs  # read by the child, so set before the fork
-        super().__init__(reactor, executable, args, environment, path, proto)
+        super().__init__(reactor, executable, args, environment, path, proto,
+                         uid=user.uid if user else None, gid=user.gid if user else None)
 
     def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: str,
                                args: list[str], environment: dict[str, str],
@@ -221,6 +230,8 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
                                       doDup2=ps_dup2),
             setsigdef=_CATCHABLE_SIGNALS, setsigmask=self._mask_before_fork, setsid=True)
         self.status = -1
+        if not self.cgroup_procs:  # no child code here: raise its OOM score from outside
+            set_oom_score_adj(TASK_OOM_SCORE_ADJ, self.pid)
         return True
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
@@ -263,9 +274,11 @@ class _TerminalProcess(_SignalSafeFork, process.PTYProcess):
 
     def __init__(self, reactor: Any, executable: str, args: list[str],
                  environment: dict[str, str], path: str | None,
-                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = ()) -> None:
+                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = (),
+                 user: User | None = None) -> None:
         self.cgroup_procs = cgroup_procs  # read by the child, so set before the fork
-        super().__init__(reactor, executable, args, environment, path, proto)
+        super().__init__(reactor, executable, args, environment, path, proto,
+                         uid=user.uid if user else None, gid=user.gid if user else None)
         # A pty has no stdin to close; an end-of-file (^D) in the line discipline makes
         # a task that reads the terminal see EOF instead of waiting until its timeout.
         self.write(b"\x04")
@@ -279,12 +292,15 @@ class _TerminalProcess(_SignalSafeFork, process.PTYProcess):
 def spawn_in_new_group(reactor: IReactorProcess, proto: protocol.ProcessProtocol,
                        executable: str, args: list[str], env: dict[str, str],
                        path: str | None, tty: bool = False,
-                       cgroup_procs: tuple[str, ...] = ()) -> Any:
+                       cgroup_procs: tuple[str, ...] = (), user: User | None = None) -> Any:
     """Start a task's process in its own session; with ``tty``, on a new pseudo-terminal.
-    With ``cgroup_procs``, the child writes its pid into each before it execs."""
+    With ``cgroup_procs``, the child writes its pid into each before it execs; with
+    ``user``, it runs as that user."""
     if tty:
-        return _TerminalProcess(reactor, executable, args, env, path, proto, cgroup_procs)
-    return _GroupLeaderProcess(reactor, executable, args, env, path, proto, cgroup_procs)
+        return _TerminalProcess(reactor, executable, args, env, path, proto, cgroup_procs,
+                                user)
+    return _GroupLeaderProcess(reactor, executable, args, env, path, proto, cgroup_procs,
+                               user)
 
 
 @implementer(ITaskRunner)
@@ -294,14 +310,19 @@ class ProcessRunner:
 
     def __init__(self, cgroups: CgroupProvider | None = None,
                  spawn: Callable[..., Any] = spawn_in_new_group,
-                 signal_group: Callable[[int, int], None] = os.killpg) -> None:
+                 signal_group: Callable[[int, int], None] = os.killpg,
+                 run_as: User | None = None) -> None:
         self.cgroups: CgroupProvider = cgroups or OffProvider()
         self._spawn = spawn
         self._signal_group = signal_group
+        self.run_as = run_as
 
     def spawn(self, reactor: Any, proto: Any, executable: str, args: list[str],
               env: dict[str, str], path: str | None, tty: bool = False,
               cgroup_procs: tuple[str, ...] = ()) -> Any:
+        if self.run_as is not None:
+            return self._spawn(reactor, proto, executable, args, env, path, tty=tty,
+                               cgroup_procs=cgroup_procs, user=self.run_as)
         return self._spawn(reactor, proto, executable, args, env, path, tty=tty,
                            cgroup_procs=cgroup_procs)
 
@@ -319,9 +340,13 @@ class TaskRun:
                  on_finished: Callable[[TaskRun], None],
                  spawn: Callable[..., Any] = spawn_in_new_group,
                  signal_group: Callable[[int, int], None] = os.killpg,
-                 cgroups: CgroupProvider | None = None) -> None:
+                 cgroups: CgroupProvider | None = None, sample_usage: bool = False) -> None:
         self._reactor = reactor
         self.task = task
+        self._sample_usage = sample_usage
+        self._sampler: TreeSampler | None = None
+        self._sampling: LoopingCall | None = None
+        self._reaped_cpu = 0.0
         self._cgroups: CgroupProvider = cgroups or OffProvider()
         self.cgroup: TaskCgroup | None = None
         self._kill_group = signal_group
@@ -379,6 +404,12 @@ class TaskRun:
         self._process = proc
         self._pgid = proc.pid
         task.pid = proc.pid
+        if self.cgroup is None and self._sample_usage and isinstance(proc.pid, int):
+            self._sampler = TreeSampler(proc.pid)
+            self._sampling = LoopingCall(self._sampler.sample)
+            self._sampling.clock = self._reactor
+            self._sampling.start(SAMPLE_INTERVAL, now=True).addErrback(
+                lambda failure: self.log.failure("usage sampling failed", failure))
         task.state = TaskState.RUNNING
         task.started_at = self._reactor.seconds()
         self._timers["timeout"] = self._reactor.callLater(task.timeout, self._timed_out)
@@ -422,6 +453,8 @@ class TaskRun:
     def exited(self) -> None:
         """The main process is gone: kill what it left in its group (and cgroup) so the
         pipes close and nothing of the task outlives it."""
+        self._reaped_cpu = REAPED.take()
+        self._stop_sampling()
         self._signal_group(signal.SIGKILL)
         self._kill_cgroup(if_populated=True)
 
@@ -440,6 +473,8 @@ class TaskRun:
         else:
             state, why = TaskState.FAILED, f"exited with code {exit_code}"
         if self.cgroup is None:
+            if self._sampler is not None:
+                self.task.usage = self._sampler.usage(self._reaped_cpu).to_json()
             self._finish(state, why)
             return
         self._kill_cgroup(if_populated=True)
@@ -573,6 +608,7 @@ class TaskRun:
         if self._done:
             return
         self._done = True
+        self._stop_sampling()
         for name in list(self._timers):
             self._cancel_timer(name)
         self._release_cgroup()
@@ -583,6 +619,11 @@ class TaskRun:
         if self.task.output_dropped:
             task.reason += f"; {task.output_dropped} bytes of output over the limit dropped"
         self._on_finished(self)
+
+
+    def _stop_sampling(self) -> None:
+        if self._sampling is not None and self._sampling.running:
+            self._sampling.stop()
 
 
 class CapacityError(Exception):
@@ -610,8 +651,10 @@ class Executor(service.Service):
                  workspaces: WorkspaceHook | None = None,
                  cgroups: CgroupProvider | None = None,
                  default_resources: Resources = Resources(),
-                 allocatable: Allocatable | None = None) -> None:
+                 allocatable: Allocatable | None = None,
+                 sample_usage: bool = False) -> None:
         self._reactor = reactor
+        self._sample_usage = sample_usage  # where no cgroup counts (tap: on)
         self.allocatable = allocatable
         self.cgroups: CgroupProvider = cgroups or OffProvider()
         self._default_resources = default_resources
@@ -762,7 +805,8 @@ class Executor(service.Service):
         run = TaskRun(self._reactor, task, dict(secret_env),
                       kill_grace=self._kill_grace, output_limit=self._output_limit,
                       on_output=self._output, on_finished=self._finished, spawn=self._spawn,
-                      signal_group=self._signal_group, cgroups=self.cgroups)
+                      signal_group=self._signal_group, cgroups=self.cgroups,
+                      sample_usage=self._sample_usage)
         self.runs[task.id] = run
         if task.workspace is not None or task.source is not None:
             self._start_in_workspace(run)

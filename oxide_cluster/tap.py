@@ -51,6 +51,7 @@ from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.model import Task, TaskState, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Candidate, Placement
+from oxide_cluster.protection import protect_agent
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.retention import Retention
 from oxide_cluster.scheduler import LabelBook, Room, Scheduler
@@ -274,6 +275,10 @@ class NodeService(service.MultiService):
             log.info("oxide-cluster node {node_id} at {url} (dashboard: {dashboard}); "
                      "state in {state_dir}", node_id=self._node_id, url=url,
                      dashboard=dashboard, state_dir=self._state_dir)
+        # After twistd dropped privileges (a uid change resets the dumpable flag).
+        protected = protect_agent()
+        log.info("agent protected from its tasks: non-dumpable {non_dumpable}, "
+                 "oom_score_adj {oom_score_adj} (tasks {task_oom_score_adj})", **protected)
         super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
@@ -324,7 +329,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         max_memory_percent=config.max_memory_percent, workspaces=workspaces,
         cgroups=runner.cgroups, spawn=runner.spawn, signal_group=runner.signal,
         default_resources=config.default_resources,
-        allocatable=host_allocatable(config.reserve),
+        allocatable=host_allocatable(config.reserve), sample_usage=True,
     )
     try:
         elector: Any = chosen.build("election", reactor, config, node_id)
