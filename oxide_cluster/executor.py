@@ -21,7 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, error, main, process, protocol
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IReactorProcess
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -626,6 +626,13 @@ class TaskRun:
             self._sampling.stop()
 
 
+def _populated(cgroup: TaskCgroup) -> bool:
+    try:
+        return cgroup.populated()
+    except OSError:
+        return False
+
+
 class CapacityError(Exception):
     """The node cannot take a task now; ``status`` is 429 (slots) or 503 (host load)."""
 
@@ -735,7 +742,9 @@ class Executor(service.Service):
     # -- lifecycle ----------------------------------------------------------------
 
     async def recover(self) -> list[Task]:
-        """Tasks that were unfinished when the previous agent died are ``lost``, not resumed."""
+        """Tasks that were unfinished when the previous agent died are ``lost``, not resumed;
+        what their processes left in their cgroups is killed and the cgroups removed."""
+        await self._remove_leftover_cgroups()
         lost: list[Task] = await self._store.mark_unfinished_lost(
             self.node_id, "the agent stopped while the task was unfinished (agent restart)",
             self._reactor.seconds())
@@ -744,6 +753,38 @@ class Executor(service.Service):
                           task_id=task.id, state="unfinished")
         self.ready = True
         return lost
+
+    async def _remove_leftover_cgroups(self) -> None:
+        """A killed agent (``kill -9``, OOM, power) leaves its tasks' cgroups and every
+        process in them (a setsid escape included): kill them, then remove the cgroups."""
+        try:
+            leftovers = self.cgroups.leftovers()
+        except Exception:
+            self.log.failure("cannot look for task cgroups a previous agent left")
+            return
+        if not leftovers:
+            return
+        deadline = self._reactor.seconds() + KILL_GIVE_UP
+        pending = list(leftovers)
+        while pending and self._reactor.seconds() < deadline:
+            pending = [cgroup for cgroup in pending if _populated(cgroup)]
+            for cgroup in pending:  # a fork between listing and kill (v1, no freezer)
+                try:
+                    cgroup.kill()
+                except OSError:
+                    pass
+            if pending:
+                await deferLater(self._reactor, CGROUP_POLL, lambda: None)
+        removed = 0
+        for cgroup in leftovers:
+            try:
+                cgroup.remove()
+                removed += 1
+            except OSError as error:
+                self.log.warn("cannot remove a task cgroup a previous agent left: {error}",
+                              error=error)
+        self.log.warn("{removed} of {count} task cgroups left by a previous agent killed "
+                      "and removed", removed=removed, count=len(leftovers))
 
     def stopService(self) -> defer.Deferred[None]:
         """Terminate running tasks (recorded ``cancelled``: agent shutdown) and wait."""
