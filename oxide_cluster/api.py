@@ -32,6 +32,7 @@ from oxide_cluster.cluster_queue import (
     parse_dispatch,
 )
 from oxide_cluster.dashboard import UiFiles
+from oxide_cluster.drain import MAX_DEADLINE
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import (
     FORWARDED_HEADER,
@@ -391,9 +392,11 @@ class TaskApi:
 
     @app.route("/node/drain", methods=["POST"])
     def node_drain(self, request: Request) -> bytes:
-        """Take no new tasks, let running ones finish (idempotent)."""
+        """Take no new tasks, let running ones finish; ``?deadline=S``: cancel those
+        still running S seconds from now (idempotent)."""
         self._authorize(request)
-        self._scheduler.drain()
+        deadline = _query_number(request, "deadline", 0, MAX_DEADLINE)
+        self._scheduler.drain(deadline)
         return self._drain_json(request)
 
     @app.route("/node/resume", methods=["POST"])

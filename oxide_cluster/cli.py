@@ -433,6 +433,30 @@ def cmd_cancel(node: Node, options: argparse.Namespace) -> int:
     return 0
 
 
+def drain_line(state: dict[str, Any]) -> str:
+    """``draining since ...: 2 running, 0 queued`` from a DrainState."""
+    if not state.get("draining"):
+        head = "not draining"
+    else:
+        head = f"draining since {state.get('since')}"
+        if state.get("deadline"):
+            head += f", running tasks cancelled at {state['deadline']}"
+    return f"{head}: {state.get('running', 0)} running, {state.get('queued', 0)} queued"
+
+
+def cmd_node_drain(node: Node, options: argparse.Namespace) -> int:
+    path = "/node/drain"
+    if options.deadline is not None:
+        path += f"?deadline={options.deadline:g}"
+    print(drain_line(node.request("POST", path)))
+    return 0
+
+
+def cmd_node_resume(node: Node, options: argparse.Namespace) -> int:
+    print(drain_line(node.request("POST", "/node/resume")))
+    return 0
+
+
 def cmd_tasks(node: Node, options: argparse.Namespace) -> int:
     query = f"?limit={options.limit}" + (f"&state={options.state}" if options.state else "")
     if options.scope != "local":
@@ -554,6 +578,22 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--scope", choices=("local", "cluster"), default="local",
                        help="local: the node's tasks; cluster: every healthy node's")
     tasks.set_defaults(handler=cmd_tasks)
+    node_help = "drain a node (take no new tasks) or resume it"
+    node_cmd = commands.add_parser("node", help=node_help, description=node_help)
+    node_actions = node_cmd.add_subparsers(dest="node_action", required=True,
+                                           metavar="ACTION")
+    drain = node_actions.add_parser(
+        "drain", parents=[common], help="take no new tasks; running ones finish",
+        description="Take no new tasks (the scheduler places elsewhere, /ready answers "
+                    "503); running tasks finish, or are cancelled after --deadline.")
+    drain.add_argument("--deadline", type=float, metavar="S",
+                       help="cancel the tasks still running S seconds from now")
+    drain.set_defaults(handler=cmd_node_drain)
+    resume = node_actions.add_parser("resume", parents=[common],
+                                     help="take tasks again (end a drain)",
+                                     description="End a drain: take tasks again and start "
+                                                 "the queued ones.")
+    resume.set_defaults(handler=cmd_node_resume)
     return top
 
 

@@ -319,6 +319,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store_limit", _optional_size, None,
             "bytes the task store may hold, e.g. 10G; oldest finished tasks go first "
             "(default: a tenth of the state dir's filesystem)"),
+    Setting("stop_grace", _duration, 0.0,
+            "seconds running tasks may take to finish at stop (SIGTERM): the node drains "
+            "first, then cancels what is left (0: cancel at once)"),
     Setting("drain", _on_off, False,
             "start draining (true/false): take no new tasks until POST /node/resume"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
@@ -370,6 +373,7 @@ class Config:
     keep_tasks: float = 14 * 86400.0
     store_limit: int | None = None
     drain: bool = False
+    stop_grace: float = 0.0
     discovery_transport: str = "broadcast"
     multicast_group: str = "239.255.77.1:4002"
     multicast_ttl: int = 1

@@ -892,6 +892,11 @@ class Executor(service.Service):
         run = self.runs.get(task_id)
         return run is not None and run.stop(TaskState.CANCELLED, reason)
 
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every running task (a drain's deadline); how many were."""
+        return sum(1 for run in list(self.runs.values())
+                   if run.stop(TaskState.CANCELLED, reason))
+
     def when_finished(self, task_id: str) -> defer.Deferred[Task] | None:
         """A Deferred firing with the final task, or None if it is not running here."""
         if task_id not in self.runs:

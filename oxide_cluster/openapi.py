@@ -334,8 +334,12 @@ PATHS: dict[str, Any] = {
     })},
     "/node/drain": {"post": _secured({
         "summary": "Drain: take no new tasks (submissions 503 `draining`, nothing started "
-                   "from the queue, leaders place elsewhere); running tasks finish. "
-                   "Idempotent",
+                   "from the queue, leaders place elsewhere); running tasks finish, or are "
+                   "cancelled at `deadline`. Idempotent",
+        "parameters": [{"name": "deadline", "in": "query", "required": False,
+                        "description": "seconds from now after which tasks still running "
+                                       "are cancelled",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 604800}}],
         "responses": {"200": _json(_ref("DrainState"), "draining now")},
     })},
     "/node/resume": {"post": _secured({
@@ -671,6 +675,8 @@ SCHEMAS["DrainState"] = {
     "type": "object", "required": ["draining", "since", "running", "queued"],
     "properties": {"draining": {"type": "boolean"},
                    "since": {"type": ["string", "null"], "format": "date-time"},
+                   "deadline": {"type": ["string", "null"], "format": "date-time",
+                                "description": "when tasks still running are cancelled"},
                    "running": {"type": "integer", "minimum": 0,
                                "description": "tasks still running here"},
                    "queued": {"type": "integer", "minimum": 0,

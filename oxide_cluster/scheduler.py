@@ -91,6 +91,8 @@ class LocalExecutor(Protocol):
 
     def cancel(self, task_id: str, reason: str = ...) -> bool: ...
 
+    def cancel_all(self, reason: str) -> int: ...
+
     def publish_state(self, task: Task) -> None: ...
 
 
@@ -359,6 +361,7 @@ class Scheduler(service.Service):
         self._keys: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self._retry: DelayedCall | None = None
         self._claiming = 0  # slots held by ``admit`` while its claim is on its way
+        self._deadline_call: DelayedCall | None = None
         self.recovered = False
         self.started_total = 0
         self.rejected_total = 0
@@ -380,6 +383,8 @@ class Scheduler(service.Service):
                 entry.timer.cancel()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
         return defer.succeed(None)
 
     async def recover(self) -> list[Task]:
@@ -477,21 +482,38 @@ class Scheduler(service.Service):
 
     # -- drain ----------------------------------------------------------------------
 
-    def drain(self) -> None:
-        """Take no new tasks and start none from the queue; running ones finish."""
+    def drain(self, deadline: float | None = None) -> None:
+        """Take no new tasks and start none from the queue; running ones finish, or are
+        cancelled ``deadline`` seconds from now (a later drain may set a new deadline)."""
         if not self.drain_state.draining:
             self.drain_state.draining = True
             self.drain_state.since = self._reactor.seconds()
             self.log.info("draining: no new tasks; {queued} queued stay queued",
                           queued=len(self._queue))
+        if deadline is not None:
+            self._cancel_deadline()
+            self.drain_state.deadline = self._reactor.seconds() + deadline
+            self._deadline_call = self._reactor.callLater(deadline, self._deadline_passed)
 
     def resume(self) -> None:
         """Undo ``drain``: admit again and start what waited in the queue."""
+        self._cancel_deadline()
         if self.drain_state.draining:
             self.drain_state.draining = False
             self.drain_state.since = None
             self.log.info("drain ended: taking tasks again")
             self._dispatch()
+
+    def _cancel_deadline(self) -> None:
+        self.drain_state.deadline = None
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline_call = None
+        cancelled = self._executor.cancel_all("cancelled: the node's drain deadline passed")
+        self.log.info("drain deadline: {count} running tasks cancelled", count=cancelled)
 
     def _refuse_if_draining(self) -> None:
         if self.drain_state.draining:

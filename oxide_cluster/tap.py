@@ -37,7 +37,7 @@ from oxide_cluster.cluster_queue import (
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
-from oxide_cluster.drain import Drain
+from oxide_cluster.drain import Drain, DrainOnStop
 from oxide_cluster.election import RedisAddress, RedisLockBackend
 from oxide_cluster.executor import Executor
 from oxide_cluster.forwarding import PeerClient
@@ -409,6 +409,9 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     scheme = "https" if config.listen.startswith("ssl:") else "http"
     listener = HttpListener(endpoint, site, scheme, node.ip_address or node.hostname)
     top.add_listener(listener, BindOption("listen", config.listen, "--listen port"))
+    # Last, so it stops first: the API keeps answering while running tasks finish.
+    DrainOnStop(reactor, config.stop_grace, scheduler.drain,
+                lambda: executor.running_count, executor.when_idle).setServiceParent(top)
     return top, node
 
 

@@ -197,6 +197,10 @@ function renderNodes(cluster) {
       : `${node.hostname}:${node.api_port}`;
     const state = el("td");
     state.append(el("span", `state state-${node.healthy ? "alive" : "down"}`, node.state));
+    if (stats.draining) {  // takes no new tasks: the scheduler places elsewhere
+      row.classList.add("draining");
+      state.append(" ", el("span", "tag draining-badge", "draining"));
+    }
     const running = stats.running_tasks ?? null;
     const slots = running === null || stats.free_slots == null ? null
       : running + stats.free_slots;
