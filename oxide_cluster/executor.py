@@ -185,12 +185,12 @@ def _spawn_via_shell(args: list[str], path: str | None, environment: Mapping[str
 class _GroupLeaderProcess(_SignalSafeFork, process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
-    The fast path is ``posix_spawnp(..., setsid=True)``, Twisted's own spawn call plus
-    ``setsid``; it needs Twisted's private fd helpers and cannot change directory, so a
-    task with a ``cwd`` (or a Twisted without those helpers) takes the fork path, whose
-    child calls ``setsid()`` before exec. A task with a cgroup is spawned through
-    ``_ENTER_SCRIPT`` (which also changes directory); the fork path (a fork of the whole
-    agent, Python in the child) is left for what sh cannot do the same way.
+    The fast path is ``posix_spawnp(..., setsid=True)`` of ``_ENTER_SCRIPT``, a small sh
+    that raises the task's OOM score, joins its cgroups (if any), changes directory and
+    execs the command; it needs Twisted's private fd helpers. The fork path (a fork of
+    the whole agent, Python in the child, which calls ``setsid()`` and does the same
+    before exec) is left for what sh cannot do the same way, for ``run_as`` and for a
+    Twisted without those helpers.
     """
 
     processReaderFactory = _LargeReadProcessReader
@@ -210,13 +210,12 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
                    ("_listOpenFDs", "_getFileActions", "_PS_CLOSE", "_PS_DUP2")]
         if uid is not None or gid is not None or None in helpers:
             return False
-        if self.cgroup_procs:
-            wrapped = _spawn_via_shell(args, path, environment, self.cgroup_procs)
-            if wrapped is None:
-                return False
-            executable, args = _SHELL, wrapped
-        elif path is not None:
+        # Always through the small sh: it raises the OOM score (and joins the cgroups)
+        # before the command runs, so nothing the command forks keeps the agent's score.
+        wrapped = _spawn_via_shell(args, path, environment, self.cgroup_procs)
+        if wrapped is None:
             return False
+        executable, args = _SHELL, wrapped
         list_open_fds, file_actions, ps_close, ps_dup2 = helpers
         fd_state = []
         for fd in list_open_fds():
@@ -230,8 +229,6 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
                                       doDup2=ps_dup2),
             setsigdef=_CATCHABLE_SIGNALS, setsigmask=self._mask_before_fork, setsid=True)
         self.status = -1
-        if not self.cgroup_procs:  # no child code here: raise its OOM score from outside
-            set_oom_score_adj(TASK_OOM_SCORE_ADJ, self.pid)
         return True
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
@@ -408,7 +405,8 @@ class TaskRun:
             self._sampler = TreeSampler(proc.pid)
             self._sampling = LoopingCall(self._sampler.sample)
             self._sampling.clock = self._reactor
-            self._sampling.start(SAMPLE_INTERVAL, now=True).addErrback(
+            # The first sample after one interval: a short task costs no /proc scan.
+            self._sampling.start(SAMPLE_INTERVAL, now=False).addErrback(
                 lambda failure: self.log.failure("usage sampling failed", failure))
         task.state = TaskState.RUNNING
         task.started_at = self._reactor.seconds()
