@@ -1,7 +1,8 @@
 """The benchmark suite: every figure next to a baseline measured in the same run.
 
     python -m bench [--quick] [--sections tasks,latency,queue,cluster_queue,stream,
-                               workspace,discovery,failover,idle]
+                               workspace,discovery,failover,idle,fanout,escape,
+                               retention]
                     [--skip SECTIONS] [--tasks 600] [--clients 8]
 
 Sections:
@@ -35,6 +36,12 @@ Sections:
   (``bench.fanout``); every run must report the same number of tests.
 * ``idle``: agent RSS and CPU with 30 peers (29 simulated announcers) against a
   standalone agent, both measured over the same window.
+* ``escape``: cancel of 1,000 task trees (200 with ``--quick``) that escape with ``setsid``
+  and a double fork, 100 at a time: time, and escaped processes left (goal 0), against
+  the same with ``--cgroups off`` (``bench.escape``).
+* ``retention``: store size and prune time after 100,000 finished tasks (10,000 with
+  ``--quick``) with 4 KiB of output each, pruned by a real agent at start, and the task
+  API's p50/p99 while the prune runs against after it (``bench.retention``).
 
 Prints one table and writes ``bench/results/bench-<time>.json``.
 """
@@ -73,7 +80,7 @@ from tests.redis_server import RedisServer
 from tests.support import AgentProcess, poll_until
 
 SECTIONS = ("tasks", "latency", "queue", "cluster_queue", "stream", "workspace", "discovery",
-            "failover", "idle", "fanout")
+            "failover", "idle", "fanout", "escape", "retention")
 MB = 1024 * 1024
 
 
@@ -432,6 +439,29 @@ def section_fanout(report: Report, opts: argparse.Namespace, home: Path) -> None
                         f"by durations {runs['split by durations']['slowest_shard_s']} s; "
                         f"local runs {runs['local']['wall_s_runs']}; load average "
                         f"{os.getloadavg()[0]:.1f} at the end")
+
+
+def section_escape(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import escape
+
+    count = 200 if opts.quick else 1000
+    figures = escape.measure(count, 100)
+    baseline = escape.measure(100, 100, "--cgroups", "off")
+    report.data["escape"] = {"cgroups": figures, "off": baseline}
+    for row in escape.rows(figures, baseline):
+        report.row(*row)
+
+
+def section_retention(report: Report, opts: argparse.Namespace, home: Path) -> None:
+    from bench import retention
+
+    figures = retention.measure_agent(10_000 if opts.quick else 100_000)
+    report.data["retention"] = {k: v for k, v in figures.items()
+                                if k not in ("api_during_s", "api_after_s")}
+    for row in retention.rows(figures):
+        report.row(*row)
+    report.notes.append("retention: one client runs /bin/true through POST /execute?wait "
+                        "while the agent's start-up prune runs, then as many calls after it")
 
 
 # -- driver -------------------------------------------------------------------------------

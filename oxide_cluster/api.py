@@ -33,6 +33,7 @@ from oxide_cluster.cluster_queue import (
     parse_dispatch,
 )
 from oxide_cluster.dashboard import UiFiles
+from oxide_cluster.drain import MAX_DEADLINE
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import (
     FORWARDED_HEADER,
@@ -404,9 +405,11 @@ class TaskApi:
 
     @app.route("/node/drain", methods=["POST"])
     def node_drain(self, request: Request) -> bytes:
-        """Take no new tasks, let running ones finish (idempotent)."""
+        """Take no new tasks, let running ones finish; ``?deadline=S``: cancel those
+        still running S seconds from now (idempotent)."""
         self._authorize(request)
-        self._scheduler.drain()
+        deadline = _query_number(request, "deadline", 0, MAX_DEADLINE)
+        self._scheduler.drain(deadline)
         return self._drain_json(request)
 
     @app.route("/node/resume", methods=["POST"])
@@ -523,7 +526,8 @@ class TaskApi:
             task_request, raw = self._with_group(request, task_request, body, raw)
             key = self._idempotency_key(request)
             try:
-                self._scheduler.check_schedulable(task_request.labels)
+                self._scheduler.check_schedulable(task_request.labels,
+                                                  task_request.resources)
             except Unschedulable as error:
                 raise ApiError(422, "unschedulable", str(error)) from None
             if self.cluster is not None:

@@ -189,6 +189,10 @@ class CgroupProvider(Protocol):
     def close(self) -> None:
         """Remove the (empty) parent cgroup(s) made for the tasks, at agent stop."""
 
+    def leftovers(self) -> list[TaskCgroup]:
+        """Task cgroups a previous agent of this node left (it was killed): SIGKILLed
+        here; the caller removes each once it is empty."""
+
 
 def _remove_empty(paths: Iterable[Path]) -> None:
     for path in dict.fromkeys(paths):
@@ -196,6 +200,20 @@ def _remove_empty(paths: Iterable[Path]) -> None:
             os.rmdir(path)
         except OSError:
             pass  # a task cgroup still inside (a stuck process): left for the next start
+
+
+def _children(base: Path) -> list[Path]:
+    try:
+        return [path for path in base.iterdir() if path.is_dir()]
+    except OSError:
+        return []
+
+
+def _kill_quietly(cgroup: TaskCgroup) -> None:
+    try:
+        cgroup.kill()
+    except OSError:
+        pass  # gone meanwhile, or no kill file: its removal will say
 
 
 def _write(path: Path, text: str) -> None:
@@ -300,6 +318,14 @@ class V2Provider:
     def close(self) -> None:
         _remove_empty([self.base])
 
+    def leftovers(self) -> list[TaskCgroup]:
+        found: list[TaskCgroup] = []
+        for path in _children(self.base):
+            cgroup = V2Cgroup(path, self._kill, self._rmdir)
+            _kill_quietly(cgroup)
+            found.append(cgroup)
+        return found
+
     def describe(self) -> dict[str, Any]:
         return {"mode": "v2", "root": str(self.base), "controllers": list(self.controllers),
                 "kill": "cgroup.kill"}
@@ -368,8 +394,9 @@ class V1Cgroup:
         return tuple(str(path / "cgroup.procs") for path in dict.fromkeys(paths))
 
     def _members(self) -> list[int]:
-        where = self.unified or self.dirs.get("pids") or self.dirs["memory"]
-        return _pids(where / "cgroup.procs")
+        where = self.unified or self.dirs.get("pids") or self.dirs.get("memory") \
+            or next(iter(self.dirs.values()), None)
+        return _pids(where / "cgroup.procs") if where is not None else []
 
     def signal_all(self, number: int) -> None:
         _signal_pids(self._members(), number, self._kill)
@@ -458,6 +485,21 @@ class V1Provider:
     def close(self) -> None:
         _remove_empty([*self.bases.values(), *([self.unified] if self.unified else [])])
 
+    def leftovers(self) -> list[TaskCgroup]:
+        names: set[str] = set()
+        for base in [*self.bases.values(), *([self.unified] if self.unified else [])]:
+            names.update(path.name for path in _children(base))
+        found: list[TaskCgroup] = []
+        for name in sorted(names):
+            dirs = {controller: base / name for controller, base in self.bases.items()
+                    if (base / name).is_dir()}
+            unified = self.unified / name if self.unified is not None \
+                and (self.unified / name).is_dir() else None
+            cgroup = V1Cgroup(dirs, unified, self._kill, self._rmdir)
+            _kill_quietly(cgroup)
+            found.append(cgroup)
+        return found
+
     def describe(self) -> dict[str, Any]:
         return {"mode": "v1", "root": {name: str(path) for name, path in self.bases.items()},
                 "controllers": sorted(self.bases),
@@ -507,6 +549,9 @@ class OffProvider:
 
     def close(self) -> None:
         pass
+
+    def leftovers(self) -> list[TaskCgroup]:
+        return []
 
     def describe(self) -> dict[str, Any]:
         return {"mode": "off", "kill": "process group", "why": self.why}

@@ -113,6 +113,20 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def usage_line(usage: Any) -> str | None:
+    """``cpu 12.3 s, peak memory 410 MiB`` from a task's ``usage`` (None: nothing known)."""
+    if not isinstance(usage, dict):
+        return None
+    parts = []
+    if isinstance(usage.get("cpu_seconds"), int | float):
+        parts.append(f"cpu {usage['cpu_seconds']:.1f} s")
+    if isinstance(usage.get("memory_peak_bytes"), int):
+        parts.append(f"peak memory {usage['memory_peak_bytes'] / 2**20:.0f} MiB")
+    if not parts:
+        return None
+    return ", ".join(parts) + (" (sampled)" if usage.get("source") == "sampled" else "")
+
+
 def task_exit_code(task: dict[str, Any]) -> int:
     """The documented exit code for a finished task's JSON."""
     state = task.get("state")
@@ -324,6 +338,9 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         if state.get("state") != "succeeded" and state.get("exit_code") is None:
             sys.stderr.write(f"oxide-cluster: task {task_id} {state.get('state')}: "
                              f"{state.get('reason')}\n")
+        line = usage_line(state.get("usage"))
+        if line:
+            sys.stderr.write(f"oxide-cluster: {line}\n")
         if options.artifacts:
             _fetch_artifacts(node, task_id, options)
         return task_exit_code(state)
@@ -415,6 +432,30 @@ def cmd_status(node: Node, options: argparse.Namespace) -> int:
 def cmd_cancel(node: Node, options: argparse.Namespace) -> int:
     task = node.request("POST", f"/task/{options.task}/cancel?wait=10", timeout=15)
     print(f"{task['id']} {task['state']}")
+    return 0
+
+
+def drain_line(state: dict[str, Any]) -> str:
+    """``draining since ...: 2 running, 0 queued`` from a DrainState."""
+    if not state.get("draining"):
+        head = "not draining"
+    else:
+        head = f"draining since {state.get('since')}"
+        if state.get("deadline"):
+            head += f", running tasks cancelled at {state['deadline']}"
+    return f"{head}: {state.get('running', 0)} running, {state.get('queued', 0)} queued"
+
+
+def cmd_node_drain(node: Node, options: argparse.Namespace) -> int:
+    path = "/node/drain"
+    if options.deadline is not None:
+        path += f"?deadline={options.deadline:g}"
+    print(drain_line(node.request("POST", path)))
+    return 0
+
+
+def cmd_node_resume(node: Node, options: argparse.Namespace) -> int:
+    print(drain_line(node.request("POST", "/node/resume")))
     return 0
 
 
@@ -548,6 +589,22 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--scope", choices=("local", "cluster"), default="local",
                        help="local: the node's tasks; cluster: every healthy node's")
     tasks.set_defaults(handler=cmd_tasks)
+    node_help = "drain a node (take no new tasks) or resume it"
+    node_cmd = commands.add_parser("node", help=node_help, description=node_help)
+    node_actions = node_cmd.add_subparsers(dest="node_action", required=True,
+                                           metavar="ACTION")
+    drain = node_actions.add_parser(
+        "drain", parents=[common], help="take no new tasks; running ones finish",
+        description="Take no new tasks (the scheduler places elsewhere, /ready answers "
+                    "503); running tasks finish, or are cancelled after --deadline.")
+    drain.add_argument("--deadline", type=float, metavar="S",
+                       help="cancel the tasks still running S seconds from now")
+    drain.set_defaults(handler=cmd_node_drain)
+    resume = node_actions.add_parser("resume", parents=[common],
+                                     help="take tasks again (end a drain)",
+                                     description="End a drain: take tasks again and start "
+                                                 "the queued ones.")
+    resume.set_defaults(handler=cmd_node_resume)
     return top
 
 

@@ -43,6 +43,7 @@ from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.cgroups import ResourceError, Resources, parse_resources
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
 from oxide_cluster.model import RequestError, Task, TaskRequest
@@ -319,6 +320,15 @@ def record_labels(record: Mapping[str, Any]) -> dict[str, str]:
     return dict(labels) if isinstance(labels, dict) else {}
 
 
+def record_resources(record: Mapping[str, Any]) -> Resources:
+    """What a queued task declares (the node that runs it adds its default_resources)."""
+    raw = record.get("request", {}).get("resources")
+    try:
+        return parse_resources(raw) if raw else Resources()
+    except ResourceError:
+        return Resources()
+
+
 class ClusterDispatcher(service.Service):
     """The leader's loop: follow the queue in Redis, expire, dispatch where there is room.
 
@@ -332,7 +342,7 @@ class ClusterDispatcher(service.Service):
                  is_leader: Callable[[], bool],
                  candidates: Callable[[], list[Candidate]],
                  send: Callable[[str, dict[str, Any]], defer.Deferred[Outcome]],
-                 placed: Callable[[str], None] = lambda node_id: None,
+                 placed: Callable[[str, Resources], None] = lambda node_id, resources: None,
                  term: Callable[[], int | None] = lambda: None,
                  default_queue_timeout: float = 3600.0, interval: float = 0.1) -> None:
         self._reactor = reactor
@@ -466,17 +476,18 @@ class ClusterDispatcher(service.Service):
             if chosen is None:
                 return  # no queued task fits a node with room
             task_id, best, first = chosen
+            resources = record_resources(self._records[task_id][1])
             if best.free_slots <= 1:
                 del room[best.node_id]
             else:
-                room[best.node_id] = attrs.evolve(best, free_slots=best.free_slots - 1)
+                room[best.node_id] = best.minus(resources)
             if first:
                 self._queue.pop()  # the head: its group's turn is spent
             else:
                 self._queue.remove(task_id)
             seq, record = self._records[task_id]
             self._in_flight.add(task_id)
-            self._placed(best.node_id)
+            self._placed(best.node_id, resources)
             sent = self._send(best.node_id, record)
             sent.addErrback(self._send_failed, task_id)
             sent.addCallback(self._sent, task_id, seq, record)
@@ -484,7 +495,8 @@ class ClusterDispatcher(service.Service):
     def _choose(self, room: Mapping[str, Candidate]) -> tuple[str, Candidate, bool] | None:
         """The first task in dispatch order that some node with room can take."""
         for index, task_id in enumerate(self._queue.ordered(DISPATCH_WINDOW)):
-            ranked = rank(room.values(), record_labels(self._records[task_id][1]))
+            record = self._records[task_id][1]
+            ranked = rank(room.values(), record_labels(record), record_resources(record))
             if ranked:
                 return task_id, ranked[0], index == 0
         return None

@@ -137,6 +137,22 @@ def _resources(value: Any) -> Resources:
         raise ValueError(str(error)) from None
 
 
+def _reserve(value: Any) -> Resources:
+    """``cpus=0.5,memory=512M`` kept from the tasks for the agent and the OS."""
+    raw = dict(value) if isinstance(value, Mapping) else dict(_labels(value))
+    if "pids" in raw:
+        raise ValueError("reserve.pids: only cpus and memory are reserved")
+    if isinstance(raw.get("cpus"), str):
+        try:
+            raw["cpus"] = float(raw["cpus"])
+        except ValueError:
+            raise ValueError("reserve.cpus: must be a number of CPUs") from None
+    try:
+        return parse_resources(raw, "reserve")
+    except ResourceError as error:
+        raise ValueError(str(error)) from None
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -316,11 +332,19 @@ SETTINGS: tuple[Setting, ...] = (
             "delegated cgroup v2 directory for tasks (default: the agent's own cgroup)"),
     Setting("default_resources", _resources, Resources(),
             "limits of a task that declares none, cpus=1.5,memory=2G,pids=512"),
+    Setting("run_as", _optional_text, None,
+            "user the tasks run as when the agent runs as root (default: the agent's user)"),
+    Setting("reserve", _reserve, Resources(),
+            "CPUs and memory kept from the tasks' declared resources for the agent and "
+            "the OS, cpus=0.5,memory=512M"),
     Setting("keep_tasks", _duration, 14 * 86400.0,
             "how long finished tasks and their output are kept: seconds or 12h, 14d, 2w"),
     Setting("store_limit", _optional_size, None,
             "bytes the task store may hold, e.g. 10G; oldest finished tasks go first "
             "(default: a tenth of the state dir's filesystem)"),
+    Setting("stop_grace", _duration, 0.0,
+            "seconds running tasks may take to finish at stop (SIGTERM): the node drains "
+            "first, then cancels what is left (0: cancel at once)"),
     Setting("drain", _on_off, False,
             "start draining (true/false): take no new tasks until POST /node/resume"),
     Setting("log_format", _log_format, "text", "log lines as 'text' or 'json'"),
@@ -369,9 +393,12 @@ class Config:
     cgroups: str = "auto"
     cgroup_root: str | None = None
     default_resources: Resources = attrs.field(factory=Resources)
+    reserve: Resources = attrs.field(factory=Resources)
+    run_as: str | None = None
     keep_tasks: float = 14 * 86400.0
     store_limit: int | None = None
     drain: bool = False
+    stop_grace: float = 0.0
     discovery_transport: str = "broadcast"
     multicast_group: str = "239.255.77.1:4002"
     multicast_ttl: int = 1

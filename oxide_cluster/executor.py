@@ -21,10 +21,12 @@ from twisted.application import service
 from twisted.internet import defer, error, main, process, protocol
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from oxide_cluster.capacity import Allocatable, Capacity, describe, misfit, taken
 from oxide_cluster.cgroups import (
     CgroupProvider,
     OffProvider,
@@ -34,6 +36,9 @@ from oxide_cluster.cgroups import (
 )
 from oxide_cluster.interfaces import ITaskRunner
 from oxide_cluster.model import Task, TaskRequest, TaskState, new_task_id
+from oxide_cluster.protection import TASK_OOM_SCORE_ADJ, User, set_oom_score_adj
+from oxide_cluster.sampling import INTERVAL as SAMPLE_INTERVAL
+from oxide_cluster.sampling import REAPED, TreeSampler
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # After SIGKILL a process can still hang in the kernel (D state); after this long we
@@ -112,9 +117,11 @@ _CATCHABLE_SIGNALS = tuple(sorted(number for number in signal.valid_signals()
 
 
 def _enter_cgroups(files: tuple[str, ...]) -> None:
-    """In the forked child, before exec: join the task's cgroup(s) so that nothing the
-    command starts can be outside them. An error ends the child (its traceback goes to
-    the task's stderr): a task must not run unconfined."""
+    """In the forked child, before exec: raise its OOM score above the agent's, and join
+    the task's cgroup(s) so that nothing the command starts can be outside them. An
+    error ends the child (its traceback goes to the task's stderr): a task must not run
+    unconfined."""
+    set_oom_score_adj(TASK_OOM_SCORE_ADJ)
     pid = str(os.getpid()).encode()
     for name in files:
         fd = os.open(name, os.O_WRONLY)
@@ -154,6 +161,7 @@ class _SignalSafeFork:
 # task never runs unconfined. ``exec "$@"`` keeps the task's argv[0]; sh looks the name
 # up in the same PATH the agent resolved it in (relative PATH entries take the fork path).
 _ENTER_SCRIPT = (
+    f'echo {TASK_OOM_SCORE_ADJ} > /proc/self/oom_score_adj 2>/dev/null\n'
     'n=$1; d=$2; shift 2\n'
     'while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 127; shift; n=$((n - 1)); done\n'
     '[ -z "$d" ] || cd -- "$d" || exit 127\n'
@@ -177,21 +185,23 @@ def _spawn_via_shell(args: list[str], path: str | None, environment: Mapping[str
 class _GroupLeaderProcess(_SignalSafeFork, process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
-    The fast path is ``posix_spawnp(..., setsid=True)``, Twisted's own spawn call plus
-    ``setsid``; it needs Twisted's private fd helpers and cannot change directory, so a
-    task with a ``cwd`` (or a Twisted without those helpers) takes the fork path, whose
-    child calls ``setsid()`` before exec. A task with a cgroup is spawned through
-    ``_ENTER_SCRIPT`` (which also changes directory); the fork path (a fork of the whole
-    agent, Python in the child) is left for what sh cannot do the same way.
+    The fast path is ``posix_spawnp(..., setsid=True)`` of ``_ENTER_SCRIPT``, a small sh
+    that raises the task's OOM score, joins its cgroups (if any), changes directory and
+    execs the command; it needs Twisted's private fd helpers. The fork path (a fork of
+    the whole agent, Python in the child, which calls ``setsid()`` and does the same
+    before exec) is left for what sh cannot do the same way, for ``run_as`` and for a
+    Twisted without those helpers.
     """
 
     processReaderFactory = _LargeReadProcessReader
 
     def __init__(self, reactor: Any, executable: str, args: list[str],
                  environment: dict[str, str], path: str | None,
-                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = ()) -> None:
+                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = (),
+                 user: User | None = None) -> None:
         self.cgroup_procs = cgroup_procs  # read by the child, so set before the fork
-        super().__init__(reactor, executable, args, environment, path, proto)
+        super().__init__(reactor, executable, args, environment, path, proto,
+                         uid=user.uid if user else None, gid=user.gid if user else None)
 
     def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: str,
                                args: list[str], environment: dict[str, str],
@@ -200,13 +210,12 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
                    ("_listOpenFDs", "_getFileActions", "_PS_CLOSE", "_PS_DUP2")]
         if uid is not None or gid is not None or None in helpers:
             return False
-        if self.cgroup_procs:
-            wrapped = _spawn_via_shell(args, path, environment, self.cgroup_procs)
-            if wrapped is None:
-                return False
-            executable, args = _SHELL, wrapped
-        elif path is not None:
+        # Always through the small sh: it raises the OOM score (and joins the cgroups)
+        # before the command runs, so nothing the command forks keeps the agent's score.
+        wrapped = _spawn_via_shell(args, path, environment, self.cgroup_procs)
+        if wrapped is None:
             return False
+        executable, args = _SHELL, wrapped
         list_open_fds, file_actions, ps_close, ps_dup2 = helpers
         fd_state = []
         for fd in list_open_fds():
@@ -262,9 +271,11 @@ class _TerminalProcess(_SignalSafeFork, process.PTYProcess):
 
     def __init__(self, reactor: Any, executable: str, args: list[str],
                  environment: dict[str, str], path: str | None,
-                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = ()) -> None:
+                 proto: protocol.ProcessProtocol, cgroup_procs: tuple[str, ...] = (),
+                 user: User | None = None) -> None:
         self.cgroup_procs = cgroup_procs  # read by the child, so set before the fork
-        super().__init__(reactor, executable, args, environment, path, proto)
+        super().__init__(reactor, executable, args, environment, path, proto,
+                         uid=user.uid if user else None, gid=user.gid if user else None)
         # A pty has no stdin to close; an end-of-file (^D) in the line discipline makes
         # a task that reads the terminal see EOF instead of waiting until its timeout.
         self.write(b"\x04")
@@ -278,12 +289,15 @@ class _TerminalProcess(_SignalSafeFork, process.PTYProcess):
 def spawn_in_new_group(reactor: IReactorProcess, proto: protocol.ProcessProtocol,
                        executable: str, args: list[str], env: dict[str, str],
                        path: str | None, tty: bool = False,
-                       cgroup_procs: tuple[str, ...] = ()) -> Any:
+                       cgroup_procs: tuple[str, ...] = (), user: User | None = None) -> Any:
     """Start a task's process in its own session; with ``tty``, on a new pseudo-terminal.
-    With ``cgroup_procs``, the child writes its pid into each before it execs."""
+    With ``cgroup_procs``, the child writes its pid into each before it execs; with
+    ``user``, it runs as that user."""
     if tty:
-        return _TerminalProcess(reactor, executable, args, env, path, proto, cgroup_procs)
-    return _GroupLeaderProcess(reactor, executable, args, env, path, proto, cgroup_procs)
+        return _TerminalProcess(reactor, executable, args, env, path, proto, cgroup_procs,
+                                user)
+    return _GroupLeaderProcess(reactor, executable, args, env, path, proto, cgroup_procs,
+                               user)
 
 
 @implementer(ITaskRunner)
@@ -293,14 +307,19 @@ class ProcessRunner:
 
     def __init__(self, cgroups: CgroupProvider | None = None,
                  spawn: Callable[..., Any] = spawn_in_new_group,
-                 signal_group: Callable[[int, int], None] = os.killpg) -> None:
+                 signal_group: Callable[[int, int], None] = os.killpg,
+                 run_as: User | None = None) -> None:
         self.cgroups: CgroupProvider = cgroups or OffProvider()
         self._spawn = spawn
         self._signal_group = signal_group
+        self.run_as = run_as
 
     def spawn(self, reactor: Any, proto: Any, executable: str, args: list[str],
               env: dict[str, str], path: str | None, tty: bool = False,
               cgroup_procs: tuple[str, ...] = ()) -> Any:
+        if self.run_as is not None:
+            return self._spawn(reactor, proto, executable, args, env, path, tty=tty,
+                               cgroup_procs=cgroup_procs, user=self.run_as)
         return self._spawn(reactor, proto, executable, args, env, path, tty=tty,
                            cgroup_procs=cgroup_procs)
 
@@ -318,9 +337,13 @@ class TaskRun:
                  on_finished: Callable[[TaskRun], None],
                  spawn: Callable[..., Any] = spawn_in_new_group,
                  signal_group: Callable[[int, int], None] = os.killpg,
-                 cgroups: CgroupProvider | None = None) -> None:
+                 cgroups: CgroupProvider | None = None, sample_usage: bool = False) -> None:
         self._reactor = reactor
         self.task = task
+        self._sample_usage = sample_usage
+        self._sampler: TreeSampler | None = None
+        self._sampling: LoopingCall | None = None
+        self._reaped_cpu = 0.0
         self._cgroups: CgroupProvider = cgroups or OffProvider()
         self.cgroup: TaskCgroup | None = None
         self._kill_group = signal_group
@@ -378,6 +401,13 @@ class TaskRun:
         self._process = proc
         self._pgid = proc.pid
         task.pid = proc.pid
+        if self.cgroup is None and self._sample_usage and isinstance(proc.pid, int):
+            self._sampler = TreeSampler(proc.pid)
+            self._sampling = LoopingCall(self._sampler.sample)
+            self._sampling.clock = self._reactor
+            # The first sample after one interval: a short task costs no /proc scan.
+            self._sampling.start(SAMPLE_INTERVAL, now=False).addErrback(
+                lambda failure: self.log.failure("usage sampling failed", failure))
         task.state = TaskState.RUNNING
         task.started_at = self._reactor.seconds()
         self._timers["timeout"] = self._reactor.callLater(task.timeout, self._timed_out)
@@ -421,6 +451,8 @@ class TaskRun:
     def exited(self) -> None:
         """The main process is gone: kill what it left in its group (and cgroup) so the
         pipes close and nothing of the task outlives it."""
+        self._reaped_cpu = REAPED.take()
+        self._stop_sampling()
         self._signal_group(signal.SIGKILL)
         self._kill_cgroup(if_populated=True)
 
@@ -439,6 +471,8 @@ class TaskRun:
         else:
             state, why = TaskState.FAILED, f"exited with code {exit_code}"
         if self.cgroup is None:
+            if self._sampler is not None:
+                self.task.usage = self._sampler.usage(self._reaped_cpu).to_json()
             self._finish(state, why)
             return
         self._kill_cgroup(if_populated=True)
@@ -572,6 +606,7 @@ class TaskRun:
         if self._done:
             return
         self._done = True
+        self._stop_sampling()
         for name in list(self._timers):
             self._cancel_timer(name)
         self._release_cgroup()
@@ -582,6 +617,18 @@ class TaskRun:
         if self.task.output_dropped:
             task.reason += f"; {task.output_dropped} bytes of output over the limit dropped"
         self._on_finished(self)
+
+
+    def _stop_sampling(self) -> None:
+        if self._sampling is not None and self._sampling.running:
+            self._sampling.stop()
+
+
+def _populated(cgroup: TaskCgroup) -> bool:
+    try:
+        return cgroup.populated()
+    except OSError:
+        return False
 
 
 class CapacityError(Exception):
@@ -608,8 +655,12 @@ class Executor(service.Service):
                  signal_group: Callable[[int, int], None] = os.killpg,
                  workspaces: WorkspaceHook | None = None,
                  cgroups: CgroupProvider | None = None,
-                 default_resources: Resources = Resources()) -> None:
+                 default_resources: Resources = Resources(),
+                 allocatable: Allocatable | None = None,
+                 sample_usage: bool = False) -> None:
         self._reactor = reactor
+        self._sample_usage = sample_usage  # where no cgroup counts (tap: on)
+        self.allocatable = allocatable
         self.cgroups: CgroupProvider = cgroups or OffProvider()
         self._default_resources = default_resources
         self._store = store
@@ -648,8 +699,17 @@ class Executor(service.Service):
     def free_slots(self) -> int:
         return max(0, self.max_tasks - len(self.runs))
 
-    def check_capacity(self) -> None:
-        """Raise CapacityError when a new task would exceed slots, CPU or memory limits."""
+    def capacity(self) -> Capacity | None:
+        """Allocatable and free declared resources (None: the node does not count them)."""
+        if self.allocatable is None:
+            return None
+        cpus, memory = taken(run.task.resources for run in self.runs.values())
+        return Capacity(self.allocatable, self.allocatable.cpus - cpus,
+                        self.allocatable.memory - memory)
+
+    def check_capacity(self, resources: Resources | None = None) -> None:
+        """Raise CapacityError when a new task would exceed slots, the free declared
+        ``resources``, or the CPU or memory limits."""
         if self._stopping:
             raise CapacityError(503, "shutting_down", "the node is shutting down", 5)
         if not self.ready:
@@ -657,6 +717,17 @@ class Executor(service.Service):
         if not self.free_slots:
             raise CapacityError(429, "no_free_slots",
                                 f"all {self.max_tasks} task slots are busy", 1)
+        capacity = self.capacity()
+        if resources is not None and capacity is not None:
+            resource = misfit(resources, capacity.free_cpus, capacity.free_memory)
+            if resource is not None:
+                free = (f"{max(0.0, capacity.free_cpus):g} of {capacity.allocatable.cpus:g} "
+                        "allocatable CPUs" if resource == "cpus" else
+                        f"{max(0, capacity.free_memory) // 2**20} of "
+                        f"{capacity.allocatable.memory // 2**20} MiB allocatable memory")
+                raise CapacityError(429, "no_free_resources",
+                                    f"the task declares {describe(resource, resources)}; "
+                                    f"{free} are free", 1)
         cpu, memory = self._load()
         if cpu > self._max_cpu:
             raise CapacityError(503, "cpu_busy",
@@ -669,7 +740,9 @@ class Executor(service.Service):
     # -- lifecycle ----------------------------------------------------------------
 
     async def recover(self) -> list[Task]:
-        """Tasks that were unfinished when the previous agent died are ``lost``, not resumed."""
+        """Tasks that were unfinished when the previous agent died are ``lost``, not resumed;
+        what their processes left in their cgroups is killed and the cgroups removed."""
+        await self._remove_leftover_cgroups()
         lost: list[Task] = await self._store.mark_unfinished_lost(
             self.node_id, "the agent stopped while the task was unfinished (agent restart)",
             self._reactor.seconds())
@@ -678,6 +751,38 @@ class Executor(service.Service):
                           task_id=task.id, state="unfinished")
         self.ready = True
         return lost
+
+    async def _remove_leftover_cgroups(self) -> None:
+        """A killed agent (``kill -9``, OOM, power) leaves its tasks' cgroups and every
+        process in them (a setsid escape included): kill them, then remove the cgroups."""
+        try:
+            leftovers = self.cgroups.leftovers()
+        except Exception:
+            self.log.failure("cannot look for task cgroups a previous agent left")
+            return
+        if not leftovers:
+            return
+        deadline = self._reactor.seconds() + KILL_GIVE_UP
+        pending = list(leftovers)
+        while pending and self._reactor.seconds() < deadline:
+            pending = [cgroup for cgroup in pending if _populated(cgroup)]
+            for cgroup in pending:  # a fork between listing and kill (v1, no freezer)
+                try:
+                    cgroup.kill()
+                except OSError:
+                    pass
+            if pending:
+                await deferLater(self._reactor, CGROUP_POLL, lambda: None)
+        removed = 0
+        for cgroup in leftovers:
+            try:
+                cgroup.remove()
+                removed += 1
+            except OSError as error:
+                self.log.warn("cannot remove a task cgroup a previous agent left: {error}",
+                              error=error)
+        self.log.warn("{removed} of {count} task cgroups left by a previous agent killed "
+                      "and removed", removed=removed, count=len(leftovers))
 
     def stopService(self) -> defer.Deferred[None]:
         """Terminate running tasks (recorded ``cancelled``: agent shutdown) and wait."""
@@ -700,8 +805,8 @@ class Executor(service.Service):
     def submit(self, request: TaskRequest, *, task_id: str | None = None, attempt: int = 1,
                retry_of: str | None = None) -> defer.Deferred[Task]:
         """Admit and start a task; fires with the task once its record is committed."""
-        self.check_capacity()
         task = self.new_task(request, task_id=task_id, attempt=attempt, retry_of=retry_of)
+        self.check_capacity(Resources.from_json(task.resources))
         return self.start(task, request.secret_env)
 
     def new_task(self, request: TaskRequest, *, task_id: str | None = None, attempt: int = 1,
@@ -740,7 +845,8 @@ class Executor(service.Service):
         run = TaskRun(self._reactor, task, dict(secret_env),
                       kill_grace=self._kill_grace, output_limit=self._output_limit,
                       on_output=self._output, on_finished=self._finished, spawn=self._spawn,
-                      signal_group=self._signal_group, cgroups=self.cgroups)
+                      signal_group=self._signal_group, cgroups=self.cgroups,
+                      sample_usage=self._sample_usage)
         self.runs[task.id] = run
         if task.workspace is not None or task.source is not None:
             self._start_in_workspace(run)
@@ -784,6 +890,11 @@ class Executor(service.Service):
     def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
         run = self.runs.get(task_id)
         return run is not None and run.stop(TaskState.CANCELLED, reason)
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every running task (a drain's deadline); how many were."""
+        return sum(1 for run in list(self.runs.values())
+                   if run.stop(TaskState.CANCELLED, reason))
 
     def when_finished(self, task_id: str) -> defer.Deferred[Task] | None:
         """A Deferred firing with the final task, or None if it is not running here."""

@@ -19,6 +19,9 @@ def prepare_state_dir(state_dir: Path) -> None:
     """Create the state dir (0700) or fail with a message an operator can act on."""
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = state_dir.stat()
+        if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+            state_dir.chmod(0o700)  # the secret and every task's output are inside
     except OSError as error:
         raise ConfigError(f"cannot create state_dir {state_dir}: {error.strerror}") from None
     if not os.access(state_dir, os.W_OK | os.X_OK):

@@ -38,6 +38,11 @@ _EMPTY_STATS: dict[str, Any] = {
 }
 
 
+# Shown only when the peer announced them: draining, and declared-resource capacity.
+_OPTIONAL_STATS = ("draining", "allocatable_cpus", "allocatable_memory", "free_cpus",
+                   "free_memory")
+
+
 class PeerState(enum.Enum):
     """Where a peer stands; only ``ALIVE`` counts as healthy."""
 
@@ -113,7 +118,8 @@ def node_json(peer: Peer) -> dict[str, Any]:
         "last_seen": rfc3339(peer.last_seen_wall),
         "labels": dict(peer.labels),
         "services": list(peer.services),
-        "stats": {key: peer.stats.get(key) for key in _EMPTY_STATS},
+        "stats": {**{key: peer.stats.get(key) for key in _EMPTY_STATS},
+                  **{key: peer.stats[key] for key in _OPTIONAL_STATS if key in peer.stats}},
     }
 
 

@@ -30,6 +30,9 @@ DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200,
                     float("inf"))
 # Queue waits: sub-second when a slot is free, up to the default queue_timeout (1 h).
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 1800, 3600)
+# Task usage: CPU seconds like run times; memory peaks from 1 MiB to 64 GiB by fours.
+CPU_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400, float("inf"))
+MEMORY_BUCKETS = tuple(float(2 ** 20 * 4 ** n) for n in range(9)) + (float("inf"),)
 
 
 def route_template(url_map: Map, method: str, path: str) -> str:
@@ -80,6 +83,12 @@ class NodeMetrics:
             "oxide_queue_wait_seconds",
             "Seconds from a task's submit (queued) to its start, of tasks started here",
             buckets=WAIT_BUCKETS, registry=self.registry)
+        self.cpu_seconds = Histogram(
+            "oxide_task_cpu_seconds", "CPU seconds of finished tasks, by usage source",
+            ["source"], buckets=CPU_BUCKETS, registry=self.registry)
+        self.memory_peaks = Histogram(
+            "oxide_task_memory_peak_bytes", "Peak memory of finished tasks, by usage source",
+            ["source"], buckets=MEMORY_BUCKETS, registry=self.registry)
         self.registry.register(_NodeCollector(self))
         node.executor.state_listeners.append(self.task_changed)
 
@@ -95,6 +104,12 @@ class NodeMetrics:
         self.finished_total[state] = self.finished_total.get(state, 0) + 1
         if task.started_at is not None and task.finished_at is not None:
             self.durations.labels(state).observe(max(0.0, task.finished_at - task.started_at))
+        usage = task.usage or {}
+        source = str(usage.get("source") or "cgroup")
+        if isinstance(usage.get("cpu_seconds"), int | float):
+            self.cpu_seconds.labels(source).observe(usage["cpu_seconds"])
+        if isinstance(usage.get("memory_peak_bytes"), int):
+            self.memory_peaks.labels(source).observe(usage["memory_peak_bytes"])
 
     def count_request(self, request: Request) -> None:
         method = request.method.decode("ascii", "replace")

@@ -57,6 +57,9 @@ class Node:
         }
         if self.drain.draining:  # a leader places nothing on a draining node
             stats["draining"] = True
+        capacity = self.executor.capacity()
+        if capacity is not None:  # room for declared resources (wire version 3)
+            stats.update(capacity.to_stats())
         return stats
 
     def leader(self) -> dict[str, Any]:

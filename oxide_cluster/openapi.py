@@ -81,6 +81,15 @@ _NODE_STATS = {
         "free_slots": {"type": "integer", "minimum": 0},
         "draining": {"type": "boolean",
                      "description": "the node takes no new tasks (POST /node/drain)"},
+        "allocatable_cpus": {"type": "number", "minimum": 0,
+                             "description": "CPUs tasks may declare in all (host less "
+                                            "`reserve`)"},
+        "allocatable_memory": {"type": "integer", "minimum": 0,
+                               "description": "bytes of memory tasks may declare in all"},
+        "free_cpus": {"type": "number", "minimum": 0,
+                      "description": "allocatable CPUs not declared by running tasks"},
+        "free_memory": {"type": "integer", "minimum": 0,
+                        "description": "allocatable bytes not declared by running tasks"},
     },
 }
 
@@ -327,8 +336,12 @@ PATHS: dict[str, Any] = {
     })},
     "/node/drain": {"post": _secured({
         "summary": "Drain: take no new tasks (submissions 503 `draining`, nothing started "
-                   "from the queue, leaders place elsewhere); running tasks finish. "
-                   "Idempotent",
+                   "from the queue, leaders place elsewhere); running tasks finish, or are "
+                   "cancelled at `deadline`. Idempotent",
+        "parameters": [{"name": "deadline", "in": "query", "required": False,
+                        "description": "seconds from now after which tasks still running "
+                                       "are cancelled",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 604800}}],
         "responses": {"200": _json(_ref("DrainState"), "draining now")},
     })},
     "/node/resume": {"post": _secured({
@@ -404,7 +417,9 @@ PATHS: dict[str, Any] = {
                           "`already_admitted`: the task id was started before"),
             "413": _error("body larger than max_body"),
             "415": _error("Content-Type is not application/json"),
-            "422": _error("`unschedulable`: no known node has the labels the task asks for"),
+            "422": _error("`unschedulable`: no known node has the labels the task asks for, "
+                          "or allocatable room for the resources it declares (the message "
+                          "names `resources.cpus` or `resources.memory`)"),
             "429": _error("no free slot and `queue: false`, or (with Redis) no node of the "
                           "cluster has one", retry_after=True),
             "503": _error("the host is overloaded, the chosen node is unreachable, "
@@ -676,6 +691,8 @@ SCHEMAS["DrainState"] = {
     "type": "object", "required": ["draining", "since", "running", "queued"],
     "properties": {"draining": {"type": "boolean"},
                    "since": {"type": ["string", "null"], "format": "date-time"},
+                   "deadline": {"type": ["string", "null"], "format": "date-time",
+                                "description": "when tasks still running are cancelled"},
                    "running": {"type": "integer", "minimum": 0,
                                "description": "tasks still running here"},
                    "queued": {"type": "integer", "minimum": 0,

@@ -120,7 +120,13 @@ def _process(context: ProviderContext) -> Any:
         cgroups = detect(config.cgroups, context.node_id, cgroup_root=config.cgroup_root)
     except CgroupUnavailable as error:
         raise ConfigError(f"bad value for 'cgroups': {config.cgroups}: {error}") from None
-    return ProcessRunner(cgroups)
+    from oxide_cluster.protection import resolve_user
+
+    try:
+        run_as = resolve_user(config.run_as)
+    except ValueError as error:
+        raise ConfigError(f"bad value for 'run_as': {error}") from None
+    return ProcessRunner(cgroups, run_as=run_as)
 
 
 BUILTIN: tuple[Provider, ...] = (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 from twisted.application import internet, service
@@ -37,6 +37,7 @@ class Clock(Protocol):
 
 class PrunableStore(Protocol):
     is_open: bool
+    opened: defer.Deferred[Any]
 
     def prune_batch(self, finished_before: float, size_limit: int | None,
                     batch: int) -> defer.Deferred[PruneBatch]: ...
@@ -84,6 +85,7 @@ class Retention(service.MultiService):
         self.passes = 0
         self.last: PruneReport | None = None
         self._waiters: list[defer.Deferred[PruneReport]] = []
+        self._awaiting_open = False
         timer_service = internet.TimerService(interval, self._tick)
         timer_service.clock = clock
         timer_service.setServiceParent(self)
@@ -97,13 +99,21 @@ class Retention(service.MultiService):
 
     def _tick(self) -> defer.Deferred[None]:
         if not self._store.is_open:
-            # At start the store is still opening (or failed to: start-up ends with its
-            # own one line); the next tick prunes.
+            # At start the store is still opening: prune once it is open, not a whole
+            # interval later (if it fails to open, start-up ends with its own one line).
+            if not self._awaiting_open:
+                self._awaiting_open = True
+                self._store.opened.addBoth(self._store_opened)
             return defer.succeed(None)
         # TimerService stops for good when its callable fails: log and keep going.
         done = self.prune()
         done.addErrback(lambda failure: self.log.failure("store prune failed", failure))
         return done.addCallback(lambda _: None)
+
+    def _store_opened(self, result: object) -> object:
+        if self.running and self._store.is_open:
+            self._tick()
+        return result  # the store's own callbacks see the result unchanged
 
     def prune(self) -> defer.Deferred[PruneReport]:
         """One pass now; a pass already running is joined, not doubled."""

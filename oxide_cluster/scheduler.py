@@ -24,6 +24,8 @@ from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.capacity import Allocatable, Capacity, describe, misfit
+from oxide_cluster.cgroups import Resources
 from oxide_cluster.drain import RETRY_AFTER as DRAIN_RETRY_AFTER
 from oxide_cluster.drain import Drain
 from oxide_cluster.executor import CapacityError
@@ -31,16 +33,28 @@ from oxide_cluster.model import Task, TaskRequest, TaskState
 
 IDEMPOTENCY_TTL = 24 * 3600.0
 # Refusals that end when time passes or a slot frees: the task waits for them.
-_WAITABLE = frozenset({"no_free_slots", "cpu_busy", "memory_busy"})
+_WAITABLE = frozenset({"no_free_slots", "no_free_resources", "cpu_busy", "memory_busy"})
+# How far down the dispatch order the queue looks for a task that fits the free resources.
+DISPATCH_WINDOW = 200
 
 
 class Unschedulable(Exception):
-    """No known node has ever advertised the labels a task asks for."""
+    """No known node has ever advertised the labels a task asks for, or allocatable room
+    for what it declares (``resource``: ``cpus`` or ``memory``)."""
 
-    def __init__(self, labels: Mapping[str, str]) -> None:
+    def __init__(self, labels: Mapping[str, str], resource: str | None = None,
+                 resources: Resources | None = None, largest: str = "") -> None:
         names = ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
-        super().__init__(f"no known node has the labels {names}: the task could never start")
+        if resource is None:
+            message = f"no known node has the labels {names}: the task could never start"
+        else:
+            where = f" with the labels {names}" if names else ""
+            message = (f"resources.{resource}: the task declares "
+                       f"{describe(resource, resources)} and no known node{where} has that "
+                       f"much allocatable ({largest}): the task could never start")
+        super().__init__(message)
         self.labels = dict(labels)
+        self.resource = resource
 
 
 class QueueStore(Protocol):
@@ -61,7 +75,7 @@ class LocalExecutor(Protocol):
     node_id: str
     state_listeners: list[Callable[[Task], None]]
 
-    def check_capacity(self) -> None: ...
+    def check_capacity(self, resources: Resources | None = None) -> None: ...
 
     @property
     def free_slots(self) -> int: ...
@@ -76,6 +90,8 @@ class LocalExecutor(Protocol):
     def when_finished(self, task_id: str) -> defer.Deferred[Task] | None: ...
 
     def cancel(self, task_id: str, reason: str = ...) -> bool: ...
+
+    def cancel_all(self, reason: str) -> int: ...
 
     def publish_state(self, task: Task) -> None: ...
 
@@ -254,20 +270,62 @@ class _Queued:
     waiters: list[defer.Deferred[Task]] = attrs.Factory(list)
 
 
+Room = tuple[Mapping[str, str], Allocatable | None]
+
+
+def _no_rooms() -> Iterable[Room]:
+    return ()
+
+
 class LabelBook:
-    """Every label set a node has advertised (this one, and peers alive or not)."""
+    """Every label set a node has advertised (this one, and peers alive or not), with the
+    allocatable resources it announced (None: it announced none, so it may fit anything)."""
 
     def __init__(self, local: Mapping[str, str],
-                 current: Callable[[], Iterable[Mapping[str, str]]] = lambda: ()) -> None:
+                 current: Callable[[], Iterable[Mapping[str, str]]] = lambda: (), *,
+                 local_allocatable: Allocatable | None = None,
+                 rooms: Callable[[], Iterable[Room]] = _no_rooms) -> None:
         self._local = dict(local)
         self._current = current
+        self._local_allocatable = local_allocatable
+        self._rooms = rooms
         self._seen: dict[str, dict[str, str]] = {}
+        self._seen_allocatable: dict[str, Allocatable | None] = {}
 
     def membership_event(self, event: dict[str, Any]) -> None:
         """A membership listener: remember each peer's labels, even after it is pruned."""
         node = event.get("node")
         if isinstance(node, dict) and isinstance(node.get("labels"), dict):
-            self._seen[str(node.get("node_id"))] = dict(node["labels"])
+            node_id = str(node.get("node_id"))
+            self._seen[node_id] = dict(node["labels"])
+            stats = node.get("stats")
+            capacity = Capacity.from_stats(stats) if isinstance(stats, dict) else None
+            if capacity is not None or node_id not in self._seen_allocatable:
+                self._seen_allocatable[node_id] = \
+                    capacity.allocatable if capacity is not None else None
+
+    def unfit(self, labels: Mapping[str, str], resources: Resources) -> Unschedulable | None:
+        """Why no node with ``labels`` could ever fit ``resources`` (None: one could)."""
+        if resources.cpus is None and resources.memory is None:
+            return None
+        rooms: list[Room] = [(self._local, self._local_allocatable),
+                             *((self._seen[node_id], allocatable) for node_id, allocatable
+                               in self._seen_allocatable.items()),
+                             *self._rooms()]
+        matching = [allocatable for known, allocatable in rooms
+                    if all(known.get(key) == value for key, value in labels.items())]
+        if not matching or any(allocatable is None for allocatable in matching):
+            return None
+        known = [a for a in matching if a is not None]
+        reasons = [misfit(resources, a.cpus, a.memory) for a in known]
+        if any(reason is None for reason in reasons):
+            return None
+        resource = "cpus" if "cpus" in reasons else "memory"
+        if resource == "cpus":
+            largest = f"the most is {max(a.cpus for a in known):g} CPUs"
+        else:
+            largest = f"the most is {max(a.memory for a in known) // 2**20} MiB"
+        return Unschedulable(labels, resource, resources, largest)
 
     def schedulable(self, labels: Mapping[str, str]) -> bool:
         if not labels:
@@ -286,8 +344,10 @@ class Scheduler(service.Service):
     def __init__(self, reactor: Clock, store: QueueStore, executor: LocalExecutor, *,
                  default_queue_timeout: float, labels: LabelBook | None = None,
                  idempotency_ttl: float = IDEMPOTENCY_TTL,
-                 pins: QueuePins | None = None, drain: Drain | None = None) -> None:
+                 pins: QueuePins | None = None, drain: Drain | None = None,
+                 default_resources: Resources = Resources()) -> None:
         self._reactor = reactor
+        self._default_resources = default_resources
         self.drain_state = drain if drain is not None else Drain()
         self._pins = pins
         self._store = store
@@ -304,6 +364,7 @@ class Scheduler(service.Service):
         # Tasks ``admit`` is claiming: Redis may already name this node as the one
         # that runs them, so a GET forwarded here must find them (not 404).
         self._admitting: dict[str, Task] = {}
+        self._deadline_call: DelayedCall | None = None
         self.recovered = False
         self.started_total = 0
         self.rejected_total = 0
@@ -325,6 +386,8 @@ class Scheduler(service.Service):
                 entry.timer.cancel()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
         return defer.succeed(None)
 
     async def recover(self) -> list[Task]:
@@ -355,10 +418,17 @@ class Scheduler(service.Service):
 
     # -- admission ------------------------------------------------------------------
 
-    def check_schedulable(self, labels: Mapping[str, str]) -> None:
-        """Raise Unschedulable for labels no known node has ever advertised."""
+    def check_schedulable(self, labels: Mapping[str, str],
+                          resources: Resources | None = None) -> None:
+        """Raise Unschedulable for labels no known node has ever advertised, or declared
+        ``resources`` (this node's ``default_resources`` filling the gaps) that no known
+        node with those labels has allocatable."""
         if not self._labels.schedulable(labels):
             raise Unschedulable(labels)
+        declared = (resources or Resources()).over(self._default_resources)
+        unfit = self._labels.unfit(labels, declared)
+        if unfit is not None:
+            raise unfit
 
     async def submit(self, request: TaskRequest, *, idempotency_key: str | None = None,
                      queueable: bool = True, attempt: int = 1,
@@ -375,16 +445,17 @@ class Scheduler(service.Service):
         queueable = queueable and request.queue
         task = self._executor.new_task(request, attempt=attempt, retry_of=retry_of)
         task.idempotency_key = idempotency_key
+        resources = Resources.from_json(task.resources)
         if not self._queue:
             try:
-                self._executor.check_capacity()
+                self._executor.check_capacity(resources)
             except CapacityError as error:
                 if not queueable or error.code not in _WAITABLE:
                     raise
             else:
                 return await self._start(task, request.secret_env)
         elif not queueable:
-            self._executor.check_capacity()  # refuse as before if it is full
+            self._executor.check_capacity(resources)  # refuse as before if it is full
             return await self._start(task, request.secret_env)
         return await self._queue_task(task, dict(request.secret_env))
 
@@ -398,11 +469,11 @@ class Scheduler(service.Service):
         if not self.recovered:
             raise CapacityError(503, "starting", "the node is still starting", 1)
         self._refuse_if_draining()
-        self._executor.check_capacity()
+        task = self._executor.new_task(request, task_id=task_id)
+        self._executor.check_capacity(Resources.from_json(task.resources))
         if self._claiming >= self._executor.free_slots or self._queue:
             raise CapacityError(429, "no_free_slots", "every task slot is taken or promised",
                                 1)
-        task = self._executor.new_task(request, task_id=task_id)
         if created_at is not None:
             task.created_at = created_at
         self._claiming += 1
@@ -421,21 +492,38 @@ class Scheduler(service.Service):
 
     # -- drain ----------------------------------------------------------------------
 
-    def drain(self) -> None:
-        """Take no new tasks and start none from the queue; running ones finish."""
+    def drain(self, deadline: float | None = None) -> None:
+        """Take no new tasks and start none from the queue; running ones finish, or are
+        cancelled ``deadline`` seconds from now (a later drain may set a new deadline)."""
         if not self.drain_state.draining:
             self.drain_state.draining = True
             self.drain_state.since = self._reactor.seconds()
             self.log.info("draining: no new tasks; {queued} queued stay queued",
                           queued=len(self._queue))
+        if deadline is not None:
+            self._cancel_deadline()
+            self.drain_state.deadline = self._reactor.seconds() + deadline
+            self._deadline_call = self._reactor.callLater(deadline, self._deadline_passed)
 
     def resume(self) -> None:
         """Undo ``drain``: admit again and start what waited in the queue."""
+        self._cancel_deadline()
         if self.drain_state.draining:
             self.drain_state.draining = False
             self.drain_state.since = None
             self.log.info("drain ended: taking tasks again")
             self._dispatch()
+
+    def _cancel_deadline(self) -> None:
+        self.drain_state.deadline = None
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline_call = None
+        cancelled = self._executor.cancel_all("cancelled: the node's drain deadline passed")
+        self.log.info("drain deadline: {count} running tasks cancelled", count=cancelled)
 
     def _refuse_if_draining(self) -> None:
         if self.drain_state.draining:
@@ -539,8 +627,9 @@ class Scheduler(service.Service):
                     # No task end will wake us for a load that falls: look again later.
                     self._retry = self._reactor.callLater(error.retry_after, self._dispatch)
                 return
-            task_id = self._queue.pop()
-            assert task_id is not None
+            task_id = self._first_that_fits()
+            if task_id is None:
+                return  # none fits the free resources: a task's end dispatches again
             entry = self._entries.pop(task_id)
             if entry.timer is not None and entry.timer.active():
                 entry.timer.cancel()
@@ -551,6 +640,22 @@ class Scheduler(service.Service):
             started.addErrback(self._start_failed, task_id)
             for waiter in entry.waiters:
                 self._follow(waiter, entry.task, started)
+
+    def _first_that_fits(self) -> str | None:
+        """Take the first queued task, in dispatch order, that fits the free declared
+        resources (the head's turn is spent only when the head goes)."""
+        for index, task_id in enumerate(self._queue.ordered(DISPATCH_WINDOW)):
+            resources = Resources.from_json(self._entries[task_id].task.resources)
+            try:
+                self._executor.check_capacity(resources)
+            except CapacityError:
+                continue
+            if index == 0:
+                self._queue.pop()
+            else:
+                self._queue.remove(task_id)
+            return task_id
+        return None
 
     def _follow(self, waiter: defer.Deferred[Task], task: Task,
                 started: defer.Deferred[Task]) -> None:

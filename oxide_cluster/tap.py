@@ -24,6 +24,7 @@ from twisted.web.server import Site
 from oxide_cluster import config as config_module
 from oxide_cluster import logs, providers
 from oxide_cluster.api import TaskApi
+from oxide_cluster.capacity import Capacity, host_allocatable
 from oxide_cluster.cas import BlobStore
 from oxide_cluster.cas_http import UploadRequest
 from oxide_cluster.cgroups import describe_isolation
@@ -38,7 +39,7 @@ from oxide_cluster.cluster_queue import (
 from oxide_cluster.config import Config, ConfigError
 from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
-from oxide_cluster.drain import Drain
+from oxide_cluster.drain import Drain, DrainOnStop
 from oxide_cluster.election import RedisAddress, RedisLockBackend
 from oxide_cluster.executor import Executor
 from oxide_cluster.forwarding import PeerClient
@@ -52,9 +53,10 @@ from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.model import Task, TaskState, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Candidate, Placement
+from oxide_cluster.protection import protect_agent
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.retention import Retention
-from oxide_cluster.scheduler import LabelBook, Scheduler
+from oxide_cluster.scheduler import LabelBook, Room, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
 from oxide_cluster.suites import RedisSuiteDurations, StoreSuiteDurations, SuiteDurations
@@ -276,6 +278,10 @@ class NodeService(service.MultiService):
             log.info("oxide-cluster node {node_id} at {url} (dashboard: {dashboard}); "
                      "state in {state_dir}", node_id=self._node_id, url=url,
                      dashboard=dashboard, state_dir=self._state_dir)
+        # After twistd dropped privileges (a uid change resets the dumpable flag).
+        protected = protect_agent()
+        log.info("agent protected from its tasks: non-dumpable {non_dumpable}, "
+                 "oom_score_adj {oom_score_adj} (tasks {task_oom_score_adj})", **protected)
         super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
@@ -327,6 +333,7 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         max_memory_percent=config.max_memory_percent, workspaces=workspaces,
         cgroups=runner.cgroups, spawn=runner.spawn, signal_group=runner.signal,
         default_resources=config.default_resources,
+        allocatable=host_allocatable(config.reserve), sample_usage=True,
     )
     try:
         elector: Any = chosen.build("election", reactor, config, node_id)
@@ -338,9 +345,12 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds(), retention=retention,
                 drain=Drain(config.drain, reactor.seconds() if config.drain else None))
-    labels = LabelBook(config.labels, lambda: _peer_labels(node))
+    labels = LabelBook(config.labels, lambda: _peer_labels(node),
+                       local_allocatable=executor.allocatable,
+                       rooms=lambda: _peer_rooms(node))
     scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
-                          labels=labels, pins=workspaces, drain=node.drain)
+                          labels=labels, pins=workspaces, drain=node.drain,
+                          default_resources=config.default_resources)
     _RecoverThenRun(store, executor, scheduler, lambda code: exit_after_stop(reactor, code),
                     config.state_dir).setServiceParent(top)
     scheduler.setServiceParent(top)
@@ -408,6 +418,9 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     scheme = "https" if config.listen.startswith("ssl:") else "http"
     listener = HttpListener(endpoint, site, scheme, node.ip_address or node.hostname)
     top.add_listener(listener, BindOption("listen", config.listen, "--listen port"))
+    # Last, so it stops first: the API keeps answering while running tasks finish.
+    DrainOnStop(reactor, config.stop_grace, scheduler.drain,
+                lambda: executor.running_count, executor.when_idle).setServiceParent(top)
     return top, node
 
 
@@ -444,12 +457,13 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
             return placement.candidates()
         stats = node.stats()
         return [Candidate(node.node_id, stats["free_slots"], stats["cpu_percent"],
-                          stats["memory_percent"], config.labels, node.drain.draining)]
+                          stats["memory_percent"], config.labels, node.drain.draining,
+                          Capacity.from_stats(stats))]
 
     dispatcher = ClusterDispatcher(
         reactor, backend, is_leader=lambda: bool(elector.is_leader), candidates=candidates,
         send=admission.send,
-        placed=placement.placed if placement is not None else (lambda node_id: None),
+        placed=placement.placed if placement is not None else (lambda node_id, _: None),
         term=lambda: elector.token if elector.is_leader else None,
         default_queue_timeout=config.queue_timeout)
 
@@ -487,6 +501,17 @@ def _peer_labels(node: Node) -> list[dict[str, str]]:
     if node.discovery is None:
         return []
     return [peer.labels for peer in node.discovery.membership]
+
+
+def _peer_rooms(node: Node) -> list[Room]:
+    """Labels and announced allocatable of every peer membership knows (the 422 check)."""
+    if node.discovery is None:
+        return []
+    rooms: list[Room] = []
+    for peer in node.discovery.membership:
+        capacity = Capacity.from_stats(peer.stats)
+        rooms.append((peer.labels, capacity.allocatable if capacity is not None else None))
+    return rooms
 
 
 def discovery_settings(config: Config) -> DiscoverySettings:

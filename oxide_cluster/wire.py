@@ -1,4 +1,4 @@
-"""The one encoder/decoder of discovery datagrams (contract, versions 1 and 2).
+"""The one encoder/decoder of discovery datagrams (contract, versions 1, 2 and 3).
 
 A datagram is canonical JSON::
 
@@ -24,6 +24,16 @@ announce that carries ``members`` (unicast announces), so broadcasts, queries an
 stay version 1 and a version-1 node still understands them; ``decode`` accepts both. A
 malformed ``members`` list (not a list, too long) refuses the datagram; a malformed entry
 is dropped and counted in ``Message.dropped_members``, and the rest of the announce is kept.
+
+Version 3 adds the node's declared-resource capacity to an announce's ``stats``: all four of
+``allocatable_cpus``, ``allocatable_memory`` (bytes), ``free_cpus`` and ``free_memory``
+(allocatable less what running tasks declared), so a leader packs tasks by the resources
+they declare. ``members`` is optional in a version-3 announce. ``encode`` writes ``v`` 3
+only for an announce whose stats carry them; a version-1 or 2 datagram carrying them is
+refused. A version-2 node refuses version-3 announces (``bad_version``), so during a
+rolling upgrade the old nodes stop hearing the upgraded ones until they are upgraded too;
+an upgraded node reads the older versions and treats a peer that announces no capacity as
+able to fit any task (that node's own admission is the final word).
 """
 
 from __future__ import annotations
@@ -41,9 +51,9 @@ from typing import Any, Final, Protocol
 
 import attrs
 
-VERSION: Final = 2
-#: Versions ``decode`` accepts; 1 is every field of 2 but ``members``.
-VERSIONS: Final = (1, 2)
+VERSION: Final = 3
+#: Versions ``decode`` accepts; 1 is every field of 2 but ``members``; 3 adds capacity.
+VERSIONS: Final = (1, 2, 3)
 #: Upper bound on gossiped members per datagram (``MAX_DATAGRAM`` usually binds first).
 MAX_MEMBERS: Final = 16
 MAX_DATAGRAM: Final = 1200
@@ -71,6 +81,9 @@ _ENVELOPE_KEYS = frozenset({"v", "type", "node_id", "ts", "nonce", "body", "mac"
 _STATS_KEYS = frozenset({"cpu_percent", "memory_percent", "load", "running_tasks", "free_slots"})
 # Sent only while true, so a node that is not draining stays readable by older peers.
 _STATS_OPTIONAL = frozenset({"draining"})
+#: Declared-resource capacity (version 3): all four or none.
+CAPACITY_KEYS: Final = frozenset({"allocatable_cpus", "allocatable_memory", "free_cpus",
+                                  "free_memory"})
 _LEADER_KEYS = frozenset({"node_id", "token", "since"})
 _ANNOUNCE_KEYS = frozenset(
     {
@@ -226,8 +239,11 @@ def _check_members(value: Any) -> list[Any]:
 
 
 def _check_announce(node_id: str, body: dict[str, Any], version: int) -> None:
-    _check_keys(body, "body", _ANNOUNCE_V2_KEYS if version >= 2 else _ANNOUNCE_KEYS)
-    if version >= 2:
+    if version >= 3:
+        _check_keys(body, "body", _ANNOUNCE_KEYS, frozenset({"members"}))
+    else:
+        _check_keys(body, "body", _ANNOUNCE_V2_KEYS if version >= 2 else _ANNOUNCE_KEYS)
+    if "members" in body:
         _check_members(body["members"])
     if body["node_id"] != node_id:
         raise _bad("body.node_id differs from node_id")
@@ -246,7 +262,17 @@ def _check_announce(node_id: str, body: dict[str, Any], version: int) -> None:
         _check_str(value, f"labels[{key}]", 128)
     _check_str(body["version"], "version", 64)
     _check_number(body["started_at"], "started_at")
-    stats = _check_keys(body["stats"], "stats", _STATS_KEYS, _STATS_OPTIONAL)
+    if version >= 3:
+        stats = _check_keys(body["stats"], "stats", _STATS_KEYS | CAPACITY_KEYS,
+                            _STATS_OPTIONAL)
+        for key in ("allocatable_cpus", "free_cpus"):
+            _check_number(stats[key], f"stats.{key}")
+            if not 0 <= stats[key] <= 1_000_000:
+                raise _bad(f"stats.{key} must be from 0 to 1000000")
+        for key in ("allocatable_memory", "free_memory"):
+            _check_int(stats[key], f"stats.{key}", 0, 2 ** 62)
+    else:
+        stats = _check_keys(body["stats"], "stats", _STATS_KEYS, _STATS_OPTIONAL)
     if "draining" in stats and not isinstance(stats["draining"], bool):
         raise _bad("stats.draining must be true or false")
     for key in ("cpu_percent", "memory_percent"):
@@ -359,12 +385,19 @@ def encode(
 ) -> bytes:
     """Build a signed datagram; raise ``WireError`` if peers would refuse it.
 
-    Version 2 only when the body carries ``members``, whose every entry must be valid.
+    Version 3 only for an announce whose stats carry capacity, else 2 only when the body
+    carries ``members`` (whose every entry must be valid), else 1.
     """
     nonce = secrets.token_hex(8) if nonce is None else nonce
-    version = VERSION if type_ == ANNOUNCE and "members" in body else 1
+    version = 1
+    if type_ == ANNOUNCE:
+        stats = body.get("stats")
+        if isinstance(stats, dict) and CAPACITY_KEYS & stats.keys():
+            version = 3
+        elif "members" in body:
+            version = 2
     _check_envelope(type_, node_id, ts, nonce, body, version)
-    if version >= 2:
+    if "members" in body and type_ == ANNOUNCE:
         for entry in body["members"]:
             parse_member(entry)
     envelope: dict[str, Any] = {

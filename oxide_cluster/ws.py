@@ -19,7 +19,7 @@ Server → client, JSON text frames::
      "encoding": "utf-8"|"base64", "data": STRING}
     {"type": "live", "task": ID, "offset": N}       replay done, now streaming live
     {"type": "state", "task": ID, "state": S, "exit_code": C, "signal": N, "reason": R,
-     "output_bytes": B}                             the task ended; the attachment is gone
+     "output_bytes": B[, "usage": U]}               the task ended; the attachment is gone
     {"type": "detached", "task": ID}
     {"type": "task", "event": "started"|"finished", "task": {task JSON}}   topic cluster
     {"type": "node"|"leader", ...}                  topic cluster, see :meth:`LiveHub.publish`
@@ -143,9 +143,13 @@ def output_messages(task_id: str, offset: int, stream: str,
 
 
 def state_message(task: Task) -> dict[str, Any]:
-    return {"type": "state", "task": task.id, "state": task.state.value,
-            "exit_code": task.exit_code, "signal": task.signal, "reason": task.reason,
-            "output_bytes": task.output_bytes}
+    message: dict[str, Any] = {
+        "type": "state", "task": task.id, "state": task.state.value,
+        "exit_code": task.exit_code, "signal": task.signal, "reason": task.reason,
+        "output_bytes": task.output_bytes}
+    if task.usage is not None:  # the CLI's end-of-run line
+        message["usage"] = task.usage
+    return message
 
 
 class Sink(Protocol):

@@ -197,6 +197,10 @@ function renderNodes(cluster) {
       : `${node.hostname}:${node.api_port}`;
     const state = el("td");
     state.append(el("span", `state state-${node.healthy ? "alive" : "down"}`, node.state));
+    if (stats.draining) {  // takes no new tasks: the scheduler places elsewhere
+      row.classList.add("draining");
+      state.append(" ", el("span", "tag draining-badge", "draining"));
+    }
     const running = stats.running_tasks ?? null;
     const slots = running === null || stats.free_slots == null ? null
       : running + stats.free_slots;
@@ -557,6 +561,14 @@ class TaskView {
     if (task.started_at) parts.push(duration(task));
     if (task.exit_code !== null && task.exit_code !== undefined) parts.push(`exit ${task.exit_code}`);
     if (task.signal) parts.push(`signal ${task.signal}`);
+    const usage = task.usage;  // from the cgroup's accounting, or sampled (marked)
+    if (usage && usage.cpu_seconds !== null && usage.cpu_seconds !== undefined) {
+      let text = `cpu ${Number(usage.cpu_seconds).toFixed(1)} s`;
+      if (usage.memory_peak_bytes) text += `, peak memory ${Math.round(usage.memory_peak_bytes / 1048576)} MiB`;
+      if (usage.processes_peak) text += `, ${usage.processes_peak} processes`;
+      parts.push(usage.source === "sampled" ? `${text} (sampled)` : text);
+    }
+    if (task.oom_killed) parts.push("OOM killed");
     const {reason} = outcome(task);
     if (reason) parts.push(reason);
     $("tv-meta").textContent = parts.join(" · ");

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -143,3 +144,36 @@ def test_cgroups_off_keeps_process_groups(agent_factory):
     assert agent.get("/ready").json()["cgroups"] == "off"
     task = agent.run_task("sh", "-c", "echo hi")
     assert task["state"] == "succeeded" and task["oom_killed"] is False
+
+
+def test_what_a_killed_agent_left_in_task_cgroups_is_gone_after_the_next_start(cg_agent,
+                                                                              host_provider):
+    marker = _marker()
+    script = (f"setsid sh -c 'exec sleep {marker}' </dev/null >/dev/null 2>&1 & "
+              f"exec sleep {marker}")
+    task = cg_agent.post("/execute", {"command": "sh", "args": ["-c", script]}).json()
+    poll_until(lambda: len(_with_marker(marker)) == 2,
+               message="the task and its setsid escape to start")
+    node_id = task["node_id"]
+    cg_agent.kill()  # SIGKILL: no stop, no cgroup kill
+    left = _with_marker(marker)
+    assert len(left) == 2  # both outlive the agent...
+    task_cgroups = [line for process in left
+                    for line in Path(f"/proc/{process.pid}/cgroup").read_text().splitlines()
+                    if f"oxide-{node_id}/{task['id']}" in line]
+    assert task_cgroups  # ...inside the task's cgroup
+    cg_agent.start()  # same state dir, same node id
+    poll_until(lambda: _with_marker(marker) == [], timeout=20,
+               message="the leftover processes to be killed")
+    assert cg_agent.get("/ready").json()["cgroups"] == host_provider.mode
+    poll_until(lambda: not any(os.path.exists(f"{base}/{task['id']}")
+                               for base in _bases(host_provider, node_id)),
+               message="the leftover cgroups to be removed")
+    assert "task cgroups left by a previous agent killed and removed" in cg_agent.log_text()
+
+
+def _bases(provider: cgroups.CgroupProvider, node_id: str) -> list[str]:
+    """Where this node's task cgroups live, per the probe's layout (same parents)."""
+    root = provider.describe()["root"]
+    probes = root.values() if isinstance(root, dict) else [root]
+    return [os.path.join(os.path.dirname(str(probe)), f"oxide-{node_id}") for probe in probes]

@@ -13,6 +13,7 @@ import pytest
 from tests.integration.test_node import SLEEP_TREE, task_processes
 from tests.support import REPO_ROOT, SECRET, poll_until
 
+USAGE_LINE = re.compile(rb"^oxide-cluster: cpu (\d+\.\d) s, peak memory \d+ MiB( \(sampled\))?$")
 TASK_LINE = re.compile(rb"^oxide-cluster: task (\S+) on node (\S+) \((http://\S+/ui/#task=\S+)\)$")
 
 
@@ -38,7 +39,18 @@ def test_tty_output_is_one_stream_on_stdout_and_stdin_ends(agent):
                                   "sh", "-c", "echo out; echo err >&2; cat; exit 3"))
     assert code == 3, err
     assert out == b"out\r\nerr\r\n"  # the terminal's line ends; cat saw end-of-file
-    assert err.count(b"\n") == 1 and TASK_LINE.match(err.rstrip(b"\n"))
+    first, usage = err.rstrip(b"\n").split(b"\n")  # the task line, then its usage
+    assert TASK_LINE.match(first), err
+    assert USAGE_LINE.match(usage), err
+
+
+def test_run_ends_with_the_tasks_cpu_and_peak_memory(agent):
+    burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    code, _, err = finished(cli(agent.url, "run", "--", "python3", "-c", burn))
+    assert code == 0, err
+    match = USAGE_LINE.match(err.rstrip(b"\n").split(b"\n")[-1])
+    assert match is not None, err
+    assert 0.3 <= float(match.group(1)) <= 1.5, err
 
 
 def test_cancel_kills_the_whole_group_of_a_tty_task(agent):

@@ -270,6 +270,10 @@ def test_unit_runs_as_a_dedicated_user_with_hardening_and_a_clean_stop():
     assert unit["EnvironmentFile"] == ["/etc/oxide-cluster/env"]
     default_grace = config.SETTINGS_BY_NAME["kill_grace"].default
     assert float(unit["TimeoutStopSec"][0]) > default_grace + 5  # + the executor's give-up
+    stop_grace = next(float(value.split("=", 1)[1]) for value in unit["Environment"]
+                      if value.startswith("OXIDE_STOP_GRACE="))
+    assert stop_grace >= 60  # a stop drains: running jobs get time to finish
+    assert float(unit["TimeoutStopSec"][0]) > stop_grace + default_grace + 5
     assert unit["ExecStart"][0].split()[1:] == ["-n", "--pidfile=", "oxide-cluster"]
     assert f"OXIDE_STATE_DIR={STATE_DIR}" in unit["Environment"]
 

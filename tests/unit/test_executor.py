@@ -443,9 +443,15 @@ class FakeCgroup:
 class FakeCgroups:
     mode = "v1"
 
-    def __init__(self, fail=None):
+    def __init__(self, fail=None, left=()):
         self.made = []
         self.fail = fail
+        self.left = list(left)
+
+    def leftovers(self):
+        for cgroup in self.left:
+            cgroup.kill()
+        return list(self.left)
 
     def describe(self):
         return {"mode": "v1"}
@@ -581,3 +587,18 @@ async def test_a_cgroup_that_cannot_be_joined_stops_the_command_before_it_runs(t
                        cgroup_procs=(str(tmp_path / "missing" / "cgroup.procs"),))
     reason = await proto.ended
     assert reason.exitCode == 127 and not marker.exists()
+
+
+def test_cgroups_a_killed_agent_left_are_killed_emptied_and_removed_at_start():
+    dying, stuck, empty = FakeCgroup("a", None), FakeCgroup("b", None), FakeCgroup("c", None)
+    dying.members, stuck.members = 2, 1
+    harness = Harness(cgroups=FakeCgroups(left=[dying, stuck, empty]))
+    recovered = defer.Deferred.fromCoroutine(harness.executor.recover())
+    assert not recovered.called  # waits for the killed processes to go
+    harness.clock.advance(0.05)
+    dying.members = 0  # the kill took
+    harness.clock.advance(0.05)
+    assert not recovered.called and dying.events.count("kill") >= 2
+    harness.clock.advance(10)  # the stuck one (D state) is given up on; the rest go
+    assert recovered.called
+    assert dying.removed and empty.removed and not stuck.removed

@@ -18,7 +18,8 @@ class _State(enum.Enum):
 
 
 def fake_node(**extra):
-    executor = SimpleNamespace(state_listeners=[], running_count=1, max_tasks=4, free_slots=3)
+    executor = SimpleNamespace(state_listeners=[], running_count=1, max_tasks=4, free_slots=3,
+                               capacity=lambda: None)
     elector = SimpleNamespace(is_leader=False,
                               leader=lambda: {"node_id": "other", "token": "17", "since": None})
     sampler = SimpleNamespace(current=SimpleNamespace(cpu_percent=5.0, memory_percent=9.0))
@@ -89,7 +90,7 @@ def test_queue_wait_is_timed_at_start_once_per_task():
         metrics.task_changed(task)
     # Its end times the run, not the wait again.
     metrics.task_changed(SimpleNamespace(state=TaskState.SUCCEEDED, created_at=100.0,
-                                         started_at=102.5, finished_at=103.0))
+                                         started_at=102.5, finished_at=103.0, usage=None))
     samples: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for sample in family.samples:
@@ -101,3 +102,28 @@ def test_queue_wait_is_timed_at_start_once_per_task():
     assert buckets[(("le", "0.01"),)] == 1
     assert buckets[(("le", "1.0"),)] == 1
     assert buckets[(("le", "5.0"),)] == 2
+
+
+def test_finished_tasks_usage_lands_in_histograms_by_source():
+    from oxide_cluster.model import Task, TaskState
+
+    node = fake_node()
+    metrics = NodeMetrics(node, Map([]))
+    for index, usage in enumerate([
+            {"cpu_seconds": 1.2, "memory_peak_bytes": 3 * 2**20, "processes_peak": 2,
+             "source": "cgroup"},
+            {"cpu_seconds": 0.4, "memory_peak_bytes": None, "processes_peak": None,
+             "source": "sampled"},
+            None]):
+        task = Task(id=f"t{index}", node_id="n1", command="true", args=[], cwd=None, env={},
+                    secret_env_keys=[], labels={}, timeout=5.0, idle_timeout=None, retries=0,
+                    state=TaskState.SUCCEEDED, created_at=1.0, started_at=1.0,
+                    finished_at=2.0, usage=usage)
+        metrics.task_changed(task)
+    text = generate_latest(metrics.registry).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("oxide_task_cpu_seconds_sum", (("source", "cgroup"),))] == 1.2
+    assert samples[("oxide_task_cpu_seconds_count", (("source", "sampled"),))] == 1
+    assert samples[("oxide_task_memory_peak_bytes_count", (("source", "cgroup"),))] == 1
+    assert ("oxide_task_memory_peak_bytes_count", (("source", "sampled"),)) not in samples

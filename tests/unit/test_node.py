@@ -36,7 +36,7 @@ def make_node(leader_id: str | None) -> Node:
     elector = SimpleNamespace(is_leader=leader_id == "a", leader=lambda: dict(leader))
     sampler = SimpleNamespace(current=SimpleNamespace(cpu_percent=1.0, memory_percent=2.0,
                                                       load=(0.0, 0.0, 0.0)))
-    executor = SimpleNamespace(running_count=0, free_slots=2)
+    executor = SimpleNamespace(running_count=0, free_slots=2, capacity=lambda: None)
     return Node(config=SimpleNamespace(labels={}), node_id="a", secret="s",  # type: ignore[arg-type]
                 store=None, executor=executor, sampler=sampler, elector=elector,
                 reactor=clock, discovery=SimpleNamespace(membership=members),

@@ -201,3 +201,30 @@ def test_no_pass_runs_while_the_store_is_not_open(tmp_path):
     clock.advance(60)
     assert retention.passes == 0 and retention.last is None
     retention.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_first_pass_runs_as_soon_as_the_store_opens_not_an_interval_later(tmp_path):
+    from twisted.internet import reactor
+
+    first = await opened_store(tmp_path / "s.db")
+    await add(first, [make_task("old", TaskState.SUCCEEDED, NOW - 20 * DAY)])
+    await first.stopService()
+    store = Store(reactor, tmp_path / "s.db")
+    retention = Retention(clock_at(NOW), store, keep_tasks=14 * DAY, store_limit=None,
+                          interval=60.0)
+    store.startService()
+    retention.startService()  # its first tick finds the store still opening
+    try:
+        assert not store.is_open
+        await store.opened
+        for _ in range(200):  # the Clock never moves: only the open can have started it
+            if retention.last is not None:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert retention.last is not None and retention.last.tasks == 1
+    finally:
+        await retention.stopService()
+        if retention.last is None:
+            await retention.prune()  # let the store close with no pass on its queue
+        await store.stopService()

@@ -55,7 +55,7 @@ class SlotExecutor:
     def free_slots(self) -> int:
         return self.slots - len(self.running)
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, resources=None) -> None:
         if len(self.running) >= self.slots:
             raise CapacityError(429, "no_free_slots", "all slots are busy", 1)
 

@@ -129,7 +129,7 @@ def test_key_is_derived_not_the_raw_secret() -> None:
         (b'{"v":1e999}', "not_json"),
         (b'{"v":1,"v":1}', "not_json"),
         (b"{}", "bad_version"),
-        (b'{"v":3}', "bad_version"),
+        (b'{"v":4}', "bad_version"),
         (b'{"v":true}', "bad_version"),
         (b'{"v":1}', "bad_field"),
         (b" " * 1201, "oversized"),
@@ -366,3 +366,40 @@ def test_draining_must_be_a_boolean_and_nothing_else_is_optional() -> None:
         with pytest.raises(WireError) as info:
             wire.encode(KEY, wire.ANNOUNCE, "node-a", announce_body(stats=stats), ts=NOW)
         assert info.value.reason == "bad_field"
+
+
+# -- version 3: declared-resource capacity ---------------------------------------------
+
+CAPACITY = {"allocatable_cpus": 3.5, "allocatable_memory": 7 * 2**30, "free_cpus": 1.5,
+            "free_memory": 2**30}
+
+
+def test_announce_with_capacity_is_version_3_and_decodes_it() -> None:
+    body = announce_body()
+    body["stats"] = {**body["stats"], **CAPACITY}
+    data = wire.encode(KEY, wire.ANNOUNCE, "node-a", body, ts=NOW)
+    assert json.loads(data)["v"] == 3
+    msg = wire.decode(KEY, data, guard())
+    assert msg.version == 3 and msg.body["stats"]["free_memory"] == 2**30
+    with_gossip = {**body, "members": [entry()]}
+    msg = wire.decode(KEY, wire.encode(KEY, wire.ANNOUNCE, "node-a", with_gossip, ts=NOW),
+                      guard())
+    assert msg.version == 3 and len(msg.members) == 1
+
+
+def test_capacity_belongs_to_version_3_and_comes_whole() -> None:
+    older = json.loads(valid_datagram())
+    older["body"]["stats"].update(CAPACITY)
+    assert reason_of(resign(older)) == "bad_field"  # a version-1 node never sends it
+    older["v"] = 2
+    older["body"]["members"] = []
+    assert reason_of(resign(older)) == "bad_field"
+    partial = announce_body()
+    partial["stats"] = {**partial["stats"], "free_cpus": 1.0}
+    with pytest.raises(WireError) as refused:
+        wire.encode(KEY, wire.ANNOUNCE, "node-a", partial, ts=NOW)
+    assert refused.value.reason == "bad_field"
+    negative = announce_body()
+    negative["stats"] = {**negative["stats"], **CAPACITY, "free_memory": -1}
+    with pytest.raises(WireError, match="free_memory"):
+        wire.encode(KEY, wire.ANNOUNCE, "node-a", negative, ts=NOW)
