@@ -43,6 +43,15 @@ class Unschedulable(Exception):
         self.labels = dict(labels)
 
 
+class SeenTask(Exception):
+    """A task id this node already has: a repeated delivery is never a second run."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} was already admitted here; it is never started "
+                         "twice")
+        self.task_id = task_id
+
+
 class QueueStore(Protocol):
     """What the scheduler needs from the store (``oxide_cluster.store.Store``)."""
 
@@ -301,6 +310,7 @@ class Scheduler(service.Service):
         self._keys: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self._retry: DelayedCall | None = None
         self._claiming = 0  # slots held by ``admit`` while its claim is on its way
+        self._admitting: set[str] = set()  # ids between ``submit`` and started/queued
         self.recovered = False
         self.started_total = 0
         self.rejected_total = 0
@@ -359,19 +369,33 @@ class Scheduler(service.Service):
 
     async def submit(self, request: TaskRequest, *, idempotency_key: str | None = None,
                      queueable: bool = True, attempt: int = 1,
-                     retry_of: str | None = None) -> Task:
+                     retry_of: str | None = None, task_id: str | None = None) -> Task:
         """Start the task now, or queue it (``queueable`` and ``request.queue``), or raise
-        CapacityError; a known ``idempotency_key`` returns the task it first made."""
+        CapacityError; a known ``idempotency_key`` returns the task it first made.
+
+        ``task_id``, given where the task entered the cluster, is refused (SeenTask) when
+        this node already has it: a delivery repeated after a lost reply runs nothing."""
         if idempotency_key is not None:
             earlier = await self._idempotent(idempotency_key)
             if earlier is not None:
                 return earlier
+        if task_id is not None and (task_id in self._admitting
+                                    or await self.find(task_id) is not None):
+            raise SeenTask(task_id)
         if not self.recovered:
             raise CapacityError(503, "starting", "the node is still starting", 1)
         self._refuse_if_draining()
         queueable = queueable and request.queue
-        task = self._executor.new_task(request, attempt=attempt, retry_of=retry_of)
+        task = self._executor.new_task(request, task_id=task_id, attempt=attempt,
+                                       retry_of=retry_of)
         task.idempotency_key = idempotency_key
+        self._admitting.add(task.id)
+        try:
+            return await self._admit(task, request, queueable)
+        finally:
+            self._admitting.discard(task.id)
+
+    async def _admit(self, task: Task, request: TaskRequest, queueable: bool) -> Task:
         if not self._queue:
             try:
                 self._executor.check_capacity()

@@ -52,6 +52,7 @@ from oxide_cluster.node import Node
 from oxide_cluster.placement import Candidate, Placement
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.retention import Retention
+from oxide_cluster.routing import RouterSettings, TaskRouter
 from oxide_cluster.scheduler import LabelBook, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
@@ -378,13 +379,16 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         cluster = _cluster_queue(reactor, config, node, scheduler, redis, peers, placement)
         cluster.dispatcher.setServiceParent(top)
         cluster.watch.setServiceParent(top)
-    api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
-                  peers=peers, placement=placement, directory=directory,
-                  workspaces=workspaces, scheduler=scheduler, cluster=cluster)
+    router = TaskRouter(
+        RouterSettings(node_id, config.labels, config.max_timeout, config.queue_timeout),
+        reactor, elector, scheduler, executor, peers=peers, placement=placement,
+        directory=directory, cluster=cluster)
+    api = TaskApi(node, router, websocket=LiveFactory(hub, secret, reactor).web_resource(),
+                  workspaces=workspaces)
     if cluster is not None:
-        hub.locate = api.locate_owner
+        hub.locate = router.locate_owner
     if directory is not None and node.discovery is not None:
-        recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
+        recovery = Recovery(reactor, node, directory, router, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,
