@@ -352,18 +352,11 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                                                     "--discovery-port"))
         node.discovery.membership.subscribe(labels.membership_event)
 
-    hub = LiveHub(executor, store)
-    hub.setServiceParent(top)
-    node.ws = hub
-    elector.subscribe(lambda _: hub.publish({"type": "leader", **node.leader()}))
-    if node.discovery is not None:
-        node.discovery.membership.subscribe(hub.publish)
     peers = placement = None
     if node.discovery is not None:
         peers = PeerClient(reactor, secret, node.discovery)
         placement = Placement(reactor, node)
         reactor.addSystemEventTrigger("before", "shutdown", peers.close)
-        hub.peers, hub.node_id, hub.reactor = peers, node_id, reactor
         membership = node.discovery.membership
         # Set before any service starts: the peer client exists only after discovery.
         workspaces.source = PeerBlobs(
@@ -383,10 +376,15 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         RouterSettings(node_id, config.labels, config.max_timeout, config.queue_timeout),
         reactor, elector, scheduler, executor, peers=peers, placement=placement,
         directory=directory, cluster=cluster)
+    hub = LiveHub(executor, store, peers=peers, node_id=node_id, reactor=reactor,
+                  locate=router.locate_owner if cluster is not None else None)
+    hub.setServiceParent(top)
+    node.ws = hub
+    elector.subscribe(lambda _: hub.publish({"type": "leader", **node.leader()}))
+    if node.discovery is not None:
+        node.discovery.membership.subscribe(hub.publish)
     api = TaskApi(node, router, websocket=LiveFactory(hub, secret, reactor).web_resource(),
                   workspaces=workspaces)
-    if cluster is not None:
-        hub.locate = router.locate_owner
     if directory is not None and node.discovery is not None:
         recovery = Recovery(reactor, node, directory, router, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
