@@ -28,6 +28,7 @@ from oxide_cluster.drain import RETRY_AFTER as DRAIN_RETRY_AFTER
 from oxide_cluster.drain import Drain
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.model import Task, TaskRequest, TaskState
+from oxide_cluster.waiters import Waiters
 
 IDEMPOTENCY_TTL = 24 * 3600.0
 # Refusals that end when time passes or a slot frees: the task waits for them.
@@ -260,7 +261,6 @@ class _Queued:
     task: Task
     secret_env: dict[str, str]
     timer: DelayedCall | None = None
-    waiters: list[defer.Deferred[Task]] = attrs.Factory(list)
 
 
 class LabelBook:
@@ -311,6 +311,7 @@ class Scheduler(service.Service):
         self._retry: DelayedCall | None = None
         self._claiming = 0  # slots held by ``admit`` while its claim is on its way
         self._admitting: set[str] = set()  # ids between ``submit`` and started/queued
+        self._waiters: Waiters[str, Task] = Waiters()  # for queued tasks' ends
         self.recovered = False
         self.started_total = 0
         self.rejected_total = 0
@@ -563,17 +564,14 @@ class Scheduler(service.Service):
             if self._pins is not None:  # a no-op once the executor took the pins over
                 self._pins.release(task_id)
             started.addErrback(self._start_failed, task_id)
-            for waiter in entry.waiters:
-                self._follow(waiter, entry.task, started)
+            if self._waiters.count(task_id):
+                self._follow(entry.task, started)
 
-    def _follow(self, waiter: defer.Deferred[Task], task: Task,
-                started: defer.Deferred[Task]) -> None:
-        """Hand a queued task's waiter over to the executor's end of the task."""
-        if waiter.called:
-            return
+    def _follow(self, task: Task, started: defer.Deferred[Task]) -> None:
+        """Wake the waiters of a task that left the queue when the executor ends it (one
+        executor waiter per task; later callers ask the executor themselves)."""
         def wake(result: object) -> None:
-            if not waiter.called:
-                waiter.callback(result if isinstance(result, Task) else task)
+            self._waiters.fire(task.id, result if isinstance(result, Task) else task)
 
         finished = self._executor.when_finished(task.id)
         if finished is None:  # ended at once (command not found, ...)
@@ -602,11 +600,10 @@ class Scheduler(service.Service):
         entry = self._drop(task_id)
         if entry is None:
             return None
-        self._end(entry.task, state, reason, entry.waiters)
+        self._end(entry.task, state, reason)
         return entry.task
 
-    def _end(self, task: Task, state: TaskState, reason: str,
-             waiters: Iterable[defer.Deferred[Task]] = ()) -> defer.Deferred[None]:
+    def _end(self, task: Task, state: TaskState, reason: str) -> defer.Deferred[None]:
         task.state = state
         task.reason = reason
         task.finished_at = self._reactor.seconds()
@@ -614,13 +611,7 @@ class Scheduler(service.Service):
         stored.addErrback(lambda failure: self.log.error(
             "could not record the end of queued task {task_id}: {error}", task_id=task.id,
             error=failure.getErrorMessage()))
-        waiting = list(waiters)
-
-        def wake(_: object) -> None:
-            for waiter in waiting:
-                if not waiter.called:
-                    waiter.callback(task)
-        stored.addCallback(wake)
+        stored.addCallback(lambda _: self._waiters.fire(task.id, task))
         self._executor.publish_state(task)
         return stored
 
@@ -659,16 +650,9 @@ class Scheduler(service.Service):
 
         A waiter cancelled (a long-poll's timeout) is forgotten at once.
         """
-        entry = self._entries.get(task_id)
-        if entry is None:
+        if task_id not in self._entries:
             return self._executor.when_finished(task_id)
-
-        def forget(waiter: defer.Deferred[Task]) -> None:
-            if waiter in entry.waiters:
-                entry.waiters.remove(waiter)
-        waiter: defer.Deferred[Task] = defer.Deferred(forget)
-        entry.waiters.append(waiter)
-        return waiter
+        return self._waiters.wait(task_id)
 
     def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
         """Cancel a queued task (it never starts) or begin stopping a running one."""
