@@ -8,12 +8,13 @@ import json
 import math
 import mimetypes
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import attrs
 from klein import Klein
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, static
@@ -642,7 +643,7 @@ class TaskApi:
         dead, departed) and every node that did not answer is listed as unreachable: its
         tasks are missing from the page.
         """
-        assert self.peers is not None
+        assert self.peers is not None and self.node.discovery is not None
         query = {key: values[-1] for key, values in request.args.items() if key != b"scope"}
         path = b"/tasks?" + urlencode(query).encode()
         membership = self.node.discovery.membership
@@ -735,7 +736,7 @@ class TaskApi:
             # Long-poll: answer as soon as output past ``offset`` exists or the task ends.
             arrived = self.node.executor.when_output_past(task_id, offset)
             if arrived is not None:
-                arrived.addTimeout(wait, self.node.reactor)
+                arrived.addTimeout(wait, cast(IReactorTime, self.node.reactor))
                 await arrived.addErrback(lambda f: f.trap(defer.TimeoutError) and None)
                 task = await self._find_task(task_id)
                 chunks = await self.node.store.read_output(task_id, offset)
