@@ -19,7 +19,6 @@ from twisted.web.client import HTTPConnectionPool, RequestNotSent
 from twisted.web.http_headers import Headers
 
 FORWARDED_HEADER = b"X-Oxide-Forwarded"
-TOKEN_HEADER = b"X-Oxide-Leader-Token"
 # Headers of a peer's answer that a client needs; hop-by-hop ones are not copied.
 _PASSED_HEADERS = (b"content-type", b"retry-after", b"x-next-offset", b"x-task-state",
                    b"allow", b"www-authenticate")
