@@ -28,7 +28,6 @@ from oxide_cluster.cluster_queue import (
     AlreadyAdmitted,
     QueueUnavailable,
     StaleToken,
-    list_queue,
     parse_dispatch,
 )
 from oxide_cluster.dashboard import UiFiles
@@ -697,19 +696,10 @@ class TaskApi:
         from Redis, when there is one; else this node's."""
         self._authorize(request)
         limit = int(_query_number(request, "limit", 1, MAX_PAGE, integer=True) or MAX_PAGE)
-        if self.cluster is not None:
-            listing = await list_queue(self.cluster.backend, limit)
-            tasks = []
-            for position, record in enumerate(listing.records, start=1):
-                task = self._router.record_task(record)
-                task.state = TaskState.QUEUED
-                tasks.append(self._task_json(task, position))
-            queued, depth = listing.queued, listing.by_priority
-        else:
-            scheduler = self._scheduler
-            tasks = [self._task_json(task, position)
-                     for position, task in enumerate(scheduler.queued(limit), start=1)]
-            queued, depth = len(scheduler), scheduler.depth_by_priority()
+        listing = await self._router.queue(limit)
+        tasks = [self._task_json(task, position)
+                 for position, task in enumerate(listing.tasks, start=1)]
+        queued, depth = listing.queued, listing.by_priority
         return render_json(request, {"queued": queued,
                                      "by_priority": {str(priority): count for priority, count
                                                      in sorted(depth.items(), reverse=True)},
@@ -767,16 +757,10 @@ class TaskApi:
             raise ApiError(409, "task_finished",
                            f"task {task_id} already ended ({task.state.value})")
         waiter = self._scheduler.when_finished(task_id)
-        if waiter is None and self.cluster is not None and task.state is TaskState.QUEUED:
-            # Queued in Redis: ended there at once, unless a node claimed it meanwhile.
-            now = self.node.reactor.seconds()
-            if await self.cluster.backend.end_queued(task_id, "cancelled",
-                                                     "cancelled by request", now):
-                task.state, task.reason, task.finished_at = (TaskState.CANCELLED,
-                                                             "cancelled by request", now)
-                return render_json(request, self._task_json(task), 200)
-            raise ApiError(409, "task_started", f"task {task_id} left the queue meanwhile; "
-                           "cancel it again")
+        if waiter is None and task.state is TaskState.QUEUED:
+            ended = await self._router.cancel_queued(task)  # queued in Redis
+            if ended is not None:
+                return render_json(request, self._task_json(ended), 200)
         self._scheduler.cancel(task_id)
         finished = await _wait_for(waiter, wait, self.node.reactor)
         if finished is not None or task.state.terminal:  # a queued task ends at once

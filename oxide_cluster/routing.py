@@ -24,6 +24,7 @@ from oxide_cluster.cluster_queue import (
     AlreadyAdmitted,
     ClusterQueue,
     QueueUnavailable,
+    list_queue,
 )
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
@@ -172,6 +173,15 @@ class Relayed:
 
 
 Routed = Admitted | Queued | Relayed
+
+
+@attrs.frozen
+class QueueView:
+    """``GET /queue``: queued tasks in dispatch order, the count and depth by priority."""
+
+    tasks: list[Task]
+    queued: int
+    by_priority: dict[int, int]
 
 
 # -- collaborators ------------------------------------------------------------------------
@@ -413,6 +423,32 @@ class TaskRouter:
             return await self.known(task_id, request)
         position = await self.cluster.backend.position(task_id)
         return Queued(self.record_task(record), position)
+
+    async def queue(self, limit: int) -> QueueView:
+        """The cluster's queue, read from Redis, when there is one; else this node's."""
+        if self.cluster is None:
+            return QueueView(self.scheduler.queued(limit), len(self.scheduler),
+                             self.scheduler.depth_by_priority())
+        listing = await list_queue(self.cluster.backend, limit)
+        tasks = []
+        for record in listing.records:
+            task = self.record_task(record)
+            task.state = TaskState.QUEUED
+            tasks.append(task)
+        return QueueView(tasks, listing.queued, listing.by_priority)
+
+    async def cancel_queued(self, task: Task) -> Task | None:
+        """End a task queued in Redis at once (None when it is not queued there); 409
+        ``task_started`` when a node claimed it meanwhile."""
+        if self.cluster is None:
+            return None
+        now = self._reactor.seconds()
+        reason = "cancelled by request"
+        if not await self.cluster.backend.end_queued(task.id, "cancelled", reason, now):
+            raise Refused(409, "task_started",
+                          f"task {task.id} left the queue meanwhile; cancel it again")
+        task.state, task.reason, task.finished_at = TaskState.CANCELLED, reason, now
+        return task
 
     async def known(self, task_id: str, request: TaskRequest) -> Routed:
         """The task an earlier submit made (same Idempotency-Key), from any node."""
