@@ -626,41 +626,16 @@ class TaskApi:
         if scope not in (None, "local", "cluster"):
             raise ApiError(400, "bad_query", "scope must be local or cluster")
         body: dict[str, Any] = {}
-        if scope == "cluster" and self.peers is not None \
-                and self.node.discovery is not None:
-            body["unreachable"] = await self._gather_peer_tasks(request, tasks)
-            tasks = sorted(tasks, key=lambda task: task["id"], reverse=True)[:limit]
+        if scope == "cluster" and self.router is not None and self.router.can_fan_out:
+            query = {key: values[-1] for key, values in request.args.items()
+                     if key != b"scope"}
+            page = await self.router.peer_tasks(b"/tasks?" + urlencode(query).encode())
+            body["unreachable"] = page.unreachable
+            tasks = sorted(tasks + page.tasks, key=lambda task: task["id"],
+                           reverse=True)[:limit]
         body["tasks"] = tasks
         body["next_cursor"] = tasks[-1]["id"] if len(tasks) == limit else None
         return render_json(request, body)
-
-    async def _gather_peer_tasks(self, request: Request, tasks: list[dict[str, Any]]
-                                 ) -> list[str]:
-        """``?scope=cluster``: the same page from every node we can ask, merged by id (time).
-
-        Asked: healthy peers and nodes known only by gossip. Every other known node (silent,
-        dead, departed) and every node that did not answer is listed as unreachable: its
-        tasks are missing from the page.
-        """
-        assert self.peers is not None and self.node.discovery is not None
-        query = {key: values[-1] for key, values in request.args.items() if key != b"scope"}
-        path = b"/tasks?" + urlencode(query).encode()
-        membership = self.node.discovery.membership
-        peers = [peer.node_id for peer in membership.healthy()]
-        peers += [rumour.node_id for rumour in membership.rumours()
-                  if rumour.node_id not in peers]
-        silent = [peer.node_id for peer in membership.peers() if peer.node_id not in peers]
-        replies = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(self.peers.request(node_id, b"GET", path,
-                                                             timeout=10))
-             for node_id in peers], consumeErrors=True)
-        unreachable = silent
-        for node_id, (ok, reply) in zip(peers, replies, strict=True):
-            if ok and reply.status == 200:
-                tasks.extend(json.loads(reply.body)["tasks"])
-            else:
-                unreachable.append(node_id)
-        return sorted(unreachable)
 
     @app.route("/task/<task_id>", methods=["GET"])
     async def task(self, request: Request, task_id: str) -> bytes:

@@ -28,6 +28,7 @@ from oxide_cluster.cluster_queue import (
 )
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
+from oxide_cluster.membership import Membership
 from oxide_cluster.model import (
     RequestError,
     Task,
@@ -176,6 +177,14 @@ Routed = Admitted | Queued | Relayed
 
 
 @attrs.frozen
+class PeerPage:
+    """``GET /tasks?scope=cluster``: the peers' tasks, and the nodes missing from them."""
+
+    tasks: list[dict[str, Any]]
+    unreachable: list[str]
+
+
+@attrs.frozen
 class QueueView:
     """``GET /queue``: queued tasks in dispatch order, the count and depth by priority."""
 
@@ -251,7 +260,8 @@ class TaskRouter:
     def __init__(self, settings: RouterSettings, reactor: Any, elector: Leadership,
                  scheduler: Scheduler, tasks: TaskFactory, *, peers: Peers | None = None,
                  placement: Placer | None = None, directory: Directory | None = None,
-                 cluster: ClusterQueue | None = None) -> None:
+                 cluster: ClusterQueue | None = None,
+                 membership: Membership | None = None) -> None:
         self._settings = settings
         self._node_id = settings.node_id
         self._reactor = reactor
@@ -262,6 +272,7 @@ class TaskRouter:
         self._placement = placement
         self._directory = directory
         self.cluster = cluster
+        self._membership = membership
 
     # -- a client's submit -------------------------------------------------------------
 
@@ -687,6 +698,36 @@ class TaskRouter:
         except QueueUnavailable:
             pass  # found all the same; the next lookup asks again
         return holder
+
+    @property
+    def can_fan_out(self) -> bool:
+        return self.peers is not None and self._membership is not None
+
+    async def peer_tasks(self, path: bytes) -> PeerPage:
+        """The same page of ``/tasks`` from every node we can ask.
+
+        Asked: healthy peers and nodes known only by gossip. Every other known node (silent,
+        dead, departed) and every node that did not answer is listed as unreachable: its
+        tasks are missing from the page.
+        """
+        assert self.peers is not None and self._membership is not None
+        membership = self._membership
+        asked = [peer.node_id for peer in membership.healthy()]
+        asked += [rumour.node_id for rumour in membership.rumours()
+                  if rumour.node_id not in asked]
+        unreachable = [peer.node_id for peer in membership.peers()
+                       if peer.node_id not in asked]
+        replies = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(self.peers.request(node_id, b"GET", path,
+                                                             timeout=10))
+             for node_id in asked], consumeErrors=True)
+        tasks: list[dict[str, Any]] = []
+        for node_id, (ok, reply) in zip(asked, replies, strict=True):
+            if ok and reply.status == 200:
+                tasks.extend(json.loads(reply.body)["tasks"])
+            else:
+                unreachable.append(node_id)
+        return PeerPage(tasks, sorted(unreachable))
 
     async def lost_elsewhere(self, task_id: str) -> dict[str, Any] | None:
         """The leader's lost record of a task whose owner is down, if there is one."""

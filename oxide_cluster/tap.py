@@ -375,7 +375,8 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     router = TaskRouter(
         RouterSettings(node_id, config.labels, config.max_timeout, config.queue_timeout),
         reactor, elector, scheduler, executor, peers=peers, placement=placement,
-        directory=directory, cluster=cluster)
+        directory=directory, cluster=cluster,
+        membership=node.discovery.membership if node.discovery is not None else None)
     hub = LiveHub(executor, store, peers=peers, node_id=node_id, reactor=reactor,
                   locate=router.locate_owner if cluster is not None else None)
     hub.setServiceParent(top)
