@@ -24,12 +24,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
 from oxide_cluster.cas import BlobError
-from oxide_cluster.cluster_queue import (
-    AlreadyAdmitted,
-    QueueUnavailable,
-    StaleToken,
-    parse_dispatch,
-)
+from oxide_cluster.cluster_queue import QueueUnavailable, parse_dispatch
 from oxide_cluster.dashboard import UiFiles
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import FORWARDED_HEADER, PeerReply, PeerUnavailable
@@ -511,14 +506,9 @@ class TaskApi:
         _, body = self._json_body(request)
         try:
             token, record = parse_dispatch(body)
-            task = await self.cluster.admission.dispatched(token, record)
         except RequestError as error:
             raise ApiError(400, "bad_request", str(error)) from None
-        except StaleToken as error:
-            raise ApiError(409, "stale_leader_token", str(error)) from None
-        except AlreadyAdmitted as error:
-            raise ApiError(409, "already_admitted", str(error)) from None
-        await self._router.recorded(task.id)
+        task = await self._router.dispatched(token, record)
         return render_json(request, self._task_json(task), 202)
 
     def _refuse_internal_headers(self, request: Request) -> None:

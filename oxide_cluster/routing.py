@@ -24,6 +24,7 @@ from oxide_cluster.cluster_queue import (
     AlreadyAdmitted,
     ClusterQueue,
     QueueUnavailable,
+    StaleToken,
     list_queue,
 )
 from oxide_cluster.executor import CapacityError
@@ -390,6 +391,20 @@ class TaskRouter:
                 self.log.warn("leader {leader} unreachable: task {task_id} stays queued in "
                               "Redis", leader=leader, task_id=task_id)
         return await self._enqueue(request, body, task_id, key)
+
+    async def dispatched(self, token: int | None, record: dict[str, Any]) -> Task:
+        """``/internal/dispatch``: the leader starts a task queued in Redis here."""
+        assert self.cluster is not None
+        try:
+            task = await self.cluster.admission.dispatched(token, record)
+        except RequestError as error:
+            raise Refused(400, "bad_request", str(error)) from None
+        except StaleToken as error:
+            raise Refused(409, "stale_leader_token", str(error)) from None
+        except AlreadyAdmitted as error:
+            raise Refused(409, "already_admitted", str(error)) from None
+        await self.recorded(task.id)
+        return task
 
     async def _start_claimed(self, request: TaskRequest, task_id: str) -> Admitted:
         assert self.cluster is not None
