@@ -13,10 +13,12 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 
 from oxide_cluster.api import TaskApi
+from oxide_cluster.cluster_queue import ClusterAdmission, ClusterQueue
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
 from oxide_cluster.model import RequestError, parse_task_request
 from oxide_cluster.routing import (
     Admitted,
+    Queued,
     Refused,
     Relayed,
     RouterSettings,
@@ -25,6 +27,7 @@ from oxide_cluster.routing import (
     parse_place,
     parse_run,
 )
+from tests.unit.test_cluster_queue import FakeQueue
 from tests.unit.test_scheduler import Rig, make_rig
 
 
@@ -239,3 +242,56 @@ def test_the_public_route_refuses_the_internal_headers_by_name(header: str) -> N
     error = json.loads(bodies[0])["error"]
     assert replies[0].code == 400 and error["code"] == "internal_header"
     assert header in error["message"] and "internal" in error["message"]
+
+
+# -- a Redis cluster (the queue's semantics in memory: tests/unit/test_cluster_queue.py) --
+
+
+class FakeWatch:
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def add(self, task_id: str, record: dict[str, Any]) -> None:
+        self.records[task_id] = record
+
+    def withdraw(self, task_id: str) -> None:
+        self.records.pop(task_id, None)
+
+    def record(self, task_id: str) -> dict[str, Any] | None:
+        return self.records.get(task_id)
+
+
+class FakeDispatcher:
+    woken = 0
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+def cluster_router(rig: Rig, peers: FakePeers, elector: FakeElector,
+                   queue: FakeQueue) -> TaskRouter:
+    admission = ClusterAdmission(
+        "n1", queue, rig.scheduler, parse=lambda fields: parse_task_request(fields, 3600),
+        peers=peers, token=lambda: elector.token, observe_token=elector.observe_token)
+    cluster = ClusterQueue(queue, admission, FakeDispatcher(), FakeWatch(), None)
+    return TaskRouter(RouterSettings("n1", {}, 3600.0, 100.0), rig.clock, elector,
+                      rig.scheduler, rig.executor, peers=peers, placement=FakePlacer([]),
+                      cluster=cluster)
+
+
+def test_a_follower_that_lost_the_leaders_reply_queues_the_same_id_and_it_runs_once() -> None:
+    """The stalled-leader case: the leader got the task (and will start it, claiming its
+    id) but its reply is lost. The follower queues the task under the id it gave at entry,
+    so whichever start comes second finds the id claimed: one run."""
+    rig = make_rig(slots=2)
+    elector = FakeElector(is_leader=False, leader_id="lead")
+    peers = FakePeers({"lead": PeerUnavailable("node lead did not answer", sent=True)})
+    queue = FakeQueue()
+    routed = result(submit(cluster_router(rig, peers, elector, queue)))
+    [(_, path, sent)] = peers.sent
+    assert path == b"/internal/place" and sent["task_id"]
+    assert isinstance(routed, Queued) and routed.task.id == sent["task_id"]
+    assert queue.state_of[sent["task_id"]] == "queued" and rig.executor.started == []
+    # The resumed leader starts it: its claim wins; a dispatch of the queued copy loses.
+    assert result(queue.claim(sent["task_id"], "lead")) is None
+    assert result(queue.claim(sent["task_id"], "n1")) == "started lead"
