@@ -8,12 +8,13 @@ import json
 import math
 import mimetypes
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import attrs
 from klein import Klein
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, static
@@ -23,25 +24,11 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from oxide_cluster import __version__
 from oxide_cluster.cas import BatchSink, BlobError
-from oxide_cluster.cluster_queue import (
-    AlreadyAdmitted,
-    ClusterQueue,
-    First,
-    QueueUnavailable,
-    StaleToken,
-    list_queue,
-    parse_dispatch,
-)
+from oxide_cluster.cluster_queue import QueueUnavailable, parse_dispatch
 from oxide_cluster.dashboard import UiFiles
 from oxide_cluster.drain import MAX_DEADLINE
 from oxide_cluster.executor import CapacityError
-from oxide_cluster.forwarding import (
-    FORWARDED_HEADER,
-    TOKEN_HEADER,
-    PeerClient,
-    PeerReply,
-    PeerUnavailable,
-)
+from oxide_cluster.forwarding import FORWARDED_HEADER, PeerReply, PeerUnavailable
 from oxide_cluster.manifest import is_digest
 from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from oxide_cluster.model import (
@@ -49,34 +36,34 @@ from oxide_cluster.model import (
     Task,
     TaskRequest,
     TaskState,
-    new_task_id,
     owner_of,
     parse_task_request,
 )
 from oxide_cluster.node import Node
 from oxide_cluster.openapi import document as openapi_document
-from oxide_cluster.placement import Placement
-from oxide_cluster.scheduler import IDEMPOTENCY_TTL, Scheduler, Unschedulable
+from oxide_cluster.routing import (
+    Queued,
+    Refused,
+    Relayed,
+    Routed,
+    TaskRouter,
+    parse_place,
+    parse_run,
+)
+from oxide_cluster.scheduler import Scheduler
 from oxide_cluster.store import StoreError
 from oxide_cluster.suites import SuiteDurations, SuiteError, parse_durations, parse_suite_name
 from oxide_cluster.workspace import ArtifactListing, Workspaces
 from oxide_cluster.ws import output_messages
 
 MAX_WAIT = 300.0
-# Values of the forwarding header: run it on the receiving node, or place it (to the leader).
-HOP_RUN = b"run"
-HOP_PLACE = b"place"
-# A leader's retry of a lost task names the original and the attempt number.
-RETRY_OF_HEADER = b"X-Oxide-Retry-Of"
-ATTEMPT_HEADER = b"X-Oxide-Attempt"
 MAX_PAGE = 1000
 # The fair-share group of a request without a ``group`` field (the CLI sets it).
 GROUP_HEADER = b"X-Oxide-Group"
 IDEMPOTENCY_HEADER = b"Idempotency-Key"
-# The id a task got where it entered a Redis cluster, carried on every forward of it.
-TASK_ID_HEADER = b"X-Oxide-Task-Id"
-# Request fields a queued task's record keeps (never ``secret_env``).
-_UNQUEUED_FIELDS = ("secret_env", "node", "queue")
+# Headers nodes once sent each other on POST /execute: now refused there, by name.
+INTERNAL_HEADERS = (FORWARDED_HEADER, b"X-Oxide-Leader-Token", b"X-Oxide-Retry-Of",
+                    b"X-Oxide-Attempt", b"X-Oxide-Task-Id")
 MAX_HEADER_VALUE = 256
 
 
@@ -207,26 +194,22 @@ class TaskApi:
     app = Klein()
     log = Logger()
 
-    def __init__(self, node: Node, websocket: Any = None, peers: PeerClient | None = None,
-                 placement: Placement | None = None, directory: Any = None,
+    def __init__(self, node: Node, router: TaskRouter | None = None, websocket: Any = None,
                  workspaces: Workspaces | None = None,
-                 scheduler: Scheduler | None = None,
-                 cluster: ClusterQueue | None = None,
                  suites: SuiteDurations | None = None) -> None:
         self.node = node
         self.suites = suites
-        self.cluster = cluster
+        self.router = router
+        self.scheduler = router.scheduler if router is not None else None
+        self.cluster = router.cluster if router is not None else None
+        self.peers = router.peers if router is not None else None
         self.workspaces = workspaces
-        self.scheduler = scheduler
-        self.directory = directory
-        self.peers = peers
-        self.placement = placement
         self._websocket = websocket  # the /ws resource (oxide_cluster.ws), if mounted
         self._secret = node.secret.encode()
         self.requests_total: dict[tuple[str, int], int] = {}
-        depth = scheduler.depth_by_priority if scheduler is not None else None
-        if cluster is not None:  # the queue is in Redis: the leader's view of it
-            depth = cluster.dispatcher.depth_by_priority
+        depth = self.scheduler.depth_by_priority if self.scheduler is not None else None
+        if self.cluster is not None:  # the queue is in Redis: the leader's view of it
+            depth = self.cluster.dispatcher.depth_by_priority
         self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total, depth)
 
     def resource(self) -> Any:
@@ -267,6 +250,12 @@ class TaskApi:
             raise ApiError(400, "bad_json", "request body is nested too deeply") from None
 
     @property
+    def _router(self) -> TaskRouter:
+        if self.router is None:
+            raise ApiError(503, "starting", "this node has no scheduler yet")
+        return self.router
+
+    @property
     def _scheduler(self) -> Scheduler:
         if self.scheduler is None:
             raise ApiError(503, "starting", "this node has no scheduler yet")
@@ -277,46 +266,10 @@ class TaskApi:
         return self._scheduler.live_task(task_id)
 
     async def _find_task(self, task_id: str) -> Task:
-        task = await self._scheduler.find(task_id)
-        if task is None:
-            queued = await self._cluster_task(task_id)
-            if queued is not None:
-                return queued[0]
-            task = self._live_task(task_id)  # claimed here while Redis was read
-            if task is None:
-                raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
-        return task
-
-    async def _cluster_task(self, task_id: str) -> tuple[Task, int | None] | None:
-        """A task queued in Redis (or ended there while queued), with its position."""
-        if self.cluster is None:
-            return None
-        entry = await self.cluster.backend.where(task_id)
-        if entry is None:
-            # Queued here, and Redis lost it (restart without its data): the watch
-            # settles it; until then it is queued as far as anyone can tell.
-            record = self.cluster.watch.record(task_id)
-            return None if record is None else (self._record_task(record), None)
-        if entry.record is None or entry.state == "started":
-            return None
-        task = self._record_task(entry.record)
-        task.state = TaskState(entry.state) if entry.state in {s.value for s in TaskState} \
-            else TaskState.QUEUED
-        task.reason = entry.reason
-        task.finished_at = entry.finished_at
-        position = None
-        if task.state is TaskState.QUEUED:
-            position = await self.cluster.backend.position(task_id)
-        return task, position
-
-    def _record_task(self, record: dict[str, Any]) -> Task:
-        """The task JSON of a record kept in the cluster queue."""
-        request = parse_task_request(record["request"], self.node.config.max_timeout)
-        task: Task = self.node.executor.new_task(request, task_id=record["id"])
-        task.node_id = str(record.get("entered_on") or task.node_id)
-        task.created_at = float(record.get("created_at") or task.created_at)
-        task.queue_timeout = record.get("queue_timeout")
-        return task
+        found = await self._router.find(task_id)
+        if found is None:
+            raise ApiError(404, "task_not_found", f"no task {task_id!r} on this node")
+        return found[0]
 
     def _task_json(self, task: Task, position: int | None = None) -> dict[str, Any]:
         body = task.to_json()
@@ -360,6 +313,19 @@ class TaskApi:
         request.setHeader(b"Retry-After", b"5")
         return render_json(request, {"error": {"code": "store_unavailable",
                                                "message": failure.getErrorMessage()}}, 503)
+
+    @app.handle_errors(Refused)
+    def _refused(self, request: Request, failure: Failure) -> bytes:
+        """The router's refusals (and capacity ones) in the error shape."""
+        error: Any = failure.value
+        if error.retry_after is not None:
+            request.setHeader(b"Retry-After", str(error.retry_after).encode())
+        return render_json(request, {"error": {"code": error.code,
+                                               "message": error.message}}, error.status)
+
+    @app.handle_errors(CapacityError)
+    def _no_capacity(self, request: Request, failure: Failure) -> bytes:
+        return self._refused(request, failure)
 
     @app.handle_errors(QueueUnavailable)
     def _queue_unavailable(self, request: Request, failure: Failure) -> bytes:
@@ -509,70 +475,39 @@ class TaskApi:
 
     @app.route("/execute", methods=["POST"])
     async def execute(self, request: Request) -> bytes:
-        """Run a task here, or where the leader places it (see ``_place``)."""
+        """A client's task: run here, placed by the leader, or queued (``TaskRouter``)."""
         self._authorize(request)
+        self._refuse_internal_headers(request)
         wait = _query_number(request, "wait", 0, MAX_WAIT)
-        raw, body = self._json_body(request)
+        _, body = self._json_body(request)
+        task_request = self._task_request(body)
+        task_request, body = self._with_group(request, task_request, body)
+        key = self._header_text(request, IDEMPOTENCY_HEADER)
+        routed = await self._router.submit(task_request, body, key, wait)
+        return await self._render_routed(request, routed, wait)
+
+    @app.route("/internal/place", methods=["POST"])
+    async def internal_place(self, request: Request) -> bytes:
+        """Node to node: a node hands a client's task to the leader (``PlaceBody``)."""
+        self._authorize(request)
+        _, body = self._json_body(request)
         try:
-            task_request = parse_task_request(body, self.node.config.max_timeout)
+            place = parse_place(body)
         except RequestError as error:
             raise ApiError(400, "bad_request", str(error)) from None
-        self._check_leader_token(request)
-        hop = request.getHeader(FORWARDED_HEADER)
-        pinned = task_request.node
-        key = None
-        task_id = None
-        if hop is None:  # a client's request: settle its group, labels and key here
-            task_request, raw = self._with_group(request, task_request, body, raw)
-            key = self._idempotency_key(request)
-            try:
-                self._scheduler.check_schedulable(task_request.labels,
-                                                  task_request.resources)
-            except Unschedulable as error:
-                raise ApiError(422, "unschedulable", str(error)) from None
-            if self.cluster is not None:
-                # A Redis cluster: the id is given here, before any forward; the key is
-                # held in Redis, so a repeat on any node names the same task.
-                task_id = new_task_id(self.node.reactor.seconds(), self.node.node_id)
-                if key is not None:
-                    held = await self.cluster.backend.hold_key(key, task_id, IDEMPOTENCY_TTL)
-                    if held != task_id:
-                        return await self._answer_known(request, held, task_request, raw)
-            elif key is not None:  # before any forward: a repeat must not run elsewhere
-                earlier = await self._scheduler.idempotent(key)
-                if earlier is not None:
-                    return await self._answer(request, earlier, wait)
-        elif self.cluster is not None:
-            task_id = self._header_text(request, TASK_ID_HEADER)
-        if self.cluster is not None and task_id is not None:
-            return await self._cluster_execute(request, task_request, raw, wait, task_id, key,
-                                               hop)
-        # Standalone (no Redis), this node's scheduler queues what it cannot start now;
-        # a placement from a leader wants "run now or refuse" to try the next node.
-        queueable = self.directory is None and (hop != HOP_RUN or pinned == self.node.node_id)
-        if hop == HOP_RUN or pinned == self.node.node_id or self.peers is None:
-            retry_of = request.getHeader(RETRY_OF_HEADER) if hop == HOP_RUN else None
-            if retry_of is not None:
-                attempt = int(request.getHeader(ATTEMPT_HEADER) or b"2")
-                return await self._run_here(request, task_request, wait, attempt=attempt,
-                                            retry_of=retry_of.decode("ascii", "replace"))
-            return await self._run_here(request, task_request, wait, key=key,
-                                        queueable=queueable)
-        if pinned is not None:
-            return await self._forward(request, pinned, raw, HOP_RUN, wait)
-        if self.node.elector.is_leader:
-            return await self._place(request, task_request, raw, wait, key=key,
-                                     queueable=queueable)
-        leader = self.node.elector.leader().get("node_id")
-        if hop is None and leader not in (None, self.node.node_id):
-            try:
-                return await self._forward(request, leader, raw, HOP_PLACE, wait)
-            except ApiError as error:
-                if error.code != "node_unavailable":
-                    raise
-                self.log.warn("leader {leader} unreachable: admitting locally", leader=leader)
-        # No leader reachable (or it handed the task back): local admission.
-        return await self._run_here(request, task_request, wait)
+        return await self._render_routed(request, await self._router.place(place),
+                                         place.wait)
+
+    @app.route("/internal/run", methods=["POST"])
+    async def internal_run(self, request: Request) -> bytes:
+        """Node to node: start this task here now or refuse (``RunBody``, fenced)."""
+        self._authorize(request)
+        _, body = self._json_body(request)
+        try:
+            run = parse_run(body)
+        except RequestError as error:
+            raise ApiError(400, "bad_request", str(error)) from None
+        return await self._render_routed(request, await self._router.run(run), run.wait)
 
     @app.route("/internal/dispatch", methods=["POST"])
     async def internal_dispatch(self, request: Request) -> bytes:
@@ -583,34 +518,36 @@ class TaskApi:
         _, body = self._json_body(request)
         try:
             token, record = parse_dispatch(body)
-            task = await self.cluster.admission.dispatched(token, record)
         except RequestError as error:
             raise ApiError(400, "bad_request", str(error)) from None
-        except StaleToken as error:
-            raise ApiError(409, "stale_leader_token", str(error)) from None
-        except AlreadyAdmitted as error:
-            raise ApiError(409, "already_admitted", str(error)) from None
-        except CapacityError as error:
-            raise ApiError(error.status, error.code, error.message,
-                           {"Retry-After": str(error.retry_after)}) from None
-        if self.directory is not None:
-            await self.directory.recorded(task.id)
+        task = await self._router.dispatched(token, record)
         return render_json(request, self._task_json(task), 202)
 
-    def _with_group(self, request: Request, task_request: Any, body: dict[str, Any],
-                    raw: bytes) -> tuple[Any, bytes]:
+    def _refuse_internal_headers(self, request: Request) -> None:
+        """The node-to-node headers of old are refused on the public route: placement,
+        fencing and retries travel only in the bodies of the ``/internal/`` routes."""
+        for name in INTERNAL_HEADERS:
+            if request.getHeader(name) is not None:
+                raise ApiError(400, "internal_header",
+                               f"header {name.decode()} is internal: POST /execute does not "
+                               "take it (nodes use the /internal/ routes)")
+
+    def _task_request(self, body: Any) -> TaskRequest:
+        try:
+            return parse_task_request(body, self.node.config.max_timeout)
+        except RequestError as error:
+            raise ApiError(400, "bad_request", str(error)) from None
+
+    def _with_group(self, request: Request, task_request: TaskRequest, body: dict[str, Any]
+                    ) -> tuple[TaskRequest, dict[str, Any]]:
         """The request with its fair-share group: the ``group`` field, else the
         ``X-Oxide-Group`` header, else the client's address (kept when forwarded)."""
         if task_request.group is not None:
-            return task_request, raw
+            return task_request, body
         group = self._header_text(request, GROUP_HEADER)
         if group is None:
             group = getattr(request.getClientAddress(), "host", None) or "local"
-        return (attrs.evolve(task_request, group=group),
-                json.dumps({**body, "group": group}).encode())
-
-    def _idempotency_key(self, request: Request) -> str | None:
-        return self._header_text(request, IDEMPOTENCY_HEADER)
+        return attrs.evolve(task_request, group=group), {**body, "group": group}
 
     @staticmethod
     def _header_text(request: Request, name: bytes) -> str | None:
@@ -629,135 +566,13 @@ class TaskApi:
                            f"{MAX_HEADER_VALUE} printable characters")
         return text
 
-    async def _cluster_execute(self, request: Request, task_request: TaskRequest, raw: bytes,
-                               wait: float | None, task_id: str, key: str | None,
-                               hop: bytes | None) -> bytes:
-        """A Redis cluster: start where the leader places it, else queue it in Redis.
-
-        Never runs a task here on a guess: a follower that cannot reach the leader queues
-        the task in Redis, and every start claims the id there first (exactly once)."""
-        assert self.cluster is not None
-        pinned = task_request.node
-        extra = {TASK_ID_HEADER: task_id.encode()}
-        if hop == HOP_RUN or pinned == self.node.node_id or self.peers is None:
-            if self.peers is None and not self.node.elector.is_leader:
-                return await self._enqueue(request, task_request, raw, task_id, key)
-            return await self._start_claimed(request, task_request, task_id, wait)
-        if pinned is not None:
-            return await self._forward(request, pinned, raw, HOP_RUN, wait, extra=extra)
-        if hop is None:  # no hop when it can start here and nothing waits (cluster_queue)
-            try:
-                first = await self.cluster.admission.start_first(task_request, task_id)
-            except AlreadyAdmitted as error:
-                raise ApiError(409, "already_admitted", str(error)) from None
-            if first is First.QUEUE and task_request.queue and not task_request.secret_env:
-                return await self._enqueue(request, task_request, raw, task_id, key)
-            if not isinstance(first, First):
-                if self.directory is not None:
-                    await self.directory.recorded(first.id)
-                return await self._answer(request, first, wait)
-        if self.node.elector.is_leader:
-            return await self._place(request, task_request, raw, wait, key=key,
-                                     task_id=task_id)
-        leader = self.node.elector.leader().get("node_id")
-        if hop is None and leader not in (None, self.node.node_id):
-            try:
-                return await self._forward(request, leader, raw, HOP_PLACE, wait, extra=extra)
-            except ApiError as error:
-                if error.code != "node_unavailable":
-                    raise
-                self.log.warn("leader {leader} unreachable: task {task_id} stays queued in "
-                              "Redis", leader=leader, task_id=task_id)
-        return await self._enqueue(request, task_request, raw, task_id, key)
-
-    async def _start_claimed(self, request: Request, task_request: TaskRequest, task_id: str,
+    async def _render_routed(self, request: Request, routed: Routed,
                              wait: float | None) -> bytes:
-        assert self.cluster is not None
-        try:
-            task = await self.cluster.admission.start(task_request, task_id)
-        except CapacityError as error:
-            raise ApiError(error.status, error.code, error.message,
-                           {"Retry-After": str(error.retry_after)}) from None
-        except AlreadyAdmitted as error:
-            raise ApiError(409, "already_admitted", str(error)) from None
-        if self.directory is not None:
-            await self.directory.recorded(task.id)
-        return await self._answer(request, task, wait)
-
-    async def _enqueue(self, request: Request, task_request: TaskRequest, raw: bytes,
-                       task_id: str, key: str | None) -> bytes:
-        """Queue the task in Redis (202 ``queued``); the leader dispatches it."""
-        assert self.cluster is not None
-        if not task_request.queue:
-            raise ApiError(429, "no_capacity", "no node can take the task now and the "
-                           "request says queue: false", {"Retry-After": "1"})
-        if task_request.secret_env:
-            raise ApiError(429, "no_capacity", "no node can take the task now, and a task "
-                           "with secret_env is not queued across the cluster (its values "
-                           "are never stored); retry later", {"Retry-After": "1"})
-        body = json.loads(raw)
-        record = {
-            "id": task_id,
-            "request": {k: v for k, v in body.items() if k not in _UNQUEUED_FIELDS},
-            "priority": task_request.priority,
-            "group": task_request.group or "default",
-            "created_at": self.node.reactor.seconds(),
-            "queue_timeout": task_request.queue_timeout or self.node.config.queue_timeout,
-            "entered_on": self.node.node_id,
-            "idempotency_key": key,
-        }
-        self.cluster.watch.add(task_id, record)
-        try:
-            queued = await self.cluster.backend.enqueue(task_id, record)
-        except QueueUnavailable:
-            # Maybe queued after all (a reply lost): the watch ends it if so.
-            self.cluster.watch.withdraw(task_id)
-            raise
-        self.cluster.dispatcher.wake()
-        if not queued:  # admitted meanwhile (a slow leader placed it): say where it is
-            return await self._answer_known(request, task_id, task_request, raw)
-        task = self._record_task(record)
-        position = await self.cluster.backend.position(task_id)
-        return render_json(request, self._task_json(task, position), 202)
-
-    async def _answer_known(self, request: Request, task_id: str, task_request: TaskRequest,
-                            raw: bytes) -> bytes:
-        """The task an earlier submit made (same Idempotency-Key), from any node."""
-        assert self.cluster is not None
-        owner = await self._owner(request, task_id)
-        if owner is not None:
-            try:
-                reply = await self._ask(request, owner, None, HOP_RUN, method=b"GET",
-                                        path=f"/task/{task_id}".encode())
-            except ApiError:
-                pass
-            else:
-                if reply.status == 200:
-                    request.setResponseCode(200)
-                    request.setHeader(b"Content-Type", b"application/json")
-                    return reply.body
-        try:
-            task = await self._find_task(task_id)
-        except ApiError:
-            # Its first submit is still on its way: the id is all that is known yet.
-            task = self.node.executor.new_task(task_request, task_id=task_id)
-            return render_json(request, self._task_json(task), 202)
-        return render_json(request, self._task_json(task), 200 if task.state.terminal
-                           else 202)
-
-    async def _run_here(self, request: Request, task_request: Any, wait: float | None,
-                        attempt: int = 1, retry_of: str | None = None,
-                        key: str | None = None, queueable: bool = False) -> bytes:
-        try:
-            task = await self._scheduler.submit(task_request, idempotency_key=key,
-                                                queueable=queueable, attempt=attempt,
-                                                retry_of=retry_of)
-        except CapacityError as error:
-            raise ApiError(error.status, error.code, error.message,
-                           {"Retry-After": str(error.retry_after)}) from None
-        if self.directory is not None:
-            await self.directory.recorded(task.id)
-        return await self._answer(request, task, wait)
+        if isinstance(routed, Relayed):
+            return self._relay(request, routed.reply)
+        if isinstance(routed, Queued):
+            return render_json(request, self._task_json(routed.task, routed.position), 202)
+        return await self._answer(request, routed.task, wait)
 
     async def _answer(self, request: Request, task: Task, wait: float | None) -> bytes:
         """200 with the ended task (waiting up to ``wait``), else 202 as it stands."""
@@ -769,139 +584,19 @@ class TaskApi:
             return render_json(request, self._task_json(finished or task), 200)
         return render_json(request, self._task_json(task), 202)
 
-    async def _place(self, request: Request, task_request: Any, raw: bytes,
-                     wait: float | None, key: str | None = None,
-                     queueable: bool = False, task_id: str | None = None) -> bytes:
-        """As leader: try nodes best first; a node that refuses or fails is skipped.
-
-        Without Redis, a task no node can start now waits in this node's queue when
-        this node has its labels (queueing across a Redis cluster: next increment)."""
-        assert self.placement is not None
-        refusals = []
-        extra = {TASK_ID_HEADER: task_id.encode()} if task_id is not None else None
-        for node_id in self.placement.choose(task_request.labels):
-            if node_id == self.node.node_id:
-                try:
-                    if task_id is not None:
-                        return await self._start_claimed(request, task_request, task_id, wait)
-                    return await self._run_here(request, task_request, wait, key=key)
-                except ApiError as error:
-                    if error.status not in (429, 503):
-                        raise
-                    refusals.append(f"{node_id}: {error.message}")
-                    continue
-            try:
-                reply = await self._ask(request, node_id, raw, HOP_RUN, wait,
-                                        token=self.node.elector.token, extra=extra)
-            except ApiError as error:
-                refusals.append(f"{node_id}: {error.message}")
-                continue
-            if reply.status in (429, 503):
-                refusals.append(f"{node_id}: busy ({reply.status})")
-                continue
-            if reply.status == 409 and b"stale_leader_token" in reply.body:
-                # A newer leader exists: this node must not place; the client asks again.
-                raise ApiError(503, "leader_changed",
-                               "this node no longer leads the cluster; try again",
-                               {"Retry-After": "1"})
-            if reply.status == 202:  # still running there: count it until announced
-                self.placement.placed(node_id)
-            return self._relay(request, reply)
-        if self.cluster is not None and task_id is not None:
-            return await self._enqueue(request, task_request, raw, task_id, key)
-        labels = task_request.labels
-        local_labels = self.node.config.labels
-        if queueable and all(local_labels.get(k) == v for k, v in labels.items()):
-            return await self._run_here(request, task_request, wait, key=key, queueable=True)
-        detail = "; ".join(refusals) or f"no healthy node has the labels {dict(labels)}"
-        raise ApiError(429, "no_capacity", f"no node can take the task now ({detail})",
-                       {"Retry-After": "1"})
-
-    async def place_retry(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Run a lost task again, as a new attempt, on the best node but the one it left."""
-        assert self.placement is not None and self.peers is not None
-        fields = {name: record[name] for name in ("command", "args", "cwd", "env", "timeout",
-                                                   "idle_timeout", "labels")}
-        fields["retries"] = int(record["retries"]) - 1
-        fields["tty"] = bool(record.get("tty", False))
-        fields.update({name: record[name] for name in ("workspace", "artifacts", "source", "fanout")
-                       if record.get(name)})
-        task_request = parse_task_request(fields, self.node.config.max_timeout)
-        attempt = int(record.get("attempt") or 1) + 1
-        body = json.dumps(fields).encode()
-        for node_id in self.placement.choose(task_request.labels, exclude=[record["node_id"]]):
-            if node_id == self.node.node_id:
-                try:
-                    task = await self.node.executor.submit(task_request, attempt=attempt,
-                                                           retry_of=record["id"])
-                except CapacityError:
-                    continue
-                return self._task_json(task)
-            headers = {FORWARDED_HEADER: HOP_RUN, b"Content-Type": b"application/json",
-                       TOKEN_HEADER: str(self.node.elector.token).encode(),
-                       RETRY_OF_HEADER: record["id"].encode(),
-                       ATTEMPT_HEADER: str(attempt).encode()}
-            try:
-                reply = await self.peers.request(node_id, b"POST", b"/execute", body, headers)
-            except PeerUnavailable:
-                continue
-            if reply.status in (200, 202):
-                self.placement.placed(node_id)
-                answer: dict[str, Any] = json.loads(reply.body)
-                return answer
-        raise RuntimeError(f"no node could take the retry of task {record['id']}")
-
-    async def _lost_elsewhere(self, task_id: str) -> dict[str, Any] | None:
-        """The leader's lost record of a task whose owner is down, if there is one."""
-        if self.directory is None:
-            return None
-        try:
-            record = await self.directory.lost(task_id)
-        except Exception:
-            return None
-        if record is None:
-            return None
-        return {k: v for k, v in record.items() if k not in ("env", "secret_env_keys")}
-
-    def _check_leader_token(self, request: Request) -> None:
-        """Fencing: a placement carrying an older leader's token than one seen is refused."""
-        raw = request.getHeader(TOKEN_HEADER)
-        if raw is None:
-            return
-        try:
-            token = int(raw)
-        except ValueError:
-            raise ApiError(400, "bad_token", "leader token must be a whole number") from None
-        if not self.node.elector.observe_token(token):
-            raise ApiError(409, "stale_leader_token",
-                           f"placement by leader token {token}, but a newer leader "
-                           f"({self.node.elector.highest_token}) is known: the sender no "
-                           "longer leads")
-
-    async def _forward(self, request: Request, node_id: str, body: bytes | None, hop: bytes,
-                       wait: float | None = None, token: int | None = None,
-                       extra: dict[bytes, bytes] | None = None) -> bytes:
-        """Send this request to a peer and answer with its reply, status and all."""
-        return self._relay(request, await self._ask(request, node_id, body, hop, wait, token,
-                                                    extra))
-
-    async def _ask(self, request: Request, node_id: str, body: bytes | None, hop: bytes,
-                   wait: float | None = None, token: int | None = None,
-                   extra: dict[bytes, bytes] | None = None, method: bytes | None = None,
-                   path: bytes | None = None) -> PeerReply:
+    async def _forward(self, request: Request, node_id: str, body: bytes | None,
+                       wait: float | None = None) -> bytes:
+        """Owner routing of a task's reads and cancel: the peer answers it (the forwarded
+        marker says so) and its reply goes back as it came."""
         if self.peers is None:
             raise ApiError(503, "node_unavailable", f"node {node_id} is not reachable")
-        headers = {FORWARDED_HEADER: hop, b"Content-Type": b"application/json", **(extra or {})}
-        if token is not None:
-            headers[TOKEN_HEADER] = str(token).encode()
         try:
-            reply = await self.peers.request(node_id, method or request.method,
-                                             path or request.uri, body,
-                                             headers,
+            reply = await self.peers.request(node_id, request.method, request.uri, body,
+                                             {b"Content-Type": b"application/json"},
                                              timeout=(wait or 0) + self.node.config.peer_timeout)
         except PeerUnavailable as error:
             raise ApiError(503, "node_unavailable", str(error), {"Retry-After": "1"}) from None
-        return reply
+        return self._relay(request, reply)
 
     @staticmethod
     def _relay(request: Request, reply: PeerReply) -> bytes:
@@ -915,56 +610,7 @@ class TaskApi:
         for a call another node forwarded)."""
         if request.getHeader(FORWARDED_HEADER):
             return None
-        return await self.locate_owner(task_id)
-
-    async def locate_owner(self, task_id: str) -> str | None:
-        """The node that runs ``task_id`` when it is another known node, else None. In a
-        Redis cluster the node that claimed the id runs it, whichever node the id names
-        (the WebSocket's attach asks this too)."""
-        owner = owner_of(task_id)
-        if owner is None or owner == self.node.node_id or self.peers is None \
-                or not self.peers.knows(owner):
-            owner = None
-        if self.cluster is None or self._live_task(task_id) is not None:
-            return owner
-        try:
-            entry = await self.cluster.backend.where(task_id)
-        except QueueUnavailable:
-            return owner  # the id names where it entered: ask there
-        if entry is None:
-            return await self._locate(task_id, owner)
-        if entry.node is None or entry.node == self.node.node_id:
-            return None  # queued or ended in Redis, or ours: answered here
-        if self.peers is not None and self.peers.knows(entry.node):
-            return entry.node
-        return owner
-
-    async def _locate(self, task_id: str, owner: str | None) -> str | None:
-        """Redis has no record of the id (it lost its data, or the id is unknown): ask this
-        node's store, then every node it knows, and write the claim back when found."""
-        assert self.cluster is not None
-        if await self._scheduler.find(task_id) is not None \
-                or self.cluster.watch.record(task_id) is not None:
-            return None
-        try:
-            holder = await self.cluster.locator.locate(task_id)
-        except LookupError:
-            return owner
-        if holder is None or holder == self.node.node_id:
-            return None
-        try:
-            await self.cluster.backend.claim(task_id, holder)
-        except QueueUnavailable:
-            pass  # found all the same; the next lookup asks again
-        return holder
-
-    def _remote_owner(self, request: Request, task_id: str) -> str | None:
-        """The owner's node id when it is another node and this is not a forwarded call."""
-        owner = owner_of(task_id)
-        if owner is None or owner == self.node.node_id or request.getHeader(FORWARDED_HEADER) \
-                or self.peers is None or not self.peers.knows(owner):
-            return None  # ours, or nobody we could ask: look it up here (404 if absent)
-        return owner
+        return await self._router.locate_owner(task_id)
 
     @app.route("/tasks", methods=["GET"])
     async def tasks(self, request: Request) -> bytes:
@@ -982,41 +628,16 @@ class TaskApi:
         if scope not in (None, "local", "cluster"):
             raise ApiError(400, "bad_query", "scope must be local or cluster")
         body: dict[str, Any] = {}
-        if scope == "cluster" and self.peers is not None \
-                and self.node.discovery is not None:
-            body["unreachable"] = await self._gather_peer_tasks(request, tasks)
-            tasks = sorted(tasks, key=lambda task: task["id"], reverse=True)[:limit]
+        if scope == "cluster" and self.router is not None and self.router.can_fan_out:
+            query = {key: values[-1] for key, values in request.args.items()
+                     if key != b"scope"}
+            page = await self.router.peer_tasks(b"/tasks?" + urlencode(query).encode())
+            body["unreachable"] = page.unreachable
+            tasks = sorted(tasks + page.tasks, key=lambda task: task["id"],
+                           reverse=True)[:limit]
         body["tasks"] = tasks
         body["next_cursor"] = tasks[-1]["id"] if len(tasks) == limit else None
         return render_json(request, body)
-
-    async def _gather_peer_tasks(self, request: Request, tasks: list[dict[str, Any]]
-                                 ) -> list[str]:
-        """``?scope=cluster``: the same page from every node we can ask, merged by id (time).
-
-        Asked: healthy peers and nodes known only by gossip. Every other known node (silent,
-        dead, departed) and every node that did not answer is listed as unreachable: its
-        tasks are missing from the page.
-        """
-        assert self.peers is not None
-        query = {key: values[-1] for key, values in request.args.items() if key != b"scope"}
-        path = b"/tasks?" + urlencode(query).encode()
-        membership = self.node.discovery.membership
-        peers = [peer.node_id for peer in membership.healthy()]
-        peers += [rumour.node_id for rumour in membership.rumours()
-                  if rumour.node_id not in peers]
-        silent = [peer.node_id for peer in membership.peers() if peer.node_id not in peers]
-        replies = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(self.peers.request(node_id, b"GET", path,
-                                                             timeout=10))
-             for node_id in peers], consumeErrors=True)
-        unreachable = silent
-        for node_id, (ok, reply) in zip(peers, replies, strict=True):
-            if ok and reply.status == 200:
-                tasks.extend(json.loads(reply.body)["tasks"])
-            else:
-                unreachable.append(node_id)
-        return sorted(unreachable)
 
     @app.route("/task/<task_id>", methods=["GET"])
     async def task(self, request: Request, task_id: str) -> bytes:
@@ -1024,10 +645,10 @@ class TaskApi:
         owner = await self._owner(request, task_id)
         if owner is not None:
             try:
-                return await self._forward(request, owner, None, HOP_RUN,
+                return await self._forward(request, owner, None,
                                            _query_number(request, "wait", 0, MAX_WAIT))
             except ApiError as error:
-                lost = await self._lost_elsewhere(task_id)
+                lost = await self._router.lost_elsewhere(task_id)
                 if error.code != "node_unavailable" or lost is None:
                     raise
                 return render_json(request, lost)
@@ -1039,10 +660,10 @@ class TaskApi:
             # again where it runs (a poll answered 404 in that window).
             moved = await self._owner(request, task_id) if self.cluster is not None else None
             if moved is not None:
-                return await self._forward(request, moved, None, HOP_RUN, wait)
+                return await self._forward(request, moved, None, wait)
             # An owner long dead is forgotten by membership; the leader's record remains.
             lost = None if owner_of(task_id) == self.node.node_id \
-                else await self._lost_elsewhere(task_id)
+                else await self._router.lost_elsewhere(task_id)
             if lost is None:
                 raise
             return render_json(request, lost)
@@ -1057,19 +678,10 @@ class TaskApi:
         from Redis, when there is one; else this node's."""
         self._authorize(request)
         limit = int(_query_number(request, "limit", 1, MAX_PAGE, integer=True) or MAX_PAGE)
-        if self.cluster is not None:
-            listing = await list_queue(self.cluster.backend, limit)
-            tasks = []
-            for position, record in enumerate(listing.records, start=1):
-                task = self._record_task(record)
-                task.state = TaskState.QUEUED
-                tasks.append(self._task_json(task, position))
-            queued, depth = listing.queued, listing.by_priority
-        else:
-            scheduler = self._scheduler
-            tasks = [self._task_json(task, position)
-                     for position, task in enumerate(scheduler.queued(limit), start=1)]
-            queued, depth = len(scheduler), scheduler.depth_by_priority()
+        listing = await self._router.queue(limit)
+        tasks = [self._task_json(task, position)
+                 for position, task in enumerate(listing.tasks, start=1)]
+        queued, depth = listing.queued, listing.by_priority
         return render_json(request, {"queued": queued,
                                      "by_priority": {str(priority): count for priority, count
                                                      in sorted(depth.items(), reverse=True)},
@@ -1080,7 +692,7 @@ class TaskApi:
         self._authorize(request)
         owner = await self._owner(request, task_id)
         if owner is not None:
-            return await self._forward(request, owner, None, HOP_RUN,
+            return await self._forward(request, owner, None,
                                        _query_number(request, "wait", 0, MAX_WAIT))
         offset = int(_query_number(request, "offset", 0, 2**62, integer=True) or 0)
         wait = _query_number(request, "wait", 0, MAX_WAIT)
@@ -1096,7 +708,7 @@ class TaskApi:
             # Long-poll: answer as soon as output past ``offset`` exists or the task ends.
             arrived = self.node.executor.when_output_past(task_id, offset)
             if arrived is not None:
-                arrived.addTimeout(wait, self.node.reactor)
+                arrived.addTimeout(wait, cast(IReactorTime, self.node.reactor))
                 await arrived.addErrback(lambda f: f.trap(defer.TimeoutError) and None)
                 task = await self._find_task(task_id)
                 chunks = await self.node.store.read_output(task_id, offset)
@@ -1119,7 +731,7 @@ class TaskApi:
         self._authorize(request)
         owner = await self._owner(request, task_id)
         if owner is not None:
-            return await self._forward(request, owner, b"", HOP_RUN,
+            return await self._forward(request, owner, b"",
                                        _query_number(request, "wait", 0, MAX_WAIT))
         wait = _query_number(request, "wait", 0, MAX_WAIT)
         task = await self._find_task(task_id)
@@ -1127,16 +739,10 @@ class TaskApi:
             raise ApiError(409, "task_finished",
                            f"task {task_id} already ended ({task.state.value})")
         waiter = self._scheduler.when_finished(task_id)
-        if waiter is None and self.cluster is not None and task.state is TaskState.QUEUED:
-            # Queued in Redis: ended there at once, unless a node claimed it meanwhile.
-            now = self.node.reactor.seconds()
-            if await self.cluster.backend.end_queued(task_id, "cancelled",
-                                                     "cancelled by request", now):
-                task.state, task.reason, task.finished_at = (TaskState.CANCELLED,
-                                                             "cancelled by request", now)
-                return render_json(request, self._task_json(task), 200)
-            raise ApiError(409, "task_started", f"task {task_id} left the queue meanwhile; "
-                           "cancel it again")
+        if waiter is None and task.state is TaskState.QUEUED:
+            ended = await self._router.cancel_queued(task)  # queued in Redis
+            if ended is not None:
+                return render_json(request, self._task_json(ended), 200)
         self._scheduler.cancel(task_id)
         finished = await _wait_for(waiter, wait, self.node.reactor)
         if finished is not None or task.state.terminal:  # a queued task ends at once
@@ -1249,7 +855,7 @@ class TaskApi:
         self._authorize(request)
         owner = await self._owner(request, task_id)
         if owner is not None:
-            return await self._forward(request, owner, None, HOP_RUN)
+            return await self._forward(request, owner, None)
         listing = await self._artifact_listing(request, task_id)
         return render_json(request, listing.to_json())
 
@@ -1259,7 +865,7 @@ class TaskApi:
         self._authorize(request)
         owner = await self._owner(request, task_id)
         if owner is not None:
-            return await self._forward(request, owner, None, HOP_RUN)
+            return await self._forward(request, owner, None)
         listing = await self._artifact_listing(request, task_id)
         entry = listing.find(path)
         if entry is None:

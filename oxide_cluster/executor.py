@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.application import service
 from twisted.internet import defer, error, main, process, protocol
@@ -39,6 +39,7 @@ from oxide_cluster.model import Task, TaskRequest, TaskState, new_task_id
 from oxide_cluster.protection import TASK_OOM_SCORE_ADJ, User, set_oom_score_adj
 from oxide_cluster.sampling import INTERVAL as SAMPLE_INTERVAL
 from oxide_cluster.sampling import REAPED, TreeSampler
+from oxide_cluster.waiters import Waiters
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # After SIGKILL a process can still hang in the kernel (D state); after this long we
@@ -676,15 +677,15 @@ class Executor(service.Service):
         self._max_memory = max_memory_percent
         self._spawn = spawn
         self.runs: dict[str, TaskRun] = {}
-        self._waiters: dict[str, list[defer.Deferred[Task]]] = {}
-        self._output_waiters: dict[str, list[tuple[int, defer.Deferred[None]]]] = {}
+        self._end_waiters: Waiters[str, Task] = Waiters()
+        self._output_waiters: Waiters[str, None] = Waiters()  # marked with the offset
         self._stopping = False
         self.store_failures = 0
         self._store_failed_tasks: set[str] = set()
         self._output_paused = False
         self.ready = False
         self._recording = 0
-        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._idle_waiters: Waiters[None, None] = Waiters()
         self.output_listeners: list[OutputListener] = []
         self.state_listeners: list[StateListener] = []
         self.finished_total = 0
@@ -796,9 +797,7 @@ class Executor(service.Service):
         """Fires when no task runs and every finished task has been recorded."""
         if not self.runs and not self._recording:
             return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._idle_waiters.append(waiter)
-        return waiter
+        return self._idle_waiters.wait(None)
 
     # -- tasks ------------------------------------------------------------------
 
@@ -900,35 +899,21 @@ class Executor(service.Service):
         """A Deferred firing with the final task, or None if it is not running here."""
         if task_id not in self.runs:
             return None
-        waiter: defer.Deferred[Task] = defer.Deferred()
-        self._waiters.setdefault(task_id, []).append(waiter)
-        return waiter
+        return self._end_waiters.wait(task_id)
 
     def when_output_past(self, task_id: str, offset: int) -> defer.Deferred[None] | None:
         """Fires when the task has output beyond ``offset`` or ends; None if not running."""
         run = self.runs.get(task_id)
         if run is None:
             return None
-        waiter: defer.Deferred[None] = defer.Deferred()
         if run.task.output_bytes > offset:
-            waiter.callback(None)
-        else:
-            self._output_waiters.setdefault(task_id, []).append((offset, waiter))
-        return waiter
+            return defer.succeed(None)
+        return self._output_waiters.wait(task_id, offset)
 
     def _wake_output_waiters(self, task_id: str, end: int | None) -> None:
-        waiting = self._output_waiters.pop(task_id, None)
-        if not waiting:
-            return
-        keep = []
-        for offset, waiter in waiting:
-            if end is None or end > offset:
-                if not waiter.called:
-                    waiter.callback(None)
-            else:
-                keep.append((offset, waiter))
-        if keep:
-            self._output_waiters[task_id] = keep
+        """Wake the waiters for output past an offset below ``end`` (all: the task ended)."""
+        self._output_waiters.fire(task_id, None,
+                               None if end is None else (lambda offset: end > cast(int, offset)))
 
     def live_task(self, task_id: str) -> Task | None:
         run = self.runs.get(task_id)
@@ -975,12 +960,9 @@ class Executor(service.Service):
     def _recorded(self, _: object, task: Task) -> None:
         self._recording -= 1
         self._wake_output_waiters(task.id, None)
-        for waiter in self._waiters.pop(task.id, []):
-            waiter.callback(task)
+        self._end_waiters.fire(task.id, task)
         if not self.runs and not self._recording:
-            idle, self._idle_waiters = self._idle_waiters, []
-            for idle_waiter in idle:
-                idle_waiter.callback(None)
+            self._idle_waiters.fire(None, None)
 
     def _pause_all_output(self) -> None:
         """Backpressure: a task that writes faster than SQLite commits waits for it."""

@@ -13,12 +13,12 @@ from typing import Any, BinaryIO
 import attrs
 import treq
 from twisted.internet import defer
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool, RequestNotSent
 from twisted.web.http_headers import Headers
 
 FORWARDED_HEADER = b"X-Oxide-Forwarded"
-TOKEN_HEADER = b"X-Oxide-Leader-Token"
 # Headers of a peer's answer that a client needs; hop-by-hop ones are not copied.
 _PASSED_HEADERS = (b"content-type", b"retry-after", b"x-next-offset", b"x-task-state",
                    b"allow", b"www-authenticate")
@@ -30,8 +30,20 @@ def _writer(target: BinaryIO) -> Callable[[bytes], None]:
     return write
 
 
+# Failures that prove the request never reached the peer: trying another node is safe.
+_NOT_SENT = (ConnectError, ConnectingCancelledError, RequestNotSent)
+
+
 class PeerUnavailable(Exception):
-    """The peer is unknown, not healthy, or did not answer."""
+    """The peer is unknown, not healthy, or did not answer.
+
+    ``sent`` is False only when the request certainly never reached the peer (unknown
+    node, connection refused): after a timeout or a lost reply the peer may have acted
+    on it, so a task sent there must not be started anywhere else."""
+
+    def __init__(self, message: str, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 @attrs.frozen
@@ -96,7 +108,8 @@ class PeerClient:
                 timeout=timeout or self._timeout)
             content = await treq.content(response)
         except (defer.CancelledError, Exception) as error:
-            raise PeerUnavailable(f"node {node_id} did not answer: {error}") from None
+            raise PeerUnavailable(f"node {node_id} did not answer: {error}",
+                                  sent=not isinstance(error, _NOT_SENT)) from None
         passed = {}
         for name in _PASSED_HEADERS:
             value = response.headers.getRawHeaders(name)

@@ -3,16 +3,115 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import psutil
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 
 from oxide_cluster import __version__
 from oxide_cluster.config import Config
 from oxide_cluster.drain import Drain
-from oxide_cluster.model import rfc3339
+from oxide_cluster.model import Task, TaskRequest, rfc3339
 from oxide_cluster.retention import Retention
+
+if TYPE_CHECKING:
+    from oxide_cluster.capacity import Capacity
+    from oxide_cluster.cgroups import CgroupProvider
+    from oxide_cluster.membership import Membership
+    from oxide_cluster.stats import HostLoad
+
+
+class NodeStore(Protocol):
+    """What the API reads from the node's store (``store.Store``)."""
+
+    is_open: bool
+
+    def put_task(self, task: Task) -> defer.Deferred[None]: ...
+
+    def list_tasks(self, state: str | None = None, node_id: str | None = None,
+                   limit: int = 100, before: str | None = None
+                   ) -> defer.Deferred[list[Task]]: ...
+
+    def count_by_state(self) -> defer.Deferred[dict[str, int]]: ...
+
+    def read_output(self, task_id: str, offset: int = 0, limit: int = ...
+                    ) -> defer.Deferred[list[tuple[int, str, bytes]]]: ...
+
+
+class NodeExecutor(Protocol):
+    """What the API and the node's stats read from the executor (``executor.Executor``)."""
+
+    ready: bool
+    max_tasks: int
+    finished_total: int
+    cgroups: CgroupProvider
+    state_listeners: list[Callable[[Task], None]]
+
+    @property
+    def running_count(self) -> int: ...
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def new_task(self, request: TaskRequest, *, task_id: str | None = None,
+                 attempt: int = 1, retry_of: str | None = None) -> Task: ...
+
+    def when_finished(self, task_id: str) -> defer.Deferred[Task] | None: ...
+
+    def when_output_past(self, task_id: str, offset: int) -> defer.Deferred[None] | None: ...
+
+    def capacity(self) -> Capacity | None: ...
+
+
+class LoadSampler(Protocol):
+    """``stats.StatsSampler``: the host's last sampled load."""
+
+    current: HostLoad
+
+
+class Elector(Protocol):
+    """Leadership as the node reports it (``election``'s electors)."""
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    @property
+    def token(self) -> int | None: ...
+
+    @property
+    def highest_token(self) -> int: ...
+
+    def leader(self) -> dict[str, Any]: ...
+
+    def observe_token(self, token: int) -> bool: ...
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None: ...
+
+
+class Clock(Protocol):
+    """The reactor as a node's parts use it (a ``task.Clock`` in tests)."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
+                  **kw: Any) -> IDelayedCall: ...
+
+
+class Discovery(Protocol):
+    """``discovery.DiscoveryService``: the membership table and the socket's state."""
+
+    membership: Membership
+    bound: bool
+    counters: Any
+
+
+class EventHub(Protocol):
+    """``ws.LiveHub``: cluster events out to WebSocket clients."""
+
+    def publish(self, event: dict[str, Any]) -> None: ...
 
 
 def primary_ipv4() -> str | None:
@@ -31,13 +130,13 @@ class Node:
     config: Config
     node_id: str
     secret: str
-    store: Any
-    executor: Any
-    sampler: Any
-    elector: Any
-    reactor: Any
-    discovery: Any = None
-    ws: Any = None
+    store: NodeStore
+    executor: NodeExecutor
+    sampler: LoadSampler
+    elector: Elector
+    reactor: Clock
+    discovery: Discovery | None = None
+    ws: EventHub | None = None
     retention: Retention | None = None
     drain: Drain = attrs.Factory(Drain)
     hostname: str = attrs.field(factory=socket.gethostname)

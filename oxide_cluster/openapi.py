@@ -311,6 +311,20 @@ _TASK_RESPONSES = {
     "202": _json(_ref("Task"), "accepted, still queued or running"),
 }
 
+# Answers of the internal task routes (a placed task's own answer is relayed as it came).
+_INTERNAL_RESPONSES = {
+    **_TASK_RESPONSES,
+    "400": _error("a malformed body; the message names the field"),
+    "409": _error("`stale_leader_token`: a newer leader is known, or `already_admitted`: "
+                  "this node already has the task id"),
+    "413": _error("body larger than max_body"),
+    "415": _error("Content-Type is not application/json"),
+    "422": _error("`unschedulable` (relayed from the node that placed it)"),
+    "429": _error("no free slot: the sender tries the next node", retry_after=True),
+    "503": _error("the node is starting, draining or overloaded, or the node a task was "
+                  "sent to did not answer", retry_after=True),
+}
+
 PATHS: dict[str, Any] = {
     "/health": {"get": {
         "summary": "Liveness; needs no secret",
@@ -412,9 +426,11 @@ PATHS: dict[str, Any] = {
             "example": {"command": "true", "args": [], "timeout": 5}}}},
         "responses": {
             **_TASK_RESPONSES,
-            "400": _error("bad JSON or a bad field; the message names the field"),
-            "409": _error("placement with a stale leader token, or (with Redis) "
-                          "`already_admitted`: the task id was started before"),
+            "400": _error("bad JSON or a bad field; the message names the field; "
+                          "`internal_header`: a node-to-node header (X-Oxide-Forwarded, "
+                          "X-Oxide-Leader-Token, X-Oxide-Retry-Of, X-Oxide-Attempt, "
+                          "X-Oxide-Task-Id), which only the /internal/ routes carry"),
+            "409": _error("`already_admitted`: the task id was started before"),
             "413": _error("body larger than max_body"),
             "415": _error("Content-Type is not application/json"),
             "422": _error("`unschedulable`: no known node has the labels the task asks for, "
@@ -423,7 +439,10 @@ PATHS: dict[str, Any] = {
             "429": _error("no free slot and `queue: false`, or (with Redis) no node of the "
                           "cluster has one", retry_after=True),
             "503": _error("the host is overloaded, the chosen node is unreachable, "
-                          "`draining`: this node takes no new tasks, or "
+                          "`draining`: this node takes no new tasks, "
+                          "`placement_unknown` / `leader_unreachable`: the node the task "
+                          "was sent to took it but did not answer (the message names the "
+                          "task id to look up; it is never started elsewhere), or "
                           "`queue_unavailable`: the cluster queue (Redis) failed, so nothing "
                           "was started or queued", retry_after=True),
         },
@@ -460,6 +479,54 @@ PATHS: dict[str, Any] = {
                           "`queue_unavailable`: Redis failed before the claim",
                           retry_after=True),
         },
+    })},
+    "/internal/place": {"post": _secured({
+        "summary": "Internal, node to node: a node hands a client's task to the leader",
+        "description": "Not for clients (POST /execute refuses the node-to-node headers "
+                       "of old with 400 `internal_header`). The leader places the task as "
+                       "for POST /execute and answers as it would; with Redis the task "
+                       "keeps the id it got where it entered (`task_id`).",
+        "x-internal": True,
+        "tags": ["internal"],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False,
+            "required": ["version", "task"],
+            "properties": {
+                "version": {"const": 1},
+                "task": {**_ref("TaskRequest"),
+                         "description": "the client's request, its `group` settled"},
+                "task_id": {"type": ["string", "null"],
+                            "description": "the id given where the task entered (Redis)"},
+                "idempotency_key": {"type": ["string", "null"]},
+                "wait": {"type": ["number", "null"], "minimum": 0, "maximum": 300},
+            }}}}},
+        "responses": _INTERNAL_RESPONSES,
+    })},
+    "/internal/run": {"post": _secured({
+        "summary": "Internal, node to node: start this task here now, or refuse",
+        "description": "Not for clients. Sent by the placing node with the leader's "
+                       "fencing `token`; `task_id` is the id the sender gave, and a node "
+                       "refuses an id it already has (409 `already_admitted`), so a "
+                       "delivery repeated after a lost reply never runs twice. A retry of "
+                       "a lost task names it (`retry_of`) and its `attempt`.",
+        "x-internal": True,
+        "tags": ["internal"],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False,
+            "required": ["version", "task"],
+            "properties": {
+                "version": {"const": 1},
+                "task": _ref("TaskRequest"),
+                "token": {"type": ["integer", "null"],
+                          "description": "the placing leader's fencing token"},
+                "task_id": {"type": ["string", "null"]},
+                "attempt": {"type": "integer", "minimum": 1, "default": 1,
+                            "description": "counted only with `retry_of`"},
+                "retry_of": {"type": ["string", "null"]},
+                "idempotency_key": {"type": ["string", "null"]},
+                "wait": {"type": ["number", "null"], "minimum": 0, "maximum": 300},
+            }}}}},
+        "responses": _INTERNAL_RESPONSES,
     })},
     "/tasks": {"get": _secured({
         "summary": "Tasks, newest first",

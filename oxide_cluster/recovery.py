@@ -3,7 +3,7 @@ those submitted with ``retries`` run again elsewhere as a new attempt."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -17,18 +17,24 @@ NODE_GONE_EVENTS = ("dead", "restarted")
 PRIVATE_FIELDS = ("env", "secret_env_keys")
 
 
+class Retrier(Protocol):
+    """``routing.TaskRouter``: places a lost task again as a new attempt."""
+
+    async def place_retry(self, record: dict[str, Any]) -> dict[str, Any]: ...
+
+
 class Recovery:
     """Subscribed to membership; acts only while this node leads."""
 
     log = Logger()
     MAX_ATTEMPTS = 10
 
-    def __init__(self, reactor: Any, node: Any, directory: Any, retry: Any,
+    def __init__(self, reactor: Any, node: Any, directory: Any, router: Retrier,
                  publish: Any = None) -> None:
         self._reactor = reactor
         self._node = node
         self._directory = directory
-        self._retry = retry  # async (record) -> task JSON of the new attempt
+        self._router = router
         self._publish = publish
         self.recovered = 0
 
@@ -90,7 +96,7 @@ class Recovery:
                 self._publish({"type": "task", "event": "lost", "task": public})
             if retry:
                 try:
-                    attempt = await self._retry(record)
+                    attempt = await self._router.place_retry(record)
                 except Exception as error:
                     self.log.warn("retry of task {task_id} failed: {error}",
                                   task_id=record["id"], error=error)

@@ -30,6 +30,7 @@ from oxide_cluster.drain import RETRY_AFTER as DRAIN_RETRY_AFTER
 from oxide_cluster.drain import Drain
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.model import Task, TaskRequest, TaskState
+from oxide_cluster.waiters import Waiters
 
 IDEMPOTENCY_TTL = 24 * 3600.0
 # Refusals that end when time passes or a slot frees: the task waits for them.
@@ -55,6 +56,15 @@ class Unschedulable(Exception):
         super().__init__(message)
         self.labels = dict(labels)
         self.resource = resource
+
+
+class SeenTask(Exception):
+    """A task id this node already has: a repeated delivery is never a second run."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} was already admitted here; it is never started "
+                         "twice")
+        self.task_id = task_id
 
 
 class QueueStore(Protocol):
@@ -267,7 +277,6 @@ class _Queued:
     task: Task
     secret_env: dict[str, str]
     timer: DelayedCall | None = None
-    waiters: list[defer.Deferred[Task]] = attrs.Factory(list)
 
 
 Room = tuple[Mapping[str, str], Allocatable | None]
@@ -364,7 +373,9 @@ class Scheduler(service.Service):
         # Tasks ``admit`` is claiming: Redis may already name this node as the one
         # that runs them, so a GET forwarded here must find them (not 404).
         self._admitting: dict[str, Task] = {}
+        self._submitting: set[str] = set()  # ids between ``submit`` and started/queued
         self._deadline_call: DelayedCall | None = None
+        self._waiters: Waiters[str, Task] = Waiters()  # for queued tasks' ends
         self.recovered = False
         self.started_total = 0
         self.rejected_total = 0
@@ -432,19 +443,33 @@ class Scheduler(service.Service):
 
     async def submit(self, request: TaskRequest, *, idempotency_key: str | None = None,
                      queueable: bool = True, attempt: int = 1,
-                     retry_of: str | None = None) -> Task:
+                     retry_of: str | None = None, task_id: str | None = None) -> Task:
         """Start the task now, or queue it (``queueable`` and ``request.queue``), or raise
-        CapacityError; a known ``idempotency_key`` returns the task it first made."""
+        CapacityError; a known ``idempotency_key`` returns the task it first made.
+
+        ``task_id``, given where the task entered the cluster, is refused (SeenTask) when
+        this node already has it: a delivery repeated after a lost reply runs nothing."""
         if idempotency_key is not None:
             earlier = await self._idempotent(idempotency_key)
             if earlier is not None:
                 return earlier
+        if task_id is not None and (task_id in self._submitting or task_id in self._admitting
+                                    or await self.find(task_id) is not None):
+            raise SeenTask(task_id)
         if not self.recovered:
             raise CapacityError(503, "starting", "the node is still starting", 1)
         self._refuse_if_draining()
         queueable = queueable and request.queue
-        task = self._executor.new_task(request, attempt=attempt, retry_of=retry_of)
+        task = self._executor.new_task(request, task_id=task_id, attempt=attempt,
+                                       retry_of=retry_of)
         task.idempotency_key = idempotency_key
+        self._submitting.add(task.id)
+        try:
+            return await self._admit(task, request, queueable)
+        finally:
+            self._submitting.discard(task.id)
+
+    async def _admit(self, task: Task, request: TaskRequest, queueable: bool) -> Task:
         resources = Resources.from_json(task.resources)
         if not self._queue:
             try:
@@ -638,8 +663,8 @@ class Scheduler(service.Service):
             if self._pins is not None:  # a no-op once the executor took the pins over
                 self._pins.release(task_id)
             started.addErrback(self._start_failed, task_id)
-            for waiter in entry.waiters:
-                self._follow(waiter, entry.task, started)
+            if self._waiters.count(task_id):
+                self._follow(entry.task, started)
 
     def _first_that_fits(self) -> str | None:
         """Take the first queued task, in dispatch order, that fits the free declared
@@ -657,14 +682,11 @@ class Scheduler(service.Service):
             return task_id
         return None
 
-    def _follow(self, waiter: defer.Deferred[Task], task: Task,
-                started: defer.Deferred[Task]) -> None:
-        """Hand a queued task's waiter over to the executor's end of the task."""
-        if waiter.called:
-            return
+    def _follow(self, task: Task, started: defer.Deferred[Task]) -> None:
+        """Wake the waiters of a task that left the queue when the executor ends it (one
+        executor waiter per task; later callers ask the executor themselves)."""
         def wake(result: object) -> None:
-            if not waiter.called:
-                waiter.callback(result if isinstance(result, Task) else task)
+            self._waiters.fire(task.id, result if isinstance(result, Task) else task)
 
         finished = self._executor.when_finished(task.id)
         if finished is None:  # ended at once (command not found, ...)
@@ -693,11 +715,10 @@ class Scheduler(service.Service):
         entry = self._drop(task_id)
         if entry is None:
             return None
-        self._end(entry.task, state, reason, entry.waiters)
+        self._end(entry.task, state, reason)
         return entry.task
 
-    def _end(self, task: Task, state: TaskState, reason: str,
-             waiters: Iterable[defer.Deferred[Task]] = ()) -> defer.Deferred[None]:
+    def _end(self, task: Task, state: TaskState, reason: str) -> defer.Deferred[None]:
         task.state = state
         task.reason = reason
         task.finished_at = self._reactor.seconds()
@@ -705,13 +726,7 @@ class Scheduler(service.Service):
         stored.addErrback(lambda failure: self.log.error(
             "could not record the end of queued task {task_id}: {error}", task_id=task.id,
             error=failure.getErrorMessage()))
-        waiting = list(waiters)
-
-        def wake(_: object) -> None:
-            for waiter in waiting:
-                if not waiter.called:
-                    waiter.callback(task)
-        stored.addCallback(wake)
+        stored.addCallback(lambda _: self._waiters.fire(task.id, task))
         self._executor.publish_state(task)
         return stored
 
@@ -751,16 +766,9 @@ class Scheduler(service.Service):
 
         A waiter cancelled (a long-poll's timeout) is forgotten at once.
         """
-        entry = self._entries.get(task_id)
-        if entry is None:
+        if task_id not in self._entries:
             return self._executor.when_finished(task_id)
-
-        def forget(waiter: defer.Deferred[Task]) -> None:
-            if waiter in entry.waiters:
-                entry.waiters.remove(waiter)
-        waiter: defer.Deferred[Task] = defer.Deferred(forget)
-        entry.waiters.append(waiter)
-        return waiter
+        return self._waiters.wait(task_id)
 
     def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
         """Cancel a queued task (it never starts) or begin stopping a running one."""

@@ -56,6 +56,7 @@ from oxide_cluster.placement import Candidate, Placement
 from oxide_cluster.protection import protect_agent
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.retention import Retention
+from oxide_cluster.routing import RouterSettings, TaskRouter
 from oxide_cluster.scheduler import LabelBook, Room, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
@@ -366,18 +367,11 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                                                     "--discovery-port"))
         node.discovery.membership.subscribe(labels.membership_event)
 
-    hub = LiveHub(executor, store)
-    hub.setServiceParent(top)
-    node.ws = hub
-    elector.subscribe(lambda _: hub.publish({"type": "leader", **node.leader()}))
-    if node.discovery is not None:
-        node.discovery.membership.subscribe(hub.publish)
     peers = placement = None
     if node.discovery is not None:
         peers = PeerClient(reactor, secret, node.discovery, timeout=config.peer_timeout)
         placement = Placement(reactor, node)
         reactor.addSystemEventTrigger("before", "shutdown", peers.close)
-        hub.peers, hub.node_id, hub.reactor = peers, node_id, reactor
         membership = node.discovery.membership
         # Set before any service starts: the peer client exists only after discovery.
         workspaces.source = PeerBlobs(
@@ -396,14 +390,23 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         cluster = _cluster_queue(reactor, config, node, scheduler, redis, peers, placement)
         cluster.dispatcher.setServiceParent(top)
         cluster.watch.setServiceParent(top)
-    api = TaskApi(node, websocket=LiveFactory(hub, secret, reactor).web_resource(),
-                  peers=peers, placement=placement, directory=directory,
-                  workspaces=workspaces, scheduler=scheduler, cluster=cluster,
-                  suites=suites)
-    if cluster is not None:
-        hub.locate = api.locate_owner
+    router = TaskRouter(
+        RouterSettings(node_id, config.labels, config.max_timeout, config.queue_timeout,
+                       config.peer_timeout),
+        reactor, elector, scheduler, executor, peers=peers, placement=placement,
+        directory=directory, cluster=cluster,
+        membership=node.discovery.membership if node.discovery is not None else None)
+    hub = LiveHub(executor, store, peers=peers, node_id=node_id, reactor=reactor,
+                  locate=router.locate_owner if cluster is not None else None)
+    hub.setServiceParent(top)
+    node.ws = hub
+    elector.subscribe(lambda _: hub.publish({"type": "leader", **node.leader()}))
+    if node.discovery is not None:
+        node.discovery.membership.subscribe(hub.publish)
+    api = TaskApi(node, router, websocket=LiveFactory(hub, secret, reactor).web_resource(),
+                  workspaces=workspaces, suites=suites)
     if directory is not None and node.discovery is not None:
-        recovery = Recovery(reactor, node, directory, api.place_retry, hub.publish)
+        recovery = Recovery(reactor, node, directory, router, hub.publish)
         node.discovery.membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,

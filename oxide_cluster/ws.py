@@ -544,7 +544,9 @@ class LiveHub(service.Service):
 
     def __init__(self, executor: Any, store: Any, *, read_size: int = 1024 * 1024,
                  live_buffer: int = 4 * 1024 * 1024,
-                 max_pending: int = 16 * 1024 * 1024) -> None:
+                 max_pending: int = 16 * 1024 * 1024, peers: Any = None,
+                 locate: Callable[[str], Coroutine[Any, Any, str | None]] | None = None,
+                 node_id: str | None = None, reactor: Any = None) -> None:
         self.executor = executor
         self.store = store
         self.read_size = read_size
@@ -552,13 +554,13 @@ class LiveHub(service.Service):
         self.max_pending = max_pending
         self._attached: dict[str, set[Attachment | RemoteAttachment]] = {}
         self._sessions: set[LiveSession] = set()
-        # Set by the tap when the node has peers: tasks other nodes own are followed there.
-        self.peers: Any = None
-        # Set by the tap in a Redis cluster: where a task runs (None: here) may take a
-        # look-up, since an id names the node it entered, not the one running it.
-        self.locate: Callable[[str], Coroutine[Any, Any, str | None]] | None = None
-        self.node_id: str | None = None
-        self.reactor: Any = None
+        # With peers, tasks other nodes own are followed there.
+        self.peers = peers
+        # In a Redis cluster, where a task runs (None: here) may take a look-up
+        # (``TaskRouter.locate_owner``): an id names the node it entered.
+        self.locate = locate
+        self.node_id = node_id
+        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()

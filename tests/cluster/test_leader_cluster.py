@@ -13,6 +13,7 @@ terms of different nodes overlap.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -215,8 +216,8 @@ def test_frozen_leader_steps_down_and_its_old_token_is_refused(redis_cluster):
         # on every node (the old one included: it has seen the newer token since).
         for target in c.nodes:
             status, body, _ = target.agent.request(
-                "POST", "/execute", b'{"command": "true"}',
-                headers={"X-Oxide-Forwarded": "run", "X-Oxide-Leader-Token": str(token)})
+                "POST", "/internal/run", json.dumps(
+                    {"version": 1, "token": token, "task": {"command": "true"}}).encode())
             assert status == 409 and body["error"]["code"] == "stale_leader_token", \
                 (target, status, body)
             assert not [t for t in target.get_json("/tasks")["tasks"]
@@ -236,9 +237,9 @@ def test_frozen_leader_steps_down_and_its_old_token_is_refused(redis_cluster):
                 moves.append(current_token)
             follower = next(n for n in c.nodes if n.node_id != leader_id)
             status, body, _ = follower.agent.request(
-                "POST", "/execute?wait=10", b'{"command": "true"}', timeout=15,
-                headers={"X-Oxide-Forwarded": "run",
-                         "X-Oxide-Leader-Token": str(current_token)})
+                "POST", "/internal/run", json.dumps(
+                    {"version": 1, "token": current_token, "task": {"command": "true"},
+                     "wait": 10}).encode(), timeout=15)
             if status == 409 and body["error"]["code"] == "stale_leader_token":
                 return None  # it moved between the read and the placement: read again
             return status, body

@@ -169,8 +169,12 @@ def test_placement_with_a_stale_leader_token_is_refused(agent_factory, redis):
     leader, token = wait_for_leader(agents)
     follower = next(agent for agent in agents if agent is not leader)
     poll_until(lambda: leader_of(follower)["token"] == token, message="follower sees token")
-    headers = {"X-Oxide-Forwarded": "run", "X-Oxide-Leader-Token": str(token - 1)}
-    stale = follower.post("/execute", {"command": "true"}, headers=headers)
+    task = {"command": "true"}
+    stale = follower.post("/internal/run", {"version": 1, "token": token - 1, "task": task})
     assert stale.status == 409 and stale.json()["error"]["code"] == "stale_leader_token"
-    headers["X-Oxide-Leader-Token"] = str(token)
-    assert follower.post("/execute?wait=10", {"command": "true"}, headers=headers).status == 200
+    current = {"version": 1, "token": token, "task": task, "wait": 10}
+    assert follower.post("/internal/run", current).status == 200
+    # The old way in, headers on the public route, is refused by name.
+    smuggled = follower.post("/execute", task, headers={"X-Oxide-Leader-Token": str(token)})
+    assert smuggled.status == 400 and smuggled.json()["error"]["code"] == "internal_header"
+    assert "X-Oxide-Leader-Token" in smuggled.json()["error"]["message"]

@@ -39,13 +39,14 @@ def record(node_id="b", retries=1, secret_keys=()):
 def make(records, is_leader=True):
     retried, published = [], []
 
-    async def retry(rec):
-        retried.append(rec["id"])
-        return {"id": "new", "node_id": "c"}
+    class Router:
+        async def place_retry(self, rec):
+            retried.append(rec["id"])
+            return {"id": "new", "node_id": "c"}
 
     node = FakeNode(elector=FakeElector(is_leader))
     directory = FakeDirectory(records)
-    recovery = Recovery(task.Clock(), node, directory, retry, published.append)
+    recovery = Recovery(task.Clock(), node, directory, Router(), published.append)
     return recovery, directory, retried, published
 
 

@@ -248,7 +248,19 @@ def test_a_timed_out_waiter_is_forgotten():
     waiter.addTimeout(5, rig.clock)
     waiter.addErrback(lambda f: f.trap(defer.TimeoutError))
     rig.clock.advance(5)
-    assert rig.scheduler._entries[queued.id].waiters == []
+    assert rig.scheduler._waiters.count(queued.id) == 0
+
+
+def test_a_waiter_on_a_queued_task_fires_when_it_ends_after_starting():
+    rig = make_rig(slots=1)
+    rig.submit("busy")
+    queued = rig.submit("q")
+    ended: list = []
+    rig.scheduler.when_finished(queued.id).addCallback(ended.append)
+    rig.executor.finish("busy")  # the queued task starts
+    assert rig.executor.started == ["busy", "q"] and ended == []
+    rig.executor.finish("q")
+    assert [task.id for task in ended] == [queued.id]
 
 
 def test_the_same_idempotency_key_returns_the_same_task_and_runs_once():
