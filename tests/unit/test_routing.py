@@ -73,7 +73,7 @@ class FakePlacer:
     order: list[str]
     placed_on: list[str] = attrs.Factory(list)
 
-    def choose(self, labels: Any, exclude: Any = ()) -> list[str]:
+    def choose(self, labels: Any, exclude: Any = (), resources: Any = None) -> list[str]:
         return [node_id for node_id in self.order if node_id not in exclude]
 
     def placed(self, node_id: str) -> None:
@@ -282,8 +282,9 @@ def cluster_router(rig: Rig, peers: FakePeers, elector: FakeElector,
 def test_a_follower_that_lost_the_leaders_reply_queues_the_same_id_and_it_runs_once() -> None:
     """The stalled-leader case: the leader got the task (and will start it, claiming its
     id) but its reply is lost. The follower queues the task under the id it gave at entry,
-    so whichever start comes second finds the id claimed: one run."""
-    rig = make_rig(slots=2)
+    so whichever start comes second finds the id claimed: one run. (The follower is full,
+    so the task is not started where it entered: the leader places it.)"""
+    rig = make_rig(slots=0)
     elector = FakeElector(is_leader=False, leader_id="lead")
     peers = FakePeers({"lead": PeerUnavailable("node lead did not answer", sent=True)})
     queue = FakeQueue()
