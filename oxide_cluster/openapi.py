@@ -406,12 +406,15 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json(_ref("Leader"), "leader")},
     })},
     "/execute": {"post": _secured({
-        "summary": "Run a command (placed by the leader unless pinned with `node`)",
-        "description": "When no slot is free the task waits in the queue (202, state "
-                       "`queued`) unless the request says `queue: false` (429). A repeated "
-                       "submit with the same Idempotency-Key (kept 24 h) returns the first "
-                       "task, never a second run. Queueing across a Redis cluster is not "
-                       "there yet: its leader still answers 429 when the pool is full.",
+        "summary": "Run a command (here when there is room, else placed by the leader; "
+                   "`node` pins it)",
+        "description": "When no node can start it now the task waits in the queue (202, "
+                       "state `queued`): the node's own queue standalone, the cluster's in "
+                       "Redis with `--redis`; `queue: false` asks for 429 instead. A "
+                       "repeated submit with the same Idempotency-Key (kept 24 h) returns "
+                       "the first task, never a second run. The node-to-node headers "
+                       "(X-Oxide-Forwarded, -Leader-Token, -Retry-Of, -Attempt, -Task-Id) "
+                       "are refused here (400 `internal_header`): nodes use /internal/*.",
         "parameters": [_WAIT,
                        {"name": "Idempotency-Key", "in": "header", "required": False,
                         "schema": {"type": "string", "maxLength": 256},
