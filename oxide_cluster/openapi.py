@@ -410,7 +410,10 @@ PATHS: dict[str, Any] = {
                    "`node` pins it)",
         "description": "When no node can start it now the task waits in the queue (202, "
                        "state `queued`): the node's own queue standalone, the cluster's in "
-                       "Redis with `--redis`; `queue: false` asks for 429 instead. A "
+                       "Redis with `--redis`; `queue: false` asks for 429 instead. "
+                       "`?wait` covers the time queued too: the answer is 200 with the "
+                       "ended task once it ends within the wait, wherever it started, else "
+                       "202 as it stands (queued, or running). A "
                        "repeated submit with the same Idempotency-Key (kept 24 h) returns "
                        "the first task, never a second run. The node-to-node headers "
                        "(X-Oxide-Forwarded, -Leader-Token, -Retry-Of, -Attempt, -Task-Id) "
