@@ -171,3 +171,21 @@ def test_a_task_ended_in_the_queue_answers_with_its_end():
     rig.clock.advance(1)
     routed = result(waited)
     assert isinstance(routed, Admitted) and routed.task.state is TaskState.CANCELLED
+
+
+def test_a_submit_the_leader_queued_is_followed_from_the_node_it_entered():
+    peers = FakePeers({"b": task_reply("succeeded")})
+    rig, queue, target = queued_router(peers)
+    leader_said = PeerReply(202, {}, json.dumps({"id": "t1", "state": "queued"}).encode())
+    settled = defer.Deferred.fromCoroutine(target.settle_submit(Relayed(leader_said), 30))
+    rig.clock.advance(2)
+    assert not settled.called
+    queue.claim("t1", "b")
+    rig.clock.advance(1)
+    routed = result(settled)
+    assert isinstance(routed, Relayed) and routed.reply.status == 200
+    assert json.loads(routed.reply.body)["exit_code"] == 0
+    running = PeerReply(202, {}, json.dumps({"id": "t2", "state": "running"}).encode())
+    untouched = Relayed(running)  # not queued: answered as it came, no wait
+    assert result(defer.Deferred.fromCoroutine(target.settle_submit(untouched, 30))) \
+        is untouched
