@@ -483,7 +483,13 @@ class TaskApi:
         task_request = self._task_request(body)
         task_request, body = self._with_group(request, task_request, body)
         key = self._header_text(request, IDEMPOTENCY_HEADER)
+        entered = self.node.reactor.seconds()
         routed = await self._router.submit(task_request, body, key, wait)
+        if wait:  # left queued in Redis: wait there for its end (the rest of ``wait``)
+            left = max(0.0, wait - (self.node.reactor.seconds() - entered))
+            settled = await self._router.settle_submit(routed, left)
+            if settled is not routed:  # waited already: render it as it stands
+                routed, wait = settled, None
         return await self._render_routed(request, routed, wait)
 
     @app.route("/internal/place", methods=["POST"])
@@ -667,6 +673,12 @@ class TaskApi:
             if lost is None:
                 raise
             return render_json(request, lost)
+        if wait and self._router.waits_in_cluster_queue(task):
+            waited = await self._router.when_finished(task_id, wait)
+            if isinstance(waited, Relayed):
+                return self._relay(request, waited.reply)
+            position = waited.position if isinstance(waited, Queued) else None
+            return render_json(request, self._task_json(waited.task, position))
         if not task.state.terminal:
             task = await _wait_for(self._scheduler.when_finished(task_id), wait,
                                    self.node.reactor) or task

@@ -6,7 +6,11 @@ in one atomic script: the hash ``oxide:{cluster}:task:{id}`` (``state`` ``queued
 ``seq``, ``record``: the request without ``secret_env``, its priority, group, creation
 time, queue timeout, idempotency key) and the sorted set ``oxide:{cluster}:queue``
 (id scored by ``seq``, from ``INCR oxide:{cluster}:queue:seq``). Nothing about a queued
-task lives only in one process.
+task lives only in one process. The same scripts keep an index for ``GET /queue``: per
+priority, the sorted set of its groups scored by each group's oldest ``seq``
+(``queue:p:{priority}:groups``) and each group's ids by ``seq`` (``queue:p:{priority}:g:{group}``),
+and the depth by priority (the hash ``queue:depth``), so a page of the listing reads only
+what it shows (see :func:`list_queue`).
 
 The leader polls the sorted set for entries past the last ``seq`` it saw (one cheap
 script per poll, nothing when idle), keeps them in a :class:`FairQueue` (priority, group
@@ -53,8 +57,6 @@ from oxide_cluster.scheduler import Clock, FairQueue
 # A claimed or queued task's hash is kept a week past its last change (GET finds it).
 RECORD_TTL = 8 * 24 * 3600
 SCAN_LIMIT = 1000
-# Queue entries ``GET /queue`` reads to order the listing (the oldest by admission).
-LISTING_SCAN = 10_000
 # Queued tasks the entering node's watch asks Redis about per round (1 s), oldest checked
 # first, in turns: asking about all of them each second made every node stall for
 # hundreds of ms each second with tens of thousands queued (submit p99 0.8 s at 23,500).
@@ -64,8 +66,16 @@ WATCH_BATCH = 500
 DISPATCH_WINDOW = 200
 
 
-# (queued count, the first queued tasks by seq as (seq, id, record))
-Listed = tuple[int, list[tuple[int, str, dict[str, Any]]]]
+
+
+@attrs.frozen
+class Listed:
+    """A page of the queue in dispatch order, with Redis's counters."""
+
+    queued: int                                   # every task queued (ZCARD)
+    by_priority: dict[int, int]                   # the depth counters, by priority
+    entries: list[tuple[int, str, dict[str, Any]]]  # (seq, id, record), dispatch order
+    reads: int = 0                                # index and record reads it took
 
 
 class QueueUnavailable(Exception):
@@ -131,20 +141,53 @@ class QueueBackend(Protocol):
         """Each task's ``state`` in Redis, None where Redis has no record of it."""
 
     def listing(self, limit: int) -> defer.Deferred[Listed]:
-        """(queued count, the first ``limit`` queued tasks by seq as (seq, id, record))."""
+        """The first ``limit`` queued tasks in dispatch order, reading about ``limit``
+        index entries and records (never the whole queue)."""
 
 
+# The listing's index (module docstring): a task's priority and group are kept in its hash
+# so the scripts that end its queued state can take it out again.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'seq', seq, 'record', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'seq', seq, 'record', ARGV[2],
+           'prio', ARGV[4], 'grp', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
+local band = KEYS[2] .. ':p:' .. ARGV[4]
+local members = band .. ':g:' .. ARGV[5]
+redis.call('ZADD', members, seq, ARGV[1])
+if redis.call('ZCARD', members) == 1 then
+  redis.call('ZADD', band .. ':groups', seq, ARGV[5])
+end
+redis.call('HINCRBY', KEYS[2] .. ':depth', ARGV[4], 1)
 return seq
 """
-_CLAIM = """
+# Out of the listing's index (a task leaving the queue): its group's score follows its new
+# oldest task; a task queued before the index existed has no ``prio`` and is skipped.
+_UNINDEX = """
+local function unindex(task, queue, id)
+  local prio = redis.call('HGET', task, 'prio')
+  if not prio then return end
+  local grp = redis.call('HGET', task, 'grp')
+  local band = queue .. ':p:' .. prio
+  local members = band .. ':g:' .. grp
+  redis.call('ZREM', members, id)
+  local head = redis.call('ZRANGE', members, 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', band .. ':groups', grp)
+  else
+    redis.call('ZADD', band .. ':groups', head[2], grp)
+  end
+  if redis.call('HINCRBY', queue .. ':depth', prio, -1) <= 0 then
+    redis.call('HDEL', queue .. ':depth', prio)
+  end
+end
+"""
+_CLAIM = _UNINDEX + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == false or state == 'queued' then
+  if state == 'queued' then unindex(KEYS[1], KEYS[2], ARGV[1]) end
   redis.call('HSET', KEYS[1], 'state', 'started', 'node', ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -165,8 +208,9 @@ end
 return state .. ' ' .. (redis.call('HGET', KEYS[1], 'node') or '')
 """
 WAITING = "waiting"
-_END_QUEUED = """
+_END_QUEUED = _UNINDEX + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+unindex(KEYS[1], KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'reason', ARGV[3], 'finished', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
@@ -187,14 +231,51 @@ local out = {}
 for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], 'state') or '' end
 return out
 """
+# A page in dispatch order from the index: priorities high first; within one, the groups
+# by their oldest task take turns (a fresh ``FairQueue``'s order), oldest first in a group.
+# One ZRANGE per task shown (plus one per group that runs out), then its record.
+# Reply: total, reads, n, n priority/count pairs flat, then (id, seq, record) triples.
 _LISTING = """
-local out = {redis.call('ZCARD', KEYS[1])}
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
-for i = 1, #ids, 2 do
-  out[#out + 1] = ids[i]
-  out[#out + 1] = ids[i + 1]
-  out[#out + 1] = redis.call('HGET', ARGV[2] .. ids[i], 'record') or ''
+local queue = KEYS[1]
+local need = tonumber(ARGV[1])
+local depth = redis.call('HGETALL', queue .. ':depth')
+local bands = {}
+for i = 1, #depth, 2 do bands[#bands + 1] = {tonumber(depth[i]), depth[i]} end
+table.sort(bands, function(a, b) return a[1] > b[1] end)
+local reads = 1
+local picked = {}
+for _, prio in ipairs(bands) do
+  if need <= 0 then break end
+  local band = queue .. ':p:' .. prio[2]
+  local alive = redis.call('ZRANGE', band .. ':groups', 0, need - 1)
+  reads = reads + 1
+  local turn = 0
+  while #alive > 0 and need > 0 do
+    local following = {}
+    for _, grp in ipairs(alive) do
+      if need <= 0 then break end
+      local got = redis.call('ZRANGE', band .. ':g:' .. grp, turn, turn, 'WITHSCORES')
+      reads = reads + 1
+      if #got > 0 then
+        picked[#picked + 1] = got[1]
+        picked[#picked + 1] = got[2]
+        need = need - 1
+        following[#following + 1] = grp
+      end
+    end
+    alive = following
+    turn = turn + 1
+  end
 end
+local out = {redis.call('ZCARD', queue), 0, #depth / 2}
+for i = 1, #depth do out[#out + 1] = depth[i] end
+for i = 1, #picked, 2 do
+  out[#out + 1] = picked[i]
+  out[#out + 1] = picked[i + 1]
+  out[#out + 1] = redis.call('HGET', ARGV[2] .. picked[i], 'record') or ''
+  reads = reads + 1
+end
+out[2] = reads
 return out
 """
 _HOLD_KEY = """
@@ -229,6 +310,7 @@ class RedisQueueBackend:
         self._redis = redis
         self._prefix = f"oxide:{cluster}"
         self.queue_key = f"{self._prefix}:queue"
+        self.listing_reads = 0  # index entries and records ``listing`` read, in all
 
     def task_key(self, task_id: str) -> str:
         return f"{self._prefix}:task:{task_id}"
@@ -245,7 +327,9 @@ class RedisQueueBackend:
     def enqueue(self, task_id: str, record: Mapping[str, Any]) -> defer.Deferred[int]:
         reply = self._call("EVAL", _ENQUEUE, 3, self.task_key(task_id), self.queue_key,
                            self.queue_key + ":seq", task_id,
-                           json.dumps(record, separators=(",", ":")), RECORD_TTL)
+                           json.dumps(record, separators=(",", ":")), RECORD_TTL,
+                           int(record.get("priority") or 0),
+                           str(record.get("group") or "default"))
         return reply.addCallback(lambda seq: int(seq))
 
     def claim(self, task_id: str, node_id: str) -> defer.Deferred[str | None]:
@@ -275,7 +359,16 @@ class RedisQueueBackend:
     def listing(self, limit: int) -> defer.Deferred[Listed]:
         reply = self._call("EVAL", _LISTING, 1, self.queue_key, limit,
                            self._prefix + ":task:")
-        return reply.addCallback(lambda flat: (int(_text(flat[0]) or 0), _entries(flat[1:])))
+        return reply.addCallback(self._listed)
+
+    def _listed(self, flat: list[Any]) -> Listed:
+        reads, pairs = int(_text(flat[1]) or 0), int(_text(flat[2]) or 0)
+        depth = [_text(item) or "0" for item in flat[3:3 + 2 * pairs]]
+        self.listing_reads += reads
+        return Listed(int(_text(flat[0]) or 0),
+                      {int(depth[i]): int(depth[i + 1]) for i in range(0, len(depth), 2)
+                       if int(depth[i + 1]) > 0},
+                      _entries(flat[3 + 2 * pairs:]), reads)
 
     def where(self, task_id: str) -> defer.Deferred[Entry | None]:
         def parse(values: list[Any]) -> Entry | None:
@@ -527,29 +620,22 @@ class QueueListing:
     """The cluster's queue as ``GET /queue`` shows it, from any node."""
 
     queued: int                              # every task queued in Redis
-    by_priority: dict[int, int]              # of the tasks read (all, when ``complete``)
+    by_priority: dict[int, int]              # from Redis's depth counters
     records: list[dict[str, Any]]            # up to the limit, in dispatch order
-    complete: bool                           # False when the queue is deeper than read
 
 
-async def list_queue(backend: QueueBackend, limit: int,
-                     scan: int = LISTING_SCAN) -> QueueListing:
+async def list_queue(backend: QueueBackend, limit: int) -> QueueListing:
     """Queued tasks in dispatch order (priority, group turns, FIFO), read from Redis.
 
-    Any node can answer, not only the leader. The turns restart from the first group (as
-    a new leader's do), so between groups of one priority the listing may differ from the
-    leader's next picks by the turns it has spent; beyond ``scan`` entries only the
-    oldest ``scan`` are ordered and counted by priority."""
-    total, entries = await backend.listing(scan)
-    order = FairQueue()
-    records: dict[str, dict[str, Any]] = {}
-    for seq, task_id, record in entries:
-        order.push(task_id, int(record.get("priority") or 0),
-                   str(record.get("group") or "default"), seq)
-        records[task_id] = record
-    return QueueListing(total, order.depth_by_priority(),
-                        [records[task_id] for task_id in order.ordered(limit)],
-                        len(entries) >= total)
+    Any node can answer, not only the leader, and a page costs O(limit) index reads
+    (O(log n) each), whatever the depth. The order is the one a leader reading the queue
+    afresh dispatches in: within a priority the groups take turns starting from the one
+    whose oldest task is oldest. A leader that has dispatched for a while is part-way
+    through its turn of the groups, so the groups of one priority may be rotated against
+    its next picks; priorities and the order within a group are exact."""
+    page = await backend.listing(limit)
+    return QueueListing(page.queued, page.by_priority,
+                        [record for _, _, record in page.entries])
 
 
 # -- admission on the node that runs the task ------------------------------------------------

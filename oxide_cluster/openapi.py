@@ -410,7 +410,10 @@ PATHS: dict[str, Any] = {
                    "`node` pins it)",
         "description": "When no node can start it now the task waits in the queue (202, "
                        "state `queued`): the node's own queue standalone, the cluster's in "
-                       "Redis with `--redis`; `queue: false` asks for 429 instead. A "
+                       "Redis with `--redis`; `queue: false` asks for 429 instead. "
+                       "`?wait` covers the time queued too: the answer is 200 with the "
+                       "ended task once it ends within the wait, wherever it started, else "
+                       "202 as it stands (queued, or running). A "
                        "repeated submit with the same Idempotency-Key (kept 24 h) returns "
                        "the first task, never a second run. The node-to-node headers "
                        "(X-Oxide-Forwarded, -Leader-Token, -Retry-Of, -Attempt, -Task-Id) "
@@ -549,6 +552,15 @@ PATHS: dict[str, Any] = {
     })},
     "/queue": {"get": _secured({
         "summary": "Queued tasks in dispatch order (with Redis: the whole cluster's queue)",
+        "description": (
+            "With Redis, any node answers from Redis and reads only the page it shows "
+            "(O(limit) index reads, whatever the queue's depth); `queued` and `by_priority` "
+            "come from Redis counters. Order: priority (high first), then the groups of "
+            "that priority take turns, then oldest first within a group. The turns are "
+            "counted from the group whose oldest task is oldest, as a leader reading the "
+            "queue afresh starts them: a leader that has dispatched for a while may be "
+            "part-way through its turn, so the groups of one priority can appear rotated "
+            "against its next picks."),
         "parameters": [{"name": "limit", "in": "query", "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
         "responses": {"200": _json(_ref("Queue"), "the queue"), "400": _BAD_QUERY},

@@ -33,6 +33,7 @@ from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
 from oxide_cluster.membership import Membership
 from oxide_cluster.model import (
+    TERMINAL_STATES,
     RequestError,
     Task,
     TaskRequest,
@@ -41,6 +42,7 @@ from oxide_cluster.model import (
     owner_of,
     parse_task_request,
 )
+from oxide_cluster.queue_waits import QUEUED, QueueWaits
 from oxide_cluster.scheduler import IDEMPOTENCY_TTL, Scheduler, SeenTask, Unschedulable
 
 PLACE_PATH = b"/internal/place"
@@ -195,6 +197,25 @@ class QueueView:
     by_priority: dict[int, int]
 
 
+def _reply_task(reply: PeerReply) -> dict[str, Any]:
+    try:
+        body = json.loads(reply.body)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _queued_id(reply: PeerReply) -> str | None:
+    """The id of a task a peer's reply says is queued."""
+    body = _reply_task(reply)
+    task_id = body.get("id")
+    return task_id if body.get("state") == QUEUED and isinstance(task_id, str) else None
+
+
+def _ended(reply: PeerReply) -> bool:
+    return _reply_task(reply).get("state") in {state.value for state in TERMINAL_STATES}
+
+
 # -- collaborators ------------------------------------------------------------------------
 
 
@@ -277,6 +298,7 @@ class TaskRouter:
         self._directory = directory
         self.cluster = cluster
         self._membership = membership
+        self._waits = QueueWaits(reactor, cluster.backend) if cluster is not None else None
 
     # -- a client's submit -------------------------------------------------------------
 
@@ -476,6 +498,78 @@ class TaskRouter:
             task.state = TaskState.QUEUED
             tasks.append(task)
         return QueueView(tasks, listing.queued, listing.by_priority)
+
+    # -- ?wait on a task queued in Redis ---------------------------------------------
+
+    def waits_in_cluster_queue(self, task: Task) -> bool:
+        """The task is queued in Redis (not in this node's own queue): ``?wait`` on it
+        needs :meth:`when_finished`."""
+        return (self._waits is not None and task.state is TaskState.QUEUED
+                and self.scheduler.live_task(task.id) is None)
+
+    async def settle_submit(self, routed: Routed, wait: float | None) -> Routed:
+        """A submit's ``?wait`` when it was left queued in Redis (here, or as the leader
+        answered): followed until it ends or ``wait`` passes, in ``POST /execute``'s
+        terms (a task JSON still not ended is a 202)."""
+        task_id = None
+        if isinstance(routed, Queued):
+            task_id = routed.task.id
+        elif isinstance(routed, Relayed) and routed.reply.status == 202:
+            task_id = _queued_id(routed.reply)
+        if not wait or task_id is None or self._waits is None:
+            return routed
+        waited = await self.when_finished(task_id, wait)
+        if isinstance(waited, Relayed) and waited.reply.status == 200 \
+                and not _ended(waited.reply):
+            return Relayed(attrs.evolve(waited.reply, status=202))
+        return waited
+
+    async def when_finished(self, task_id: str, timeout: float) -> Routed:
+        """A task queued in Redis, once it ends or ``timeout`` passes: :class:`Queued` when
+        still queued; :class:`Admitted` when it ended in the queue (cancelled, rejected)
+        or runs here (waited on here); :class:`Relayed` with its owner's answer to
+        ``GET /task/{id}?wait=<the time left>`` when it started on another node."""
+        assert self._waits is not None and self.cluster is not None
+        deadline = self._reactor.seconds() + timeout
+        state = await self._waits.left_queue(task_id, timeout)
+        left = max(0.0, deadline - self._reactor.seconds())
+        if state == "started" and self.scheduler.live_task(task_id) is None:
+            owner = await self._started_on(task_id)
+            if owner is not None and owner != self._node_id and self.peers is not None:
+                try:
+                    reply = await self.peers.request(
+                        owner, b"GET", f"/task/{task_id}?wait={left:.3f}".encode(),
+                        timeout=left + self._settings.peer_timeout)
+                except PeerUnavailable as error:
+                    self.log.info("task {task_id}: its node {node_id} did not answer the "
+                                  "wait: {error}", task_id=task_id, node_id=owner,
+                                  error=error)
+                else:
+                    if reply.status == 200:
+                        return Relayed(reply)
+        found = await self.find(task_id)
+        if found is None:
+            raise Refused(404, "task_not_found", f"no task {task_id!r} in the cluster")
+        task, position = found
+        if task.state is TaskState.QUEUED and state == QUEUED:
+            return Queued(task, position)
+        waiter = self.scheduler.when_finished(task_id) if not task.state.terminal else None
+        if waiter is not None and left > 0:  # it runs here: wait for its end here
+            waiter.addTimeout(left, self._reactor)
+            ended = await waiter.addErrback(lambda f: f.trap(defer.TimeoutError) and None)
+            task = ended or task
+        return Admitted(task)
+
+    async def _started_on(self, task_id: str) -> str | None:
+        """The node whose claim Redis holds (else the owner lookup's answer)."""
+        assert self.cluster is not None
+        try:
+            entry = await self.cluster.backend.where(task_id)
+        except QueueUnavailable:
+            entry = None
+        if entry is not None and entry.node is not None:
+            return entry.node
+        return await self.locate_owner(task_id)
 
     async def cancel_queued(self, task: Task) -> Task | None:
         """End a task queued in Redis at once (None when it is not queued there); 409
@@ -702,7 +796,9 @@ class TaskRouter:
         if owner is None or owner == self._node_id or self.peers is None \
                 or not self.peers.knows(owner):
             owner = None
-        if self.cluster is None or self.scheduler.live_task(task_id) is not None:
+        if self.scheduler.live_task(task_id) is not None:
+            return None  # queued or running here (whichever node its id names)
+        if self.cluster is None:
             return owner
         try:
             entry = await self.cluster.backend.where(task_id)

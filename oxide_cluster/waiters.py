@@ -51,6 +51,10 @@ class Waiters(Generic[K, T]):
         if keep:
             self._by_key.setdefault(key, []).extend(keep)
 
+    def keys(self) -> list[K]:
+        """The keys someone waits on."""
+        return list(self._by_key)
+
     def count(self, key: K | None = None) -> int:
         """Waiters registered (for ``key``, or in all)."""
         if key is not None:
