@@ -611,6 +611,14 @@ def _print_grouped(shards: Sequence[Shard], grouped: Sequence[tuple[IO[bytes], I
             target.flush()
 
 
+def junit_reports(shard: Shard, artifacts_dir: Path, globs: Sequence[str]) -> list[bytes]:
+    """The contents of the shard's downloaded artifacts that ``--junit`` globs match."""
+    patterns = [glob_regex(pattern) for pattern in globs]
+    root = artifacts_dir / shard.directory
+    return [path.read_bytes() for path in sorted(shard.artifacts)
+            if any(p.match(path.relative_to(root).as_posix()) for p in patterns)]
+
+
 def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
             artifacts_dir: Path | None, wall: float, plan: SplitPlan | None) -> int:
     for shard in shards:
@@ -626,13 +634,7 @@ def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
     slow = f"; slowest shard {slowest.label} {slowest.seconds:.2f}s" if slowest else ""
     reports: list[list[bytes]] = [[] for _ in shards]
     if options.junit and artifacts_dir is not None:
-        patterns = [glob_regex(pattern) for pattern in options.junit]
-        reports = []
-        for shard in shards:
-            root = artifacts_dir / shard.directory
-            reports.append([path.read_bytes() for path in sorted(shard.artifacts)
-                            if any(p.match(path.relative_to(root).as_posix())
-                                   for p in patterns)])
+        reports = [junit_reports(shard, artifacts_dir, options.junit) for shard in shards]
         merged = merge_junit(reports, labels=[shard.label for shard in shards])
         target = artifacts_dir / "junit.xml"
         target.parent.mkdir(parents=True, exist_ok=True)
