@@ -114,4 +114,5 @@ def test_batches_grow_once_the_start_up_is_known(agent_factory, tmp_path):
     assert len(batches) <= 9 and max(sizes) >= 4, sizes
     startup = float(stderr.split("start-up ~")[1].split("s")[0])
     assert 0.8 <= startup < 3.0, stderr
-    print(f"\nbatch sizes {sizes}, start-up estimate {startup:.2f}s")
+    wall = stderr.split("; wall ")[1].split("s")[0]
+    print(f"\nbatch sizes {sizes}, start-up estimate {startup:.2f}s, wall {wall}s")
