@@ -305,6 +305,11 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise Failed(EXIT_USAGE, "run: give the command after --")
+    if options.suite is not None and not options.split:
+        # The suite names the durations a --split reads and records; alone it would be
+        # silently ignored.
+        raise Failed(EXIT_USAGE, "run: --suite NAME needs --split GLOB (with --parallel N; "
+                                 "it names the durations the split uses)")
     if options.parallel is not None:
         from oxide_cluster.fanout import run_parallel  # it imports this module
         return run_parallel(node, options, command)

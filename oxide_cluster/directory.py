@@ -101,6 +101,11 @@ class TaskDirectory:
                                   json.dumps(record, separators=(",", ":")), "EX", LOST_TTL)
         await self._redis.command("HDEL", self._active(record["node_id"]), record["id"])
 
+    async def record_retried(self, record: dict[str, Any]) -> None:
+        """The lost record again, now naming its retry (``retried_by``)."""
+        await self._redis.command("SET", self._lost(record["id"]),
+                                  json.dumps(record, separators=(",", ":")), "EX", LOST_TTL)
+
     async def lost(self, task_id: str) -> dict[str, Any] | None:
         value = await self._redis.command("GET", self._lost(task_id))
         return None if value is None else json.loads(value)

@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -69,6 +69,12 @@ MAX_PARALLEL = 256
 MAX_LINE = 64 * 1024  # a longer line without a newline is cut, or one shard holds the lock
 CANCEL_WAIT = 15.0  # after Ctrl-C, how long the shards' ends are awaited
 GROUPED_IN_MEMORY = 8 * 1024 * 1024  # --group-output spills to a temporary file beyond
+# A lost shard's retry: how long the cluster is given to place it (the leader records the
+# task lost, then places its retry, waiting up to peer_timeout per node), and how often it
+# is asked. The search covers the newest tasks, where a retry placed just now is.
+RETRY_WAIT = 30.0
+RETRY_POLL = 0.5
+RETRY_SEARCH = "/tasks?scope=cluster&limit=100"
 
 
 def new_run_id() -> str:
@@ -185,6 +191,8 @@ class Shard:
     signal: int | None = None
     # --queue-split: this is batch ``index`` taken by worker ``worker`` of ``total``.
     worker: int | None = None
+    # Earlier attempts that were lost (their node died) before ``task_id``, a retry.
+    lost: list[str] = attrs.Factory(list)
 
     @property
     def label(self) -> str:
@@ -397,17 +405,78 @@ def _wait_started(node: Node, shard: Shard, task: dict[str, Any]) -> dict[str, A
     return wait_in_queue(node, task, say=lambda line: _say(f"[{shard.label}] {line}"))
 
 
+def _task_path(task_id: str) -> str:
+    return f"/task/{urllib.parse.quote(task_id, safe='')}"
+
+
+def find_retry(node: Node, lost: Mapping[str, Any], wait: float = RETRY_WAIT,
+               clock: Callable[[], float] = time.monotonic,
+               pause: Callable[[float], None] = _pause) -> str | None:
+    """The id of the attempt the cluster placed for the ``lost`` task, None when none
+    comes: no retries left, not retried (``secret_env``), or none seen within ``wait``.
+
+    The leader records the task lost first and names its retry (``retried_by``) once
+    placed, so the record is read again until it does; a restarted owner answers for
+    its own lost task without that field, so the cluster's tasks are also searched for
+    one whose ``retry_of`` is this task."""
+    task_id = str(lost["id"])
+    if int(lost.get("retries") or 0) < 1 or "not retried" in str(lost.get("reason")):
+        return None
+    deadline = clock() + wait
+    while True:
+        for path in (_task_path(task_id), RETRY_SEARCH):
+            try:
+                reply = node.request("GET", path)
+            except NodeError:
+                continue
+            if reply.get("retried_by"):
+                return str(reply["retried_by"])
+            for task in reply.get("tasks") or []:
+                if task.get("retry_of") == task_id:
+                    return str(task["id"])
+        if clock() > deadline:
+            return None
+        pause(RETRY_POLL)
+
+
+def _follow_once(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
+                 err: ShardOutput) -> dict[str, Any]:
+    """One attempt of the shard to its end: the final task JSON (or state message)."""
+    assert shard.task_id is not None
+    task = _wait_started(node, shard, task)
+    if task["state"] in ("queued", "running"):
+        return follow(node, shard.task_id, stdout=out, stderr=err)
+    follow(node, shard.task_id, until_live=True, stdout=out, stderr=err)
+    return task
+
+
+def follow_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
+                 err: ShardOutput) -> dict[str, Any]:
+    """Follow the shard's task, and when it ends ``lost`` its retry (same prefix), until
+    an attempt ends otherwise or no retry comes: the last attempt's final state."""
+    while True:
+        state = _follow_once(node, shard, task, out, err)
+        if state.get("state") != "lost":
+            return state
+        assert shard.task_id is not None
+        lost = state if "retries" in state else node.request("GET", _task_path(shard.task_id))
+        retry = find_retry(node, lost)
+        if retry is None:
+            return {**state, **lost}
+        _say(f"[{shard.label}] task {shard.task_id} lost ({lost.get('reason')}); "
+             f"following its retry, task {retry}")
+        shard.lost.append(shard.task_id)
+        shard.task_id = retry
+        task = node.request("GET", _task_path(retry))
+        shard.node_id = task.get("node_id")
+
+
 def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
                err: ShardOutput, artifacts_dir: Path | None) -> None:
     """Follow one shard to its end and fetch its artifacts (in a thread of its own)."""
     assert shard.task_id is not None
     try:
-        task = _wait_started(node, shard, task)
-        if task["state"] in ("queued", "running"):
-            state = follow(node, shard.task_id, stdout=out, stderr=err)
-        else:
-            follow(node, shard.task_id, until_live=True, stdout=out, stderr=err)
-            state = task
+        state = follow_shard(node, shard, task, out, err)
         shard.code, shard.state = task_exit_code(state), state.get("state")
         shard.reason, shard.signal = state.get("reason"), state.get("signal")
     except Failed as failure:
@@ -421,8 +490,7 @@ def _run_shard(node: Node, shard: Shard, task: dict[str, Any], out: ShardOutput,
         out.close()
         err.close()
     try:
-        shard.seconds = _seconds(node.request(
-            "GET", f"/task/{urllib.parse.quote(shard.task_id, safe='')}"))
+        shard.seconds = _seconds(node.request("GET", _task_path(shard.task_id)))
     except NodeError:
         pass  # only the timing line lacks it
     if artifacts_dir is not None:
@@ -543,6 +611,14 @@ def _print_grouped(shards: Sequence[Shard], grouped: Sequence[tuple[IO[bytes], I
             target.flush()
 
 
+def junit_reports(shard: Shard, artifacts_dir: Path, globs: Sequence[str]) -> list[bytes]:
+    """The contents of the shard's downloaded artifacts that ``--junit`` globs match."""
+    patterns = [glob_regex(pattern) for pattern in globs]
+    root = artifacts_dir / shard.directory
+    return [path.read_bytes() for path in sorted(shard.artifacts)
+            if any(p.match(path.relative_to(root).as_posix()) for p in patterns)]
+
+
 def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
             artifacts_dir: Path | None, wall: float, plan: SplitPlan | None) -> int:
     for shard in shards:
@@ -550,19 +626,15 @@ def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
         files = f" ({len(shard.files)} files)" if options.split else ""
         why = f": {shard.state or 'not followed'} ({shard.reason})" \
             if shard.code != 0 and shard.reason else ""
-        _say(f"shard {shard.label} task {shard.task_id}: exit {shard.code}{took}{files}{why}")
+        retried = f" (retry of lost {', '.join(shard.lost)})" if shard.lost else ""
+        _say(f"shard {shard.label} task {shard.task_id}{retried}: exit {shard.code}{took}"
+             f"{files}{why}")
     timed = [shard for shard in shards if shard.seconds is not None]
     slowest = max(timed, key=lambda s: s.seconds or 0.0) if timed else None
     slow = f"; slowest shard {slowest.label} {slowest.seconds:.2f}s" if slowest else ""
     reports: list[list[bytes]] = [[] for _ in shards]
     if options.junit and artifacts_dir is not None:
-        patterns = [glob_regex(pattern) for pattern in options.junit]
-        reports = []
-        for shard in shards:
-            root = artifacts_dir / shard.directory
-            reports.append([path.read_bytes() for path in sorted(shard.artifacts)
-                            if any(p.match(path.relative_to(root).as_posix())
-                                   for p in patterns)])
+        reports = [junit_reports(shard, artifacts_dir, options.junit) for shard in shards]
         merged = merge_junit(reports, labels=[shard.label for shard in shards])
         target = artifacts_dir / "junit.xml"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -578,7 +650,11 @@ def _report(node: Node, shards: Sequence[Shard], options: argparse.Namespace,
     if failed is None:
         return 0
     others = sum(1 for shard in shards if shard.code != 0) - 1
-    _say(f"shard {failed.label} (task {failed.task_id}) failed with exit {failed.code}" +
+    how = "failed"
+    if failed.state == "lost":
+        how = f"was lost in all {len(failed.lost) + 1} attempts" if failed.lost \
+            else "was lost"
+    _say(f"shard {failed.label} (task {failed.task_id}) {how} with exit {failed.code}" +
          (f"; {others} more failed" if others else "") +
          " (the exit code is the lowest-numbered failing shard's)")
     assert failed.code is not None

@@ -187,6 +187,10 @@ SCHEMAS: dict[str, Any] = {
             "finished_at": _TIME,
             "attempt": {"type": "integer", "minimum": 1},
             "retry_of": _STRING_OR_NULL,
+            "retried_by": {"type": "string",
+                           "description": "on the leader's record of a lost task (while "
+                                          "its node is down): the id of its retry, once "
+                                          "placed"},
             "output_bytes": {"type": "integer", "minimum": 0},
             "output_dropped": {"type": "integer", "minimum": 0},
             "workspace": {"type": ["string", "null"]},

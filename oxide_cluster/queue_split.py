@@ -18,6 +18,14 @@ batches are large at first: a batch is the costliest files first until it holds
 ``remaining / (4N)`` of the expected time (durations, else sizes), never less than
 ``total / (8N)``, so the first batches are a quarter of a worker's share and they shrink
 toward the end, where small batches even out the workers' finishing times.
+
+Every batch also pays its runner's start-up (interpreter, imports, collection), which
+neither durations nor sizes show. Each batch that ran to its end with a JUnit report tells
+it: its task's wall time minus the test time its report sums is its start-up, and that
+test time over the batch's expected cost converts costs to seconds. From those estimates
+(the median start-up), a new batch holds at least enough tests that the start-up stays
+under :data:`STARTUP_SHARE` of the batch's time, but never more than a worker's share of
+what is left (``remaining / N``), so the end still evens out.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import sys
 import threading
 import time
@@ -46,13 +55,16 @@ from oxide_cluster.fanout import (
     _report,
     _run_shard,
     _say,
+    junit_reports,
     new_run_id,
     substitute,
 )
+from oxide_cluster.workspace_client import junit_summary
 
 MAX_RETURNS = 2
 START_SHARE = 4  # a batch holds remaining / (START_SHARE * N) of the expected time
 FLOOR_SHARE = 8  # and never less than total / (FLOOR_SHARE * N)
+STARTUP_SHARE = 0.15  # start-up at most this share of a batch's time (start-up + tests)
 
 
 @attrs.frozen
@@ -87,13 +99,46 @@ class FileQueue:
         self._numbers = 0
         self._closed = False
         self._condition = threading.Condition()
+        self._startups: list[float] = []
+        self._tested = 0.0  # seconds of tests, in the batches observed
+        self._tested_cost = 0.0  # and what they were expected to cost
 
     def target(self) -> float:
-        """The expected time the next new batch should hold."""
+        """The expected cost the next new batch should hold."""
         share = self._remaining / (START_SHARE * self._workers)
-        return max(share, self._total / (FLOOR_SHARE * self._workers))
+        target = max(share, self._total / (FLOOR_SHARE * self._workers))
+        startup = self.startup()
+        if startup is None or self._tested <= 0 or self._tested_cost <= 0:
+            return target
+        # tests >= startup * (1 - s) / s keeps startup / (startup + tests) <= s; in cost
+        # units through the seconds per unit of cost measured so far.
+        seconds_per_cost = self._tested / self._tested_cost
+        if seconds_per_cost <= 0:  # an underflow of absurd timings: no conversion
+            return target
+        enough = startup * (1 - STARTUP_SHARE) / STARTUP_SHARE / seconds_per_cost
+        return max(target, min(enough, self._remaining / self._workers))
 
-    def take(self) -> Batch | None:
+    def startup(self) -> float | None:
+        """The median start-up of the batches observed (None before the first)."""
+        with self._condition:
+            if not self._startups:
+                return None
+            return statistics.median(self._startups)
+
+    def observe(self, files: Sequence[str], wall: float, tested: float) -> None:
+        """A batch of ``files`` ran to its end in ``wall`` seconds on its node, of which
+        its JUnit report sums ``tested`` seconds of tests: the rest was start-up."""
+        if wall <= 0 or tested <= 0:  # a report without times tells nothing
+            return
+        with self._condition:
+            self._startups.append(max(wall - tested, 0.0))
+            cost = sum(self._costs.get(name, 0.0) for name in files)
+            if cost > 0:
+                self._tested += min(tested, wall)
+                self._tested_cost += cost
+
+    def take(self, block: bool = True) -> Batch | None:
+        """The next batch; without ``block``, None at once when none is there now."""
         with self._condition:
             while True:
                 if self._closed:
@@ -110,7 +155,7 @@ class FileQueue:
                         load += self._costs[name]
                     self._remaining -= load
                     return self._hand_out(sorted(files), 0)
-                if self._out == 0:
+                if self._out == 0 or not block:
                     return None
                 self._condition.wait()
 
@@ -209,7 +254,23 @@ def _work(run: _Run, worker: int) -> None:
                      f"{'' if shard.signal is None else f' (signal {shard.signal})'}: "
                      f"its {len(batch.files)} files go back to the queue")
             elif not died(shard):
+                _observe(run, shard)
                 run.queue.done(batch)
+
+
+def _observe(run: _Run, shard: Shard) -> None:
+    """Tell the queue what the batch's start-up was, when its run time on the node and
+    its JUnit reports say (tests passing or not; not when cancelled or timed out)."""
+    if shard.state not in ("succeeded", "failed") or shard.seconds is None \
+            or run.artifacts_dir is None or not run.options.junit:
+        return
+    try:
+        reports = junit_reports(shard, run.artifacts_dir, run.options.junit)
+    except OSError:
+        return
+    summaries = [summary for data in reports if (summary := junit_summary(data)) is not None]
+    if summaries:
+        run.queue.observe(shard.files, shard.seconds, sum(s.time for s in summaries))
 
 
 def run_queue(node: Node, options: argparse.Namespace, command: list[str]) -> int:
@@ -254,17 +315,25 @@ def run_queue(node: Node, options: argparse.Namespace, command: list[str]) -> in
                   key=lambda shard: shard.index)
     wall = time.monotonic() - began
     per_worker = collections.Counter(shard.worker for shard in kept)
+    startup = run.queue.startup()
     _say(f"{len(kept)} batches, {len(run.returned)} returned to the queue; per worker: " +
-         ", ".join(f"{worker + 1}: {per_worker[worker]}" for worker in range(workers)))
+         ", ".join(f"{worker + 1}: {per_worker[worker]}" for worker in range(workers)) +
+         ("" if startup is None else f"; start-up ~{startup:.2f}s per batch"))
     return _report(node, kept, options, artifacts_dir, wall, plan)
 
 
-def batch_sizes(costs: Sequence[float], workers: int) -> list[int]:
+def batch_sizes(costs: Sequence[float], workers: int, startup: float | None = None,
+                seconds_per_cost: float = 1.0) -> list[int]:
     """How many files each batch of a queue of ``costs`` gets, taken one after another
-    (for the docs and the tests)."""
-    queue = FileQueue({f"f{i:06d}": cost for i, cost in enumerate(costs)}, workers)
+    (for the docs and the tests); with ``startup``, each batch is observed as having
+    taken that plus its costs' seconds."""
+    names = {f"f{i:06d}": cost for i, cost in enumerate(costs)}
+    queue = FileQueue(names, workers)
     sizes = []
     while (batch := queue.take()) is not None:
         sizes.append(len(batch.files))
+        if startup is not None:
+            tested = sum(names[name] for name in batch.files) * seconds_per_cost
+            queue.observe(batch.files, startup + tested, tested)
         queue.done(batch)
     return sizes

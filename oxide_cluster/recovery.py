@@ -1,5 +1,6 @@
 """The leader's care of a dead node's work: its unfinished tasks become ``lost`` and
-those submitted with ``retries`` run again elsewhere as a new attempt."""
+those submitted with ``retries`` run again elsewhere as a new attempt (named by the lost
+record's ``retried_by``)."""
 
 from __future__ import annotations
 
@@ -104,5 +105,9 @@ class Recovery:
                     self.log.info("task {task_id} retried as {new_id} on {node}",
                                   task_id=record["id"], new_id=attempt.get("id"),
                                   node=attempt.get("node_id"))
+                    # Whoever follows the lost task (``run --parallel``) finds its next
+                    # attempt here, without scanning every node's tasks.
+                    record["retried_by"] = public["retried_by"] = attempt.get("id")
+                    await self._directory.record_retried(record)
             lost.append(public)
         return lost

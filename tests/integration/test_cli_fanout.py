@@ -104,6 +104,15 @@ def test_split_without_a_workspace_is_a_usage_error(agent):
     assert b"--split needs --workspace" in err
 
 
+def test_suite_without_split_is_a_one_line_usage_error(agent, tmp_path):
+    for extra in (("--parallel", "2", "--workspace", str(tmp_path)), ()):
+        code, out, err = finished(cli(agent.url, "run", *extra, "--suite", "s", "--",
+                                      "echo", "x"))
+        assert code == 2, (extra, err)
+        assert err.count(b"\n") == 1 and b"--suite NAME needs --split GLOB" in err, err
+        assert out == b""
+
+
 def test_ctrl_c_cancels_every_shard(agent_factory):
     agent = _agent(agent_factory)
     run = cli(agent.url, "run", "--parallel", "2", "--", "sleep", "300")

@@ -70,3 +70,49 @@ def test_queue_split_needs_split(agent):
                                 "echo", "{files}"))
     assert code == 2
     assert b"--queue-split needs --split" in err, err
+
+
+# A batch whose runner starts slowly (0.8 s before its first test, as imports and
+# collection) and then spends 0.02 s per file, which its report says.
+SLOW_START = """import os, sys, time
+from xml.sax.saxutils import quoteattr
+time.sleep(0.8)
+files = sys.argv[1:]
+print("files:", *files, flush=True)
+began = time.monotonic()
+cases = ""
+for name in files:
+    time.sleep(0.02)
+    cases += "<testcase file=" + quoteattr(name) + ' name="t" time="0.02"/>'
+os.makedirs("reports", exist_ok=True)
+with open("reports/junit.xml", "w") as out:
+    out.write('<testsuite time="%.3f">' % (time.monotonic() - began) + cases + "</testsuite>")
+"""
+
+
+def test_batches_grow_once_the_start_up_is_known(agent_factory, tmp_path):
+    agent = agent_factory(extra_args=("--max-tasks", "3"))
+    tree = tmp_path / "proj"
+    (tree / "tests").mkdir(parents=True)
+    names = [f"tests/file_{i:02d}.txt" for i in range(24)]
+    for index, name in enumerate(names):
+        (tree / name).write_text("x" * (10 + index))
+    (tree / "batch.py").write_text(SLOW_START)
+    code, out, err = finished(cli(
+        agent.url, "run", "--parallel", "3", "--workspace", str(tree), "--suite", "slow",
+        "--split", "tests/*.txt", "--queue-split", "--junit", "reports/*.xml",
+        "--artifacts-dir", str(tmp_path / "out"), "--",
+        sys.executable, "batch.py", "{files}"), timeout=120)
+    stdout, stderr = out.decode(), err.decode()
+    assert code == 0, stderr
+    batches = [line.split(" ")[2:] for line in stdout.splitlines() if " files: " in line]
+    assert sorted(name for files in batches for name in files) == names, stdout
+    # Sized by the files alone (the first run: by size) it would take 14 batches of 1 or
+    # 2 files, each paying the 0.8 s start-up; once one batch has told the start-up, the
+    # next ones take up to a worker's share of what is left.
+    sizes = [len(files) for files in batches]
+    assert len(batches) <= 9 and max(sizes) >= 4, sizes
+    startup = float(stderr.split("start-up ~")[1].split("s")[0])
+    assert 0.8 <= startup < 3.0, stderr
+    wall = stderr.split("; wall ")[1].split("s")[0]
+    print(f"\nbatch sizes {sizes}, start-up estimate {startup:.2f}s, wall {wall}s")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oxide_cluster.fanout import Shard
-from oxide_cluster.queue_split import FileQueue, batch_sizes, died
+from oxide_cluster.queue_split import STARTUP_SHARE, FileQueue, batch_sizes, died
 
 
 def test_batches_start_at_a_quarter_of_a_worker_s_share_and_shrink_toward_the_end():
@@ -88,3 +88,85 @@ def test_the_fanout_field_is_parsed_kept_on_the_task_and_refused_when_malformed(
         with pytest.raises(RequestError) as caught:
             parse_task_request({"command": "true", "fanout": bad}, 600.0)
         assert caught.value.field.startswith("fanout"), bad
+
+
+# -- batch size and per-process start-up (made-up timings) -------------------------------
+
+
+def test_a_negligible_start_up_leaves_the_batches_as_they_were():
+    assert batch_sizes([1.0] * 120, 3, startup=0.05) == batch_sizes([1.0] * 120, 3)
+
+
+def test_a_costly_start_up_makes_batches_large_enough_to_keep_it_under_its_share():
+    startup = 2.0
+    sizes = batch_sizes([1.0] * 120, 3, startup=startup)
+    plain = batch_sizes([1.0] * 120, 3)
+    assert sizes[0] == plain[0] == 10  # nothing observed yet
+    assert len(sizes) < len(plain) and sum(sizes) == 120
+    # Every batch but the tail (capped at a worker's share of what is left) keeps the
+    # start-up at most STARTUP_SHARE of its time: 2 s over >= 11.3 s of tests.
+    enough = startup * (1 - STARTUP_SHARE) / STARTUP_SHARE
+    remaining = 120 - sizes[0]
+    capped = 0
+    for size in sizes[1:]:
+        if remaining / 3 >= enough:
+            assert startup / (startup + size) <= STARTUP_SHARE, sizes
+        else:
+            capped += 1
+        remaining -= size
+    assert capped < len(sizes) // 2, sizes
+    # The end still shrinks toward the floor, so the workers finish together.
+    assert sizes[-3:] == sorted(sizes[-3:], reverse=True), sizes
+
+
+def test_start_up_is_compared_in_seconds_whatever_the_costs_are_counted_in():
+    # By size (bytes) without history: 100 "bytes" a file, measured at 0.01 s a byte.
+    by_size = batch_sizes([100.0] * 120, 3, startup=2.0, seconds_per_cost=0.01)
+    assert by_size == batch_sizes([1.0] * 120, 3, startup=2.0)
+
+
+def test_start_up_is_the_median_of_the_batches_wall_minus_tested_time():
+    queue = FileQueue({"a": 1.0, "b": 1.0, "c": 1.0}, workers=1)
+    assert queue.startup() is None
+    queue.observe(["a"], wall=3.0, tested=1.0)
+    queue.observe(["b"], wall=1.5, tested=1.0)
+    queue.observe(["c"], wall=40.0, tested=1.0)  # one stalled batch does not decide it
+    assert queue.startup() == 2.0
+    queue.observe(["a"], wall=1.0, tested=0.0)  # no times in the report: ignored
+    queue.observe(["b"], wall=0.5, tested=1.0)  # the report over-counts: no start-up
+    assert queue.startup() == 1.25  # the median of 0, 0.5, 2 and 39
+
+
+def test_a_worker_s_share_of_what_is_left_caps_the_start_up_rule():
+    queue = FileQueue({f"f{i}": 1.0 for i in range(12)}, workers=3)
+    queue.observe(["f0"], wall=60.0, tested=1.0)  # start-up 59 s: 334 files would do
+    batch = queue.take()
+    assert batch is not None and len(batch.files) == 4  # 12 / 3: the others still get work
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.text("abc/._", min_size=1, max_size=8), st.floats(0, 100),
+                       max_size=60),
+       st.integers(1, 5), st.data())
+def test_every_file_is_done_exactly_once_whatever_the_start_up_and_finishing_order(
+        costs, workers, data):
+    queue = FileQueue(costs, workers, max_returns=1000)
+    out: list = []
+    done: list[str] = []
+    while True:
+        # Keep up to ``workers`` batches out, as the worker threads do.
+        while len(out) < workers and (batch := queue.take(block=False)) is not None:
+            out.append(batch)
+        if not out:
+            assert queue.take() is None
+            break
+        batch = out.pop(data.draw(st.integers(0, len(out) - 1), label="finishes"))
+        if data.draw(st.booleans(), label="dies"):
+            assert queue.give_back(batch)
+            continue
+        wall = data.draw(st.floats(0, 1000), label="wall")
+        tested = data.draw(st.floats(0, 1000), label="tested")
+        queue.observe(batch.files, wall, tested)
+        done.extend(batch.files)
+        queue.done(batch)
+    assert sorted(done) == sorted(costs)

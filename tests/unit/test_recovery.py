@@ -11,12 +11,16 @@ class FakeDirectory:
     def __init__(self, records):
         self.records = {r["node_id"]: [dict(r)] for r in records}
         self.lost = []
+        self.retried = []
 
     async def unfinished(self, node_id):
         return self.records.pop(node_id, [])
 
     async def record_lost(self, record):
         self.lost.append(dict(record))
+
+    async def record_retried(self, record):
+        self.retried.append(dict(record))
 
 
 @attrs.define
@@ -57,6 +61,10 @@ async def test_dead_node_tasks_become_lost_and_retried():
     assert [t["state"] for t in lost] == ["lost"] and "node b died" in lost[0]["reason"]
     assert retried == ["t-b"]
     assert directory.lost[0]["state"] == "lost"
+    # Recorded lost first (so a reader sees it at once), then again naming its retry.
+    assert "retried_by" not in directory.lost[0]
+    assert directory.retried == [{**directory.lost[0], "retried_by": "new"}]
+    assert lost[0]["retried_by"] == "new"
     assert published[0]["event"] == "lost" and "env" not in published[0]["task"]
 
 
@@ -67,6 +75,7 @@ async def test_no_retry_without_retries_or_with_secret_env():
     lost = await recovery.recover_node("c")
     assert retried == []
     assert "not retried" in lost[0]["reason"]
+    assert "retried_by" not in lost[0]
 
 
 def test_only_the_leader_acts_and_only_on_gone_events():
