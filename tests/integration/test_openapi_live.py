@@ -103,14 +103,15 @@ def _tame_request(body: object) -> None:
         # A size in text must come to at least 1 MiB: the description says so.
         resources["memory"] = "64M"
     if isinstance(resources, dict) and isinstance(resources.get("cpus"), int | float) \
-            and not isinstance(resources["cpus"], bool) and resources["cpus"] > 1:
+            and not isinstance(resources["cpus"], bool) and 1 < resources["cpus"] <= 4096:
         # More CPUs than the host has is refused 422 unschedulable (documented;
         # tests/integration/test_resources.py checks it), which says nothing about the rest.
         resources["cpus"] = 1
     if isinstance(resources, dict) and isinstance(resources.get("memory"), int) \
             and not isinstance(resources["memory"], bool) \
-            and resources["memory"] > 2**30:
+            and 2**30 < resources["memory"]:
         resources["memory"] = 64 * 2**20  # the same for memory beyond the host's
+    # (values out of the schema's range stay: they must be refused with 400)
     labels = body.get("labels")
     if isinstance(labels, dict) and all(_valid_text(k, 1) and _valid_text(v, 0)
                                         for k, v in labels.items()):
