@@ -503,6 +503,7 @@ class Workspaces(service.Service):
         self.blobs.pin([digest])
         pins.append(digest)
         await self._fetch([digest])
+        await self._verify([digest])
         try:  # read and parsed off the reactor thread: thousands of entries
             manifest = await self.blobs.run(
                 lambda: parse_manifest(self.blobs.path(digest).read_bytes()))
@@ -515,6 +516,7 @@ class Workspaces(service.Service):
         self.blobs.pin(wanted)
         pins.extend(wanted)
         await self._fetch(wanted)
+        await self._verify(wanted)
         root = self.directory(task.id)
         self._built[task.id] = await self._build(manifest, root)
         return str(root / task.cwd) if task.cwd else str(root)
@@ -550,7 +552,7 @@ class Workspaces(service.Service):
         self.reused_files += built.reused
         return built
 
-    async def _fetch(self, digests: list[str]) -> None:
+    async def _fetch(self, digests: list[str], corrupt: Sequence[str] = ()) -> None:
         missing = self.blobs.missing(digests)
         if missing and self.source is not None:
             missing = await self.source.fetch(self.blobs, missing)
@@ -558,8 +560,18 @@ class Workspaces(service.Service):
             shown = ", ".join(missing[:MAX_LISTED_MISSING])
             more = f" and {len(missing) - MAX_LISTED_MISSING} more" \
                 if len(missing) > MAX_LISTED_MISSING else ""
+            torn = sum(digest in corrupt for digest in missing)
+            why = f"; {torn} of them dropped here because their bytes no longer matched " \
+                  "their digest (a crash tore them)" if torn else ""
             raise WorkspaceError(f"workspace blobs missing on this node and its peers: "
-                                 f"{shown}{more} ({len(missing)} in all)")
+                                 f"{shown}{more} ({len(missing)} in all{why})")
+
+    async def _verify(self, digests: list[str]) -> None:
+        """Blobs found in the cache at start are hashed the first time a task needs
+        them; a torn one is dropped and fetched again from a peer (verified on arrival)."""
+        corrupt = await self.blobs.verify(digests)
+        if corrupt:
+            await self._fetch(corrupt, corrupt)
 
     # -- after the task -----------------------------------------------------------
 
@@ -698,7 +710,8 @@ class Workspaces(service.Service):
                     if size > room:
                         cut.append(relative)
                         continue
-                    digest, size = await self.blobs.put_stream(handle, pin=True)
+                    digest, size = await self.blobs.put_stream(handle, pin=True,
+                                                                durable=False)
                 except BlobError as error:
                     listing.skipped.append({"path": relative, "reason": error.message})
                     continue
@@ -709,6 +722,8 @@ class Workspaces(service.Service):
             if cut:
                 listing.cut = (f"artifact_limit of {self.artifact_limit} bytes reached: "
                                f"{len(cut)} artifact(s) not kept, first {cut[0]!r}")
+        if listing.files:
+            await self.blobs.sync()  # one flush for all of them, before they are listed
         body = listing.to_json()
         await self.blobs.run(lambda: _write_json(self.listings / f"{task.id}.json", body))
         return listing
@@ -797,7 +812,8 @@ class PeerBlobs:
                                                     spool, timeout=300)
                 if status == 200:
                     spool.seek(0)
-                    await store.put_file(digest, spool)
+                    # Not flushed: torn by a crash, it is found out and fetched again.
+                    await store.put_file(digest, spool, durable=False)
             except (PeerUnavailable, BlobError) as error:
                 self.log.warn("blob {digest} from {node_id}: {error}", digest=digest,
                               node_id=node_id, error=error)
