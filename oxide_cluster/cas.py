@@ -2,7 +2,14 @@
 
 A blob is written to a temporary file while its digest is computed, and renamed to its
 name only if the digest matches: a reader never sees a partial or wrong blob, and an agent
-killed mid-write leaves only a temporary file (swept at start). The cache has a size cap
+killed mid-write leaves only a temporary file (swept at start). Uploads are durable
+before they are acknowledged: one ``syncfs`` after a batch step's renames (up to
+``BATCH_STEP_BLOBS`` blobs), ``fsync`` of the file and its directory for a single
+``PUT``. A power loss can still tear a blob renamed but not yet flushed, or one fetched
+from a peer (not flushed: it can be fetched again): every blob found at start
+is *unverified* until a task first needs it, then hashed once (``verify``) and dropped if
+its bytes no longer match its name (hashing at start would cost ~1 s per 100 MB read
+cold, before any task could run). The cache has a size cap
 (``workspace_cache``); past it, the least recently used blobs go, except those pinned: a
 queued or running task pins its workspace's blobs, and a task's artifacts stay pinned
 for as long as the task keeps them. The index and the pins live on the reactor thread;
@@ -11,12 +18,15 @@ every file operation runs on the store's own small thread pool.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import io
 import itertools
 import os
 import shutil
+import stat
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -45,6 +55,53 @@ _SERIAL = itertools.count()
 T = TypeVar("T")
 # Runs a blocking function somewhere that is not the reactor thread (tests: right away).
 Offload = Callable[[Callable[[], T]], "defer.Deferred[T]"]
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return function
+
+
+_SYNCFS = _load_syncfs()
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page and inode of ``path``'s filesystem (``syncfs``, else
+    ``sync``): one call instead of an ``fsync`` per file of a batch."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _SYNCFS(fd) != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, os.strerror(number))
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _matches(path: Path, digest: str) -> bool:
+    """Whether the file at ``path`` hashes to ``digest`` (False if it is gone)."""
+    hashed = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                hashed.update(chunk)
+    except FileNotFoundError:
+        return False
+    return hashed.hexdigest() == digest
 
 
 class BlobError(Exception):
@@ -245,6 +302,9 @@ class BlobStore(service.Service):
         self._offload = offload
         self._sizes: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: dict[str, int] = {}
+        # Found on disk at start and not hashed since (see ``verify``).
+        self._unverified: set[str] = set()
+        self.corrupt = 0  # blobs dropped since start because their bytes did not match
         self.used = 0
         self.evicted = 0
         self.streaming = 0  # batch bodies being written as they arrive
@@ -282,7 +342,9 @@ class BlobStore(service.Service):
         return threads.deferToThreadPool(self._reactor, self._pool, function)
 
     def _scan(self) -> list[tuple[float, str, int]]:
-        """Existing blobs with their last use (atime or mtime), and no leftover temp files."""
+        """Existing blobs with their last use (atime or mtime). Temp files of an earlier
+        run (an interrupted write) are removed, and so is anything in a shard that is
+        not named like a blob of that shard."""
         tmp = self.root / "tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -293,15 +355,19 @@ class BlobStore(service.Service):
             if len(shard.name) != 2 or not shard.is_dir():
                 continue
             for blob in shard.iterdir():
-                if is_digest(blob.name) and blob.name.startswith(shard.name):
-                    info = blob.stat()
+                info = blob.lstat()
+                if is_digest(blob.name) and blob.name.startswith(shard.name) \
+                        and stat.S_ISREG(info.st_mode):
                     found.append((max(info.st_atime, info.st_mtime), blob.name, info.st_size))
+                elif not stat.S_ISDIR(info.st_mode):
+                    _unlink(blob)
         found.sort()
         return found
 
     def _indexed(self, found: list[tuple[float, str, int]]) -> None:
         for _, digest, size in found:
             self._sizes[digest] = size
+            self._unverified.add(digest)
             self.used += size
         self.log.info("blob cache: {count} blobs, {used} bytes (cap {cap})",
                       count=len(found), used=self.used, cap=self.capacity)
@@ -333,6 +399,32 @@ class BlobStore(service.Service):
         if digest in self._sizes:
             self._sizes.move_to_end(digest)
 
+    async def verify(self, digests: Iterable[str]) -> list[str]:
+        """Hash those of ``digests`` found at start and not checked since, and drop each
+        whose bytes do not match its name (torn by a crash or changed on disk); the
+        dropped digests, for the caller to fetch again or report."""
+        todo = [digest for digest in dict.fromkeys(digests) if digest in self._unverified]
+        if not todo:
+            return []
+
+        def check() -> list[str]:
+            bad = [digest for digest in todo if not _matches(self.path(digest), digest)]
+            _unlink_all([self.path(digest) for digest in bad])
+            return bad
+
+        bad = await self._run(check)
+        self._unverified.difference_update(todo)
+        for digest in bad:
+            size = self._sizes.pop(digest, None)
+            if size is not None:
+                self.used -= size
+        if bad:
+            self.corrupt += len(bad)
+            self.log.warn("blob cache: {count} blob(s) dropped, their bytes no longer "
+                          "match their digest (first {digest})", count=len(bad),
+                          digest=bad[0])
+        return bad
+
     # -- pins -------------------------------------------------------------------
 
     def pin(self, digests: Iterable[str]) -> None:
@@ -354,12 +446,14 @@ class BlobStore(service.Service):
 
     # -- writes -----------------------------------------------------------------
 
-    async def put_file(self, digest: str, source: BinaryIO, pin: bool = False) -> bool:
+    async def put_file(self, digest: str, source: BinaryIO, pin: bool = False,
+                       durable: bool = True) -> bool:
         """Store ``source``'s bytes as ``digest``; False if it was already there.
 
         Raises BlobError: 400 when the bytes do not hash to ``digest``, 413 over the cap,
         507 when pinned blobs leave no room. With ``pin``, the blob is pinned as it is
-        admitted (no eviction can slip in between).
+        admitted (no eviction can slip in between). ``durable=False`` skips the flush
+        (a blob fetched from a peer: fetched again if a crash tears it).
         """
         if not is_digest(digest):
             raise BlobError(400, "bad_digest", "a digest is 64 lowercase hex characters")
@@ -369,17 +463,18 @@ class BlobStore(service.Service):
                 self.pin([digest])
             self.touch(digest)
             return False
-        _, size = await self._run(lambda: self._write(digest, source))
+        _, size = await self._run(lambda: self._write(digest, source, durable))
         return await self._admit(digest, size, pin)
 
     async def put_bytes(self, digest: str, data: bytes, pin: bool = False) -> bool:
         return await self.put_file(digest, io.BytesIO(data), pin)
 
-    async def put_stream(self, source: BinaryIO, pin: bool = False) -> tuple[str, int]:
+    async def put_stream(self, source: BinaryIO, pin: bool = False,
+                         durable: bool = True) -> tuple[str, int]:
         """Store bytes whose digest is not known in advance (artifacts); their digest
-        and size."""
+        and size. ``durable=False``: the caller flushes several at once (``sync``)."""
         await self.loaded
-        digest, size = await self._run(lambda: self._write(None, source))
+        digest, size = await self._run(lambda: self._write(None, source, durable))
         await self._admit(digest, size, pin)
         return digest, size
 
@@ -410,50 +505,111 @@ class BlobStore(service.Service):
             if not more:
                 return BatchResult(stored, present, total)
 
+    def sync(self) -> defer.Deferred[None]:
+        """Flush blobs stored with ``durable=False`` (one ``syncfs`` for all of them)."""
+        return self._run(lambda: sync_filesystem(self.root))
+
     def _write_frames(self, source: BinaryIO
                       ) -> tuple[list[tuple[str, int]], BlobError | None, bool]:
         """One step of a batch (blocking): (written frames, the error that stopped it,
-        whether frames may follow)."""
-        written: list[tuple[str, int]] = []
+        whether frames may follow). The step's frames are written to temp files, renamed,
+        and flushed with one ``syncfs`` (data and directory entries)."""
+        pending: list[tuple[str, str, int]] = []
+        try:
+            error, more = self._write_step(source, pending)
+            self._commit(pending)
+        except BaseException:
+            # Nothing of a step that could not be flushed stays, temp or renamed.
+            _unlink_all([Path(temp) for temp, _, _ in pending]
+                        + [self.path(digest) for _, digest, _ in pending
+                           if digest not in self._sizes])
+            raise
+        return [(digest, size) for _, digest, size in pending], error, more
+
+    def _commit(self, pending: list[tuple[str, str, int]]) -> None:
+        if not pending:
+            return
+        try:
+            for temp, digest, _ in pending:
+                self._rename(temp, digest)
+            # One flush of the data and the new entries together. Renaming before the
+            # data is on disk lets a power loss leave a torn blob under its name: that
+            # is what ``verify`` finds out, and it halves the flushes (measured).
+            sync_filesystem(self.root)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BlobError(507, "disk_full", "no space left for the blob") from None
+            raise
+
+    def _write_step(self, source: BinaryIO, pending: list[tuple[str, str, int]]
+                    ) -> tuple[BlobError | None, bool]:
         step_bytes = 0
         try:
-            while len(written) < BATCH_STEP_BLOBS and step_bytes < BATCH_STEP_BYTES:
+            while len(pending) < BATCH_STEP_BLOBS and step_bytes < BATCH_STEP_BYTES:
                 header = read_frame_header(source)
                 if header is None:
-                    return written, None, False
+                    return None, False
                 digest, length = header
                 if length > self.capacity:
                     raise BlobError(413, "blob_too_large",
                                     f"blob {digest} is over the limit of {self.capacity} "
                                     "bytes (workspace_cache)")
                 frame = _Exactly(source, length)
-                _, size = self._write(digest, frame)  # type: ignore[arg-type]
-                written.append((digest, size))
+                temp, _, size = self._write_temp(digest, frame, False)  # type: ignore[arg-type]
+                pending.append((temp, digest, size))
                 step_bytes += size
         except BlobError as error:
-            return written, error, False
-        return written, None, True
+            return error, False
+        return None, True
 
-    def _write(self, expected: str | None, source: BinaryIO) -> tuple[str, int]:
+    def _write(self, expected: str | None, source: BinaryIO, durable: bool
+               ) -> tuple[str, int]:
+        """One blob: to a temp file (fsynced if ``durable``), renamed to its digest, and
+        with ``durable`` its directory entry fsynced too."""
+        temp, actual, size = self._write_temp(expected, source, durable)
+        try:
+            final = self._rename(temp, actual)
+            temp = ""
+            if durable:
+                _fsync_directory(final.parent)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BlobError(507, "disk_full", "no space left for the blob") from None
+            raise
+        finally:
+            if temp:
+                _unlink(Path(temp))
+        return actual, size
+
+    def _rename(self, temp: str, digest: str) -> Path:
+        final = self.path(digest)
+        try:
+            os.replace(temp, final)
+        except FileNotFoundError:  # its shard directory is not made yet
+            final.parent.mkdir(exist_ok=True)
+            os.replace(temp, final)
+        return final
+
+    def _write_temp(self, expected: str | None, source: BinaryIO, fsync: bool
+                    ) -> tuple[str, str, int]:
+        """Copy ``source`` to a new temp file while hashing it: (temp path, digest, size).
+        Nothing is left behind if this raises."""
         # A temp name of our own (no mkstemp retries), created read-only: no chmod after.
         temp_name = str(self.root / "tmp" / f"put-{threading.get_ident()}-{next(_SERIAL)}")
         try:
             fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             with os.fdopen(fd, "wb") as target:
                 actual, size = _copy_hashing(source, target, self.capacity)
+                if fsync:
+                    target.flush()
+                    os.fsync(target.fileno())
             if expected is not None and actual != expected:
                 raise BlobError(400, "digest_mismatch",
                                 f"the bytes hash to {actual}, not {expected}")
-            final = self.path(actual)
-            try:
-                os.replace(temp_name, final)
-            except FileNotFoundError:  # its shard directory is not made yet
-                final.parent.mkdir(exist_ok=True)
-                os.replace(temp_name, final)
-            temp_name = ""
-            return actual, size
+            done, temp_name = temp_name, ""
+            return done, actual, size
         except OSError as error:
-            if error.errno == errno.ENOSPC:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BlobError(507, "disk_full", "no space left for the blob") from None
             raise
         finally:

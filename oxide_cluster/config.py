@@ -334,6 +334,9 @@ SETTINGS: tuple[Setting, ...] = (
             "limits of a task that declares none, cpus=1.5,memory=2G,pids=512"),
     Setting("run_as", _optional_text, None,
             "user the tasks run as when the agent runs as root (default: the agent's user)"),
+    Setting("task_dir", _optional_text, None,
+            "directory task workspaces are made in (default: <state_dir>/workspaces; with "
+            "run_as, <state_dir>-tasks, as the 0700 state dir is closed to that user)"),
     Setting("reserve", _reserve, Resources(),
             "CPUs and memory kept from the tasks' declared resources for the agent and "
             "the OS, cpus=0.5,memory=512M"),
@@ -395,6 +398,7 @@ class Config:
     default_resources: Resources = attrs.field(factory=Resources)
     reserve: Resources = attrs.field(factory=Resources)
     run_as: str | None = None
+    task_dir: str | None = None
     keep_tasks: float = 14 * 86400.0
     store_limit: int | None = None
     drain: bool = False

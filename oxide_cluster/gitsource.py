@@ -156,15 +156,16 @@ class GitMirrors:
             raise SourceError(f"git {verb} failed: {' / '.join(message[-3:])}")
         return str(out.decode("utf-8", "replace"))
 
-    async def checkout(self, url: str, ref: str, target: Path) -> str:
+    async def checkout(self, url: str, ref: str, target: Path, private: bool = False) -> str:
         """Clone or update the mirror of ``url``, then check REV out into ``target``
         (which must not exist). Returns the commit. Raises SourceError with git's
-        message."""
+        message. ``private``: the checkout copies the objects it needs instead of
+        borrowing the mirror's (a ``run_as`` user cannot read the state dir)."""
         mirror = self.mirror_path(url)
         lock = self._locks.setdefault(url, defer.DeferredLock())
         self._users[mirror.name] = self._users.get(mirror.name, 0) + 1  # until release
         try:
-            commit = await self._checkout(url, ref, target, mirror, lock)
+            commit = await self._checkout(url, ref, target, mirror, lock, private)
         except BaseException:
             self.release(url)
             raise
@@ -175,7 +176,7 @@ class GitMirrors:
         return commit
 
     async def _checkout(self, url: str, ref: str, target: Path, mirror: Path,
-                        lock: defer.DeferredLock) -> str:
+                        lock: defer.DeferredLock, private: bool) -> str:
         await lock.acquire()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -196,8 +197,9 @@ class GitMirrors:
                 raise SourceError(f"ref {ref!r} is not a commit in {url}") from None
             # --shared: the task's clone borrows the mirror's objects (no copy); gc.auto
             # is off on every command so a fetch never prunes what a checkout borrows.
-            await self._run("clone", "--shared", "--no-checkout", "--quiet", "--",
-                            str(mirror), str(target))
+            dissociate = ("--dissociate",) if private else ()
+            await self._run("clone", "--shared", *dissociate, "--no-checkout", "--quiet",
+                            "--", str(mirror), str(target))
             await self._run("checkout", "--quiet", "--detach", commit, cwd=target)
             return commit
         finally:

@@ -53,7 +53,7 @@ from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.model import Task, TaskState, parse_task_request
 from oxide_cluster.node import Node
 from oxide_cluster.placement import Candidate, Placement
-from oxide_cluster.protection import protect_agent
+from oxide_cluster.protection import User, protect_agent
 from oxide_cluster.recovery import Recovery
 from oxide_cluster.retention import Retention
 from oxide_cluster.routing import RouterSettings, TaskRouter
@@ -315,17 +315,20 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     sampler.setServiceParent(top)
     blobs = BlobStore(reactor, config.state_dir / "cas", config.workspace_cache)
     blobs.setServiceParent(top)
+    chosen = providers.select(config)
+    runner = chosen.build("runner", reactor, config, node_id)
+    log.info("tasks run in {isolation}", isolation=describe_isolation(runner.cgroups))
+    run_as: User | None = getattr(runner, "run_as", None)  # the process runner's
     workspaces = Workspaces(reactor, blobs, config.state_dir,
                             artifact_limit=config.artifact_limit,
                             keep_failed=config.keep_failed_workspaces,
-                            git_cache=config.git_cache, git_cache_age=config.git_cache_age)
+                            git_cache=config.git_cache, git_cache_age=config.git_cache_age,
+                            run_as=run_as,
+                            task_dir=Path(config.task_dir) if config.task_dir else None)
     workspaces.setServiceParent(top)
     retention = Retention(reactor, store, keep_tasks=config.keep_tasks,
                           store_limit=_store_limit(config), forget=workspaces.forget)
     retention.setServiceParent(top)
-    chosen = providers.select(config)
-    runner = chosen.build("runner", reactor, config, node_id)
-    log.info("tasks run in {isolation}", isolation=describe_isolation(runner.cgroups))
     executor = Executor(
         reactor, store, node_id,
         max_tasks=config.max_tasks, kill_grace=config.kill_grace,

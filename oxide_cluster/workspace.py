@@ -8,6 +8,12 @@ through the shared inode into the cache,
 corrupting the blob for every later task. Blobs the node lacks are fetched from peers
 that have them; a task whose blobs nobody has fails naming them.
 
+With ``run_as`` (the agent is root, tasks run as another user), task directories are
+made under ``task_dir`` instead (root's, 0711: the user may enter a directory whose name
+it knows, not list them), because the state dir is 0700. Once built, everything in the
+task's directory is handed to the user (deepest first, the directory itself last, 0700):
+the user owns its copies, never a cache inode, and nothing of the state dir.
+
 After the task ends, whatever its state, files matching its ``artifacts`` globs are
 stored in the cache with the task (pinned, so never evicted) and listed in
 ``<state_dir>/artifacts/<task id>.json``. Paths are opened one directory at a time with
@@ -47,6 +53,7 @@ from oxide_cluster.manifest import (
     parse_manifest,
 )
 from oxide_cluster.model import Task, TaskState
+from oxide_cluster.protection import User
 
 _FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
 MAX_LISTED_MISSING = 5
@@ -246,6 +253,34 @@ def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: Callable[[str], Pa
     return _place_files(manifest, blob_path, root, keep)
 
 
+def hand_over(root: Path, user: User) -> None:
+    """Give ``root``'s tree to ``user``: each entry chowned (symlinks themselves) before
+    the directory holding it, so no directory is the user's while the agent still
+    changes anything inside it; ``root`` last, made 0700."""
+    for directory, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.chown(os.path.join(directory, name), user.uid, user.gid,
+                     follow_symlinks=False)
+    os.chmod(root, 0o700)
+    os.chown(root, user.uid, user.gid, follow_symlinks=False)
+
+
+def closed_to(path: Path, user: User) -> Path | None:
+    """The first of ``path`` and its ancestors ``user`` may not search, or None."""
+    groups = {user.gid, *(os.getgrouplist(user.name, user.gid))}
+    for directory in [path, *path.parents][::-1]:
+        info = os.stat(directory)
+        if info.st_uid == user.uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid in groups:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return directory
+    return None
+
+
 def _tree_size(root: Path) -> int:
     """Bytes of the regular files under ``root`` (symlinks not followed)."""
     total = 0
@@ -390,10 +425,16 @@ class Workspaces(service.Service):
     def __init__(self, reactor: Any, blobs: BlobStore, state_dir: Path, *,
                  artifact_limit: int, keep_failed: float = 0.0,
                  source: BlobSource | None = None, git_cache: int = 2 * 1024 ** 3,
-                 git_cache_age: float = 30 * 86400.0) -> None:
+                 git_cache_age: float = 30 * 86400.0, run_as: User | None = None,
+                 task_dir: Path | None = None) -> None:
         self._reactor = reactor
         self.blobs = blobs
-        self.root = state_dir / "workspaces"
+        self.run_as = run_as
+        if task_dir is None:
+            task_dir = state_dir / "workspaces" if run_as is None \
+                else state_dir.with_name(state_dir.name + "-tasks")
+        self.root = task_dir
+        self._closed: str | None = None  # why the run_as user cannot reach self.root
         self.listings = state_dir / "artifacts"
         self.artifact_limit = artifact_limit
         self.keep_failed = keep_failed
@@ -427,6 +468,8 @@ class Workspaces(service.Service):
             remove_tree(self.root)
             remove_tree(self.retained_root)
             self.root.mkdir(parents=True, exist_ok=True)
+            if self.run_as is not None:
+                self._open_task_dir()
             self.retained_root.mkdir(parents=True, exist_ok=True)
             self.listings.mkdir(parents=True, exist_ok=True)
             return _read_listings(self.listings)
@@ -434,6 +477,21 @@ class Workspaces(service.Service):
         await self.blobs.loaded
         for listing in await self.blobs.run(sweep):
             self.blobs.pin(entry["sha256"] for entry in listing.get("artifacts", []))
+
+    def _open_task_dir(self) -> None:
+        """``task_dir`` for run_as tasks: the agent's own, 0711, reachable by the user."""
+        assert self.run_as is not None
+        info = os.lstat(self.root)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"task_dir {self.root} is not a directory of the "
+                                       "agent's own (made by someone else?)")
+        os.chmod(self.root, 0o711)
+        closed = closed_to(self.root, self.run_as)
+        if closed is not None:
+            self._closed = (f"run_as user {self.run_as.name} cannot enter {closed}, so "
+                            f"not its task directory under task_dir {self.root}; open it "
+                            "(o+x) or set task_dir elsewhere")
+            self.log.error("{reason}", reason=self._closed)
 
     def stopService(self) -> None:
         super().stopService()
@@ -489,9 +547,12 @@ class Workspaces(service.Service):
             root = self.directory(task.id)
             try:
                 await self.ready
-                await self.git.checkout(task.source["git"], task.source["ref"], root)
+                self._check_reachable()
+                await self.git.checkout(task.source["git"], task.source["ref"], root,
+                                        private=self.run_as is not None)
                 self._git_users[task.id] = task.source["git"]
-            except SourceError as error:
+                await self._hand_over(root)
+            except (SourceError, WorkspaceError) as error:
                 await self.blobs.run(lambda: remove_tree(root))
                 raise WorkspaceError(str(error)) from None
             return str(root / task.cwd) if task.cwd else str(root)
@@ -499,10 +560,12 @@ class Workspaces(service.Service):
         pins = self._pins.setdefault(task.id, [])
         pins.extend(self._held.pop(task.id, []))  # what it held while queued
         await self.ready
+        self._check_reachable()
         digest = task.workspace
         self.blobs.pin([digest])
         pins.append(digest)
         await self._fetch([digest])
+        await self._verify([digest])
         try:  # read and parsed off the reactor thread: thousands of entries
             manifest = await self.blobs.run(
                 lambda: parse_manifest(self.blobs.path(digest).read_bytes()))
@@ -515,9 +578,27 @@ class Workspaces(service.Service):
         self.blobs.pin(wanted)
         pins.extend(wanted)
         await self._fetch(wanted)
+        await self._verify(wanted)
         root = self.directory(task.id)
         self._built[task.id] = await self._build(manifest, root)
+        await self._hand_over(root)
         return str(root / task.cwd) if task.cwd else str(root)
+
+    def _check_reachable(self) -> None:
+        if self._closed is not None:
+            raise WorkspaceError(self._closed)
+
+    async def _hand_over(self, root: Path) -> None:
+        """With run_as, the built directory becomes the user's (see ``hand_over``)."""
+        user = self.run_as
+        if user is None:
+            return
+        try:
+            await self.blobs.run(lambda: hand_over(root, user))
+        except OSError as error:
+            await self.blobs.run(lambda: remove_tree(root))
+            raise WorkspaceError(f"cannot hand the workspace to run_as user "
+                                 f"{user.name}: {error}") from None
 
     async def _build(self, manifest: Manifest, root: Path) -> BuiltTree:
         """From the retained tree sharing most files with ``manifest``, else afresh."""
@@ -550,7 +631,7 @@ class Workspaces(service.Service):
         self.reused_files += built.reused
         return built
 
-    async def _fetch(self, digests: list[str]) -> None:
+    async def _fetch(self, digests: list[str], corrupt: Sequence[str] = ()) -> None:
         missing = self.blobs.missing(digests)
         if missing and self.source is not None:
             missing = await self.source.fetch(self.blobs, missing)
@@ -558,8 +639,18 @@ class Workspaces(service.Service):
             shown = ", ".join(missing[:MAX_LISTED_MISSING])
             more = f" and {len(missing) - MAX_LISTED_MISSING} more" \
                 if len(missing) > MAX_LISTED_MISSING else ""
+            torn = sum(digest in corrupt for digest in missing)
+            why = f"; {torn} of them dropped here because their bytes no longer matched " \
+                  "their digest (a crash tore them)" if torn else ""
             raise WorkspaceError(f"workspace blobs missing on this node and its peers: "
-                                 f"{shown}{more} ({len(missing)} in all)")
+                                 f"{shown}{more} ({len(missing)} in all{why})")
+
+    async def _verify(self, digests: list[str]) -> None:
+        """Blobs found in the cache at start are hashed the first time a task needs
+        them; a torn one is dropped and fetched again from a peer (verified on arrival)."""
+        corrupt = await self.blobs.verify(digests)
+        if corrupt:
+            await self._fetch(corrupt, corrupt)
 
     # -- after the task -----------------------------------------------------------
 
@@ -646,7 +737,10 @@ class Workspaces(service.Service):
     async def _retire(self, task_id: str, root: Path, built: BuiltTree | None) -> None:
         """Keep the directory of a finished task to build the next tree from (up to
         RETAINED_TREES of them, counted in workspace_cache), else remove it."""
-        if built is None or RETAINED_TREES == 0 or not self.running:
+        # Not under run_as: the user owned those files, and a process of its that
+        # outlived the task could still change one after it is judged unchanged.
+        if built is None or RETAINED_TREES == 0 or not self.running \
+                or self.run_as is not None:
             await self.blobs.run(lambda: remove_tree(root))
             return
         target = self.retained_root / task_id
@@ -694,11 +788,20 @@ class Workspaces(service.Service):
                                             "reason": f"not opened: {error}"})
                     continue
                 try:
-                    size = os.fstat(handle.fileno()).st_size
+                    info = os.fstat(handle.fileno())
+                    size = info.st_size
+                    if self.run_as is not None and info.st_uid != self.run_as.uid:
+                        # The task can only have made it by linking another's file.
+                        listing.skipped.append({
+                            "path": relative,
+                            "reason": f"not owned by the run_as user {self.run_as.name}; "
+                                      "only files the task owns are artifacts"})
+                        continue
                     if size > room:
                         cut.append(relative)
                         continue
-                    digest, size = await self.blobs.put_stream(handle, pin=True)
+                    digest, size = await self.blobs.put_stream(handle, pin=True,
+                                                                durable=False)
                 except BlobError as error:
                     listing.skipped.append({"path": relative, "reason": error.message})
                     continue
@@ -709,6 +812,8 @@ class Workspaces(service.Service):
             if cut:
                 listing.cut = (f"artifact_limit of {self.artifact_limit} bytes reached: "
                                f"{len(cut)} artifact(s) not kept, first {cut[0]!r}")
+        if listing.files:
+            await self.blobs.sync()  # one flush for all of them, before they are listed
         body = listing.to_json()
         await self.blobs.run(lambda: _write_json(self.listings / f"{task.id}.json", body))
         return listing
@@ -797,7 +902,8 @@ class PeerBlobs:
                                                     spool, timeout=300)
                 if status == 200:
                     spool.seek(0)
-                    await store.put_file(digest, spool)
+                    # Not flushed: torn by a crash, it is found out and fetched again.
+                    await store.put_file(digest, spool, durable=False)
             except (PeerUnavailable, BlobError) as error:
                 self.log.warn("blob {digest} from {node_id}: {error}", digest=digest,
                               node_id=node_id, error=error)
