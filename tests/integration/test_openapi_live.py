@@ -109,7 +109,7 @@ def _tame_request(body: object) -> None:
         resources["cpus"] = 1
     if isinstance(resources, dict) and isinstance(resources.get("memory"), int) \
             and not isinstance(resources["memory"], bool) \
-            and 2**30 < resources["memory"]:
+            and resources["memory"] > 2**30:
         resources["memory"] = 64 * 2**20  # the same for memory beyond the host's
     # (values out of the schema's range stay: they must be refused with 400)
     labels = body.get("labels")
