@@ -107,7 +107,14 @@ class Entry:
 
 
 class QueueBackend(Protocol):
-    """The queue's operations; every one is a single round trip and atomic."""
+    """The queue's operations; every one is a single round trip and atomic.
+
+    What ``ClusterDispatcher``, ``ClusterAdmission``, ``AdmittedWatch`` and ``TaskRouter``
+    call, so an election backend with a durable store implements this (in its
+    ``interfaces.ClusterState``). A store that cannot answer fails with
+    :class:`QueueUnavailable` (a 503 ``queue_unavailable``; nothing was decided).
+    Records are the task's JSON; ``seq`` grows by one per queued task, never reused.
+    """
 
     def enqueue(self, task_id: str, record: Mapping[str, Any]) -> defer.Deferred[int]:
         """Queue the task unless its id is known; its ``seq``, or 0 when it was known."""
@@ -129,7 +136,8 @@ class QueueBackend(Protocol):
     def scan(self, after: int, limit: int) -> defer.Deferred[list[tuple[int, str, dict[str, Any]]]]:
         """Queued tasks with ``seq`` above ``after``: (seq, id, record), by seq."""
 
-    def where(self, task_id: str) -> defer.Deferred[Entry | None]: ...
+    def where(self, task_id: str) -> defer.Deferred[Entry | None]:
+        """What the store knows of the task (queued, started where, ended), or None."""
 
     def position(self, task_id: str) -> defer.Deferred[int | None]:
         """1-based place in admission order (priorities and groups not counted)."""

@@ -8,10 +8,16 @@ and the configuration selects it by name. The core never imports a provider modu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 from twisted.internet import defer
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:  # cluster_queue imports the executor, which imports this module
+    from oxide_cluster.cluster_queue import QueueBackend
+    from oxide_cluster.model import Task
+    from oxide_cluster.suites import SuiteDurations
 
 #: ``(host, port)``: an IPv4 address and discovery port, as membership records peers.
 #: A transport that is not UDP maps its own addresses onto such pairs (the demo maps
@@ -92,6 +98,56 @@ class IElectionBackend(Interface):
         """Disconnect; fires when done."""
 
 
+class ClusterDirectory(Protocol):
+    """Each node's unfinished tasks and the lost ones, kept where every node can read them,
+    so the leader recovers a dead node's tasks (``directory.TaskDirectory`` on Redis)."""
+
+    def task_changed(self, task: Task) -> None:
+        """Executor state listener: record the task while it runs, forget it at its end."""
+
+    def recorded(self, task_id: str) -> defer.Deferred[Any]:
+        """Fires once the task's start is written (or that write failed)."""
+
+    def connect(self) -> defer.Deferred[Any]:
+        """Open the connection when the reactor starts (errors are logged, not raised)."""
+
+    async def unfinished(self, node_id: str) -> list[dict[str, Any]]: ...
+
+    async def record_lost(self, record: dict[str, Any]) -> None: ...
+
+    async def record_retried(self, record: dict[str, Any]) -> None: ...
+
+    async def lost(self, task_id: str) -> dict[str, Any] | None: ...
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the connection the cluster state shares; called after shutdown, so the
+        queue and the suites are done with it too."""
+
+
+@attrs.frozen
+class ClusterState:
+    """The durable cluster state an election backend keeps beside its lease: the cluster
+    queue (``cluster_queue.QueueBackend``), the task directory and the suites' durations.
+
+    An election provider offers it through ``cluster_state(context)``; ``None`` means
+    there is none (``standalone``): tasks queue in the node's own SQLite store.
+    """
+
+    queue: QueueBackend
+    directory: ClusterDirectory
+    suites: SuiteDurations
+
+
+class IClusterStateSource(Interface):
+    """Optional for an election provider (``providers.Provider`` has it, default None)."""
+
+    def cluster_state(context):
+        """The :class:`ClusterState` its backend keeps for the whole cluster, built from
+        a ``providers.ProviderContext`` without connecting (connections open lazily), or
+        None. Only the leader then dispatches the queue: its elector must elect one
+        leader for the cluster, not one per node."""
+
+
 class ITaskRunner(Interface):
     """Starts a task's process tree, signals it as a whole; its end is reported through
     the process protocol's ``processEnded`` (``executor.TaskRun`` owns everything else)."""
@@ -137,8 +193,10 @@ class IOxideProvider(Interface):
     def factory(context):
         """Build the provider from a ``providers.ProviderContext``: an
         IDiscoveryTransport, an elector service (``election.lease_elector`` around an
-        IElectionBackend) or an ITaskRunner."""
+        IElectionBackend) or an ITaskRunner. An election provider may also provide
+        :class:`IClusterStateSource`: the queue's durable store."""
 
 
-__all__ = ["Address", "DiscoveryTransport", "IDiscoveryTransport", "IElectionBackend",
+__all__ = ["Address", "ClusterDirectory", "ClusterState", "DiscoveryTransport",
+           "IClusterStateSource", "IDiscoveryTransport", "IElectionBackend",
            "IOxideProvider", "ITaskRunner", "TaskRunner"]

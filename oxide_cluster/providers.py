@@ -17,7 +17,7 @@ from twisted.plugin import IPlugin, getPlugins
 from zope.interface import implementer
 
 from oxide_cluster.config import Config, ConfigError, Setting
-from oxide_cluster.interfaces import IOxideProvider
+from oxide_cluster.interfaces import ClusterState, IClusterStateSource, IOxideProvider
 
 log = Logger()
 
@@ -37,16 +37,25 @@ class ProviderContext:
     local_node: Callable[[], Mapping[str, Any]] | None = None
 
 
-@implementer(IPlugin, IOxideProvider)
+def no_cluster_state(context: ProviderContext) -> ClusterState | None:
+    """No durable cluster state: tasks queue in the node's own SQLite store."""
+    return None
+
+
+@implementer(IPlugin, IOxideProvider, IClusterStateSource)
 @attrs.frozen
 class Provider:
-    """One named provider of one kind; declare it in ``twisted/plugins/<name>.py``."""
+    """One named provider of one kind; declare it in ``twisted/plugins/<name>.py``.
+
+    ``cluster_state`` (election providers only) gives the queue's durable store.
+    """
 
     kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
     name: str
     factory: Callable[[ProviderContext], Any]
     description: str = ""
     options: tuple[Setting, ...] = ()
+    cluster_state: Callable[[ProviderContext], ClusterState | None] = no_cluster_state
 
 
 def _udp(broadcast: bool) -> Callable[[ProviderContext], Any]:
@@ -111,6 +120,31 @@ def _redis(context: ProviderContext) -> Any:
                          config.cluster_name, config.leader_ttl)
 
 
+# The queue's and directory's Redis connection: a command timeout drops the connection
+# and fails every command in flight on it (each a 503 queue_unavailable), so it is longer
+# than the election's 1 s lease-sized one: on a loaded machine (10,000 submits at once on
+# 2 shared cores) replies waited past 1 s in the reactor and whole bursts failed.
+QUEUE_REDIS_TIMEOUT = 5.0
+
+
+def _redis_state(context: ProviderContext) -> ClusterState:
+    """The queue, task directory and suite durations in Redis, on one connection of
+    their own (the elector's has a lease-sized timeout)."""
+    from oxide_cluster.cluster_queue import RedisQueueBackend
+    from oxide_cluster.directory import TaskDirectory
+    from oxide_cluster.election import RedisAddress, RedisLockBackend
+    from oxide_cluster.suites import RedisSuiteDurations
+
+    config = context.config
+    if not config.redis:
+        raise ConfigError("election 'redis' needs a Redis URL ('redis', --redis)")
+    redis = RedisLockBackend(context.reactor, RedisAddress.parse(config.redis),
+                             timeout=QUEUE_REDIS_TIMEOUT)
+    return ClusterState(queue=RedisQueueBackend(redis, config.cluster_name),
+                        directory=TaskDirectory(redis, config.cluster_name),
+                        suites=RedisSuiteDurations(redis, config.cluster_name))
+
+
 def _process(context: ProviderContext) -> Any:
     from oxide_cluster.cgroups import CgroupUnavailable, detect
     from oxide_cluster.executor import ProcessRunner
@@ -143,7 +177,8 @@ BUILTIN: tuple[Provider, ...] = (
                               "a Codara main server host[:port] that also gets them by "
                               "unicast (default: broadcast only)"),)),
     Provider("election", "standalone", _standalone, "this node always leads (token 1)"),
-    Provider("election", "redis", _redis, "a Redis lease with fencing tokens ('redis')"),
+    Provider("election", "redis", _redis, "a Redis lease with fencing tokens ('redis'); "
+             "the cluster queue in Redis", cluster_state=_redis_state),
     Provider("runner", "process", _process,
              "a process group per task, in a cgroup per the 'cgroups' key"),
 )
@@ -201,6 +236,16 @@ class Selection:
         context = ProviderContext(reactor, config, node_id, self.options[kind], local_node)
         return self.providers[kind].factory(context)
 
+    def cluster_state(self, reactor: Any, config: Config, node_id: str) -> ClusterState | None:
+        """The election provider's durable cluster state, or None (none, or a plugin
+        that does not offer :class:`IClusterStateSource`)."""
+        source = getattr(self.providers["election"], "cluster_state", None)
+        if source is None:
+            return None
+        state: ClusterState | None = source(
+            ProviderContext(reactor, config, node_id, self.options["election"]))
+        return state
+
 
 def select(config: Config, found: Iterable[Any] | None = None) -> Selection:
     """Pick the configured provider of each kind; unknown names and options are a
@@ -244,5 +289,5 @@ def describe(found: Iterable[Any] | None = None) -> str:
     return "; ".join(f"{kind}: {', '.join(names(found, kind))}" for kind in KINDS)
 
 
-__all__ = ["BUILTIN", "KINDS", "Provider", "ProviderContext", "Selection", "chosen_names",
-           "describe", "installed", "select"]
+__all__ = ["BUILTIN", "KINDS", "QUEUE_REDIS_TIMEOUT", "Provider", "ProviderContext",
+           "Selection", "chosen_names", "describe", "installed", "no_cluster_state", "select"]

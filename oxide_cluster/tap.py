@@ -34,13 +34,12 @@ from oxide_cluster.cluster_queue import (
     ClusterDispatcher,
     ClusterQueue,
     PeerLocator,
-    RedisQueueBackend,
+    QueueBackend,
 )
 from oxide_cluster.config import Config, ConfigError
-from oxide_cluster.directory import TaskDirectory
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
 from oxide_cluster.drain import Drain, DrainOnStop
-from oxide_cluster.election import RedisAddress, RedisLockBackend
+from oxide_cluster.election import RedisAddress
 from oxide_cluster.executor import Executor
 from oxide_cluster.forwarding import PeerClient
 from oxide_cluster.identity import (
@@ -60,7 +59,7 @@ from oxide_cluster.routing import RouterSettings, TaskRouter
 from oxide_cluster.scheduler import LabelBook, Room, Scheduler
 from oxide_cluster.stats import StatsSampler
 from oxide_cluster.store import Store, StoreError
-from oxide_cluster.suites import RedisSuiteDurations, StoreSuiteDurations, SuiteDurations
+from oxide_cluster.suites import StoreSuiteDurations, SuiteDurations
 from oxide_cluster.workspace import PeerBlobs, Workspaces
 from oxide_cluster.ws import LiveFactory, LiveHub
 
@@ -382,15 +381,15 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     directory = None
     cluster = None
     suites: SuiteDurations = StoreSuiteDurations(store)
-    if config.redis:
-        redis = RedisLockBackend(reactor, RedisAddress.parse(config.redis),
-                                 timeout=QUEUE_REDIS_TIMEOUT)
-        suites = RedisSuiteDurations(redis, config.cluster_name)
-        directory = TaskDirectory(redis, config.cluster_name)
+    state = chosen.cluster_state(reactor, config, node_id)  # None: this node's store
+    if state is not None:
+        suites = state.suites
+        directory = state.directory
         executor.state_listeners.append(directory.task_changed)
         reactor.callWhenRunning(directory.connect)
         reactor.addSystemEventTrigger("after", "shutdown", directory.close)
-        cluster = _cluster_queue(reactor, config, node, scheduler, redis, peers, placement)
+        cluster = _cluster_queue(reactor, config, node, scheduler, state.queue, peers,
+                                 placement)
         cluster.dispatcher.setServiceParent(top)
         cluster.watch.setServiceParent(top)
     router = TaskRouter(
@@ -430,11 +429,6 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     return top, node
 
 
-# The queue's and directory's Redis connection: a command timeout drops the connection
-# and fails every command in flight on it (each a 503 queue_unavailable), so it is longer
-# than the election's 1 s lease-sized one: on a loaded machine (10,000 submits at once on
-# 2 shared cores) replies waited past 1 s in the reactor and whole bursts failed.
-QUEUE_REDIS_TIMEOUT = 5.0
 STORE_LIMIT_FRACTION = 0.1
 
 
@@ -446,11 +440,10 @@ def _store_limit(config: Config) -> int:
 
 
 def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Scheduler,
-                   redis: RedisLockBackend, peers: PeerClient | None,
+                   backend: QueueBackend, peers: PeerClient | None,
                    placement: Placement | None) -> ClusterQueue:
-    """The queue of a Redis cluster (``cluster_queue.py``): records in Redis, the
-    leader's dispatch loop, exactly-once admission on every node."""
-    backend = RedisQueueBackend(redis, config.cluster_name)
+    """The cluster queue (``cluster_queue.py``): records in the election backend's
+    durable store, the leader's dispatch loop, exactly-once admission on every node."""
     elector = node.elector
     admission = ClusterAdmission(
         node.node_id, backend, scheduler,

@@ -28,9 +28,16 @@ from zope.interface.verify import verifyObject
 
 from oxide_cluster import config, providers, wire
 from oxide_cluster.cgroups import Resources
+from oxide_cluster.cluster_queue import QueueBackend
 from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
-from oxide_cluster.interfaces import IDiscoveryTransport, IElectionBackend, ITaskRunner
+from oxide_cluster.interfaces import (
+    ClusterDirectory,
+    IDiscoveryTransport,
+    IElectionBackend,
+    ITaskRunner,
+)
 from oxide_cluster.membership import MemoryPeerStore, PeerState
+from oxide_cluster.suites import SuiteDurations
 from tests.integration.test_providers import _loopback_multicast_works
 from tests.support import REPO_ROOT, free_port
 
@@ -313,6 +320,43 @@ async def test_backend_tokens_only_grow_and_rise_above_the_floor(backend):
         assert all(isinstance(v, int) for v in (first, second, lifted))
     finally:
         await backend.close()
+
+
+def _missing(store: Any, protocol: type) -> list[str]:
+    """The protocol's methods that ``store`` lacks (typing.Protocol checks no values)."""
+    wanted = [name for name, value in vars(protocol).items()
+              if callable(value) and not name.startswith("_")]
+    return [name for name in wanted if not callable(getattr(store, name, None))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_is_none_or_every_store_and_they_keep_the_queue(election):
+    name, values = election
+    loaded = config.load(values, {})
+    state = providers.select(loaded).cluster_state(reactor(), loaded, "n1")
+    if state is None:
+        return  # no durable cluster state: tasks queue in each node's own store
+    for store, protocol in ((state.queue, QueueBackend), (state.directory, ClusterDirectory),
+                            (state.suites, SuiteDurations)):
+        assert store is not None, f"{name}: no {protocol.__name__}"
+        assert not _missing(store, protocol), f"{name}: {protocol.__name__} lacks them"
+    task_id = f"conf-{os.getpid()}"
+    record = {"id": task_id, "priority": 0, "group": "default", "request": {}}
+    try:
+        await state.directory.connect()
+        seq = await state.queue.enqueue(task_id, record)
+        assert seq >= 1
+        assert await state.queue.enqueue(task_id, record) == 0  # known: never twice
+        assert await state.queue.waiting() is True
+        entry = await state.queue.where(task_id)
+        assert entry is not None and entry.state == "queued" and entry.record == record
+        assert await state.queue.claim(task_id, "n1") is None
+        assert await state.queue.claim(task_id, "n2") is not None  # exactly once
+        assert await state.queue.states([task_id, f"{task_id}-unknown"]) == ["started", None]
+        await state.suites.put("conformance", {"tests/test_a.py": 1.5})
+        assert await state.suites.get("conformance") == {"tests/test_a.py": 1.5}
+    finally:
+        await state.directory.close()
 
 
 # -- ITaskRunner ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from oxide_cluster.discovery import (
 from oxide_cluster.election import RedisAddress, RedisLockBackend
 from oxide_cluster.executor import ProcessRunner
 from oxide_cluster.interfaces import (
+    IClusterStateSource,
     IDiscoveryTransport,
     IElectionBackend,
     IOxideProvider,
@@ -70,6 +71,37 @@ def test_standalone_election_beside_a_redis_queue_is_refused():
     with pytest.raises(config.ConfigError, match="'standalone' cannot run with 'redis'"):
         providers.select(load(redis="redis://h:6379", election="standalone"),
                          providers.BUILTIN)
+
+
+def test_redis_election_keeps_the_cluster_state_in_redis_and_standalone_keeps_none():
+    from oxide_cluster.cluster_queue import RedisQueueBackend
+    from oxide_cluster.directory import TaskDirectory
+    from oxide_cluster.suites import RedisSuiteDurations
+
+    for provider in providers.BUILTIN:
+        assert verifyObject(IClusterStateSource, provider)
+    redis = load(redis="redis://127.0.0.1:6399/0", cluster_name="c1")
+    state = providers.select(redis, providers.BUILTIN).cluster_state(Clock(), redis, "n1")
+    assert state is not None
+    assert isinstance(state.queue, RedisQueueBackend)
+    assert state.queue.queue_key == "oxide:c1:queue"
+    assert isinstance(state.directory, TaskDirectory)
+    assert isinstance(state.suites, RedisSuiteDurations)
+    standalone = load()
+    assert providers.select(standalone, providers.BUILTIN).cluster_state(
+        Clock(), standalone, "n1") is None
+
+
+def test_a_plugin_without_cluster_state_has_none():
+    class Elsewhere:  # provides IOxideProvider only, not IClusterStateSource
+        kind, name, options, description = "election", "etcd", (), "etcd leases"
+
+        def factory(self, context: providers.ProviderContext) -> Any:
+            return None
+
+    found = providers.installed([Elsewhere()])
+    loaded = load(election="etcd")
+    assert providers.select(loaded, found).cluster_state(Clock(), loaded, "n1") is None
 
 
 def test_peers_transport_has_no_cluster_addresses_and_broadcast_has_them():

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import errno
 import re
+from typing import Any
 
 import pytest
+from treq.testing import StubTreq
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from oxide_cluster import config as config_module
+from oxide_cluster import providers
 from oxide_cluster.api import ApiRequest
+from oxide_cluster.cluster_queue import AdmittedWatch, ClusterDispatcher
+from oxide_cluster.election import StandaloneElector
 from oxide_cluster.identity import StateDirLock
+from oxide_cluster.interfaces import ClusterState
+from oxide_cluster.model import Task
 from oxide_cluster.store import StoreError
 from oxide_cluster.tap import (
     BindOption,
@@ -24,7 +33,9 @@ from oxide_cluster.tap import (
     Options,
     StartupRefused,
     _RecoverThenRun,
+    build_node,
 )
+from tests.unit.test_cluster_queue import FakeQueue
 
 
 class _Recorder(service.Service):
@@ -190,3 +201,107 @@ def test_an_unopenable_store_stops_the_node_with_status_1(tmp_path, error, one_l
     assert ("log_failure" not in said) is one_line
     if one_line:
         assert said["problem"] == error.args[0] and said["state_dir"] == tmp_path
+
+
+# -- the cluster state comes from the election provider --------------------------------
+
+
+class _Directory:
+    """A ClusterDirectory that only records what the node asks of it."""
+
+    def __init__(self) -> None:
+        self.changed: list[Task] = []
+
+    def task_changed(self, task: Task) -> None:
+        self.changed.append(task)
+
+    def recorded(self, task_id: str) -> defer.Deferred[Any]:
+        return defer.succeed(None)
+
+    def connect(self) -> defer.Deferred[Any]:
+        return defer.succeed(None)
+
+    async def unfinished(self, node_id: str) -> list[dict[str, Any]]:
+        return []
+
+    async def record_lost(self, record: dict[str, Any]) -> None:
+        pass
+
+    async def record_retried(self, record: dict[str, Any]) -> None:
+        pass
+
+    async def lost(self, task_id: str) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class _Suites:
+    def get(self, suite: str) -> defer.Deferred[dict[str, float] | None]:
+        return defer.succeed({"tests/test_a.py": 4.5})
+
+    def put(self, suite: str, durations: dict[str, float]) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+def _fired(deferred: defer.Deferred[Any]) -> Any:
+    """The result of a Deferred that has already fired (in-memory collaborators only)."""
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def _build(tmp_path, monkeypatch, plugins: list[Any], **values: Any):
+    monkeypatch.setattr(providers, "_plugins", lambda: plugins)
+    loaded = config_module.load({"state_dir": str(tmp_path), "secret": "s",
+                                 "discovery": False, "listen": "tcp:0", **values}, {})
+    reactor = MemoryReactorClock()
+    top, node = build_node(loaded, reactor)
+    return reactor, top, node
+
+
+def test_build_node_takes_the_cluster_queue_directory_and_suites_from_the_election_provider(
+        tmp_path, monkeypatch):
+    state = ClusterState(queue=FakeQueue(), directory=_Directory(), suites=_Suites())
+    asked: list[providers.ProviderContext] = []
+    plugin = providers.Provider(
+        "election", "ledger", lambda context: StandaloneElector(context.reactor,
+                                                                context.node_id),
+        cluster_state=lambda context: asked.append(context) or state)
+    reactor, top, node = _build(tmp_path, monkeypatch, [plugin], election="ledger")
+    try:
+        assert [context.node_id for context in asked] == [node.node_id]
+        (dispatcher,) = [child for child in top if isinstance(child, ClusterDispatcher)]
+        assert dispatcher._backend is state.queue
+        (watch,) = [child for child in top if isinstance(child, AdmittedWatch)]
+        assert watch._backend is state.queue
+        assert state.directory.task_changed in node.executor.state_listeners
+        assert (state.directory.connect, (), {}) in reactor.whenRunningHooks
+        assert (state.directory.close, (), {}) in reactor.triggers["after"]["shutdown"]
+        (listener,) = [child for child in top if isinstance(child, HttpListener)]
+        client = StubTreq(listener._factory.resource)
+        response = _fired(client.get("http://n/suites/unit/durations",
+                                               headers={"X-Cluster-Secret": "s"}))
+        assert response.code == 200
+        body = _fired(response.json())
+        assert body["durations"] == {"tests/test_a.py": 4.5}
+    finally:
+        top._lock.release()
+
+
+def test_build_node_without_cluster_state_keeps_the_queue_in_the_node_store(
+        tmp_path, monkeypatch):
+    plugin = providers.Provider(
+        "election", "ledger", lambda context: StandaloneElector(context.reactor,
+                                                                context.node_id))
+    reactor, top, _node = _build(tmp_path, monkeypatch, [plugin], election="ledger")
+    try:
+        assert not [child for child in top
+                    if isinstance(child, (ClusterDispatcher, AdmittedWatch))]
+        assert not reactor.triggers.get("after", {}).get("shutdown")  # no directory
+    finally:
+        top._lock.release()
