@@ -679,10 +679,21 @@ def drain_stale_requests(node: OxideNode, task: dict[str, Any]) -> str:
     return str(body["id"])
 
 
+def fill_slots(node: OxideNode, release: Path, slots: int) -> None:
+    """Take every slot of ``node`` with a task pinned there until ``release`` exists, so
+    a submit there is not started where it entered (``start_first``) but goes to the
+    leader."""
+    blocker = {"command": "sh", "args": ["-c", f"while [ ! -e {release} ]; do sleep 0.05; "
+                                         "done"], "node": node.node_id}
+    for _ in range(slots):
+        status, body, _ = node.agent.post("/execute", blocker, timeout=30)
+        assert status == 202 and body["state"] == "running", (status, body)
+
+
 @pytest.mark.slow
 def test_leader_sigstop_past_the_forward_timeout_runs_each_task_once(
         fault_cluster, samplers, fault_report, tmp_path):
-    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT)))
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT), "--max-tasks", "2"))
     ids = [n.node_id for n in c.nodes]
     sampler = samplers(c.nodes, c.net.log_dir)
     leader, token = wait_for_leader(c.nodes)
@@ -690,6 +701,9 @@ def test_leader_sigstop_past_the_forward_timeout_runs_each_task_once(
     marker = tmp_path / "starts"
     task = marked_task(marker)
     final: dict[str, str] = {}
+    release = tmp_path / "release"
+    for follower in followers:  # full followers hand their submits to the leader
+        fill_slots(follower, release, 2)
     poll_until(lambda: sampler.latest(leader.name, 0) is not None, 20, interval=0.1,
                message="a leader sample before the stall")
     frozen = time.monotonic()
@@ -700,11 +714,13 @@ def test_leader_sigstop_past_the_forward_timeout_runs_each_task_once(
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda n: submit(n, task), [*followers, *followers]))
         task_ids = [answered_id(status, body) for status, body, _ in answers]
+        release.touch()  # room for the queued tasks on the followers
         new, new_token = wait_for_leader(followers, newer_than=token, timeout=30)
         for tid in task_ids:  # dispatched by the new leader while the old one sleeps
             final[tid] = end_of(followers, tid)
         stopped = time.monotonic() - frozen
     finally:
+        release.touch()
         leader.agent.resume()
     agreed, agreed_token = wait_for_leader(c.nodes, newer_than=token, timeout=30)
     fresh = drain_stale_requests(leader, task)
@@ -731,7 +747,7 @@ def test_leader_sigstop_past_the_forward_timeout_runs_each_task_once(
 @pytest.mark.slow
 def test_lost_reply_to_a_forwarded_submit_runs_the_task_once(
         fault_cluster, samplers, fault_report, tmp_path):
-    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT)))
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT), "--max-tasks", "2"))
     ids = [n.node_id for n in c.nodes]
     sampler = samplers(c.nodes, c.net.log_dir)
     leader, _token = wait_for_leader(c.nodes)
@@ -739,6 +755,8 @@ def test_lost_reply_to_a_forwarded_submit_runs_the_task_once(
     marker = tmp_path / "starts"
     task = marked_task(marker)
     final: dict[str, str] = {}
+    release = tmp_path / "release"
+    fill_slots(follower, release, 2)  # so its submits go to the leader (4 slots elsewhere)
     # The follower's forwards reach the leader, which places them; its answers are lost.
     harness.drop_replies(follower.host, leader.host.ip, oxide.API_PORT)
     try:
@@ -746,6 +764,7 @@ def test_lost_reply_to_a_forwarded_submit_runs_the_task_once(
         task_ids = [answered_id(status, body) for status, body, _ in answers]
     finally:
         harness.clear_faults(follower.host)
+        release.touch()
     for tid in task_ids:
         final[tid] = end_of(c.nodes, tid)
     fresh = drain_stale_requests(follower, task)

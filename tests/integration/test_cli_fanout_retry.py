@@ -38,8 +38,12 @@ def test_a_shard_whose_node_dies_is_followed_into_its_retry(cluster):  # noqa: F
           "followed")
     assert code == 4, (out, err)
     lines = sorted(out.decode().splitlines())
-    assert lines == ["[1/2] finished 0", "[1/2] started", "[2/2] finished 1",
-                     "[2/2] started"], (out, err)
+    # A dead node's last output may never have been read (kill -9): "started" may be
+    # missing, but each shard's retry finishes once and nothing else is printed.
+    assert [line for line in lines if "finished" in line] == [
+        "[1/2] finished 0", "[2/2] finished 1"], (out, err)
+    assert set(lines) - {"[1/2] finished 0", "[2/2] finished 1"} <= {
+        "[1/2] started", "[2/2] started"}, (out, err)
     text = err.decode()
     retries = re.findall(r"\[(\d)/2\] task (\S+) lost \(node \S+ died[^)]*\); following its "
                          r"retry, task (\S+)", text)
