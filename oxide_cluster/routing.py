@@ -42,6 +42,7 @@ from oxide_cluster.model import (
     owner_of,
     parse_task_request,
 )
+from oxide_cluster.node import Elector
 from oxide_cluster.queue_waits import QUEUED, QueueWaits
 from oxide_cluster.scheduler import IDEMPOTENCY_TTL, Scheduler, SeenTask, Unschedulable
 
@@ -238,23 +239,6 @@ class Placer(Protocol):
     def placed(self, node_id: str) -> None: ...
 
 
-class Leadership(Protocol):
-    """The elector, as routing sees it."""
-
-    @property
-    def is_leader(self) -> bool: ...
-
-    @property
-    def token(self) -> int | None: ...
-
-    @property
-    def highest_token(self) -> int: ...
-
-    def leader(self) -> dict[str, Any]: ...
-
-    def observe_token(self, token: int) -> bool: ...
-
-
 class Directory(Protocol):
     """``directory.TaskDirectory``: a Redis cluster's record of running and lost tasks."""
 
@@ -282,7 +266,7 @@ class TaskRouter:
 
     log = Logger()
 
-    def __init__(self, settings: RouterSettings, reactor: Any, elector: Leadership,
+    def __init__(self, settings: RouterSettings, reactor: Any, elector: Elector,
                  scheduler: Scheduler, tasks: TaskFactory, *, peers: Peers | None = None,
                  placement: Placer | None = None, directory: Directory | None = None,
                  cluster: ClusterQueue | None = None,
