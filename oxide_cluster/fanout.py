@@ -9,7 +9,8 @@ signal, delivered to the main thread) able to cancel every shard. Output passes 
 
 Files given by ``--split`` are balanced (greedy longest-processing-time) by the per-file
 durations the cluster recorded for the suite (``--suite NAME``, default the workspace
-directory's name; ``GET /suites/{name}/durations``), by size when it has none. After the
+directory's name; ``GET /suites/{name}/durations``; packed under a file that alone outlasts
+an even share), by size when it has none. After the
 run, each shard's JUnit test cases are traced to its files (the ``file`` attribute, or the
 ``classname``'s module), the rest of the shard's run time is spread over its other files by
 size, and the result is stored (``PUT``) for the next split (:mod:`oxide_cluster.split`).
@@ -366,6 +367,8 @@ def _plan(node: Node, options: argparse.Namespace, command: list[str]
                  f" for {options.parallel} workers")
             return _upload(node, options, tree, [], plan)
         parts = splitting.split_by_weight(costs, options.parallel)
+        if basis == "durations":  # sizes are too rough a guess to pack shards full
+            parts = splitting.pack_under_longest(costs, parts)
         if len(parts) < options.parallel:
             _say(f"{len(chosen)} files for {options.parallel} shards: running "
                  f"{len(parts)} shards")

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from oxide_cluster.api import TaskApi
 from oxide_cluster.split import (
     default_suite_name,
+    pack_under_longest,
     report_durations,
     shard_durations,
     split_by_weight,
@@ -42,6 +43,30 @@ def test_history_changes_the_split_that_sizes_would_make():
     by_time, basis = weights(sizes, history)
     assert basis == "durations"
     assert split_by_weight(by_time, 2) == [["d.py"], ["a.py", "b.py", "c.py"]]
+
+
+def test_when_one_file_sets_the_run_time_the_rest_are_packed_under_it_not_spread():
+    # The bench's suite: one 10 s file, the rest 8 s in all. Spreading the rest over two
+    # shards ends no sooner, and on a shared host's cores slows the long one.
+    costs = {"long.py": 10.0, "a.py": 3.0, "b.py": 2.5, "c.py": 1.5, "d.py": 0.7,
+             "e.py": 0.3}
+    spread = split_by_weight(costs, 3)
+    assert spread == [["long.py"], ["a.py", "d.py", "e.py"], ["b.py", "c.py"]]
+    packed = pack_under_longest(costs, spread)
+    assert packed == [["long.py"], ["a.py", "b.py", "c.py", "d.py"], ["e.py"]]
+    assert sorted(name for part in packed for name in part) == sorted(costs)
+    # What does not fit under the longest file goes on to the next shard.
+    more = {**costs, "f.py": 3.0}
+    assert pack_under_longest(more, split_by_weight(more, 3)) == [
+        ["long.py"], ["a.py", "b.py", "c.py", "f.py"], ["d.py", "e.py"]]
+
+
+def test_packing_leaves_an_even_split_and_two_shards_alone():
+    even = {"a.py": 4.0, "b.py": 4.0, "c.py": 4.0, "d.py": 4.0, "e.py": 4.0, "f.py": 4.0}
+    parts = split_by_weight(even, 3)
+    assert pack_under_longest(even, parts) == parts  # no single file sets the run time
+    two = {"long.py": 10.0, "a.py": 1.0, "b.py": 1.0}
+    assert pack_under_longest(two, split_by_weight(two, 2)) == [["long.py"], ["a.py", "b.py"]]
 
 
 def test_a_file_new_since_the_last_run_is_estimated_at_the_suite_s_seconds_per_byte():
