@@ -30,7 +30,6 @@ import argparse
 import math
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,52 +39,10 @@ import psutil
 from bench.cluster import Cluster, node_id
 from bench.common import Client, http_rate, print_table, save
 from bench.load import parse_rfc3339, percentile
-from bench.queue import all_tasks, inversions
+from bench.queue import all_tasks, inversions, submit_spread
 from tests.support import AgentProcess, poll_until
 
 SLOTS = 2
-
-
-def submit_spread(ports: list[int], bodies: list[dict[str, Any]], clients: int,
-                  budget: float | None = None) -> tuple[list[float], list[dict[str, Any]]]:
-    """Submit ``bodies`` in order over ``clients`` threads, thread i on ``ports[i % n]``;
-    (latencies, answers). With ``budget``, submitting stops after that many seconds."""
-    lock = threading.Lock()
-    cursor = [0]
-    latencies: list[float] = []
-    answers: list[dict[str, Any]] = []
-    errors: list[BaseException] = []
-    stop_at = None if budget is None else time.monotonic() + budget
-
-    def worker(port: int) -> None:
-        try:
-            client = Client(port)
-            while True:
-                with lock:
-                    if cursor[0] >= len(bodies) or (stop_at is not None
-                                                    and time.monotonic() > stop_at):
-                        return
-                    body = bodies[cursor[0]]
-                    cursor[0] += 1
-                started = time.perf_counter()
-                status, answer = client.call("POST", "/execute", body)
-                elapsed = time.perf_counter() - started
-                assert status in (200, 202), (status, answer)
-                with lock:
-                    latencies.append(elapsed)
-                    answers.append(answer)
-        except BaseException as error:  # surfaced after join
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(ports[i % len(ports)],))
-               for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return latencies, answers
 
 
 def rss(nodes: list[AgentProcess]) -> list[int]:

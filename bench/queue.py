@@ -33,18 +33,27 @@ from bench.load import parse_rfc3339, percentile
 def submit_all(port: int, bodies: list[dict[str, Any]], clients: int
                ) -> tuple[list[float], list[dict[str, Any]]]:
     """Submit every body (in order, spread over threads); (latencies, answers)."""
+    return submit_spread([port], bodies, clients)
+
+
+def submit_spread(ports: list[int], bodies: list[dict[str, Any]], clients: int,
+                  budget: float | None = None) -> tuple[list[float], list[dict[str, Any]]]:
+    """Submit ``bodies`` in order over ``clients`` threads, thread i on ``ports[i % n]``;
+    (latencies, answers). With ``budget``, submitting stops after that many seconds."""
     lock = threading.Lock()
     cursor = [0]
     latencies: list[float] = []
     answers: list[dict[str, Any]] = []
     errors: list[BaseException] = []
+    stop_at = None if budget is None else time.monotonic() + budget
 
-    def worker() -> None:
+    def worker(port: int) -> None:
         try:
             client = Client(port)
             while True:
                 with lock:
-                    if cursor[0] >= len(bodies):
+                    if cursor[0] >= len(bodies) or (stop_at is not None
+                                                    and time.monotonic() > stop_at):
                         return
                     body = bodies[cursor[0]]
                     cursor[0] += 1
@@ -58,7 +67,8 @@ def submit_all(port: int, bodies: list[dict[str, Any]], clients: int
         except BaseException as error:  # surfaced after join
             errors.append(error)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=worker, args=(ports[i % len(ports)],))
+               for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
