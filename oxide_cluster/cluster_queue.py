@@ -52,6 +52,7 @@ from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
 from oxide_cluster.model import RequestError, Task, TaskRequest
 from oxide_cluster.placement import Candidate, rank
+from oxide_cluster.redis_connection import RedisCommands
 from oxide_cluster.scheduler import Clock, FairQueue
 
 # A claimed or queued task's hash is kept a week past its last change (GET finds it).
@@ -87,12 +88,6 @@ def _unavailable(failure: Failure) -> Failure:
         return failure
     return Failure(QueueUnavailable(f"the cluster queue (Redis) is unavailable: "
                                     f"{failure.getErrorMessage() or failure.type}"))
-
-
-class RedisCommands(Protocol):
-    """One Redis connection (``election.RedisLockBackend``)."""
-
-    def command(self, *command: Any) -> defer.Deferred[Any]: ...
 
 
 @attrs.frozen

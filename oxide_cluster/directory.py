@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oxide_cluster.model import Task, TaskState
+from oxide_cluster.redis_connection import RedisCommands
 
 LOST_TTL = 7 * 24 * 3600
 
@@ -33,11 +34,12 @@ def retry_record(task: Task) -> dict[str, Any]:
 
 
 class TaskDirectory:
-    """Unfinished tasks by node and lost tasks by id, over one Redis connection."""
+    """Unfinished tasks by node and lost tasks by id, over one Redis connection (a
+    service of its own: it opens at start-up and closes after everything that uses it)."""
 
     log = Logger()
 
-    def __init__(self, redis: Any, cluster: str) -> None:
+    def __init__(self, redis: RedisCommands, cluster: str) -> None:
         self._redis = redis
         self._prefix = f"oxide:{cluster}"
         self.errors = 0
@@ -86,10 +88,6 @@ class TaskDirectory:
         pending.addBoth(wake)
         return waiter
 
-    def connect(self) -> defer.Deferred[Any]:
-        """Open the connection at startup, so the first task does not wait for it."""
-        return self._best_effort(self._redis.command("PING"), "PING")
-
     async def unfinished(self, node_id: str) -> list[dict[str, Any]]:
         flat = await self._redis.command("HGETALL", self._active(node_id))
         # txredisapi answers HGETALL with a dict; a raw reply is a flat key/value list.
@@ -109,7 +107,3 @@ class TaskDirectory:
     async def lost(self, task_id: str) -> dict[str, Any] | None:
         value = await self._redis.command("GET", self._lost(task_id))
         return None if value is None else json.loads(value)
-
-    def close(self) -> defer.Deferred[None]:
-        closed: defer.Deferred[None] = self._redis.close()
-        return closed

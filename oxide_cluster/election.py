@@ -25,27 +25,26 @@ epoch persistent (``appendonly yes``) where tokens must increase across whole-cl
 restarts, and treat the local guard as the fallback.
 
 txredisapi stays behind :class:`LockBackend` so the logic is tested with a fake and a
-``task.Clock``; the Redis backend times everything with the injected reactor.
+``task.Clock``; the Redis backend's connection (``redis_connection.py``, a service with
+reconnect backoff) times every command with the injected reactor.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from oxide_cluster.interfaces import IElectionBackend
+from oxide_cluster.redis_connection import RedisAddress, RedisCommands, RedisConnection
 
 log = Logger()
 
@@ -141,12 +140,17 @@ class ElectionTiming:
         return max(2.0, self.poll_interval)
 
 
-class RedisElector(service.Service):
-    """Leader election with a Redis lease and fencing tokens (module docstring: why safe)."""
+class RedisElector(service.MultiService):
+    """Leader election with a Redis lease and fencing tokens (module docstring: why safe).
+
+    Its children (the Redis connection of ``redis_elector``) start before the first step
+    and stop only after the lease is released.
+    """
 
     def __init__(self, reactor: Any, node_id: str, backend: LockBackend,
                  cluster: str = "oxide", ttl: float = 2.0,
                  monotonic: Callable[[], float] | None = None) -> None:
+        super().__init__()
         self._reactor = reactor
         self.node_id = node_id
         self.backend = backend
@@ -213,7 +217,7 @@ class RedisElector(service.Service):
         self._schedule(0)
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        service.Service.stopService(self)  # the children stop in _shutdown, after release
         self._cancel("_tick_call")
         value = self._value if self._leading else None
         self._step_down("stopping")
@@ -233,6 +237,7 @@ class RedisElector(service.Service):
             await self.backend.close()
         except Exception:
             log.failure("closing the Redis connection failed")
+        await service.MultiService.stopService(self)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -446,150 +451,23 @@ return {n, redis.call('EXISTS', KEYS[2])}
 """
 
 
-@attrs.frozen
-class RedisAddress:
-    """Where Redis is: ``redis://[[user]:password@]host[:port][/db]``."""
-
-    host: str
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> RedisAddress:
-        parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"Redis URL must start with redis:// (got {url!r})")
-        try:
-            port = parts.port or 6379
-        except ValueError:
-            raise ValueError(f"bad port in Redis URL {url!r}") from None
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            raise ValueError(f"Redis database must be a number (got {path!r})")
-        return cls(host=parts.hostname or "localhost", port=port, db=int(path or 0),
-                   username=unquote(parts.username) if parts.username else None,
-                   password=unquote(parts.password) if parts.password else None)
-
-
-@functools.cache
-def _protocol_class() -> Any:
-    import txredisapi
-
-    class ElectionRedisProtocol(txredisapi.BaseRedisProtocol):
-        """txredisapi's protocol, told about connection loss and given our reactor."""
-
-        on_lost: Callable[[Any], None] = staticmethod(lambda protocol: None)
-
-        def connectionLost(self, why: Failure) -> None:
-            super().connectionLost(why)
-            self.on_lost(self)
-
-    return ElectionRedisProtocol
-
-
-class _QuietFactory(ClientFactory):
-    """Hands out one prepared protocol; not noisy, since reconnects repeat while Redis is down."""
-
-    noisy = False
-    protocol_instance: Any = None
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return self.protocol_instance
-
-
 @implementer(IElectionBackend)
 class RedisLockBackend:
-    """:class:`LockBackend` on one txredisapi connection, made and timed by our reactor.
+    """:class:`LockBackend` as scripts on one Redis connection (its timeouts, its
+    reconnects: ``redis_connection.RedisConnection``, a service of its own)."""
 
-    txredisapi's own factories use the global reactor and convert numeric replies; here
-    the protocol is connected through an endpoint of the injected reactor, numbers are
-    not converted, and every command has a timeout (after which the connection is
-    dropped, since later replies would be paired with the wrong commands).
-    """
-
-    def __init__(self, reactor: Any, address: RedisAddress, timeout: float = 1.0) -> None:
-        self._reactor = reactor
-        self.address = address
-        self.timeout = timeout
-        self._protocol: Any = None
-        self._connecting: defer.Deferred[Any] | None = None
-        self._waiters: list[defer.Deferred[Any]] = []
-
-    def _client(self) -> defer.Deferred[Any]:
-        if self._protocol is not None:
-            return defer.succeed(self._protocol)
-        waiter: defer.Deferred[Any] = defer.Deferred()
-        self._waiters.append(waiter)
-        if self._connecting is None:
-            self._connecting = defer.Deferred.fromCoroutine(self._connect())
-            self._connecting.addBoth(self._connected)
-        return waiter
-
-    def _connected(self, result: Any) -> None:
-        self._connecting = None
-        waiters, self._waiters = self._waiters, []
-        if not isinstance(result, Failure):
-            self._protocol = result
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
-
-    async def _connect(self) -> Any:
-        endpoint = endpoints.HostnameEndpoint(self._reactor, self.address.host,
-                                              self.address.port, timeout=self.timeout)
-        protocol = _protocol_class()(charset="utf-8", convertNumbers=False)
-        protocol.callLater = self._reactor.callLater
-        protocol.on_lost = self._lost
-        factory: Any = _QuietFactory()
-        factory.protocol_instance = protocol
-        connecting = endpoint.connect(factory)
-        connecting.addTimeout(self.timeout, self._reactor)
-        await connecting
-        try:
-            if self.address.password is not None:
-                auth = ("AUTH", self.address.username, self.address.password)
-                await self._timed(protocol, *(a for a in auth if a is not None))
-            if self.address.db:
-                await self._timed(protocol, "SELECT", self.address.db)
-        except BaseException:
-            protocol.transport.abortConnection()
-            raise
-        return protocol
-
-    def _lost(self, protocol: Any) -> None:
-        if self._protocol is protocol:
-            self._protocol = None
-
-    def _timed(self, protocol: Any, *command: Any) -> defer.Deferred[Any]:
-        reply: defer.Deferred[Any] = protocol.execute_command(*command)
-
-        def timed_out(failure: Failure) -> Failure:
-            if failure.check(defer.TimeoutError):
-                self._lost(protocol)
-                protocol.transport.abortConnection()
-            return failure
-
-        reply.addTimeout(self.timeout, self._reactor)
-        reply.addErrback(timed_out)
-        return reply
-
-    async def _command(self, *command: Any) -> Any:
-        protocol = await self._client()
-        return await self._timed(protocol, *command)
+    def __init__(self, redis: RedisCommands) -> None:
+        self._redis = redis
 
     def command(self, *command: Any) -> defer.Deferred[Any]:
-        """Any Redis command on this connection (the task directory uses its own one)."""
-        return defer.Deferred.fromCoroutine(self._command(*command))
+        """Any Redis command on this connection."""
+        return self._redis.command(*command)
 
     def acquire(self, key: str, value: str, ttl_ms: int) -> defer.Deferred[bool]:
         return defer.Deferred.fromCoroutine(self._acquire(key, value, ttl_ms))
 
     async def _acquire(self, key: str, value: str, ttl_ms: int) -> bool:
-        return await self._command("SET", key, value, "PX", ttl_ms, "NX") == "OK"
+        return await self.command("SET", key, value, "PX", ttl_ms, "NX") == "OK"
 
     def renew(self, key: str, value: str, ttl_ms: int) -> defer.Deferred[bool]:
         return defer.Deferred.fromCoroutine(self._eval_true(_RENEW, key, value, ttl_ms))
@@ -598,13 +476,13 @@ class RedisLockBackend:
         return defer.Deferred.fromCoroutine(self._eval_true(_RELEASE, key, value))
 
     async def _eval_true(self, script: str, key: str, *args: Any) -> bool:
-        return bool(int(await self._command("EVAL", script, 1, key, *args)))
+        return bool(int(await self.command("EVAL", script, 1, key, *args)))
 
     def get(self, key: str) -> defer.Deferred[str | None]:
         return defer.Deferred.fromCoroutine(self._get(key))
 
     async def _get(self, key: str) -> str | None:
-        value = await self._command("GET", key)
+        value = await self.command("GET", key)
         return None if value is None else str(value)
 
     def next_token(self, key: str, floor: int,
@@ -612,19 +490,14 @@ class RedisLockBackend:
         return defer.Deferred.fromCoroutine(self._next_token(key, floor, quiet_ms))
 
     async def _next_token(self, key: str, floor: int, quiet_ms: int) -> tuple[int, bool]:
-        token, fresh = await self._command("EVAL", _NEXT_TOKEN, 2, key, key + ":quiet",
-                                           floor, quiet_ms)
+        token, fresh = await self.command("EVAL", _NEXT_TOKEN, 2, key, key + ":quiet",
+                                          floor, quiet_ms)
         return int(token), bool(int(fresh))
 
     def close(self) -> defer.Deferred[None]:
-        protocol, self._protocol = self._protocol, None
-        if protocol is None or protocol.transport is None:
-            return defer.succeed(None)
-        gone: defer.Deferred[Any] = protocol.whenDisconnected()
-        protocol.transport.loseConnection()
-        gone.addTimeout(self.timeout, self._reactor)
-        gone.addErrback(lambda _: protocol.transport.abortConnection())
-        return gone.addCallback(lambda _: None)
+        """Nothing to do: the connection is a service and stops with its parent (the
+        elector, after it released its lease)."""
+        return defer.succeed(None)
 
 
 def lease_elector(reactor: Any, node_id: str, backend: LockBackend, cluster: str,
@@ -637,7 +510,12 @@ def lease_elector(reactor: Any, node_id: str, backend: LockBackend, cluster: str
 
 def redis_elector(reactor: Any, node_id: str, url: str, cluster: str,
                   ttl: float) -> RedisElector:
-    """The production elector: Redis backend, monotonic deadlines, the real reactor."""
-    backend = RedisLockBackend(reactor, RedisAddress.parse(url),
-                               timeout=max(0.2, ttl / 2))
-    return lease_elector(reactor, node_id, backend, cluster, ttl)
+    """The production elector: Redis backend, monotonic deadlines, the real reactor. Its
+    connection, with a lease-sized timeout, is its child service: it starts before the
+    first election step and stops after the lease is released."""
+    timing = ElectionTiming(ttl)
+    connection = RedisConnection(reactor, RedisAddress.parse(url), timeout=max(0.2, ttl / 2),
+                                 max_backoff=timing.max_backoff)
+    elector = lease_elector(reactor, node_id, RedisLockBackend(connection), cluster, ttl)
+    connection.setServiceParent(elector)
+    return elector

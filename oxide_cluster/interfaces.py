@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
+from twisted.application.service import Service
 from twisted.internet import defer
 from zope.interface import Attribute, Interface
 
@@ -108,9 +109,6 @@ class ClusterDirectory(Protocol):
     def recorded(self, task_id: str) -> defer.Deferred[Any]:
         """Fires once the task's start is written (or that write failed)."""
 
-    def connect(self) -> defer.Deferred[Any]:
-        """Open the connection when the reactor starts (errors are logged, not raised)."""
-
     async def unfinished(self, node_id: str) -> list[dict[str, Any]]: ...
 
     async def record_lost(self, record: dict[str, Any]) -> None: ...
@@ -118,10 +116,6 @@ class ClusterDirectory(Protocol):
     async def record_retried(self, record: dict[str, Any]) -> None: ...
 
     async def lost(self, task_id: str) -> dict[str, Any] | None: ...
-
-    def close(self) -> defer.Deferred[None]:
-        """Close the connection the cluster state shares; called after shutdown, so the
-        queue and the suites are done with it too."""
 
 
 @attrs.frozen
@@ -131,11 +125,15 @@ class ClusterState:
 
     An election provider offers it through ``cluster_state(context)``; ``None`` means
     there is none (``standalone``): tasks queue in the node's own SQLite store.
+    ``service``, if any, keeps the stores' connection: ``tap.py`` adds it to the service
+    tree right after the node's store, so it opens at start-up and closes after
+    everything that uses it.
     """
 
     queue: QueueBackend
     directory: ClusterDirectory
     suites: SuiteDurations
+    service: Service | None = None
 
 
 class IClusterStateSource(Interface):

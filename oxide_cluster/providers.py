@@ -129,20 +129,22 @@ QUEUE_REDIS_TIMEOUT = 5.0
 
 def _redis_state(context: ProviderContext) -> ClusterState:
     """The queue, task directory and suite durations in Redis, on one connection of
-    their own (the elector's has a lease-sized timeout)."""
+    their own (the elector's has a lease-sized timeout); the connection is the state's
+    service, which ``tap.py`` puts in the service tree."""
     from oxide_cluster.cluster_queue import RedisQueueBackend
     from oxide_cluster.directory import TaskDirectory
-    from oxide_cluster.election import RedisAddress, RedisLockBackend
+    from oxide_cluster.redis_connection import RedisAddress, RedisConnection
     from oxide_cluster.suites import RedisSuiteDurations
 
     config = context.config
     if not config.redis:
         raise ConfigError("election 'redis' needs a Redis URL ('redis', --redis)")
-    redis = RedisLockBackend(context.reactor, RedisAddress.parse(config.redis),
-                             timeout=QUEUE_REDIS_TIMEOUT)
+    redis = RedisConnection(context.reactor, RedisAddress.parse(config.redis),
+                            timeout=QUEUE_REDIS_TIMEOUT)
     return ClusterState(queue=RedisQueueBackend(redis, config.cluster_name),
                         directory=TaskDirectory(redis, config.cluster_name),
-                        suites=RedisSuiteDurations(redis, config.cluster_name))
+                        suites=RedisSuiteDurations(redis, config.cluster_name),
+                        service=redis)
 
 
 def _process(context: ProviderContext) -> Any:

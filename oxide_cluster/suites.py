@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 from twisted.internet import defer
 
-from oxide_cluster.cluster_queue import RedisCommands, _unavailable
+from oxide_cluster.cluster_queue import _unavailable
+from oxide_cluster.redis_connection import RedisCommands
 
 SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_FILES = 20_000

@@ -310,11 +310,20 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
 
     store = Store(reactor, config.state_dir / "oxide.sqlite3")
     store.setServiceParent(top)
+    chosen = providers.select(config)
+    try:
+        state = chosen.cluster_state(reactor, config, node_id)  # None: this node's store
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"bad value for 'redis': {error}") from None
+    if state is not None and state.service is not None:
+        # Right after the store: connected before anything uses it, closed after all.
+        state.service.setServiceParent(top)
     sampler = StatsSampler(config.sample_interval, reactor)
     sampler.setServiceParent(top)
     blobs = BlobStore(reactor, config.state_dir / "cas", config.workspace_cache)
     blobs.setServiceParent(top)
-    chosen = providers.select(config)
     runner = chosen.build("runner", reactor, config, node_id)
     log.info("tasks run in {isolation}", isolation=describe_isolation(runner.cgroups))
     run_as: User | None = getattr(runner, "run_as", None)  # the process runner's
@@ -381,13 +390,10 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     directory = None
     cluster = None
     suites: SuiteDurations = StoreSuiteDurations(store)
-    state = chosen.cluster_state(reactor, config, node_id)  # None: this node's store
     if state is not None:
         suites = state.suites
         directory = state.directory
         executor.state_listeners.append(directory.task_changed)
-        reactor.callWhenRunning(directory.connect)
-        reactor.addSystemEventTrigger("after", "shutdown", directory.close)
         cluster = _cluster_queue(reactor, config, node, scheduler, state.queue, peers,
                                  placement)
         cluster.dispatcher.setServiceParent(top)

@@ -284,8 +284,13 @@ BACKENDS = ["redis"]  # election providers that run on an IElectionBackend
 def backend(request):
     values = {"election": request.param, "leader_ttl": 1.0,
               "redis": request.getfixturevalue("redis").url}
-    backend = build("election", values).backend
-    yield backend
+    elector = build("election", values)
+    # The backend's connection may be a service of the elector's (redis): start them.
+    for child in getattr(elector, "services", []):
+        child.startService()
+    yield elector.backend
+    for child in getattr(elector, "services", []):
+        child.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -342,8 +347,9 @@ async def test_cluster_state_is_none_or_every_store_and_they_keep_the_queue(elec
         assert not _missing(store, protocol), f"{name}: {protocol.__name__} lacks them"
     task_id = f"conf-{os.getpid()}"
     record = {"id": task_id, "priority": 0, "group": "default", "request": {}}
+    if state.service is not None:
+        state.service.startService()
     try:
-        await state.directory.connect()
         seq = await state.queue.enqueue(task_id, record)
         assert seq >= 1
         assert await state.queue.enqueue(task_id, record) == 0  # known: never twice
@@ -356,7 +362,8 @@ async def test_cluster_state_is_none_or_every_store_and_they_keep_the_queue(elec
         await state.suites.put("conformance", {"tests/test_a.py": 1.5})
         assert await state.suites.get("conformance") == {"tests/test_a.py": 1.5}
     finally:
-        await state.directory.close()
+        if state.service is not None:
+            await state.service.stopService()
 
 
 # -- ITaskRunner ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from oxide_cluster.cluster_queue import ClusterDispatcher, Outcome, RedisQueueBackend
-from oxide_cluster.election import RedisAddress, RedisLockBackend
+from oxide_cluster.redis_connection import RedisAddress, RedisConnection
 
 DEPTH = 2000
 
@@ -45,7 +45,8 @@ async def test_a_page_of_a_deep_queue_reads_a_bounded_number_of_records_in_dispa
         redis):
     from twisted.internet import reactor
 
-    connection = RedisLockBackend(reactor, RedisAddress.parse(redis.url), timeout=10.0)
+    connection = RedisConnection(reactor, RedisAddress.parse(redis.url), timeout=10.0)
+    connection.startService()
     backend = RedisQueueBackend(connection, "listing")
     try:
         await defer.gatherResults([backend.enqueue(f"t{i:05d}", record(i))
@@ -84,4 +85,4 @@ async def test_a_page_of_a_deep_queue_reads_a_bounded_number_of_records_in_dispa
         assert await connection.command("KEYS", "oxide:listing:queue:p:*") == []
         assert await connection.command("EXISTS", "oxide:listing:queue:depth") == 0
     finally:
-        await connection.close()
+        await connection.stopService()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet import task
 
-from oxide_cluster.election import RedisAddress, RedisLockBackend
+from oxide_cluster.election import RedisLockBackend
+from oxide_cluster.redis_connection import RedisAddress, RedisConnection
 
 
 @pytest_twisted.ensureDeferred
@@ -13,7 +14,9 @@ async def test_a_new_epoch_stays_quiet_for_every_acquirer_until_the_lease_could_
         redis):
     from twisted.internet import reactor
 
-    backend = RedisLockBackend(reactor, RedisAddress.parse(redis.url), timeout=2.0)
+    connection = RedisConnection(reactor, RedisAddress.parse(redis.url), timeout=2.0)
+    connection.startService()
+    backend = RedisLockBackend(connection)
     try:
         first = await backend.next_token("oxide:t:epoch", 5, 300)
         second = await backend.next_token("oxide:t:epoch", 0, 300)
@@ -23,4 +26,4 @@ async def test_a_new_epoch_stays_quiet_for_every_acquirer_until_the_lease_could_
         assert await backend.next_token("oxide:t:epoch", 0, 300) == (8, False)
         assert await backend.next_token("oxide:t:epoch", 20, 300) == (21, True)
     finally:
-        await backend.close()
+        await connection.stopService()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -176,6 +177,41 @@ def test_acquires_with_token_1_renews_and_releases_on_stop(clock, store):
 
 def assert_true(value: bool) -> None:
     assert value
+
+
+def test_the_connection_is_a_child_up_before_the_first_step_and_down_after_the_release(
+        clock, store):
+    """redis_elector makes its connection a child service: the lease must be released
+    on it before it closes."""
+    a, backend = elector(clock, store, "a")
+    seen: list[str] = []
+
+    class Connection(service.Service):
+        def startService(self) -> None:
+            super().startService()
+            seen.append(f"start, {len(backend.calls)} calls")
+
+        def stopService(self) -> defer.Deferred[None]:
+            super().stopService()
+            seen.append(f"stop, lease {store.read(KEY)}")
+            return defer.succeed(None)
+
+    Connection().setServiceParent(a)
+    a.startService()
+    clock.advance(0)
+    assert a.is_leader
+    assert a.stopService().called
+    assert seen == ["start, 0 calls", "stop, lease None"]
+
+
+def test_redis_elector_owns_a_connection_service_with_a_lease_sized_timeout():
+    from oxide_cluster.election import redis_elector
+    from oxide_cluster.redis_connection import RedisConnection
+
+    built = redis_elector(Clock(), "n1", "redis://127.0.0.1:6399/0", "ci", 1.0)
+    (connection,) = list(built)
+    assert isinstance(connection, RedisConnection)
+    assert connection.timeout == 0.5 and connection.address.port == 6399
 
 
 def test_second_elector_does_not_acquire_while_the_first_renews(clock, store):

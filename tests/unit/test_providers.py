@@ -19,7 +19,7 @@ from oxide_cluster.discovery import (
     UdpTransport,
     parse_multicast_group,
 )
-from oxide_cluster.election import RedisAddress, RedisLockBackend
+from oxide_cluster.election import RedisLockBackend
 from oxide_cluster.executor import ProcessRunner
 from oxide_cluster.interfaces import (
     IClusterStateSource,
@@ -29,6 +29,7 @@ from oxide_cluster.interfaces import (
     ITaskRunner,
 )
 from oxide_cluster.membership import MemoryPeerStore, PeerState
+from oxide_cluster.redis_connection import RedisAddress, RedisConnection
 from oxide_cluster.tap import Options
 
 SECRET = "cluster-secret"
@@ -46,7 +47,8 @@ def test_builtin_providers_and_their_products_provide_the_interfaces():
     assert verifyObject(IDiscoveryTransport, UdpTransport(clock, 4001))
     assert verifyObject(IDiscoveryTransport, MulticastTransport(clock, 4001, GROUP))
     assert verifyObject(IElectionBackend,
-                        RedisLockBackend(clock, RedisAddress.parse("redis://localhost:1")))
+                        RedisLockBackend(RedisConnection(
+                            clock, RedisAddress.parse("redis://localhost:1"))))
     assert verifyObject(ITaskRunner, ProcessRunner(OffProvider()))
 
 
@@ -87,6 +89,9 @@ def test_redis_election_keeps_the_cluster_state_in_redis_and_standalone_keeps_no
     assert state.queue.queue_key == "oxide:c1:queue"
     assert isinstance(state.directory, TaskDirectory)
     assert isinstance(state.suites, RedisSuiteDurations)
+    # One connection for the three stores, put in the service tree by tap.py.
+    assert isinstance(state.service, RedisConnection)
+    assert state.queue._redis is state.service is state.directory._redis
     standalone = load()
     assert providers.select(standalone, providers.BUILTIN).cluster_state(
         Clock(), standalone, "n1") is None

@@ -218,9 +218,6 @@ class _Directory:
     def recorded(self, task_id: str) -> defer.Deferred[Any]:
         return defer.succeed(None)
 
-    def connect(self) -> defer.Deferred[Any]:
-        return defer.succeed(None)
-
     async def unfinished(self, node_id: str) -> list[dict[str, Any]]:
         return []
 
@@ -232,9 +229,6 @@ class _Directory:
 
     async def lost(self, task_id: str) -> dict[str, Any] | None:
         return None
-
-    def close(self) -> defer.Deferred[None]:
-        return defer.succeed(None)
 
 
 class _Suites:
@@ -266,7 +260,9 @@ def _build(tmp_path, monkeypatch, plugins: list[Any], **values: Any):
 
 def test_build_node_takes_the_cluster_queue_directory_and_suites_from_the_election_provider(
         tmp_path, monkeypatch):
-    state = ClusterState(queue=FakeQueue(), directory=_Directory(), suites=_Suites())
+    connection = service.Service()
+    state = ClusterState(queue=FakeQueue(), directory=_Directory(), suites=_Suites(),
+                         service=connection)
     asked: list[providers.ProviderContext] = []
     plugin = providers.Provider(
         "election", "ledger", lambda context: StandaloneElector(context.reactor,
@@ -280,8 +276,11 @@ def test_build_node_takes_the_cluster_queue_directory_and_suites_from_the_electi
         (watch,) = [child for child in top if isinstance(child, AdmittedWatch)]
         assert watch._backend is state.queue
         assert state.directory.task_changed in node.executor.state_listeners
-        assert (state.directory.connect, (), {}) in reactor.whenRunningHooks
-        assert (state.directory.close, (), {}) in reactor.triggers["after"]["shutdown"]
+        # The connection is a service, right after the store: up before anything uses
+        # it, stopped after everything else; no reactor triggers beside the tree.
+        assert list(top)[:2] == [node.store, connection]
+        assert not reactor.whenRunningHooks
+        assert not reactor.triggers.get("after", {}).get("shutdown")
         (listener,) = [child for child in top if isinstance(child, HttpListener)]
         client = StubTreq(listener._factory.resource)
         response = _fired(client.get("http://n/suites/unit/durations",
