@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oxide_cluster.store import PruneBatch
+from oxide_cluster.waiters import Waiters
 
 DEFAULT_INTERVAL = 60.0
 DEFAULT_BATCH = 200
@@ -84,7 +85,8 @@ class Retention(service.MultiService):
         self.pruned_total = 0
         self.passes = 0
         self.last: PruneReport | None = None
-        self._waiters: list[defer.Deferred[PruneReport]] = []
+        self._waiters: Waiters[None, PruneReport] = Waiters()
+        self._pruning = False
         self._awaiting_open = False
         timer_service = internet.TimerService(interval, self._tick)
         timer_service.clock = clock
@@ -117,19 +119,17 @@ class Retention(service.MultiService):
 
     def prune(self) -> defer.Deferred[PruneReport]:
         """One pass now; a pass already running is joined, not doubled."""
-        waiter: defer.Deferred[PruneReport] = defer.Deferred()
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
+        waiter = self._waiters.wait(None)
+        if not self._pruning:
+            # A flag, not the waiter count: a caller that gave up (cancelled) leaves the
+            # helper at once, and the pass it started still runs.
+            self._pruning = True
             defer.Deferred.fromCoroutine(self._prune()).addBoth(self._pass_ended)
         return waiter
 
     def _pass_ended(self, result: PruneReport | Failure) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+        self._pruning = False
+        self._waiters.fire(None, result)
 
     async def _prune(self) -> PruneReport:
         started = self._timer()

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from oxide_cluster.model import Task, TaskState
+from oxide_cluster.waiters import Waiters
 
 SCHEMA_VERSION = 4
 
@@ -83,14 +84,17 @@ TaskRow = tuple[str, str, str, str, int, str | None, int | None, str | None, flo
 Operation = Callable[[sqlite3.Connection], Any]
 
 
-@attrs.define
+_IDLE = "idle"  # flushed(): everything queued so far is committed
+_BACKLOG = "backlog"  # when_backlog_below(limit), marked with the limit
+
+
+@attrs.define(eq=False)  # by identity: its waiters are keyed by the put
 class _TaskPut:
     """A queued task write; a later put of the same task that finds it at the tail of
     the queue replaces its row instead of queueing a second write."""
 
     task_id: str
     row: TaskRow
-    waiters: list[defer.Deferred[None]] = attrs.Factory(list)
 
 
 def _insert_task(connection: sqlite3.Connection, row: TaskRow) -> None:
@@ -157,11 +161,11 @@ class Store(service.Service):
         self._connection: sqlite3.Connection | None = None
         self._queue: list[tuple[Operation | _TaskPut, defer.Deferred[Any]]] = []
         self._writing = False
-        self._idle: list[defer.Deferred[None]] = []
+        # One helper for every wait here: a waiter that gives up (cancelled) leaves at once.
+        self._waiters: Waiters[object, None] = Waiters()  # a _TaskPut, _IDLE or _BACKLOG
         self.output_backlog = 0
         self.failed_batches = 0
         self._last_failure_log = float("-inf")
-        self._drain_waiters: list[tuple[int, defer.Deferred[None]]] = []
         self.is_open = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -308,17 +312,13 @@ class Store(service.Service):
         if self._queue:
             self._write_next_batch()
         else:
-            idle, self._idle = self._idle, []
-            for waiter in idle:
-                waiter.callback(None)
+            self._waiters.fire(_IDLE, None)
 
     def flushed(self) -> defer.Deferred[None]:
         """Fires once everything queued so far has been committed."""
         if not self._writing and not self._queue:
             return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(waiter)
-        return waiter
+        return self._waiters.wait(_IDLE)
 
     # -- tasks ------------------------------------------------------------------
 
@@ -338,17 +338,10 @@ class Store(service.Service):
         else:
             put = _TaskPut(task.id, row)
             self._submit(put).addBoth(self._release_put, put)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        put.waiters.append(waiter)
-        return waiter
+        return self._waiters.wait(put)
 
-    @staticmethod
-    def _release_put(result: Any, put: _TaskPut) -> None:
-        for waiter in put.waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
+    def _release_put(self, result: Any, put: _TaskPut) -> None:
+        self._waiters.fire(put, result if isinstance(result, Failure) else None)
 
     def append_output(self, task_id: str, offset: int, stream: str,
                       data: bytes) -> defer.Deferred[None]:
@@ -362,23 +355,16 @@ class Store(service.Service):
 
     def _committed_output(self, result: Any, size: int) -> Any:
         self.output_backlog -= size
-        if self._drain_waiters:
-            still_waiting = []
-            for limit, waiter in self._drain_waiters:
-                if self.output_backlog <= limit:
-                    waiter.callback(None)
-                else:
-                    still_waiting.append((limit, waiter))
-            self._drain_waiters = still_waiting
+        backlog = self.output_backlog
+        self._waiters.fire(_BACKLOG, None,
+                           lambda limit: isinstance(limit, int) and backlog <= limit)
         return result
 
     def when_backlog_below(self, limit: int) -> defer.Deferred[None]:
         """Fires once queued output bytes are at most ``limit`` (the executor's resume)."""
         if self.output_backlog <= limit:
             return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._drain_waiters.append((limit, waiter))
-        return waiter
+        return self._waiters.wait(_BACKLOG, limit)
 
     def get_task(self, task_id: str) -> defer.Deferred[Task | None]:
         def select(connection: sqlite3.Connection) -> Task | None:

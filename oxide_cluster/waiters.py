@@ -11,6 +11,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -35,16 +36,21 @@ class Waiters(Generic[K, T]):
         self._by_key.setdefault(key, []).append((mark, waiter))
         return waiter
 
-    def fire(self, key: K, result: T,
+    def fire(self, key: K, result: T | Failure,
              ready: Callable[[object], bool] | None = None) -> None:
-        """Fire the waiters of ``key`` whose mark is ``ready`` (all without a test)."""
+        """Fire the waiters of ``key`` whose mark is ``ready`` (all without a test); a
+        :class:`Failure` errbacks them."""
         waiting = self._by_key.pop(key, None)
         if not waiting:
             return
         keep = []
         for mark, waiter in waiting:
             if ready is None or ready(mark):
-                if not waiter.called:
+                if waiter.called:
+                    continue
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
                     waiter.callback(result)
             else:
                 keep.append((mark, waiter))

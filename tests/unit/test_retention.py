@@ -228,3 +228,21 @@ async def test_the_first_pass_runs_as_soon_as_the_store_opens_not_an_interval_la
         if retention.last is None:
             await retention.prune()  # let the store close with no pass on its queue
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_caller_that_gives_up_leaves_and_the_pass_it_started_is_still_joined(
+        tmp_path):
+    store = await opened_store(tmp_path / "s.db")
+    retention = Retention(clock_at(NOW), store, keep_tasks=14 * DAY, store_limit=None)
+    try:
+        await add(store, [make_task("old", TaskState.SUCCEEDED, NOW - 15 * DAY)])
+        first = retention.prune()
+        first.cancel()  # e.g. its request timed out
+        first.addErrback(lambda failure: failure.trap(defer.CancelledError))
+        assert retention._waiters.count() == 0
+        joined = retention.prune()  # the pass is still running: joined, not doubled
+        report = await joined
+        assert report.tasks == 1 and retention.passes == 1
+    finally:
+        await store.stopService()

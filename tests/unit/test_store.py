@@ -242,3 +242,23 @@ async def test_queued_tasks_stay_queued_on_restart_and_load_in_admission_order(t
         assert await store.queued_tasks("n2") == []
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiter_that_gives_up_leaves_at_once_and_the_others_still_fire(tmp_path):
+    store = await opened_store(tmp_path / "s.db")
+    try:
+        writes = [store.append_output("t", i, "stdout", b"x" * 100) for i in range(50)]
+        given_up = store.when_backlog_below(0)
+        kept = store.when_backlog_below(0)
+        flushed, abandoned = store.flushed(), store.flushed()
+        assert store._waiters.count() == 4
+        given_up.cancel()
+        abandoned.cancel()
+        given_up.addErrback(lambda failure: failure.trap(defer.CancelledError))
+        abandoned.addErrback(lambda failure: failure.trap(defer.CancelledError))
+        assert store._waiters.count() == 2  # not kept until the backlog drains
+        await defer.gatherResults([*writes, kept, flushed])
+        assert store.output_backlog == 0 and store._waiters.count() == 0
+    finally:
+        await store.stopService()

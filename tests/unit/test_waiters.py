@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from oxide_cluster.waiters import Waiters
 
@@ -39,3 +40,14 @@ def test_a_waiter_added_while_firing_waits_for_the_next_fire() -> None:
     waiters.wait("t1").addCallback(lambda _: again.append(waiters.wait("t1")))
     waiters.fire("t1", 1)
     assert len(again) == 1 and not again[0].called and waiters.count("t1") == 1
+
+
+def test_a_failure_errbacks_every_waiter_of_the_key() -> None:
+    waiters: Waiters[str, int] = Waiters()
+    first, second, other = waiters.wait("pass"), waiters.wait("pass"), waiters.wait("x")
+    errors: list = []
+    for waiter in (first, second):
+        waiter.addErrback(lambda failure: errors.append(failure.check(ValueError)))
+    waiters.fire("pass", Failure(ValueError("broken")))
+    assert errors == [ValueError, ValueError] and not other.called
+    assert waiters.count() == 1
