@@ -4,13 +4,16 @@ record's ``retried_by``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.interfaces import ClusterDirectory
 from oxide_cluster.model import TERMINAL_STATES, rfc3339
+from oxide_cluster.node import Clock, Discovery, Elector
 
 # Membership events after which a node's unfinished tasks are gone: it was declared dead,
 # or it came back with a new start time (its old processes died with it).
@@ -24,14 +27,28 @@ class Retrier(Protocol):
     async def place_retry(self, record: dict[str, Any]) -> dict[str, Any]: ...
 
 
+class LeadingNode(Protocol):
+    """``node.Node``: who this node is, whether it leads, whom it has seen die."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def elector(self) -> Elector: ...
+
+    @property
+    def discovery(self) -> Discovery | None: ...
+
+
 class Recovery:
     """Subscribed to membership; acts only while this node leads."""
 
     log = Logger()
     MAX_ATTEMPTS = 10
 
-    def __init__(self, reactor: Any, node: Any, directory: Any, router: Retrier,
-                 publish: Any = None) -> None:
+    def __init__(self, reactor: Clock, node: LeadingNode, directory: ClusterDirectory,
+                 router: Retrier,
+                 publish: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._reactor = reactor
         self._node = node
         self._directory = directory

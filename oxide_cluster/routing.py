@@ -31,6 +31,7 @@ from oxide_cluster.cluster_queue import (
 )
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
+from oxide_cluster.interfaces import ClusterDirectory
 from oxide_cluster.membership import Membership
 from oxide_cluster.model import (
     TERMINAL_STATES,
@@ -239,14 +240,6 @@ class Placer(Protocol):
     def placed(self, node_id: str) -> None: ...
 
 
-class Directory(Protocol):
-    """``directory.TaskDirectory``: a Redis cluster's record of running and lost tasks."""
-
-    def recorded(self, task_id: str) -> defer.Deferred[Any]: ...
-
-    async def lost(self, task_id: str) -> dict[str, Any] | None: ...
-
-
 class TaskFactory(Protocol):
     def new_task(self, request: TaskRequest, *, task_id: str | None = None,
                  attempt: int = 1, retry_of: str | None = None) -> Task: ...
@@ -268,7 +261,7 @@ class TaskRouter:
 
     def __init__(self, settings: RouterSettings, reactor: Any, elector: Elector,
                  scheduler: Scheduler, tasks: TaskFactory, *, peers: Peers | None = None,
-                 placement: Placer | None = None, directory: Directory | None = None,
+                 placement: Placer | None = None, directory: ClusterDirectory | None = None,
                  cluster: ClusterQueue | None = None,
                  membership: Membership | None = None) -> None:
         self._settings = settings
