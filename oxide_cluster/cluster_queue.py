@@ -725,8 +725,10 @@ class ClusterAdmission:
                  peers: PeerRequester | None,
                  token: Callable[[], int | None],
                  observe_token: Callable[[int], bool],
-                 labels: Mapping[str, str] | None = None) -> None:
+                 labels: Mapping[str, str] | None = None,
+                 peer_timeout: float = 30.0) -> None:
         self._node_id = node_id
+        self._peer_timeout = peer_timeout  # config's peer_timeout: a dispatch's answer
         self._labels = dict(labels or {})
         self._backend = backend
         self._scheduler = scheduler
@@ -797,7 +799,7 @@ class ClusterAdmission:
             reply = await self._peers.request(node_id, b"POST", b"/internal/dispatch",
                                               body.encode(),
                                               {b"Content-Type": b"application/json"},
-                                              timeout=10)
+                                              timeout=self._peer_timeout)
         except PeerUnavailable:
             return Outcome.BUSY  # a lost reply is safe: the id is claimed once at most
         if reply.status in (200, 202):

@@ -309,7 +309,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a Redis leader lease lasts (failover after a crash takes about this)"),
     Setting("peer_timeout", _positive_float, 30.0,
             "seconds a node waits for a peer's answer (a forward to the leader, a "
-            "placement) beyond the request's own wait; then the peer counts as unreachable"),
+            "placement, a queued task's dispatch) beyond the request's own wait; then the "
+            "peer counts as unreachable"),
     Setting("workspace_cache", _positive_int, 4 * 1024 ** 3,
             "bytes of workspace and artifact blobs kept in the state dir (LRU beyond)"),
     Setting("artifact_limit", _positive_int, 256 * 1024 * 1024,

@@ -455,7 +455,7 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
         node.node_id, backend, scheduler,
         parse=lambda fields: parse_task_request(fields, config.max_timeout),
         peers=peers, token=lambda: elector.token, observe_token=elector.observe_token,
-        labels=config.labels)
+        labels=config.labels, peer_timeout=config.peer_timeout)
 
     def candidates() -> list[Candidate]:
         if placement is not None:

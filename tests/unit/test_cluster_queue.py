@@ -471,3 +471,24 @@ def test_a_new_term_reads_the_queue_afresh_after_redis_lost_its_data():
     clock.advance(0.1)
     assert nodes.started[-1] == "new"
     dispatcher.stopService()
+
+
+def test_a_dispatch_to_a_peer_waits_the_configured_peer_timeout():
+    from oxide_cluster.forwarding import PeerReply
+
+    asked: list[tuple[str, bytes, float | None]] = []
+
+    class Peers:
+        async def request(self, node_id: str, method: bytes, path: bytes,
+                          body: bytes | None = None,
+                          headers: dict[bytes, bytes] | None = None,
+                          timeout: float | None = None) -> PeerReply:
+            asked.append((node_id, path, timeout))
+            return PeerReply(202, {}, b"{}")
+
+    admission = ClusterAdmission("n1", FakeQueue(), SlotAdmitter(0), parse=lambda f: f,
+                                 peers=Peers(), token=lambda: 3,
+                                 observe_token=lambda t: True, peer_timeout=4.5)
+    sent = admission.send("n2", record("t1"))
+    assert sent.called and sent.result is Outcome.STARTED
+    assert asked == [("n2", b"/internal/dispatch", 4.5)]
