@@ -12,6 +12,7 @@ from typing import Any, BinaryIO
 
 import attrs
 import treq
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.logger import Logger
@@ -53,8 +54,9 @@ class PeerReply:
     body: bytes
 
 
-class PeerClient:
-    """Keep-alive HTTP to peers, addressed by node id through the membership table."""
+class PeerClient(service.Service):
+    """Keep-alive HTTP to peers, addressed by node id through the membership table; as a
+    service, stopping closes its idle connections."""
 
     log = Logger()
 
@@ -137,5 +139,6 @@ class PeerClient:
             raise PeerUnavailable(f"node {node_id} did not answer: {error}") from None
         return 200
 
-    def close(self) -> defer.Deferred[None]:
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return self._pool.closeCachedConnections()

@@ -381,8 +381,10 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     peers = placement = None
     if node.discovery is not None:
         peers = PeerClient(reactor, secret, node.discovery, timeout=config.peer_timeout)
+        # After discovery: stops (closing its idle connections) before discovery does,
+        # after the API and the drain, which may still ask peers.
+        peers.setServiceParent(top)
         placement = Placement(reactor, node)
-        reactor.addSystemEventTrigger("before", "shutdown", peers.close)
         membership = node.discovery.membership
         # Set before any service starts: the peer client exists only after discovery.
         workspaces.source = PeerBlobs(

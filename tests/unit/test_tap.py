@@ -304,3 +304,21 @@ def test_build_node_without_cluster_state_keeps_the_queue_in_the_node_store(
         assert not reactor.triggers.get("after", {}).get("shutdown")  # no directory
     finally:
         top._lock.release()
+
+
+def test_the_peer_client_is_a_service_after_discovery_and_no_trigger_is_left_beside_the_tree(
+        tmp_path, monkeypatch):
+    from oxide_cluster.discovery import DiscoveryService
+    from oxide_cluster.forwarding import PeerClient
+
+    reactor, top, node = _build(tmp_path, monkeypatch, [], discovery=True,
+                                discovery_port=0)
+    try:
+        children = list(top)
+        (peers,) = [child for child in children if isinstance(child, PeerClient)]
+        assert children.index(peers) == children.index(node.discovery) + 1
+        assert isinstance(node.discovery, DiscoveryService)
+        assert not reactor.whenRunningHooks
+        assert not any(reactor.triggers.values())
+    finally:
+        top._lock.release()
