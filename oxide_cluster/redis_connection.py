@@ -68,8 +68,8 @@ class RedisUnavailable(ConnectionError):
 
 
 def retry_policy(max_delay: float = 2.0, initial: float = 0.1) -> Callable[[int], float]:
-    """Reconnect after 0.2 s, 0.4 s, … up to ``max_delay``, with at most 10 % jitter
-    (``backoffPolicy``'s default jitter adds up to a whole second)."""
+    """Reconnect after 0.2 s, 0.4 s, … up to ``max_delay``, plus up to ``initial`` of
+    jitter (``backoffPolicy``'s default jitter adds up to a whole second)."""
     return internet.backoffPolicy(initialDelay=initial, maxDelay=max_delay, factor=2.0,
                                   jitter=lambda: random.random() * initial)
 
@@ -114,9 +114,15 @@ class _ObservedEndpoint:
     """The endpoint, telling the connection when an attempt fails (ClientService only
     tells ``whenConnected`` waiters, and commands must know without waiting)."""
 
-    def __init__(self, endpoint: Any, failed: Callable[[Failure], None]) -> None:
+    def __init__(self, endpoint: Any, failed: Callable[[Failure], None],
+                 address: RedisAddress) -> None:
         self._endpoint = endpoint
         self._failed = failed
+        self._address = address
+
+    def __repr__(self) -> str:
+        # ClientService logs each retry with this ("... to connect Redis at h:p in 0.4 s").
+        return f"Redis at {self._address.host}:{self._address.port}"
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         connecting: defer.Deferred[Any] = self._endpoint.connect(factory)
@@ -141,7 +147,7 @@ class RedisConnection(service.Service):
             endpoint = endpoints.HostnameEndpoint(reactor, address.host, address.port,
                                                   timeout=timeout)
         self._factory = _ProtocolFactory(reactor, self._lost)
-        observed: Any = _ObservedEndpoint(endpoint, self._attempt_failed)  # zope: no mypy
+        observed: Any = _ObservedEndpoint(endpoint, self._attempt_failed, address)  # zope: no mypy
         factory: Any = self._factory
         self._retry = retry or retry_policy(max_backoff)
         self._rejected = 0  # connections refused by AUTH/SELECT in a row
