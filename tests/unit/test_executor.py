@@ -602,3 +602,20 @@ def test_cgroups_a_killed_agent_left_are_killed_emptied_and_removed_at_start():
     harness.clock.advance(10)  # the stuck one (D state) is given up on; the rest go
     assert recovered.called
     assert dying.removed and empty.removed and not stuck.removed
+
+
+@pytest.mark.parametrize("path_entry", ["/usr/bin:/bin", "bin:/usr/bin:/bin"],
+                         ids=["posix_spawn", "fork"])
+@pytest_twisted.ensureDeferred
+async def test_the_child_starts_with_the_agents_signal_mask_and_the_agents_is_unchanged(
+        path_entry):
+    # A relative PATH entry takes the fork path (signals blocked across the fork); the
+    # posix_spawn path only reads the mask. Either way nothing stays blocked.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    proto = _Collect()
+    spawn_in_new_group(reactor_(), proto, "/bin/sh",
+                       ["sh", "-c", "grep SigBlk /proc/self/status"],
+                       {"PATH": path_entry}, None)
+    await proto.ended
+    assert proto.out.split() == [b"SigBlk:", b"0" * 16]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before == set()
