@@ -361,6 +361,9 @@ class TaskRun:
         self._reaped_cpu = 0.0
         self._cgroups: CgroupProvider = cgroups or OffProvider()
         self.cgroup: TaskCgroup | None = None
+        # Seen empty once: it stays empty (only a member can add a process to it), so
+        # neither the kill at exit, the settle nor the release reads it again.
+        self._cgroup_empty = False
         self._kill_group = signal_group
         self._secret_env = secret_env
         self._kill_grace = kill_grace
@@ -498,9 +501,10 @@ class TaskRun:
         cgroup = self.cgroup
         assert cgroup is not None
         try:
-            populated = cgroup.populated()
+            populated = not self._cgroup_empty and cgroup.populated()
         except OSError:
             populated = False
+        self._cgroup_empty = not populated
         if populated and self._reactor.seconds() < deadline:
             self._timers["settle"] = self._reactor.callLater(
                 CGROUP_POLL, self._settle, state, why, deadline)
@@ -581,10 +585,11 @@ class TaskRun:
         """SIGKILL the cgroup. ``if_populated``: first look whether anything is left (a
         read costs far less than a kill, and an empty cgroup stays empty: only a member
         can add a process to it)."""
-        if self.cgroup is None:
+        if self.cgroup is None or self._cgroup_empty:
             return
         try:
             if if_populated and not self.cgroup.populated():
+                self._cgroup_empty = True
                 return
             self.cgroup.kill()
         except OSError as failure:
@@ -592,14 +597,16 @@ class TaskRun:
                           task_id=self.task.id, error=failure)
 
     def _release_cgroup(self) -> None:
-        """Remove the task's cgroup; what is still in it (a stuck process) is logged."""
+        """Hand the task's cgroup back to the provider (removed, or kept empty for a later
+        task); what is still in it (a stuck process) is logged."""
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is None:
             return
         try:
-            if cgroup.populated():
+            empty = self._cgroup_empty or not cgroup.populated()
+            if not empty:
                 cgroup.kill()
-            cgroup.remove()
+            self._cgroups.release(cgroup, empty)
         except OSError as failure:
             self.log.warn("cannot remove the cgroup of task {task_id}: {error}",
                           task_id=self.task.id, error=failure)
