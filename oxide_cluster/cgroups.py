@@ -533,6 +533,9 @@ class V1Cgroup:
             return False
         if self._memory is None:
             return True
+        peak = self._last_usage.memory_peak_bytes if self._last_usage is not None else None
+        if peak is not None and peak <= max_charge:
+            return True  # what is charged now was at most the peak: no read needed
         charged = _number(f"{self._memory}/memory.usage_in_bytes")
         return charged is not None and charged <= max_charge
 
