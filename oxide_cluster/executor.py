@@ -503,8 +503,9 @@ class TaskRun:
         try:
             populated = not self._cgroup_empty and cgroup.populated()
         except OSError:
-            populated = False
-        self._cgroup_empty = not populated
+            populated = False  # unreadable: not known empty, the release looks again
+        else:
+            self._cgroup_empty = not populated
         if populated and self._reactor.seconds() < deadline:
             self._timers["settle"] = self._reactor.callLater(
                 CGROUP_POLL, self._settle, state, why, deadline)
