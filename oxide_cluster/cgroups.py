@@ -18,6 +18,10 @@ child does the writes between ``fork`` and ``exec`` (``executor._enter_cgroups``
 extra exec is far cheaper than forking the agent (bench.tasks on v1: ~45 → ~140 tasks/s).
 Moving the pid from the parent after ``posix_spawn`` is racy (the command may fork first,
 and that child stays outside) and ``clone3(CLONE_INTO_CGROUP)`` is out of Python's reach.
+
+On v1 an emptied task cgroup goes back to a pool for the next task
+(:meth:`V1Provider.release`) when its accounting can be made to look new; v2 cannot reset
+``memory.peak``, so there each task's cgroup is removed.
 """
 
 from __future__ import annotations
