@@ -18,6 +18,10 @@ child does the writes between ``fork`` and ``exec`` (``executor._enter_cgroups``
 extra exec is far cheaper than forking the agent (bench.tasks on v1: ~45 → ~140 tasks/s).
 Moving the pid from the parent after ``posix_spawn`` is racy (the command may fork first,
 and that child stays outside) and ``clone3(CLONE_INTO_CGROUP)`` is out of Python's reach.
+
+On v1 an emptied task cgroup goes back to a pool for the next task
+(:meth:`V1Provider.release`) when its accounting can be made to look new; v2 cannot reset
+``memory.peak``, so there each task's cgroup is removed.
 """
 
 from __future__ import annotations
@@ -186,6 +190,10 @@ class CgroupProvider(Protocol):
     def create(self, name: str, resources: Resources) -> TaskCgroup | None:
         """A new cgroup with these limits (None in ``off`` mode); raises OSError."""
 
+    def release(self, cgroup: TaskCgroup, empty: bool) -> None:
+        """The task of ``cgroup`` has ended: remove it, or keep it for a later task when
+        it is known ``empty`` and nothing of this task would show there; raises OSError."""
+
     def close(self) -> None:
         """Remove the (empty) parent cgroup(s) made for the tasks, at agent stop."""
 
@@ -216,20 +224,33 @@ def _kill_quietly(cgroup: TaskCgroup) -> None:
         pass  # gone meanwhile, or no kill file: its removal will say
 
 
-def _write(path: Path, text: str) -> None:
-    with open(path, "w", encoding="ascii") as handle:
-        handle.write(text)
-
-
-def _read(path: Path) -> str | None:
+def _write(path: str | Path, text: str) -> None:
+    # os.open/os.write: a cgroup file is one short write, a buffered file object per
+    # write was a measurable share of each task's cost.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # as open(path, "w")
     try:
-        with open(path, encoding="ascii") as handle:
-            return handle.read()
+        os.write(fd, text.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def _read(path: str | Path) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
     except (FileNotFoundError, ProcessLookupError):
         return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("ascii")
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
 
 
-def _keyed(path: Path, key: str) -> int | None:
+def _keyed(path: str | Path, key: str) -> int | None:
     """The value of ``key`` in a flat-keyed file like ``memory.events``."""
     text = _read(path)
     for line in (text or "").splitlines():
@@ -239,12 +260,12 @@ def _keyed(path: Path, key: str) -> int | None:
     return None
 
 
-def _number(path: Path) -> int | None:
+def _number(path: str | Path) -> int | None:
     text = (_read(path) or "").strip()
     return int(text) if text.isdigit() else None
 
 
-def _pids(path: Path) -> list[int]:
+def _pids(path: str | Path) -> list[int]:
     return [int(line) for line in (_read(path) or "").split() if line.isdigit()]
 
 
@@ -318,6 +339,11 @@ class V2Provider:
     def close(self) -> None:
         _remove_empty([self.base])
 
+    def release(self, cgroup: TaskCgroup, empty: bool) -> None:
+        # memory.peak and pids.peak cannot be reset (memory.peak only per open file,
+        # from 6.12): a v2 cgroup serves one task.
+        cgroup.remove()
+
     def leftovers(self) -> list[TaskCgroup]:
         found: list[TaskCgroup] = []
         for path in _children(self.base):
@@ -379,31 +405,54 @@ class V2Provider:
 
 
 class V1Cgroup:
-    """A task cgroup across the v1 hierarchies (and the unified one for ``cgroup.kill``)."""
+    """A task cgroup across the v1 hierarchies (and the unified one for ``cgroup.kill``).
+
+    ``limits`` are the limits written into it; a cgroup reused for another task
+    (:meth:`V1Provider.release`) rewrites only those that differ."""
 
     def __init__(self, dirs: Mapping[str, Path], unified: Path | None, kill: Kill = os.kill,
-                 rmdir: Callable[[Path], None] = os.rmdir) -> None:
+                 rmdir: Callable[[Path], None] = os.rmdir,
+                 limits: Resources = Resources()) -> None:
         self.dirs = dict(dirs)
         self.unified = unified
         self._kill = kill
         self._rmdir = rmdir
+        self.limits = limits
+        # The per-task paths as plain strings, built once: pathlib joins on every read
+        # showed in the profile.
+        where = unified or self.dirs.get("pids") or self.dirs.get("memory") \
+            or next(iter(self.dirs.values()), None)
+        self._members_file = f"{where}/cgroup.procs" if where is not None else None
+        # The hierarchy ``populated`` reads is joined first: a process that is in any of
+        # them is in that one (a child killed between its writes is in no other).
+        paths = [*([where] if where is not None else []), *self.dirs.values(),
+                 *([unified] if unified else [])]
+        self._procs_files = tuple(f"{path}/cgroup.procs" for path in dict.fromkeys(paths))
+        memory, pids = self.dirs.get("memory"), self.dirs.get("pids")
+        self._memory = str(memory) if memory is not None else None
+        self._pids_peak = f"{pids}/pids.peak" if pids is not None else None
+        cpuacct = self.dirs.get("cpuacct")
+        self._cpuacct = f"{cpuacct}/cpuacct.usage" if cpuacct is not None else None
+        self._cpu_stat = f"{unified}/cpu.stat" if unified is not None else None
+        self._kill_file = f"{unified}/cgroup.kill" if unified is not None else None
+        self._cpu_base = 0.0  # seconds used by earlier tasks (a reused cgroup)
+        self._cpu_total: float | None = None  # the last reading, before the base is taken
+        self._last_usage: Usage | None = None
+        self._last_oom: int | None = None
 
     @property
     def procs_files(self) -> tuple[str, ...]:
-        paths = [*self.dirs.values(), *([self.unified] if self.unified else [])]
-        return tuple(str(path / "cgroup.procs") for path in dict.fromkeys(paths))
+        return self._procs_files
 
     def _members(self) -> list[int]:
-        where = self.unified or self.dirs.get("pids") or self.dirs.get("memory") \
-            or next(iter(self.dirs.values()), None)
-        return _pids(where / "cgroup.procs") if where is not None else []
+        return _pids(self._members_file) if self._members_file is not None else []
 
     def signal_all(self, number: int) -> None:
         _signal_pids(self._members(), number, self._kill)
 
     def kill(self) -> None:
-        if self.unified is not None and (self.unified / "cgroup.kill").exists():
-            _write(self.unified / "cgroup.kill", "1")
+        if self._kill_file is not None and os.path.exists(self._kill_file):
+            _write(self._kill_file, "1")
             return
         freezer = self.dirs.get("freezer")
         if freezer is None:
@@ -425,26 +474,82 @@ class V1Cgroup:
         return bool(self._members())
 
     def oom_kills(self) -> int:
-        memory = self.dirs.get("memory")
-        if memory is None:
+        if self._memory is None:
             return 0
-        return _keyed(memory / "memory.oom_control", "oom_kill") or 0
+        self._last_oom = _keyed(f"{self._memory}/memory.oom_control", "oom_kill") or 0
+        return self._last_oom
+
+    def _cpu_seconds(self) -> float | None:
+        nanoseconds = _number(self._cpuacct) if self._cpuacct is not None else None
+        if nanoseconds is not None:
+            return nanoseconds / 1e9
+        if self._cpu_stat is not None:
+            usec = _keyed(self._cpu_stat, "usage_usec")
+            return None if usec is None else usec / 1e6
+        return None
 
     def usage(self) -> Usage:
-        cpu_seconds = None
-        cpuacct = self.dirs.get("cpuacct")
-        nanoseconds = _number(cpuacct / "cpuacct.usage") if cpuacct is not None else None
-        if nanoseconds is not None:
-            cpu_seconds = nanoseconds / 1e9
-        elif self.unified is not None:
-            usec = _keyed(self.unified / "cpu.stat", "usage_usec")
-            cpu_seconds = None if usec is None else usec / 1e6
-        memory = self.dirs.get("memory")
-        pids = self.dirs.get("pids")
-        return Usage(
-            cpu_seconds=cpu_seconds,
-            memory_peak_bytes=_number(memory / "memory.max_usage_in_bytes") if memory else None,
-            processes_peak=_number(pids / "pids.peak") if pids else None, source="cgroup")
+        total = self._cpu_seconds()
+        self._cpu_total = total
+        self._last_usage = Usage(
+            cpu_seconds=None if total is None else round(max(0.0, total - self._cpu_base), 9),
+            memory_peak_bytes=_number(f"{self._memory}/memory.max_usage_in_bytes")
+            if self._memory is not None else None,
+            processes_peak=_number(self._pids_peak) if self._pids_peak is not None else None,
+            source="cgroup")
+        return self._last_usage
+
+    def configure(self, resources: Resources) -> None:
+        """Write the limits that differ from ``limits`` (None: back to unlimited)."""
+        old, cpu, memory = self.limits, self.dirs.get("cpu"), self.dirs.get("memory")
+        if resources.cpus != old.cpus and cpu is not None:
+            if resources.cpus is None:
+                _write(cpu / "cpu.cfs_quota_us", "-1")
+            else:
+                _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                quota = max(1000, round(resources.cpus * CPU_PERIOD_US))
+                _write(cpu / "cpu.cfs_quota_us", str(quota))
+        if resources.memory != old.memory and memory is not None:
+            value = str(resources.memory) if resources.memory is not None else "-1"
+            limits = [memory / "memory.limit_in_bytes"]
+            memsw = memory / "memory.memsw.limit_in_bytes"
+            if memsw.exists():  # the limit is RAM + swap, not RAM alone
+                # RAM + swap may never be below RAM: raised first, lowered last.
+                raising = resources.memory is None or (
+                    old.memory is not None and resources.memory > old.memory)
+                limits = [memsw, *limits] if raising else [*limits, memsw]
+            for path in limits:
+                _write(path, value)
+        if resources.pids != old.pids and "pids" in self.dirs:
+            _write(self.dirs["pids"] / "pids.max",
+                   str(resources.pids) if resources.pids is not None else "max")
+        self.limits = resources
+
+    def recyclable(self, max_charge: int) -> bool:
+        """True if the next task would see what a new cgroup shows it: no OOM kill, at
+        most one process ever (``pids.peak`` cannot be reset), and at most
+        ``max_charge`` bytes still charged (the page cache and kernel memory of earlier
+        tasks, which count in the next one's peak and against its limit)."""
+        oom = self._last_oom if self._last_oom is not None else self.oom_kills()
+        peak = self._last_usage.processes_peak if self._last_usage is not None else (
+            _number(self._pids_peak) if self._pids_peak is not None else None)
+        if oom or (peak is not None and peak > 1):
+            return False
+        if self._memory is None:
+            return True
+        peak = self._last_usage.memory_peak_bytes if self._last_usage is not None else None
+        if peak is not None and peak <= max_charge:
+            return True  # what is charged now was at most the peak: no read needed
+        charged = _number(f"{self._memory}/memory.usage_in_bytes")
+        return charged is not None and charged <= max_charge
+
+    def recycle(self) -> None:
+        """Reset the counters for the next task (the cgroup is empty)."""
+        if self._memory is not None:  # the peak restarts from what is charged now
+            _write(f"{self._memory}/memory.max_usage_in_bytes", "0")
+        total = self._cpu_total if self._cpu_total is not None else self._cpu_seconds()
+        self._cpu_base = total or 0.0
+        self._cpu_total = self._last_usage = self._last_oom = None
 
     def remove(self) -> None:
         failure: OSError | None = None
@@ -460,17 +565,30 @@ class V1Cgroup:
             raise failure
 
 
+# A cgroup goes back to the pool with at most this much still charged to it.
+RECYCLE_MAX_CHARGE = 2 * 1024 * 1024
+POOL_SIZE = 64
+
+
 class V1Provider:
-    """Task cgroups as ``<base>/<name>`` in each v1 hierarchy (and the unified one)."""
+    """Task cgroups as ``<base>/<name>`` in each v1 hierarchy (and the unified one).
+
+    An emptied cgroup whose accounting can be reset is kept for the next task instead
+    of removed (:meth:`release`): a mkdir and an rmdir per hierarchy per task were the
+    largest cgroup cost."""
 
     mode = "v1"
 
     def __init__(self, bases: Mapping[str, Path], unified: Path | None, kill: Kill = os.kill,
-                 rmdir: Callable[[Path], None] = os.rmdir) -> None:
+                 rmdir: Callable[[Path], None] = os.rmdir, pool_size: int = POOL_SIZE) -> None:
         self.bases = dict(bases)
         self.unified = unified
         self._kill = kill
         self._rmdir = rmdir
+        self.pool_size = pool_size
+        self.idle: list[V1Cgroup] = []
+        self.made = 0
+        self.reused = 0
         # Each hierarchy costs every task a mkdir, a cgroup.procs write (a migration) and
         # an rmdir. The unified cgroup's cgroup.kill replaces the freezer and its cpu.stat
         # the cpuacct counter, so where it has them a task joins neither.
@@ -483,6 +601,12 @@ class V1Provider:
                          if name not in redundant}
 
     def close(self) -> None:
+        idle, self.idle = self.idle, []
+        for cgroup in idle:
+            try:
+                cgroup.remove()
+            except OSError:
+                pass  # left for the next start's leftovers
         _remove_empty([*self.bases.values(), *([self.unified] if self.unified else [])])
 
     def leftovers(self) -> list[TaskCgroup]:
@@ -504,12 +628,21 @@ class V1Provider:
         return {"mode": "v1", "root": {name: str(path) for name, path in self.bases.items()},
                 "controllers": sorted(self.bases),
                 "kill": "cgroup.kill" if self.unified is not None else
-                        "freezer" if "freezer" in self.bases else "signal"}
+                        "freezer" if "freezer" in self.bases else "signal",
+                "made": self.made, "reused": self.reused, "idle": len(self.idle)}
 
     def create(self, name: str, resources: Resources) -> V1Cgroup:
+        while self.idle:
+            cgroup = self.idle.pop()
+            try:
+                cgroup.configure(resources)
+            except OSError:  # e.g. a lower memory limit than what is charged: a new one
+                _remove_quietly(cgroup)
+                continue
+            self.reused += 1
+            return cgroup
         made: dict[str, Path] = {}
         unified = None
-        cgroup = V1Cgroup(made, None, self._kill, self._rmdir)
         try:
             for controller, base in self.per_task.items():
                 if base / name not in made.values():  # co-mounted cpu,cpuacct: one dir
@@ -519,24 +652,33 @@ class V1Provider:
                 unified = self.unified / name
                 os.mkdir(unified)
             cgroup = V1Cgroup(made, unified, self._kill, self._rmdir)
-            if resources.cpus is not None:
-                _write(made["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                quota = max(1000, round(resources.cpus * CPU_PERIOD_US))
-                _write(made["cpu"] / "cpu.cfs_quota_us", str(quota))
-            if resources.memory is not None:
-                _write(made["memory"] / "memory.limit_in_bytes", str(resources.memory))
-                memsw = made["memory"] / "memory.memsw.limit_in_bytes"
-                if memsw.exists():  # the limit is RAM + swap, not RAM alone
-                    _write(memsw, str(resources.memory))
-            if resources.pids is not None:
-                _write(made["pids"] / "pids.max", str(resources.pids))
+            cgroup.configure(resources)
         except OSError:
+            _remove_quietly(V1Cgroup(made, unified, self._kill, self._rmdir))
+            raise
+        self.made += 1
+        return cgroup
+
+    def release(self, cgroup: TaskCgroup, empty: bool) -> None:
+        """Keep an ``empty`` cgroup for the next task when nothing of this one's
+        accounting would show in it; otherwise remove it (raises OSError)."""
+        if empty and isinstance(cgroup, V1Cgroup) and len(self.idle) < self.pool_size \
+                and cgroup.recyclable(RECYCLE_MAX_CHARGE):
             try:
-                V1Cgroup(made, unified, self._kill, self._rmdir).remove()
+                cgroup.recycle()
             except OSError:
                 pass
-            raise
-        return cgroup
+            else:
+                self.idle.append(cgroup)
+                return
+        cgroup.remove()
+
+
+def _remove_quietly(cgroup: TaskCgroup) -> None:
+    try:
+        cgroup.remove()
+    except OSError:
+        pass
 
 
 class OffProvider:
@@ -549,6 +691,9 @@ class OffProvider:
 
     def close(self) -> None:
         pass
+
+    def release(self, cgroup: TaskCgroup, empty: bool) -> None:
+        cgroup.remove()
 
     def leftovers(self) -> list[TaskCgroup]:
         return []

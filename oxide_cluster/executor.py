@@ -137,14 +137,28 @@ class _SignalSafeFork:
     a cancel's SIGTERM landing there ran Twisted's waker on a closed descriptor and the
     task ended with exit code 1 and a traceback as output. Signals are blocked across
     the fork; the child sets every handled signal back to its default, then unblocks, so
-    a signal that came meanwhile acts as it would on the command itself."""
+    a signal that came meanwhile acts as it would on the command itself.
+
+    ``posix_spawn`` runs no Python in the child (it gets default dispositions and the
+    agent's mask from the kernel), so it is tried first with the mask only read; the
+    signals are blocked only when the agent really forks."""
 
     _mask_before_fork: set[int | signal.Signals] = set()
+    _spawn_tried = False
 
-    def _fork(self, *args: Any, **kwargs: Any) -> None:
-        self._mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, _CATCHABLE_SIGNALS)
+    def _fork(self, path: Any, uid: Any, gid: Any, executable: str, args: list[str],
+              environment: dict[str, str], **kwargs: Any) -> None:
+        # Blocking nothing reads the mask; restoring a full one would return ~62 signals
+        # converted to enums on every spawn.
+        self._mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        if self._trySpawnInsteadOfFork(  # type: ignore[attr-defined]
+                path, uid, gid, executable, args, environment, kwargs):
+            return
+        self._spawn_tried = True  # Twisted's _fork asks again: the answer stays no
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CATCHABLE_SIGNALS)
         try:
-            super()._fork(*args, **kwargs)  # type: ignore[misc]
+            super()._fork(path, uid, gid, executable, args, environment,  # type: ignore[misc]
+                          **kwargs)
         finally:  # only the parent gets here: the child execs or exits inside
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask_before_fork)
 
@@ -209,7 +223,7 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
                                kwargs: dict[str, Any]) -> bool:
         helpers: list[Any] = [getattr(process, name, None) for name in
                    ("_listOpenFDs", "_getFileActions", "_PS_CLOSE", "_PS_DUP2")]
-        if uid is not None or gid is not None or None in helpers:
+        if self._spawn_tried or uid is not None or gid is not None or None in helpers:
             return False
         # Always through the small sh: it raises the OOM score (and joins the cgroups)
         # before the command runs, so nothing the command forks keeps the agent's score.
@@ -347,6 +361,9 @@ class TaskRun:
         self._reaped_cpu = 0.0
         self._cgroups: CgroupProvider = cgroups or OffProvider()
         self.cgroup: TaskCgroup | None = None
+        # Seen empty once: it stays empty (only a member can add a process to it), so
+        # neither the kill at exit, the settle nor the release reads it again.
+        self._cgroup_empty = False
         self._kill_group = signal_group
         self._secret_env = secret_env
         self._kill_grace = kill_grace
@@ -484,9 +501,11 @@ class TaskRun:
         cgroup = self.cgroup
         assert cgroup is not None
         try:
-            populated = cgroup.populated()
+            populated = not self._cgroup_empty and cgroup.populated()
         except OSError:
-            populated = False
+            populated = False  # unreadable: not known empty, the release looks again
+        else:
+            self._cgroup_empty = not populated
         if populated and self._reactor.seconds() < deadline:
             self._timers["settle"] = self._reactor.callLater(
                 CGROUP_POLL, self._settle, state, why, deadline)
@@ -567,10 +586,11 @@ class TaskRun:
         """SIGKILL the cgroup. ``if_populated``: first look whether anything is left (a
         read costs far less than a kill, and an empty cgroup stays empty: only a member
         can add a process to it)."""
-        if self.cgroup is None:
+        if self.cgroup is None or self._cgroup_empty:
             return
         try:
             if if_populated and not self.cgroup.populated():
+                self._cgroup_empty = True
                 return
             self.cgroup.kill()
         except OSError as failure:
@@ -578,14 +598,16 @@ class TaskRun:
                           task_id=self.task.id, error=failure)
 
     def _release_cgroup(self) -> None:
-        """Remove the task's cgroup; what is still in it (a stuck process) is logged."""
+        """Hand the task's cgroup back to the provider (removed, or kept empty for a later
+        task); what is still in it (a stuck process) is logged."""
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is None:
             return
         try:
-            if cgroup.populated():
+            empty = self._cgroup_empty or not cgroup.populated()
+            if not empty:
                 cgroup.kill()
-            cgroup.remove()
+            self._cgroups.release(cgroup, empty)
         except OSError as failure:
             self.log.warn("cannot remove the cgroup of task {task_id}: {error}",
                           task_id=self.task.id, error=failure)

@@ -379,7 +379,9 @@ PATHS: dict[str, Any] = {
                                "finished_since_start": {"type": "integer"},
                                "cgroups": {"type": "object",
                                            "description": "mode, controllers, kill method "
-                                                          "and root of the task cgroups"},
+                                                          "and root of the task cgroups; "
+                                                          "v1: how many were made, reused "
+                                                          "and are idle"},
                                "discovery": {"type": "object"}}}]}, "node statistics")},
     })},
     "/metrics": {"get": _secured({

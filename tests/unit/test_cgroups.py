@@ -250,3 +250,84 @@ def test_auto_prefers_v1_controllers_over_a_bare_v2_but_v2_can_be_forced(tmp_pat
 
 def test_off_provider_makes_no_cgroup():
     assert OffProvider().create("t1", Resources(memory=2 ** 30)) is None
+
+
+def _pooled_host(tmp_path):
+    """A v1 provider whose unified cgroup has cgroup.kill and cpu.stat (as here)."""
+    for name in ("cpu", "memory", "pids", "unified"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "unified" / "cgroup.kill").write_text("")
+    (tmp_path / "unified" / "cpu.stat").write_text("usage_usec 0\n")
+    bases = {name: tmp_path / name for name in ("cpu", "memory", "pids")}
+    return V1Provider(bases, tmp_path / "unified", rmdir=_rmdir_fake)
+
+
+def _ran(tmp_path, name, *, usec, peak, charged, oom=0, max_usage=None):
+    """Write what the kernel's accounting shows after a task ran in cgroup ``name``."""
+    (tmp_path / "unified" / name / "cpu.stat").write_text(f"usage_usec {usec}\n")
+    (tmp_path / "unified" / name / "cgroup.procs").write_text("")
+    (tmp_path / "pids" / name / "pids.peak").write_text(f"{peak}\n")
+    memory = tmp_path / "memory" / name
+    (memory / "memory.usage_in_bytes").write_text(f"{charged}\n")
+    (memory / "memory.max_usage_in_bytes").write_text(f"{max_usage or charged}\n")
+    (memory / "memory.oom_control").write_text(f"oom_kill_disable 0\noom_kill {oom}\n")
+
+
+def test_v1_an_emptied_cgroup_serves_the_next_task_with_its_counters_reset(tmp_path):
+    provider = _pooled_host(tmp_path)
+    first = provider.create("t1", Resources(pids=32))
+    _ran(tmp_path, "t1", usec=1_500_000, peak=1, charged=300_000, max_usage=5_000_000)
+    assert first.usage().cpu_seconds == 1.5 and first.oom_kills() == 0
+    provider.release(first, empty=True)
+    assert provider.idle == [first] and (tmp_path / "memory/t1").is_dir()
+    # the peak restarts from what is charged now (the kernel's answer to writing 0)
+    assert (tmp_path / "memory/t1/memory.max_usage_in_bytes").read_text() == "0"
+    (tmp_path / "pids/t1/pids.max").unlink()
+    second = provider.create("t2", Resources(pids=32, cpus=0.5))
+    assert second is first and (provider.made, provider.reused) == (1, 1)
+    assert not (tmp_path / "pids/t1/pids.max").exists()  # unchanged: not written again
+    assert (tmp_path / "cpu/t1/cpu.cfs_quota_us").read_text() == "50000"
+    _ran(tmp_path, "t1", usec=2_000_000, peak=1, charged=300_000)
+    assert second.usage().cpu_seconds == 0.5  # this task's, not the cgroup's total
+    provider.release(second, empty=True)
+    third = provider.create("t3", Resources())  # the limits go back to unlimited
+    assert third is first and third.limits == Resources()
+    assert (tmp_path / "cpu/t1/cpu.cfs_quota_us").read_text() == "-1"
+    assert (tmp_path / "pids/t1/pids.max").read_text() == "max"
+
+
+@pytest.mark.parametrize("ran, empty", [
+    ({"peak": 2, "charged": 0}, True),  # pids.peak cannot be reset
+    ({"peak": 1, "charged": 0, "oom": 1}, True),  # nor the OOM kill count
+    ({"peak": 1, "charged": cgroups.RECYCLE_MAX_CHARGE + 1}, True),  # too much charged
+    ({"peak": 1, "charged": 0}, False),  # not known to be empty
+], ids=["forked", "oom-killed", "charged", "not-empty"])
+def test_v1_a_cgroup_the_next_task_would_see_traces_in_is_removed(tmp_path, ran, empty):
+    provider = _pooled_host(tmp_path)
+    cgroup = provider.create("t1", Resources())
+    _ran(tmp_path, "t1", usec=1000, **ran)
+    cgroup.usage()
+    provider.release(cgroup, empty=empty)
+    assert provider.idle == [] and not (tmp_path / "memory/t1").exists()
+    assert provider.create("t2", Resources()) is not cgroup
+    assert (tmp_path / "memory/t2").is_dir()
+
+
+def test_v1_a_pooled_cgroup_that_cannot_take_the_new_limits_is_replaced(tmp_path):
+    provider = _pooled_host(tmp_path)
+    cgroup = provider.create("t1", Resources())
+    _ran(tmp_path, "t1", usec=0, peak=1, charged=0)
+    provider.release(cgroup, empty=True)
+    (tmp_path / "memory/t1/memory.limit_in_bytes").mkdir()  # the write fails (EBUSY here)
+    fresh = provider.create("t2", Resources(memory=64 * 1024 ** 2))
+    assert fresh is not cgroup and provider.idle == []
+    assert (tmp_path / "memory/t2/memory.limit_in_bytes").read_text() == str(64 * 1024 ** 2)
+
+
+def test_v1_close_removes_the_pooled_cgroups_and_the_parents(tmp_path):
+    provider = _pooled_host(tmp_path)
+    cgroup = provider.create("t1", Resources())
+    _ran(tmp_path, "t1", usec=0, peak=1, charged=0)
+    provider.release(cgroup, empty=True)
+    provider.close()
+    assert not any((tmp_path / name).exists() for name in ("cpu", "memory", "pids"))

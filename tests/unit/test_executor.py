@@ -425,6 +425,7 @@ class FakeCgroup:
         self.events.append("kill")
 
     def populated(self):
+        self.events.append("populated")
         return self.members > 0
 
     def oom_kills(self):
@@ -461,6 +462,10 @@ class FakeCgroups:
             raise self.fail
         self.made.append(FakeCgroup(name, resources))
         return self.made[-1]
+
+    def release(self, cgroup, empty):
+        cgroup.released_empty = empty
+        cgroup.remove()
 
     def close(self):
         pass
@@ -503,6 +508,26 @@ def test_an_empty_cgroup_is_not_killed_at_exit():
     assert "kill" not in cgroups.made[0].events  # nothing left: a read, no kill write
 
 
+def test_a_cgroup_seen_empty_is_read_once_and_released_as_empty():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups)
+    task_ = started(harness)
+    harness.processes[0].exit(0)
+    assert task_.state is TaskState.SUCCEEDED
+    assert cgroups.made[0].events == ["populated"]  # it stays empty: one read is enough
+    assert cgroups.made[0].released_empty is True
+
+
+def test_a_cgroup_still_populated_at_the_give_up_is_released_as_not_empty():
+    cgroups = FakeCgroups()
+    harness = Harness(cgroups=cgroups)
+    started(harness)
+    cgroups.made[0].members = 1
+    harness.processes[0].exit(0)
+    harness.clock.pump([0.5] * 11)
+    assert cgroups.made[0].released_empty is False
+
+
 def test_oom_kill_fails_the_task_naming_the_limit():
     cgroups = FakeCgroups()
     harness = Harness(cgroups=cgroups)
@@ -521,7 +546,8 @@ def test_cancel_terms_the_cgroup_then_kills_it_after_grace():
     task_ = started(harness)
     cgroup = cgroups.made[0]
     harness.executor.cancel(task_.id)
-    assert cgroup.events == [("signal_all", signal.SIGTERM)]
+    assert [event for event in cgroup.events if event != "populated"] == \
+        [("signal_all", signal.SIGTERM)]
     harness.clock.advance(5.0)
     assert cgroup.events[-1] == "kill"
 
@@ -602,3 +628,20 @@ def test_cgroups_a_killed_agent_left_are_killed_emptied_and_removed_at_start():
     harness.clock.advance(10)  # the stuck one (D state) is given up on; the rest go
     assert recovered.called
     assert dying.removed and empty.removed and not stuck.removed
+
+
+@pytest.mark.parametrize("path_entry", ["/usr/bin:/bin", "bin:/usr/bin:/bin"],
+                         ids=["posix_spawn", "fork"])
+@pytest_twisted.ensureDeferred
+async def test_the_child_starts_with_the_agents_signal_mask_and_the_agents_is_unchanged(
+        path_entry):
+    # A relative PATH entry takes the fork path (signals blocked across the fork); the
+    # posix_spawn path only reads the mask. Either way nothing stays blocked.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    proto = _Collect()
+    spawn_in_new_group(reactor_(), proto, "/bin/sh",
+                       ["sh", "-c", "grep SigBlk /proc/self/status"],
+                       {"PATH": path_entry}, None)
+    await proto.ended
+    assert proto.out.split() == [b"SigBlk:", b"0" * 16]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before == set()
