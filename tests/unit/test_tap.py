@@ -377,3 +377,25 @@ def test_without_discovery_the_node_has_no_peers_and_the_api_no_discovery(
         assert "discovery" not in ready["checks"]
     finally:
         top._lock.release()
+
+
+def test_the_service_tree_starts_in_dependency_order_and_stops_in_reverse(
+        tmp_path, monkeypatch):
+    """Construction order is free; the start order is the tree's (stop: its reverse):
+    store and Redis first, discovery before its peer client, the drain last."""
+    state = ClusterState(queue=FakeQueue(), directory=_Directory(), suites=_Suites(),
+                         service=service.Service())
+    plugin = providers.Provider(
+        "election", "ledger", lambda context: StandaloneElector(context.reactor,
+                                                                context.node_id),
+        cluster_state=lambda context: state)
+    _reactor, top, _node = _build(tmp_path, monkeypatch, [plugin], election="ledger",
+                                  discovery=True, discovery_port=0)
+    try:
+        assert [type(child).__name__ for child in top] == [
+            "Store", "Service", "StatsSampler", "BlobStore", "Workspaces", "Retention",
+            "_RecoverThenRun", "Scheduler", "StandaloneElector", "DiscoveryService",
+            "PeerClient", "ClusterDispatcher", "AdmittedWatch", "LiveHub", "HttpListener",
+            "DrainOnStop"]
+    finally:
+        top._lock.release()
