@@ -62,6 +62,8 @@ class MeteredSite(Site):
     tenth of a ``/bin/true`` task's time on the reactor.
     """
 
+    displayTracebacks = False  # a client never sees the agent's stack
+
     def __init__(self, resource: Any, metrics: NodeMetrics, access_log: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)

@@ -427,7 +427,6 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,
                        requestFactory=partial(UploadRequest, sinks=api.batch_sink))
-    site.displayTracebacks = False
     try:
         endpoint = endpoints.serverFromString(reactor, config.listen)
     except (ValueError, OSError) as error:  # syntax, or a TLS key file that is missing
