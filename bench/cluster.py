@@ -55,11 +55,6 @@ class _Membership:
 
 
 @attrs.define
-class _Discovery:
-    membership: _Membership
-
-
-@attrs.define
 class _Config:
     labels: dict[str, str]
 
@@ -70,7 +65,7 @@ class _FakeNode:
 
     node_id: str
     config: _Config
-    discovery: _Discovery
+    membership: _Membership
 
     def stats(self) -> dict[str, Any]:
         return {"free_slots": 2, "cpu_percent": 35.0, "memory_percent": 40.0}
@@ -98,13 +93,13 @@ def _percentiles(ns: list[int]) -> tuple[float, float]:
 def placement_timing(peers: int, calls: int) -> dict[str, Any]:
     clock = _Clock()
     node = _FakeNode("local", _Config({"zone": "z0"}),
-                     _Discovery(_Membership(fake_peers(peers, clock.now))))
+                     _Membership(fake_peers(peers, clock.now)))
     placement = Placement(clock, node)
-    for peer in node.discovery.membership.peers[::4]:  # recent placements to subtract
+    for peer in node.membership.peers[::4]:  # recent placements to subtract
         placement.placed(peer.node_id)
     tuples = [(p.stats["free_slots"] <= 0, -p.stats["free_slots"], p.stats["cpu_percent"],
                p.stats["memory_percent"], p.node_id)
-              for p in node.discovery.membership.peers]
+              for p in node.membership.peers]
     choose_ns, sort_ns = [], []
     assert len(placement.choose({})) == peers + 1
     for i in range(calls):

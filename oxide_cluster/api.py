@@ -30,7 +30,7 @@ from oxide_cluster.drain import MAX_DEADLINE
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import FORWARDED_HEADER, PeerReply, PeerUnavailable
 from oxide_cluster.manifest import is_digest
-from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics
+from oxide_cluster.metrics import CONTENT_TYPE_LATEST, NodeMetrics, WebSocketClients
 from oxide_cluster.model import (
     RequestError,
     Task,
@@ -39,7 +39,7 @@ from oxide_cluster.model import (
     owner_of,
     parse_task_request,
 )
-from oxide_cluster.node import Node
+from oxide_cluster.node import DiscoveryStatus, Node
 from oxide_cluster.openapi import document as openapi_document
 from oxide_cluster.routing import (
     Queued,
@@ -196,8 +196,11 @@ class TaskApi:
 
     def __init__(self, node: Node, router: TaskRouter | None = None, websocket: Any = None,
                  workspaces: Workspaces | None = None,
-                 suites: SuiteDurations | None = None) -> None:
+                 suites: SuiteDurations | None = None, *,
+                 discovery: DiscoveryStatus | None = None,
+                 websocket_hub: WebSocketClients | None = None) -> None:
         self.node = node
+        self.discovery = discovery  # None: discovery is off
         self.suites = suites
         self.router = router
         self.scheduler = router.scheduler if router is not None else None
@@ -210,7 +213,8 @@ class TaskApi:
         depth = self.scheduler.depth_by_priority if self.scheduler is not None else None
         if self.cluster is not None:  # the queue is in Redis: the leader's view of it
             depth = self.cluster.dispatcher.depth_by_priority
-        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total, depth)
+        self.metrics = NodeMetrics(node, self.app.url_map, self.requests_total, depth,
+                                   discovery=discovery, websocket_hub=websocket_hub)
 
     def resource(self) -> Any:
         return _Utf8Paths(self.app.resource())
@@ -360,8 +364,8 @@ class TaskApi:
                   "executor": bool(self.node.executor.ready)}
         if self.scheduler is not None:  # queued tasks of the last run restored
             checks["scheduler"] = self.scheduler.recovered
-        if self.node.discovery is not None:
-            checks["discovery"] = bool(self.node.discovery.bound)
+        if self.discovery is not None:
+            checks["discovery"] = bool(self.discovery.bound)
         checks["not_draining"] = not self.node.drain.draining  # load balancers: send elsewhere
         ok = all(checks.values())
         return render_json(request, {"ready": ok, "checks": checks,
@@ -405,8 +409,8 @@ class TaskApi:
         })
         if self.node.retention is not None:
             body["store"] = self.node.retention.to_json()
-        if self.node.discovery is not None:
-            body["discovery"] = dict(self.node.discovery.counters)
+        if self.discovery is not None:
+            body["discovery"] = dict(self.discovery.counters)
         return render_json(request, body)
 
     @app.route("/api/cluster/health", methods=["GET"])

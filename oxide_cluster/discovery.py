@@ -391,14 +391,29 @@ class MulticastTransport:
         return defer.gatherResults(steps, consumeErrors=True).addCallback(lambda _: None)
 
 
+def new_membership(clock: SecondsClock, settings: DiscoverySettings,
+                   wall: Callable[[], float] | None = None) -> Membership:
+    """The table a :class:`DiscoveryService` with ``settings`` keeps current; built apart
+    when the node's other parts take it in their constructors before discovery exists."""
+    return Membership(
+        clock,
+        suspect_after=settings.suspect_after,
+        dead_after=settings.dead_after,
+        prune_after=settings.prune_after,
+        # Long enough for a member to come round again in a big peer's rotation.
+        rumour_ttl=max(10.0, 4 * settings.dead_after),
+        wall=wall,
+    )
+
+
 class DiscoveryService(service.MultiService):
     """Bind the discovery port, announce on a timer, keep ``membership`` current.
 
     ``reactor`` provides IReactorTime (IReactorUDP for the default transport, and
     IReactorThreads unless a ``resolver`` is given). ``transport`` (an
-    IDiscoveryTransport) defaults to UDP broadcast built from ``settings``. ``wall`` stamps
-    ``ts``/``last_seen``; it defaults to ``reactor.seconds`` so a ``task.Clock`` makes
-    everything deterministic.
+    IDiscoveryTransport) defaults to UDP broadcast built from ``settings``, ``membership``
+    to :func:`new_membership`. ``wall`` stamps ``ts``/``last_seen``; it defaults to
+    ``reactor.seconds`` so a ``task.Clock`` makes everything deterministic.
     """
 
     def __init__(
@@ -414,6 +429,7 @@ class DiscoveryService(service.MultiService):
         burst: int = 3,
         burst_spacing: float = 0.05,
         transport: DiscoveryTransport | None = None,
+        membership: Membership | None = None,
     ) -> None:
         super().__init__()
         self.setName("discovery")
@@ -428,15 +444,8 @@ class DiscoveryService(service.MultiService):
         self.codec = Codec.from_secret(
             secret, reactor, window=settings.replay_window, wall=self.wall
         )
-        self.membership = Membership(
-            reactor,
-            suspect_after=settings.suspect_after,
-            dead_after=settings.dead_after,
-            prune_after=settings.prune_after,
-            # Long enough for a member to come round again in a big peer's rotation.
-            rumour_ttl=max(10.0, 4 * settings.dead_after),
-            wall=self.wall,
-        )
+        self.membership = membership if membership is not None \
+            else new_membership(reactor, settings, wall=self.wall)
         self.counters = new_counters()
         self.protocol = DiscoveryProtocol(self.codec, self._deliver, self.counters, reactor)
         self.bound = False
@@ -747,6 +756,7 @@ __all__ = [
     "broadcast_addresses",
     "broadcast_networks",
     "new_counters",
+    "new_membership",
     "parse_multicast_group",
     "parse_peer",
 ]

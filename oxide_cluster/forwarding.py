@@ -8,7 +8,7 @@ back unchanged. Peers are found in the membership table, by node id.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import attrs
 import treq
@@ -18,6 +18,9 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, RequestNotSent
 from twisted.web.http_headers import Headers
+
+if TYPE_CHECKING:
+    from oxide_cluster.membership import Membership
 
 FORWARDED_HEADER = b"X-Oxide-Forwarded"
 # Headers of a peer's answer that a client needs; hop-by-hop ones are not copied.
@@ -60,10 +63,11 @@ class PeerClient(service.Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, secret: str, discovery: Any, timeout: float = 30.0) -> None:
+    def __init__(self, reactor: Any, secret: str, membership: Membership,
+                 timeout: float = 30.0) -> None:
         self._reactor = reactor
         self._secret = secret.encode()
-        self._discovery = discovery
+        self._membership = membership
         self._timeout = timeout
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 8
@@ -74,9 +78,7 @@ class PeerClient(service.Service):
         A node only gossiped about (not heard by us yet, or no longer) is still worth one
         request: a peer hears it now, and a 404 for a task it owns would be wrong.
         """
-        if self._discovery is None:
-            return None
-        membership = self._discovery.membership
+        membership = self._membership
         peer = membership.get(node_id)
         if peer is not None and peer.healthy and peer.ip_address and peer.api_port:
             return f"http://{peer.ip_address}:{peer.api_port}"
@@ -87,9 +89,7 @@ class PeerClient(service.Service):
 
     def knows(self, node_id: str) -> bool:
         """Heard of this node (healthy or not, or by gossip): task ids naming it route."""
-        if self._discovery is None:
-            return False
-        membership = self._discovery.membership
+        membership = self._membership
         return membership.get(node_id) is not None or membership.rumour(node_id) is not None
 
     async def request(self, node_id: str, method: bytes, path: bytes, body: bytes | None = None,

@@ -9,7 +9,7 @@ the global registry would mix them). Gauges are computed by a custom collector w
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,6 +22,10 @@ from werkzeug.routing import Map
 from oxide_cluster import __version__
 from oxide_cluster.model import Task, TaskState
 from oxide_cluster.retention import Retention
+
+if TYPE_CHECKING:
+    from oxide_cluster.membership import Membership
+    from oxide_cluster.node import DiscoveryStatus, Elector, Node
 
 __all__ = ["CONTENT_TYPE_LATEST", "MeteredSite", "NodeMetrics", "route_template"]
 
@@ -44,12 +48,21 @@ def route_template(url_map: Map, method: str, path: str) -> str:
     return str(rule.rule)
 
 
+class WebSocketClients(Protocol):
+    """``ws.LiveHub``: the WebSocket clients connected now (a gauge)."""
+
+    @property
+    def client_count(self) -> int: ...
+
+
 class MeteredSite(Site):
     """A Site that reports every finished request (its ``log`` hook runs once per request).
 
     The access log line is optional: formatting and writing it cost about as much as a
     tenth of a ``/bin/true`` task's time on the reactor.
     """
+
+    displayTracebacks = False  # a client never sees the agent's stack
 
     def __init__(self, resource: Any, metrics: NodeMetrics, access_log: bool = True,
                  **kwargs: Any) -> None:
@@ -66,11 +79,15 @@ class MeteredSite(Site):
 class NodeMetrics:
     """The node's registry; ``render`` refreshes what needs the store, then formats."""
 
-    def __init__(self, node: Any, url_map: Map,
+    def __init__(self, node: Node, url_map: Map,
                  requests_total: dict[tuple[str, int], int] | None = None,
-                 queue_depth: Callable[[], dict[int, int]] | None = None) -> None:
+                 queue_depth: Callable[[], dict[int, int]] | None = None, *,
+                 discovery: DiscoveryStatus | None = None,
+                 websocket_hub: WebSocketClients | None = None) -> None:
         self.node = node
         self.queue_depth = queue_depth  # queued tasks by priority
+        self.discovery = discovery  # None: discovery is off
+        self.websocket_hub = websocket_hub  # None: no /ws mounted
         self._url_map = url_map
         self.requests_total = requests_total if requests_total is not None else {}
         self.finished_total: dict[str, int] = {}
@@ -194,10 +211,12 @@ class _NodeCollector:
         yield requests
 
         yield from _leader_metrics(node.elector)
-        yield from _retention_metrics(getattr(node, "retention", None))
-        yield from _websocket_metrics(node)
-        if node.discovery is not None:
-            yield from _discovery_metrics(node.discovery)
+        yield from _retention_metrics(node.retention)
+        if metrics.websocket_hub is not None:
+            yield GaugeMetricFamily("oxide_websocket_clients", "WebSocket clients connected",
+                                    value=metrics.websocket_hub.client_count)
+        if metrics.discovery is not None:
+            yield from _discovery_metrics(metrics.discovery.counters, node.membership)
 
 
 def _retention_metrics(retention: Retention | None) -> Iterator[Metric]:
@@ -217,7 +236,7 @@ def _retention_metrics(retention: Retention | None) -> Iterator[Metric]:
                                 "How long the last prune pass took", value=last.seconds)
 
 
-def _leader_metrics(elector: Any) -> Iterator[Metric]:
+def _leader_metrics(elector: Elector) -> Iterator[Metric]:
     yield GaugeMetricFamily("oxide_leader", "1 while this node is the cluster leader",
                             value=1 if elector.is_leader else 0)
     token = _number(elector.leader().get("token"))
@@ -226,19 +245,8 @@ def _leader_metrics(elector: Any) -> Iterator[Metric]:
                                 "Fencing token of the leader this node knows of", value=token)
 
 
-def _websocket_metrics(node: Any) -> Iterator[Metric]:
-    """Hook for the WebSocket layer: ``node.ws`` with a ``client_count`` (int or callable)."""
-    ws = getattr(node, "ws", None)
-    count = getattr(ws, "client_count", None)
-    if callable(count):
-        count = count()
-    if count is not None:
-        yield GaugeMetricFamily("oxide_websocket_clients", "WebSocket clients connected",
-                                value=count)
-
-
-def _discovery_metrics(discovery: Any) -> Iterator[Metric]:
-    counters: Mapping[str, Any] = getattr(discovery, "counters", {}) or {}
+def _discovery_metrics(counters: Mapping[str, Mapping[str, int]],
+                       membership: Membership | None) -> Iterator[Metric]:
     datagrams = CounterMetricFamily("oxide_discovery_datagrams",
                                     "Discovery datagrams sent and received, by type",
                                     labels=["direction", "type"])
@@ -248,9 +256,6 @@ def _discovery_metrics(discovery: Any) -> Iterator[Metric]:
                                 "Other discovery events (ignored datagrams, errors)",
                                 labels=["kind", "name"])
     for group, values in sorted(counters.items()):
-        if not isinstance(values, Mapping):
-            other.add_metric([str(group), ""], _number(values) or 0)
-            continue
         for name, count in sorted(values.items()):
             if group in ("sent", "received"):
                 datagrams.add_metric([str(group), str(name)], count)
@@ -262,12 +267,10 @@ def _discovery_metrics(discovery: Any) -> Iterator[Metric]:
     yield dropped
     yield other
 
-    membership = getattr(discovery, "membership", None)
     if membership is not None:
         by_state: dict[str, int] = {}
         for peer in membership.peers():
-            state = getattr(peer.state, "value", peer.state)
-            by_state[str(state)] = by_state.get(str(state), 0) + 1
+            by_state[peer.state.value] = by_state.get(peer.state.value, 0) + 1
         peers = GaugeMetricFamily("oxide_peers", "Known peers, by membership state",
                                   labels=["state"])
         for state, count in sorted(by_state.items()):

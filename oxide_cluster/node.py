@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -100,18 +100,15 @@ class Clock(Protocol):
                   **kw: Any) -> IDelayedCall: ...
 
 
-class Discovery(Protocol):
-    """``discovery.DiscoveryService``: the membership table and the socket's state."""
+class DiscoveryStatus(Protocol):
+    """``discovery.DiscoveryService`` as ``/ready``, ``/stats`` and ``/metrics`` report it:
+    whether its socket is bound, and its datagram counters."""
 
-    membership: Membership
-    bound: bool
-    counters: Any
+    @property
+    def bound(self) -> bool: ...
 
-
-class EventHub(Protocol):
-    """``ws.LiveHub``: cluster events out to WebSocket clients."""
-
-    def publish(self, event: dict[str, Any]) -> None: ...
+    @property
+    def counters(self) -> Mapping[str, Mapping[str, int]]: ...
 
 
 def primary_ipv4() -> str | None:
@@ -123,9 +120,13 @@ def primary_ipv4() -> str | None:
     return None
 
 
-@attrs.define
+@attrs.frozen
 class Node:
-    """Collaborators of one node, wired by ``tap.makeService``."""
+    """Collaborators of one node, all given by ``tap.build_node`` at construction.
+
+    Built before discovery, which announces :meth:`announcement`; the peers come from
+    ``membership``, the table discovery keeps current (built before both).
+    """
 
     config: Config
     node_id: str
@@ -135,8 +136,7 @@ class Node:
     sampler: LoadSampler
     elector: Elector
     reactor: Clock
-    discovery: Discovery | None = None
-    ws: EventHub | None = None
+    membership: Membership | None = None  # None: discovery is off
     retention: Retention | None = None
     drain: Drain = attrs.Factory(Drain)
     hostname: str = attrs.field(factory=socket.gethostname)
@@ -196,11 +196,11 @@ class Node:
         }
 
     def peers_json(self) -> list[dict[str, Any]]:
-        if self.discovery is None:
+        if self.membership is None:
             return []
         from oxide_cluster.membership import node_json
 
-        return [node_json(peer) for peer in self.discovery.membership.peers()]
+        return [node_json(peer) for peer in self.membership.peers()]
 
     def cluster_nodes(self) -> dict[str, Any]:
         """The contract shape of ``/api/cluster/nodes``.

@@ -13,12 +13,17 @@ older node) is taken to fit, and its own admission (429 ``no_free_resources``) d
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from oxide_cluster.capacity import Capacity, declared, misfit
 from oxide_cluster.cgroups import Resources
+
+if TYPE_CHECKING:
+    from oxide_cluster.config import Config
+    from oxide_cluster.membership import Membership
+    from oxide_cluster.wire import SecondsClock
 
 
 @attrs.frozen
@@ -68,10 +73,25 @@ def rank(candidates: Iterable[Candidate], labels: Mapping[str, str],
                                  c.memory_percent, c.node_id))
 
 
+class PlacingNode(Protocol):
+    """``node.Node``: this node's id, labels and load, and the peers it has heard."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def membership(self) -> Membership | None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
 class Placement:
     """The leader's view of capacity, with its own recent placements subtracted."""
 
-    def __init__(self, reactor: Any, node: Any, hold: float = 1.0) -> None:
+    def __init__(self, reactor: SecondsClock, node: PlacingNode, hold: float = 1.0) -> None:
         self._reactor = reactor
         self._node = node
         self._hold = hold
@@ -83,8 +103,8 @@ class Placement:
         found = [Candidate(node.node_id, stats["free_slots"], stats["cpu_percent"],
                            stats["memory_percent"], node.config.labels,
                            bool(stats.get("draining")), Capacity.from_stats(stats))]
-        if node.discovery is not None:
-            for peer in node.discovery.membership.healthy():
+        if node.membership is not None:
+            for peer in node.membership.healthy():
                 if not peer.api_port:
                     continue
                 unseen, cpus, memory = self._placed_since(peer.node_id, peer.last_heard)

@@ -5,7 +5,7 @@ record's ``retried_by``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -13,7 +13,10 @@ from twisted.python.failure import Failure
 
 from oxide_cluster.interfaces import ClusterDirectory
 from oxide_cluster.model import TERMINAL_STATES, rfc3339
-from oxide_cluster.node import Clock, Discovery, Elector
+from oxide_cluster.node import Clock, Elector
+
+if TYPE_CHECKING:
+    from oxide_cluster.membership import Membership
 
 # Membership events after which a node's unfinished tasks are gone: it was declared dead,
 # or it came back with a new start time (its old processes died with it).
@@ -37,7 +40,7 @@ class LeadingNode(Protocol):
     def elector(self) -> Elector: ...
 
     @property
-    def discovery(self) -> Discovery | None: ...
+    def membership(self) -> Membership | None: ...
 
 
 class Recovery:
@@ -85,9 +88,9 @@ class Recovery:
         of peers it has itself seen die (never of peers it merely has not heard yet)."""
         if leader.get("node_id") != self._node.node_id or not self._node.elector.is_leader:
             return
-        if self._node.discovery is None:
+        if self._node.membership is None:
             return
-        for peer in self._node.discovery.membership.peers():
+        for peer in self._node.membership.peers():
             if peer.state.value == "dead":
                 self._recover_in_background(peer.node_id, "dead")
 

@@ -79,9 +79,14 @@ def _protocol_class() -> Any:
     import txredisapi
 
     class RedisProtocol(txredisapi.BaseRedisProtocol):
-        """txredisapi's protocol, telling its connection when it is lost."""
+        """txredisapi's protocol on our reactor (not the global one its class holds),
+        telling its connection when it is lost."""
 
-        on_lost: Callable[[Any, Failure], None] = staticmethod(lambda protocol, why: None)
+        def __init__(self, call_later: Callable[..., Any],
+                     on_lost: Callable[[Any, Failure], None], **options: Any) -> None:
+            super().__init__(**options)
+            self.callLater = call_later
+            self.on_lost = on_lost
 
         def connectionLost(self, why: Failure) -> None:
             super().connectionLost(why)
@@ -101,10 +106,9 @@ class _ProtocolFactory(Factory):
         self.built: Any = None  # the latest protocol (ClientService hands on a proxy of it)
 
     def buildProtocol(self, addr: Any) -> Any:
-        protocol = _protocol_class()(charset="utf-8", convertNumbers=False)
-        protocol.callLater = self._reactor.callLater
-        protocol.on_lost = self._on_lost
-        protocol.factory = self
+        protocol = _protocol_class()(self._reactor.callLater, self._on_lost,
+                                     charset="utf-8", convertNumbers=False)
+        protocol.factory = self  # as Factory.buildProtocol does
         self.built = protocol
         return protocol
 

@@ -827,8 +827,8 @@ class TaskRouter:
         unreachable = [peer.node_id for peer in membership.peers()
                        if peer.node_id not in asked]
         replies = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(self.peers.request(node_id, b"GET", path,
-                                                             timeout=10))
+            [defer.Deferred.fromCoroutine(self.peers.request(
+                node_id, b"GET", path, timeout=self._settings.peer_timeout))
              for node_id in asked], consumeErrors=True)
         tasks: list[dict[str, Any]] = []
         for node_id, (ok, reply) in zip(asked, replies, strict=True):

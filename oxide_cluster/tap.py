@@ -37,7 +37,7 @@ from oxide_cluster.cluster_queue import (
     QueueBackend,
 )
 from oxide_cluster.config import Config, ConfigError
-from oxide_cluster.discovery import DiscoveryService, DiscoverySettings
+from oxide_cluster.discovery import DiscoveryService, DiscoverySettings, new_membership
 from oxide_cluster.drain import Drain, DrainOnStop
 from oxide_cluster.election import RedisAddress
 from oxide_cluster.executor import Executor
@@ -48,9 +48,10 @@ from oxide_cluster.identity import (
     prepare_state_dir,
     resolve_secret,
 )
+from oxide_cluster.membership import Membership
 from oxide_cluster.metrics import MeteredSite
 from oxide_cluster.model import Task, TaskState, parse_task_request
-from oxide_cluster.node import Node
+from oxide_cluster.node import Node, primary_ipv4
 from oxide_cluster.placement import Candidate, Placement
 from oxide_cluster.protection import User, protect_agent
 from oxide_cluster.recovery import Recovery
@@ -327,9 +328,20 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     runner = chosen.build("runner", reactor, config, node_id)
     log.info("tasks run in {isolation}", isolation=describe_isolation(runner.cgroups))
     run_as: User | None = getattr(runner, "run_as", None)  # the process runner's
+    # Every collaborator goes to its constructor, so objects are made in dependency
+    # order; the tree's start order is set by the setServiceParent calls alone. The
+    # membership table comes first: peers, blobs from peers, labels, placement and the
+    # node read it, and discovery (made after the node, whose announcement it sends)
+    # keeps it current.
+    settings = membership = peers = None
+    if config.discovery:
+        settings = discovery_settings(config)
+        membership = new_membership(reactor, settings)
+        peers = PeerClient(reactor, secret, membership, timeout=config.peer_timeout)
     workspaces = Workspaces(reactor, blobs, config.state_dir,
                             artifact_limit=config.artifact_limit,
                             keep_failed=config.keep_failed_workspaces,
+                            source=_peer_blobs(peers, membership),
                             git_cache=config.git_cache, git_cache_age=config.git_cache_age,
                             run_as=run_as,
                             task_dir=Path(config.task_dir) if config.task_dir else None)
@@ -356,10 +368,12 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
     node = Node(config=config, node_id=node_id, secret=secret, store=store,
                 executor=executor, sampler=sampler, elector=elector, reactor=reactor,
                 started_at=reactor.seconds(), retention=retention,
-                drain=Drain(config.drain, reactor.seconds() if config.drain else None))
-    labels = LabelBook(config.labels, lambda: _peer_labels(node),
+                drain=Drain(config.drain, reactor.seconds() if config.drain else None),
+                membership=membership, api_port=_port_of(config.listen),
+                ip_address=_interface_of(config.listen) or primary_ipv4())
+    labels = LabelBook(config.labels, partial(_peer_labels, membership),
                        local_allocatable=executor.allocatable,
-                       rooms=lambda: _peer_rooms(node))
+                       rooms=partial(_peer_rooms, membership))
     scheduler = Scheduler(reactor, store, executor, default_queue_timeout=config.queue_timeout,
                           labels=labels, pins=workspaces, drain=node.drain,
                           default_resources=config.default_resources)
@@ -367,34 +381,27 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
                     config.state_dir).setServiceParent(top)
     scheduler.setServiceParent(top)
     elector.setServiceParent(top)
-    if config.discovery:
+    discovery = placement = None
+    if settings is not None and membership is not None and peers is not None:
         transport = chosen.build("discovery_transport", reactor, config, node_id,
                                  local_node=node.announcement)
-        node.discovery = DiscoveryService(reactor, discovery_settings(config),
-                                          node.announcement, store, secret,
-                                          transport=transport)
-        top.add_listener(node.discovery, BindOption("discovery_port",
-                                                    str(config.discovery_port),
-                                                    "--discovery-port"))
-        node.discovery.membership.subscribe(labels.membership_event)
-
-    peers = placement = None
-    if node.discovery is not None:
-        peers = PeerClient(reactor, secret, node.discovery, timeout=config.peer_timeout)
+        discovery = DiscoveryService(reactor, settings, node.announcement, store, secret,
+                                     transport=transport, membership=membership)
+        top.add_listener(discovery, BindOption("discovery_port", str(config.discovery_port),
+                                               "--discovery-port"))
+        membership.subscribe(labels.membership_event)
         # After discovery: stops (closing its idle connections) before discovery does,
         # after the API and the drain, which may still ask peers.
         peers.setServiceParent(top)
         placement = Placement(reactor, node)
-        membership = node.discovery.membership
-        # Set before any service starts: the peer client exists only after discovery.
-        workspaces.source = PeerBlobs(
-            peers, lambda: [peer.node_id for peer in membership.healthy()])
     directory = None
     cluster = None
     suites: SuiteDurations = StoreSuiteDurations(store)
     if state is not None:
         suites = state.suites
         directory = state.directory
+        # The executor's state listeners are its subscription list (the scheduler, the
+        # hub and the metrics subscribe too): the directory records every change.
         executor.state_listeners.append(directory.task_changed)
         cluster = _cluster_queue(reactor, config, node, scheduler, state.queue, peers,
                                  placement)
@@ -404,30 +411,26 @@ def build_node(config: Config, reactor: Any) -> tuple[NodeService, Node]:
         RouterSettings(node_id, config.labels, config.max_timeout, config.queue_timeout,
                        config.peer_timeout),
         reactor, elector, scheduler, executor, peers=peers, placement=placement,
-        directory=directory, cluster=cluster,
-        membership=node.discovery.membership if node.discovery is not None else None)
+        directory=directory, cluster=cluster, membership=membership)
     hub = LiveHub(executor, store, peers=peers, node_id=node_id, reactor=reactor,
                   locate=router.locate_owner if cluster is not None else None)
     hub.setServiceParent(top)
-    node.ws = hub
     elector.subscribe(lambda _: hub.publish({"type": "leader", **node.leader()}))
-    if node.discovery is not None:
-        node.discovery.membership.subscribe(hub.publish)
+    if membership is not None:
+        membership.subscribe(hub.publish)
     api = TaskApi(node, router, websocket=LiveFactory(hub, secret, reactor).web_resource(),
-                  workspaces=workspaces, suites=suites)
-    if directory is not None and node.discovery is not None:
+                  workspaces=workspaces, suites=suites, discovery=discovery,
+                  websocket_hub=hub)
+    if directory is not None and membership is not None:
         recovery = Recovery(reactor, node, directory, router, hub.publish)
-        node.discovery.membership.subscribe(recovery.membership_event)
+        membership.subscribe(recovery.membership_event)
         elector.subscribe(recovery.leader_changed)
     site = MeteredSite(api.resource(), api.metrics, access_log=config.access_log,
                        requestFactory=partial(UploadRequest, sinks=api.batch_sink))
-    site.displayTracebacks = False
     try:
         endpoint = endpoints.serverFromString(reactor, config.listen)
     except (ValueError, OSError) as error:  # syntax, or a TLS key file that is missing
         raise ConfigError(f"bad value for 'listen': {error}") from None
-    node.api_port = _port_of(config.listen)
-    node.ip_address = _interface_of(config.listen) or node.ip_address
     scheme = "https" if config.listen.startswith("ssl:") else "http"
     listener = HttpListener(endpoint, site, scheme, node.ip_address or node.hostname)
     top.add_listener(listener, BindOption("listen", config.listen, "--listen port"))
@@ -475,9 +478,9 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
         default_queue_timeout=config.queue_timeout)
 
     def known() -> list[str]:
-        if node.discovery is None:
+        membership = node.membership
+        if membership is None:
             return []
-        membership = node.discovery.membership
         return sorted({peer.node_id for peer in membership.peers()}
                       | {rumour.node_id for rumour in membership.rumours()})
 
@@ -503,19 +506,26 @@ def _cluster_queue(reactor: Any, config: Config, node: Node, scheduler: Schedule
     return ClusterQueue(backend, admission, dispatcher, watch, locator)
 
 
-def _peer_labels(node: Node) -> list[dict[str, str]]:
+def _peer_blobs(peers: PeerClient | None, membership: Membership | None) -> PeerBlobs | None:
+    """Where a workspace's missing blobs come from: the healthy peers, if discovery is on."""
+    if peers is None or membership is None:
+        return None
+    return PeerBlobs(peers, lambda: [peer.node_id for peer in membership.healthy()])
+
+
+def _peer_labels(membership: Membership | None) -> list[dict[str, str]]:
     """Labels of every peer membership knows, healthy or not (the 422 check)."""
-    if node.discovery is None:
+    if membership is None:
         return []
-    return [peer.labels for peer in node.discovery.membership]
+    return [peer.labels for peer in membership]
 
 
-def _peer_rooms(node: Node) -> list[Room]:
+def _peer_rooms(membership: Membership | None) -> list[Room]:
     """Labels and announced allocatable of every peer membership knows (the 422 check)."""
-    if node.discovery is None:
+    if membership is None:
         return []
     rooms: list[Room] = []
-    for peer in node.discovery.membership:
+    for peer in membership:
         capacity = Capacity.from_stats(peer.stats)
         rooms.append((peer.labels, capacity.allocatable if capacity is not None else None))
     return rooms

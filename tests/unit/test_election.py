@@ -483,6 +483,7 @@ def test_tap_builds_a_redis_elector_and_publishes_leader_events(tmp_path):
 
     from oxide_cluster import config as config_module
     from oxide_cluster.tap import build_node
+    from oxide_cluster.ws import LiveHub
 
     config = config_module.load(
         {"redis": "redis://127.0.0.1:6399/0", "state_dir": str(tmp_path), "secret": "s",
@@ -493,7 +494,8 @@ def test_tap_builds_a_redis_elector_and_publishes_leader_events(tmp_path):
         assert isinstance(node.elector, RedisElector)
         assert node.elector.key == "oxide:ci:leader" and node.elector.timing.ttl == 1.5
         events: list[dict[str, Any]] = []
-        node.ws.publish = events.append
+        (hub,) = [child for child in top if isinstance(child, LiveHub)]
+        hub.publish = events.append  # type: ignore[method-assign]
         node.elector._learn(("other-node", 7))
         assert events == [{"type": "leader", "node_id": "other-node", "token": 7,
                            "since": events[0]["since"]}]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -18,7 +16,7 @@ from oxide_cluster.wire import Member
 def client() -> tuple[PeerClient, Membership, Clock]:
     clock = Clock()
     membership = Membership(clock)
-    return PeerClient(MemoryReactorClock(), "s", SimpleNamespace(membership=membership)), \
+    return PeerClient(MemoryReactorClock(), "s", membership), \
         membership, clock
 
 
@@ -47,7 +45,7 @@ def test_a_refused_connection_is_known_never_sent() -> None:
     """Nothing reached the peer: the task may safely be tried on another node."""
     reactor = MemoryReactorClock()
     membership = Membership(Clock())
-    peers = PeerClient(reactor, "s", SimpleNamespace(membership=membership))
+    peers = PeerClient(reactor, "s", membership)
     failures = _request_to_node_b(peers, membership)
     _, port, factory, _, _ = reactor.tcpClients[0]
     assert port == 4010
@@ -61,7 +59,7 @@ def test_a_request_that_timed_out_may_have_been_sent() -> None:
     """Connected, then no answer: the peer may have acted on it."""
     reactor = MemoryReactorClock()
     membership = Membership(Clock())
-    peers = PeerClient(reactor, "s", SimpleNamespace(membership=membership), timeout=5)
+    peers = PeerClient(reactor, "s", membership, timeout=5)
     failures = _request_to_node_b(peers, membership)
     _, _, factory, _, _ = reactor.tcpClients[0]
     protocol = factory.buildProtocol(None)

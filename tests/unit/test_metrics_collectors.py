@@ -23,12 +23,13 @@ def fake_node(**extra):
     elector = SimpleNamespace(is_leader=False,
                               leader=lambda: {"node_id": "other", "token": "17", "since": None})
     sampler = SimpleNamespace(current=SimpleNamespace(cpu_percent=5.0, memory_percent=9.0))
+    fields = {"membership": None, "retention": None, **extra}
     return SimpleNamespace(node_id="n1", hostname="h1", executor=executor, elector=elector,
-                           sampler=sampler, discovery=None, **extra)
+                           sampler=sampler, **fields)
 
 
-def scrape(node) -> dict[str, dict[tuple, float]]:
-    metrics = NodeMetrics(node, Map([]))
+def scrape(node, **given) -> dict[str, dict[tuple, float]]:
+    metrics = NodeMetrics(node, Map([]), **given)
     samples: dict[str, dict[tuple, float]] = {}
     text = generate_latest(metrics.registry).decode()
     for family in text_string_to_metric_families(text):
@@ -44,11 +45,9 @@ def test_discovery_counters_and_peer_states_are_exposed():
                 "errors": {"send": 1}}
     peers = [SimpleNamespace(state=_State.ALIVE), SimpleNamespace(state=_State.ALIVE),
              SimpleNamespace(state=_State.DEAD)]
-    discovery = SimpleNamespace(counters=counters,
-                                membership=SimpleNamespace(peers=lambda: peers))
-    node = fake_node()
-    node.discovery = discovery
-    samples = scrape(node)
+    discovery = SimpleNamespace(bound=True, counters=counters)
+    node = fake_node(membership=SimpleNamespace(peers=lambda: peers))
+    samples = scrape(node, discovery=discovery)
     datagrams = samples["oxide_discovery_datagrams_total"]
     assert datagrams[(("direction", "received"), ("type", "announce"))] == 5
     assert datagrams[(("direction", "sent"), ("type", "announce"))] == 7
@@ -65,11 +64,9 @@ def test_without_discovery_or_websocket_their_metrics_are_absent():
     assert samples["oxide_leader_token"][()] == 17  # Redis tokens may arrive as text
 
 
-def test_websocket_hook_reads_a_count_or_a_callable():
-    assert scrape(fake_node(ws=SimpleNamespace(client_count=4)))[
-        "oxide_websocket_clients"][()] == 4
-    assert scrape(fake_node(ws=SimpleNamespace(client_count=lambda: 2)))[
-        "oxide_websocket_clients"][()] == 2
+def test_websocket_clients_are_the_hubs_count_at_scrape_time():
+    hub = SimpleNamespace(client_count=4)
+    assert scrape(fake_node(), websocket_hub=hub)["oxide_websocket_clients"][()] == 4
 
 
 def test_route_template_keeps_label_values_few():

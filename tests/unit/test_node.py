@@ -39,7 +39,7 @@ def make_node(leader_id: str | None) -> Node:
     executor = SimpleNamespace(running_count=0, free_slots=2, capacity=lambda: None)
     return Node(config=SimpleNamespace(labels={}), node_id="a", secret="s",  # type: ignore[arg-type]
                 store=None, executor=executor, sampler=sampler, elector=elector,
-                reactor=clock, discovery=SimpleNamespace(membership=members),
+                reactor=clock, membership=members,
                 hostname="host-a", ip_address="10.0.0.1")
 
 

@@ -32,7 +32,7 @@ class FakeElector:
 class FakeNode:
     node_id: str = "leader"
     elector: FakeElector = attrs.Factory(FakeElector)
-    discovery: object = None
+    membership: object = None
 
 
 def record(node_id="b", retries=1, secret_keys=()):
@@ -105,3 +105,21 @@ def test_a_failed_recovery_is_tried_again_while_leading():
     assert directory.lost == []
     clock.advance(1)
     assert calls == ["b", "b"] and [r["id"] for r in directory.lost] == ["t-b"]
+
+
+def test_a_new_leader_recovers_the_peers_its_membership_has_seen_die():
+    from oxide_cluster.membership import Membership
+    from tests.unit.test_node import announce
+
+    recovery, directory, _, _ = make([record("b"), record("c")])
+    clock = task.Clock()
+    membership = Membership(clock)
+    for node_id, ip in (("b", "10.0.0.2"), ("c", "10.0.0.3")):
+        membership.announce_received(node_id, announce(node_id, None), (ip, 4001))
+    clock.advance(1.5)
+    membership.announce_received("c", announce("c", None), ("10.0.0.3", 4001))
+    clock.advance(1.5)
+    membership.check()  # b silent 3 s: dead; c heard 1.5 s ago: suspect at most
+    recovery._node.membership = membership
+    recovery.leader_changed({"node_id": "leader"})
+    assert [r["id"] for r in directory.lost] == ["t-b"]

@@ -296,3 +296,33 @@ def test_a_follower_that_lost_the_leaders_reply_queues_the_same_id_and_it_runs_o
     # The resumed leader starts it: its claim wins; a dispatch of the queued copy loses.
     assert result(queue.claim(sent["task_id"], "lead")) is None
     assert result(queue.claim(sent["task_id"], "n1")) == "started lead"
+
+
+def test_the_cluster_task_listing_waits_the_configured_peer_timeout_for_each_peer() -> None:
+    """``/tasks?scope=cluster`` asks every healthy peer with ``peer_timeout``, not a
+    fixed wait; a peer that does not answer is listed as unreachable."""
+    from oxide_cluster.membership import Membership
+    from tests.unit.test_node import announce
+
+    rig = make_rig()
+    membership = Membership(rig.clock)
+    for node_id, ip in (("b", "10.0.0.2"), ("c", "10.0.0.3")):
+        membership.announce_received(node_id, announce(node_id, None), (ip, 4001))
+    asked: list[tuple[str, float | None]] = []
+
+    class TimedPeers(FakePeers):
+        async def request(self, node_id: str, method: bytes, path: bytes,
+                          body: bytes | None = None,
+                          headers: dict[bytes, bytes] | None = None,
+                          timeout: float | None = None) -> PeerReply:
+            asked.append((node_id, timeout))
+            if node_id == "c":
+                raise PeerUnavailable("node c did not answer: timeout", sent=True)
+            return PeerReply(200, {}, json.dumps({"tasks": [{"id": "t-b"}]}).encode())
+
+    target = TaskRouter(RouterSettings("n1", {}, 3600.0, 100.0, peer_timeout=42.5), rig.clock,
+                        FakeElector(), rig.scheduler, rig.executor, peers=TimedPeers({}),
+                        membership=membership)
+    page = result(defer.Deferred.fromCoroutine(target.peer_tasks(b"/tasks?limit=5")))
+    assert sorted(asked) == [("b", 42.5), ("c", 42.5)]
+    assert page.tasks == [{"id": "t-b"}] and page.unreachable == ["c"]

@@ -316,9 +316,86 @@ def test_the_peer_client_is_a_service_after_discovery_and_no_trigger_is_left_bes
     try:
         children = list(top)
         (peers,) = [child for child in children if isinstance(child, PeerClient)]
-        assert children.index(peers) == children.index(node.discovery) + 1
-        assert isinstance(node.discovery, DiscoveryService)
+        (discovery,) = [child for child in children if isinstance(child, DiscoveryService)]
+        assert children.index(peers) == children.index(discovery) + 1
+        assert discovery.membership is node.membership is peers._membership
         assert not reactor.whenRunningHooks
         assert not any(reactor.triggers.values())
+    finally:
+        top._lock.release()
+
+
+def test_collaborators_are_given_at_construction_and_reach_the_api(tmp_path, monkeypatch):
+    """Discovery announces the node built before it; the node, peers, blobs from peers and
+    discovery share one membership table; /ready, /stats and /metrics read discovery and
+    the hub that ``build_node`` handed to the API."""
+    from prometheus_client import generate_latest
+
+    from oxide_cluster.discovery import DiscoveryService
+    from oxide_cluster.forwarding import PeerClient
+    from oxide_cluster.workspace import PeerBlobs, Workspaces
+
+    _reactor, top, node = _build(tmp_path, monkeypatch, [], discovery=True, discovery_port=0,
+                                listen="tcp:4123:interface=127.0.0.1")
+    try:
+        children = list(top)
+        (discovery,) = [child for child in children if isinstance(child, DiscoveryService)]
+        (peers,) = [child for child in children if isinstance(child, PeerClient)]
+        (workspaces,) = [child for child in children if isinstance(child, Workspaces)]
+        assert (node.api_port, node.ip_address) == (4123, "127.0.0.1")
+        assert discovery.local_node == node.announcement
+        assert discovery.local_node()["api_port"] == 4123
+        assert discovery.membership is node.membership
+        assert isinstance(workspaces.source, PeerBlobs) and workspaces.source._peers is peers
+        (listener,) = [child for child in children if isinstance(child, HttpListener)]
+        client = StubTreq(listener._factory.resource)
+        headers = {"X-Cluster-Secret": "s"}
+        ready = _fired(_fired(client.get("http://n/ready", headers=headers)).json())
+        assert ready["checks"]["discovery"] is False  # nothing bound: nothing started
+        stats = _fired(_fired(client.get("http://n/stats", headers=headers)).json())
+        assert stats["discovery"]["sent"]["announce"] == 0
+        text = generate_latest(listener._factory._metrics.registry).decode()
+        assert "oxide_discovery_datagrams_total" in text
+        assert "oxide_websocket_clients 0.0" in text
+    finally:
+        top._lock.release()
+
+
+def test_without_discovery_the_node_has_no_peers_and_the_api_no_discovery(
+        tmp_path, monkeypatch):
+    from oxide_cluster.workspace import Workspaces
+
+    _reactor, top, node = _build(tmp_path, monkeypatch, [])
+    try:
+        assert node.membership is None and node.peers_json() == []
+        (workspaces,) = [child for child in top if isinstance(child, Workspaces)]
+        assert workspaces.source is None
+        (listener,) = [child for child in top if isinstance(child, HttpListener)]
+        client = StubTreq(listener._factory.resource)
+        headers = {"X-Cluster-Secret": "s"}
+        ready = _fired(_fired(client.get("http://n/ready", headers=headers)).json())
+        assert "discovery" not in ready["checks"]
+    finally:
+        top._lock.release()
+
+
+def test_the_service_tree_starts_in_dependency_order_and_stops_in_reverse(
+        tmp_path, monkeypatch):
+    """Construction order is free; the start order is the tree's (stop: its reverse):
+    store and Redis first, discovery before its peer client, the drain last."""
+    state = ClusterState(queue=FakeQueue(), directory=_Directory(), suites=_Suites(),
+                         service=service.Service())
+    plugin = providers.Provider(
+        "election", "ledger", lambda context: StandaloneElector(context.reactor,
+                                                                context.node_id),
+        cluster_state=lambda context: state)
+    _reactor, top, _node = _build(tmp_path, monkeypatch, [plugin], election="ledger",
+                                  discovery=True, discovery_port=0)
+    try:
+        assert [type(child).__name__ for child in top] == [
+            "Store", "Service", "StatsSampler", "BlobStore", "Workspaces", "Retention",
+            "_RecoverThenRun", "Scheduler", "StandaloneElector", "DiscoveryService",
+            "PeerClient", "ClusterDispatcher", "AdmittedWatch", "LiveHub", "HttpListener",
+            "DrainOnStop"]
     finally:
         top._lock.release()
