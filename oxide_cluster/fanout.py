@@ -108,7 +108,8 @@ def expand_globs(paths: Iterable[str], globs: Sequence[str]) -> list[str]:
 
 def split_by_size(sizes: Mapping[str, int], shards: int) -> list[list[str]]:
     """Split files into at most ``shards`` parts of nearly equal total size: largest file
-    first (ties by name) onto the lightest part so far (ties: the lowest index). The same
+    first (ties by name) onto the lightest part so far (ties: the one with fewer files,
+    then the lowest index, so empty files still fill empty parts). The same
     input gives the same split; no part is empty (fewer files than shards: fewer parts);
     each part is sorted by name."""
     if shards < 1:
@@ -116,7 +117,7 @@ def split_by_size(sizes: Mapping[str, int], shards: int) -> list[list[str]]:
     parts: list[list[str]] = [[] for _ in range(min(shards, len(sizes)))]
     loads = [0] * len(parts)
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        lightest = min(range(len(parts)), key=lambda i: (loads[i], i))
+        lightest = min(range(len(parts)), key=lambda i: (loads[i], len(parts[i]), i))
         parts[lightest].append(name)
         loads[lightest] += sizes[name]
     return [sorted(part) for part in parts]

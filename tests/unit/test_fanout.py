@@ -168,3 +168,8 @@ def test_a_report_with_a_doctype_is_not_merged():
     evil = b'<!DOCTYPE x [<!ENTITY e "boom">]><testsuite tests="99"/>'
     merged = merge_junit([[evil, suite("ok", 1)]])
     assert merged.total.tests == 1
+
+
+def test_empty_files_still_fill_every_shard():
+    # Found by hypothesis: two empty files once both landed on the first shard.
+    assert split_by_size({"_": 0, "__": 0}, 2) == [["_"], ["__"]]
