@@ -2,14 +2,17 @@
 
 A blob is written to a temporary file while its digest is computed, and renamed to its
 name only if the digest matches: a reader never sees a partial or wrong blob, and an agent
-killed mid-write leaves only a temporary file (swept at start). Uploads are durable
-before they are acknowledged: one ``syncfs`` after a batch step's renames (up to
-``BATCH_STEP_BLOBS`` blobs), ``fsync`` of the file and its directory for a single
-``PUT``. A power loss can still tear a blob renamed but not yet flushed, or one fetched
-from a peer (not flushed: it can be fetched again): every blob found at start
-is *unverified* until a task first needs it, then hashed once (``verify``) and dropped if
-its bytes no longer match its name (hashing at start would cost ~1 s per 100 MB read
-cold, before any task could run). The cache has a size cap
+killed mid-write leaves only a temporary file (swept at start). Blobs of a
+``POST /cas/batch`` are not flushed one step at a time: an upload ends with a single
+``PUT`` (the manifest), and that ``PUT`` is acknowledged only after one ``syncfs``
+flushed every batch blob renamed before it (``flush``; a single ``PUT`` of its own is
+``fsync``-ed, file and directory). A task's blobs are flushed before its tree is built,
+whichever way they came. A power loss can still tear a blob renamed but not yet
+flushed, or one fetched from a peer (not flushed: it can be fetched again): every blob
+found at start is *unverified* until a task first needs it, then hashed once
+(``verify``) and dropped if its bytes no longer match its name (hashing at start would
+cost ~1 s per 100 MB read cold, before any task could run); so are the blobs a failed
+``flush`` leaves in doubt. The cache has a size cap
 (``workspace_cache``); past it, the least recently used blobs go, except those pinned: a
 queued or running task pins its workspace's blobs, and a task's artifacts stay pinned
 for as long as the task keeps them. The index and the pins live on the reactor thread;
@@ -50,6 +53,8 @@ BATCH_STEP_BLOBS = 256
 BATCH_STEP_BYTES = 16 * CHUNK
 _FRAME_HEADER_MAX = 64 + 1 + 20 + 1
 BATCH_BUFFER = 8 * CHUNK  # a streamed batch body buffered before its sender is paused
+# Batch blobs left unflushed at most (no manifest PUT, no task): then one flush.
+FLUSH_BACKLOG = 65536
 STREAMING_MAX = 2  # at most this many pool threads wait on a batch body's bytes
 _SERIAL = itertools.count()
 T = TypeVar("T")
@@ -308,6 +313,9 @@ class BlobStore(service.Service):
         self.used = 0
         self.evicted = 0
         self.streaming = 0  # batch bodies being written as they arrive
+        # Batch blobs renamed and indexed but not flushed yet, oldest first (``flush``).
+        self._unflushed: list[str] = []
+        self.flushes = 0  # syncfs calls made by ``flush`` since start (tests, bench)
         # Bytes of task directories kept on this disk after their task (workspace.py:
         # retained for reuse, kept after a failure), counted inside ``capacity``; when a
         # blob cannot fit otherwise, ``reclaim`` drops some of them (see _admit).
@@ -464,6 +472,8 @@ class BlobStore(service.Service):
             self.touch(digest)
             return False
         _, size = await self._run(lambda: self._write(digest, source, durable))
+        if durable:
+            await self.flush()  # the upload's last PUT: its batches are on disk too
         return await self._admit(digest, size, pin)
 
     async def put_bytes(self, digest: str, data: bytes, pin: bool = False) -> bool:
@@ -495,6 +505,8 @@ class BlobStore(service.Service):
                     await self._run(partial(_unlink_all, rest))
                     error = refused
                     break
+                if admitted:
+                    self._unflushed.append(digest)
                 stored, present = stored + admitted, present + (not admitted)
                 total += size
             if error is not None:
@@ -502,6 +514,8 @@ class BlobStore(service.Service):
                 raise BlobError(error.status, error.code,
                                 f"{error.message} (frame {kept + 1}; the {kept} before it "
                                 "were kept)")
+            if len(self._unflushed) >= FLUSH_BACKLOG:
+                await self.flush()  # batches without a manifest PUT or a task for long
             if not more:
                 return BatchResult(stored, present, total)
 
@@ -509,11 +523,42 @@ class BlobStore(service.Service):
         """Flush blobs stored with ``durable=False`` (one ``syncfs`` for all of them)."""
         return self._run(lambda: sync_filesystem(self.root))
 
+    async def flush(self, digests: Iterable[str] | None = None) -> None:
+        """Put the batch blobs stored so far on disk with one ``syncfs``; with
+        ``digests``, only if one of them is still unflushed (else nothing to do).
+
+        If the flush fails, the blobs it was for are in doubt: they become unverified
+        (hashed before a task uses them, see ``verify``) and BlobError 507 is raised
+        for a full disk (the OSError otherwise)."""
+        if not self._unflushed:
+            return
+        if digests is not None and self._unflushed_set().isdisjoint(digests):
+            return
+        # Every blob listed here was renamed before this syncfs starts; blobs renamed
+        # meanwhile stay listed for the next flush.
+        count = len(self._unflushed)
+        self.flushes += 1
+        try:
+            await self._run(lambda: sync_filesystem(self.root))
+        except OSError as error:
+            doubtful = self._unflushed[:count]
+            del self._unflushed[:count]
+            self._unverified.update(digest for digest in doubtful if digest in self._sizes)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                raise BlobError(507, "disk_full", "the uploaded blobs could not be "
+                                f"flushed to disk ({error.strerror}); they are checked "
+                                "again before use") from None
+            raise
+        del self._unflushed[:count]
+
+    def _unflushed_set(self) -> set[str]:
+        return set(self._unflushed)
+
     def _write_frames(self, source: BinaryIO
                       ) -> tuple[list[tuple[str, int]], BlobError | None, bool]:
         """One step of a batch (blocking): (written frames, the error that stopped it,
-        whether frames may follow). The step's frames are written to temp files, renamed,
-        and flushed with one ``syncfs`` (data and directory entries)."""
+        whether frames may follow). The step's frames are written to temp files and
+        renamed; flushed later, once for the whole upload (``flush``)."""
         pending: list[tuple[str, str, int]] = []
         try:
             error, more = self._write_step(source, pending)
@@ -530,12 +575,10 @@ class BlobStore(service.Service):
         if not pending:
             return
         try:
+            # Renamed before the data is on disk: a power loss before ``flush`` can
+            # leave a torn blob under its name, which is what ``verify`` finds out.
             for temp, digest, _ in pending:
                 self._rename(temp, digest)
-            # One flush of the data and the new entries together. Renaming before the
-            # data is on disk lets a power loss leave a torn blob under its name: that
-            # is what ``verify`` finds out, and it halves the flushes (measured).
-            sync_filesystem(self.root)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BlobError(507, "disk_full", "no space left for the blob") from None

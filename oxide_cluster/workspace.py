@@ -578,6 +578,11 @@ class Workspaces(service.Service):
         self.blobs.pin(wanted)
         pins.extend(wanted)
         await self._fetch(wanted)
+        try:  # uploaded blobs the manifest's PUT did not flush (it was here already)
+            await self.blobs.flush(wanted)
+        except BlobError as error:
+            raise WorkspaceError(f"cannot flush the workspace's blobs: {error.message}") \
+                from None
         await self._verify(wanted)
         root = self.directory(task.id)
         self._built[task.id] = await self._build(manifest, root)
