@@ -55,6 +55,7 @@ _FRAME_HEADER_MAX = 64 + 1 + 20 + 1
 BATCH_BUFFER = 8 * CHUNK  # a streamed batch body buffered before its sender is paused
 # Batch blobs left unflushed at most (no manifest PUT, no task): then one flush.
 FLUSH_BACKLOG = 65536
+FSYNC_MAX = 32  # up to this many unflushed blobs: an fsync each rather than a syncfs
 STREAMING_MAX = 2  # at most this many pool threads wait on a batch body's bytes
 _SERIAL = itertools.count()
 T = TypeVar("T")
@@ -95,6 +96,21 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """``fsync`` each file (one evicted meanwhile is skipped), then each directory."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for directory in dict.fromkeys(path.parent for path in paths):
+        _fsync_directory(directory)
 
 
 def _matches(path: Path, digest: str) -> bool:
@@ -524,8 +540,10 @@ class BlobStore(service.Service):
         return self._run(lambda: sync_filesystem(self.root))
 
     async def flush(self, digests: Iterable[str] | None = None) -> None:
-        """Put the batch blobs stored so far on disk with one ``syncfs``; with
-        ``digests``, only if one of them is still unflushed (else nothing to do).
+        """Put the batch blobs stored so far on disk with one ``syncfs`` (an ``fsync``
+        each, and of their directories, when they are at most ``FSYNC_MAX``: syncfs
+        also writes every task directory's dirty pages); with ``digests``, only if one
+        of them is still unflushed (else nothing to do).
 
         If the flush fails, the blobs it was for are in doubt: they become unverified
         (hashed before a task uses them, see ``verify``) and BlobError 507 is raised
@@ -538,8 +556,10 @@ class BlobStore(service.Service):
         # meanwhile stay listed for the next flush.
         count = len(self._unflushed)
         self.flushes += 1
+        few = [self.path(digest) for digest in self._unflushed] if count <= FSYNC_MAX else None
         try:
-            await self._run(lambda: sync_filesystem(self.root))
+            await self._run(lambda: sync_filesystem(self.root) if few is None
+                            else _fsync_files(few))
         except OSError as error:
             doubtful = self._unflushed[:count]
             del self._unflushed[:count]

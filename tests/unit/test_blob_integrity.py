@@ -7,6 +7,7 @@ import io
 import os
 from pathlib import Path
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -123,6 +124,7 @@ def batch_body(blobs: list[bytes]) -> io.BytesIO:
 
 
 def test_batches_are_flushed_once_by_the_uploads_manifest_put(tmp_path, monkeypatch):
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)  # the syncfs path
     store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=offload)
     store.startService()
     blobs = [b"first blob", b"second blob", b"third blob"]
@@ -147,6 +149,7 @@ def test_batches_are_flushed_once_by_the_uploads_manifest_put(tmp_path, monkeypa
 
 def test_a_flush_that_fails_leaves_the_blobs_to_be_checked_before_use(tmp_path,
                                                                        monkeypatch):
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)
     store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=offload)
     store.startService()
 
@@ -169,7 +172,23 @@ def test_a_flush_that_fails_leaves_the_blobs_to_be_checked_before_use(tmp_path,
     assert list((tmp_path / "cas" / "tmp").iterdir()) == []
 
 
+def test_a_few_unflushed_blobs_are_fsynced_one_by_one_not_the_whole_disk(tmp_path,
+                                                                         monkeypatch):
+    store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=offload)
+    store.startService()
+    monkeypatch.setattr(cas, "sync_filesystem", lambda path: pytest.fail("syncfs"))
+    synced = []
+    original = cas._fsync_files
+    monkeypatch.setattr(cas, "_fsync_files",
+                        lambda paths: synced.append([p.name for p in paths]) or original(paths))
+    data = b"one changed file"
+    outcome(defer.Deferred.fromCoroutine(store.put_batch(batch_body([data]))))
+    assert put(store, b"its manifest") is True
+    assert synced == [[digest_bytes(data)]] and store.flushes == 1
+
+
 def test_a_task_flushes_uploaded_blobs_its_manifest_put_did_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)  # the syncfs path
     store = blob_store(tmp_path, 10_000)
     tree = build_manifest([FileEntry("f.txt", 0o644, len(CONTENT), digest_bytes(CONTENT))])
     assert put(store, tree.encode()) is True  # the manifest was here already
