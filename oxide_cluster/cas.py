@@ -52,6 +52,7 @@ CHUNK = 1024 * 1024
 BATCH_STEP_BLOBS = 256
 BATCH_STEP_BYTES = 16 * CHUNK
 _FRAME_HEADER_MAX = 64 + 1 + 20 + 1
+BATCH_READ = CHUNK  # socket reads of a batch body's connection (api.batch_sink)
 BATCH_BUFFER = 8 * CHUNK  # a streamed batch body buffered before its sender is paused
 # Batch blobs left unflushed at most (no manifest PUT, no task): then one flush.
 FLUSH_BACKLOG = 65536
@@ -135,8 +136,17 @@ class BlobError(Exception):
         self.message = message
 
 
-def _copy_hashing(source: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, int]:
-    """Copy in chunks (never the whole blob in memory); stop past ``limit`` bytes."""
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    written = os.write(fd, data)
+    while written < len(data):  # a regular file writes it all, bar a signal
+        data = memoryview(data)[written:]
+        written = os.write(fd, data)
+
+
+def _copy_hashing(source: BinaryIO, target: int, limit: int) -> tuple[str, int]:
+    """Copy to the descriptor ``target`` in chunks (never the whole blob in memory);
+    stop past ``limit`` bytes. Bare ``os.write``: a file object per blob cost more than
+    writing a small blob (thousands per upload)."""
     digest = hashlib.sha256()
     size = 0
     while True:
@@ -148,7 +158,7 @@ def _copy_hashing(source: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, 
             raise BlobError(413, "blob_too_large",
                             f"blob is over the limit of {limit} bytes (workspace_cache)")
         digest.update(chunk)
-        target.write(chunk)
+        _write_all(target, chunk)
 
 
 class _Exactly:
@@ -318,6 +328,7 @@ class BlobStore(service.Service):
                  offload: Offload[object] | None = None) -> None:
         self._reactor = reactor
         self.root = root
+        self._prefix = str(root)
         self.capacity = capacity
         self._pool: ThreadPool | None = None
         self._offload = offload
@@ -634,7 +645,7 @@ class BlobStore(service.Service):
             final = self._rename(temp, actual)
             temp = ""
             if durable:
-                _fsync_directory(final.parent)
+                _fsync_directory(Path(final).parent)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BlobError(507, "disk_full", "no space left for the blob") from None
@@ -644,12 +655,12 @@ class BlobStore(service.Service):
                 _unlink(Path(temp))
         return actual, size
 
-    def _rename(self, temp: str, digest: str) -> Path:
-        final = self.path(digest)
+    def _rename(self, temp: str, digest: str) -> str:
+        final = f"{self._prefix}/{digest[:2]}/{digest}"  # no Path: thousands per upload
         try:
             os.replace(temp, final)
         except FileNotFoundError:  # its shard directory is not made yet
-            final.parent.mkdir(exist_ok=True)
+            Path(final).parent.mkdir(exist_ok=True)
             os.replace(temp, final)
         return final
 
@@ -658,14 +669,15 @@ class BlobStore(service.Service):
         """Copy ``source`` to a new temp file while hashing it: (temp path, digest, size).
         Nothing is left behind if this raises."""
         # A temp name of our own (no mkstemp retries), created read-only: no chmod after.
-        temp_name = str(self.root / "tmp" / f"put-{threading.get_ident()}-{next(_SERIAL)}")
+        temp_name = f"{self._prefix}/tmp/put-{threading.get_ident()}-{next(_SERIAL)}"
         try:
             fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            with os.fdopen(fd, "wb") as target:
-                actual, size = _copy_hashing(source, target, self.capacity)
+            try:
+                actual, size = _copy_hashing(source, fd, self.capacity)
                 if fsync:
-                    target.flush()
-                    os.fsync(target.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             if expected is not None and actual != expected:
                 raise BlobError(400, "digest_mismatch",
                                 f"the bytes hash to {actual}, not {expected}")

@@ -184,10 +184,14 @@ class DigestCache:
 
 
 def _file_digest(path: Path) -> str:
+    # os.read on a bare descriptor: a file object costs more than hashing a small file.
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while chunk := os.read(fd, _READ):
             digest.update(chunk)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
