@@ -40,6 +40,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from oxide_cluster.cas import BlobError, BlobStore
 from oxide_cluster.forwarding import PeerClient, PeerUnavailable
@@ -447,6 +448,9 @@ class Workspaces(service.Service):
         self._built: dict[str, BuiltTree] = {}
         # Finished task directories kept to build the next tree from, oldest first.
         self._retained: list[tuple[Path, BuiltTree]] = []
+        # Finished tasks' directories being measured or removed (see _retire).
+        self._settling: set[defer.Deferred[None]] = set()
+        self._removing: set[defer.Deferred[None]] = set()
         # Bytes of each retained or kept-after-failure directory (in blobs.trees).
         self._tree_bytes: dict[Path, int] = {}
         self._git_users: dict[str, str] = {}  # task id: the URL its checkout borrows from
@@ -607,6 +611,8 @@ class Workspaces(service.Service):
 
     async def _build(self, manifest: Manifest, root: Path) -> BuiltTree:
         """From the retained tree sharing most files with ``manifest``, else afresh."""
+        if self._settling:  # a just-finished tree may be about to be retained
+            await defer.DeferredList(list(self._settling))
         wanted = {(entry.path, entry.digest) for entry in manifest.files}
         best, shared = None, 0
         for index, (_, built) in enumerate(self._retained):
@@ -741,26 +747,56 @@ class Workspaces(service.Service):
 
     async def _retire(self, task_id: str, root: Path, built: BuiltTree | None) -> None:
         """Keep the directory of a finished task to build the next tree from (up to
-        RETAINED_TREES of them, counted in workspace_cache), else remove it."""
+        RETAINED_TREES of them, counted in workspace_cache), else remove it.
+
+        Only a rename happens before the task's end is announced; measuring a kept
+        tree or removing one (thousands of files) goes on after it, the tree counted in
+        workspace_cache by its manifest's size meanwhile; the next ``_build`` waits
+        for a tree being measured (it may be the one to reuse), not for removals."""
         # Not under run_as: the user owned those files, and a process of its that
         # outlived the task could still change one after it is judged unchanged.
-        if built is None or RETAINED_TREES == 0 or not self.running \
-                or self.run_as is not None:
-            await self.blobs.run(lambda: remove_tree(root))
-            return
-        target = self.retained_root / task_id
+        keep = built is not None and RETAINED_TREES > 0 and self.running \
+            and self.run_as is None
+        target = self.retained_root / task_id if keep \
+            else self.root / f".removing-{task_id}"  # same filesystem: a rename
 
-        def move() -> int | None:
+        def move() -> bool:
             try:
                 os.rename(root, target)
+            except FileNotFoundError:
+                return False
             except OSError:
                 remove_tree(root)
-                return None
-            return _tree_size(target)
+                return False
+            return True
 
-        size = await self.blobs.run(move)
-        if size is None:
+        if not await self.blobs.run(move):
             return
+        self._count(target, built.manifest.total_size if built is not None else 0)
+        settling = defer.Deferred.fromCoroutine(self._settle(target, built if keep else None))
+        pending = self._settling if keep else self._removing
+        pending.add(settling)
+
+        def settled(result: object) -> None:
+            pending.discard(settling)
+            if isinstance(result, Failure):
+                self.log.failure("cannot keep or remove {path}", result, path=target)
+
+        settling.addBoth(settled)
+
+    async def _settle(self, target: Path, built: BuiltTree | None) -> None:
+        """After the task's end: remove ``target`` (``built`` None), or measure it and
+        keep it as a retained tree if it fits."""
+        if built is None:
+            try:
+                await self.blobs.run(lambda: remove_tree(target))
+            finally:
+                self._uncount(target)
+            return
+        try:
+            size = await self.blobs.run(partial(_tree_size, target))
+        finally:
+            self._uncount(target)
         dropped = self._drop_retained(lambda: self.blobs.fits(size), RETAINED_TREES - 1)
         if self.blobs.fits(size):
             self._retained.append((target, built))
