@@ -413,6 +413,10 @@ class BlobStore(service.Service):
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
 
+    def file(self, digest: str) -> str:
+        """``path`` as a string: no Path object in loops over thousands of blobs."""
+        return f"{self._prefix}/{digest[:2]}/{digest}"
+
     def has(self, digest: str) -> bool:
         return digest in self._sizes
 
@@ -656,7 +660,7 @@ class BlobStore(service.Service):
         return actual, size
 
     def _rename(self, temp: str, digest: str) -> str:
-        final = f"{self._prefix}/{digest[:2]}/{digest}"  # no Path: thousands per upload
+        final = self.file(digest)
         try:
             os.replace(temp, final)
         except FileNotFoundError:  # its shard directory is not made yet

@@ -85,7 +85,7 @@ class _Copier:
     def __init__(self) -> None:
         self.reflink = True
 
-    def copy(self, source: Path, target: Path, mode: int) -> os.stat_result:
+    def copy(self, source: str | Path, target: str | Path, mode: int) -> os.stat_result:
         """Write ``target`` (which must not exist) with ``source``'s bytes and ``mode``;
         its stat as the task will find it."""
         src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
@@ -120,6 +120,7 @@ class _Copier:
 # mtime_ns, ctime_ns, mode). Any write, chmod, rename over or re-link by a task changes
 # ctime (which no unprivileged process can set back) or the inode.
 FileStat = tuple[int, int, int, int, int]
+BlobPath = Callable[[str], "str | Path"]  # a digest's file in the cache (BlobStore.file)
 
 
 @attrs.define
@@ -142,7 +143,7 @@ def _workspace_error(error: OSError) -> WorkspaceError:
     return WorkspaceError(f"cannot build the workspace: {error}")
 
 
-def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Path,
+def _place_files(manifest: Manifest, blob_path: BlobPath, root: Path,
                  keep: dict[str, FileStat]) -> BuiltTree:
     """Copy every manifest file not in ``keep`` into ``root``, add the symlinks, and
     return what was made."""
@@ -159,10 +160,11 @@ def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Pat
             made.add(parent)
         todo.append(entry)
     copier = _Copier()
+    prefix = f"{root}/"  # strings, not Paths: the threads share the GIL for thousands
 
     def place(entries: Sequence[FileEntry]) -> None:
         for entry in entries:
-            info = copier.copy(blob_path(entry.digest), root / entry.path, entry.mode)
+            info = copier.copy(blob_path(entry.digest), prefix + entry.path, entry.mode)
             files[entry.path] = _file_stat(info)
 
     # Two threads: the copies are in the kernel, the per-file calls release the GIL.
@@ -194,7 +196,7 @@ def _catching(run: Callable[[], None], failed: list[BaseException]) -> None:
         failed.append(error)
 
 
-def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path
+def build_tree(manifest: Manifest, blob_path: BlobPath, root: Path
                ) -> BuiltTree:
     """Create ``root`` (which must not exist) holding the manifest's files and symlinks.
 
@@ -207,7 +209,7 @@ def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path
         raise _workspace_error(error) from None
 
 
-def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: Callable[[str], Path],
+def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: BlobPath,
                root: Path) -> BuiltTree:
     """Turn ``root``, an earlier task's directory built from ``old``, into ``manifest``'s
     tree, copying only what differs.
@@ -621,14 +623,14 @@ class Workspaces(service.Service):
             if overlap > shared:
                 best, shared = index, overlap
         if best is None:
-            return await self.blobs.run(lambda: build_tree(manifest, self.blobs.path, root))
+            return await self.blobs.run(lambda: build_tree(manifest, self.blobs.file, root))
         retained, old = self._retained.pop(best)
         self._uncount(retained)  # the task's own directory now, not a kept one
 
         def rebuild() -> BuiltTree:
             try:
                 os.rename(retained, root)
-                return reuse_tree(old, manifest, self.blobs.path, root)
+                return reuse_tree(old, manifest, self.blobs.file, root)
             except OSError as error:
                 if error.errno in (errno.ENOSPC, errno.EDQUOT):
                     remove_tree(root)
@@ -636,7 +638,7 @@ class Workspaces(service.Service):
                 self.log.info("rebuilding a workspace from scratch: {error}", error=error)
                 remove_tree(retained)
                 remove_tree(root)
-                return build_tree(manifest, self.blobs.path, root)
+                return build_tree(manifest, self.blobs.file, root)
 
         built = await self.blobs.run(rebuild)
         self.reused_files += built.reused
