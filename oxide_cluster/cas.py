@@ -342,6 +342,7 @@ class BlobStore(service.Service):
         self.streaming = 0  # batch bodies being written as they arrive
         # Batch blobs renamed and indexed but not flushed yet, oldest first (``flush``).
         self._unflushed: list[str] = []
+        self._flushing = defer.DeferredLock()
         self.flushes = 0  # syncfs calls made by ``flush`` since start (tests, bench)
         # Bytes of task directories kept on this disk after their task (workspace.py:
         # retained for reuse, kept after a failure), counted inside ``capacity``; when a
@@ -502,9 +503,11 @@ class BlobStore(service.Service):
                 self.pin([digest])
             self.touch(digest)
             return False
-        _, size = await self._run(lambda: self._write(digest, source, durable))
         if durable:
-            await self.flush()  # the upload's last PUT: its batches are on disk too
+            # The upload's last PUT (its manifest): the batches before it go to disk
+            # first, so a failed flush leaves no written and unindexed blob behind.
+            await self.flush()
+        _, size = await self._run(lambda: self._write(digest, source, durable))
         return await self._admit(digest, size, pin)
 
     async def put_bytes(self, digest: str, data: bytes, pin: bool = False) -> bool:
@@ -563,6 +566,14 @@ class BlobStore(service.Service):
         If the flush fails, the blobs it was for are in doubt: they become unverified
         (hashed before a task uses them, see ``verify``) and BlobError 507 is raised
         for a full disk (the OSError otherwise)."""
+        # One flush at a time: each removes from the list exactly the blobs it covered.
+        await self._flushing.acquire()
+        try:
+            await self._flush(digests)
+        finally:
+            self._flushing.release()
+
+    async def _flush(self, digests: Iterable[str] | None) -> None:
         if not self._unflushed:
             return
         if digests is not None and self._unflushed_set().isdisjoint(digests):

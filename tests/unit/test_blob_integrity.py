@@ -141,8 +141,8 @@ def test_batches_are_flushed_once_by_the_uploads_manifest_put(tmp_path, monkeypa
     manifest = build_manifest([FileEntry(f"f{i}", 0o644, len(b), digest_bytes(b))
                                for i, b in enumerate(blobs)]).encode()
     assert put(store, manifest) is True
-    # One flush, before the manifest's PUT is answered, of every blob renamed before it.
-    assert named == [sorted([digest_bytes(b) for b in blobs] + [digest_bytes(manifest)])]
+    # One flush of every batch blob, before the manifest's PUT is stored and answered.
+    assert named == [sorted(digest_bytes(b) for b in blobs)]
     assert put(store, b"another single PUT") is True
     assert len(named) == 1  # nothing left to flush: fsync of that blob alone
 
@@ -162,6 +162,8 @@ def test_a_flush_that_fails_leaves_the_blobs_to_be_checked_before_use(tmp_path,
     failure = outcome(defer.Deferred.fromCoroutine(store.put_bytes(
         digest_bytes(b"manifest"), b"manifest")))
     assert failure.value.code == "disk_full"
+    assert not store.has(digest_bytes(b"manifest"))
+    assert sorted(p.name for p in (tmp_path / "cas").glob("??/*")) == [digest_bytes(data)]
     monkeypatch.undo()
     checked = []
     original = cas._matches
@@ -213,3 +215,34 @@ def test_a_finished_workspace_task_state_is_untouched_by_verification(tmp_path):
     ran.state = TaskState.SUCCEEDED
     outcome(workspaces.finish(ran))
     assert store.corrupt == 0
+
+
+def test_a_blob_stored_during_a_flush_is_left_for_the_next_one(tmp_path, monkeypatch):
+    from tests.unit.test_workspace_bounds import HeldWork
+
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)
+    monkeypatch.setattr(cas, "sync_filesystem", lambda path: None)
+    work = HeldWork()
+    store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=work)
+    store.startService()
+
+    def batch(data: bytes) -> None:
+        work.hold = False
+        outcome(defer.Deferred.fromCoroutine(store.put_batch(batch_body([data]))))
+        work.hold = True
+
+    def flush(digests=None) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(store.flush(digests))
+
+    batch(b"a")
+    first = flush()  # its syncfs waits in the queue
+    batch(b"b")
+    second = flush()
+    work.step()  # the first syncfs: it covered "a" only
+    assert outcome(first) is None
+    batch(b"c")  # stored while the second flush is under way
+    work.step()
+    assert outcome(second) is None and store.flushes == 2
+    third = flush([digest_bytes(b"c")])  # "c" was in no flush yet: it gets one
+    work.step()
+    assert outcome(third) is None and store.flushes == 3
