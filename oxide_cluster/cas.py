@@ -6,8 +6,8 @@ killed mid-write leaves only a temporary file (swept at start). Blobs of a
 ``POST /cas/batch`` are not flushed one step at a time: an upload ends with a single
 ``PUT`` (the manifest), and that ``PUT`` is acknowledged only after one ``syncfs``
 flushed every batch blob renamed before it (``flush``; a single ``PUT`` of its own is
-``fsync``-ed, file and directory). A task's blobs are flushed before its tree is built,
-whichever way they came. A power loss can still tear a blob renamed but not yet
+``fsync``-ed, file and directory). A task's uploaded blobs are flushed before its tree is
+built. A power loss can still tear a blob renamed but not yet
 flushed, or one fetched from a peer (not flushed: it can be fetched again): every blob
 found at start is *unverified* until a task first needs it, then hashed once
 (``verify``) and dropped if its bytes no longer match its name (hashing at start would
