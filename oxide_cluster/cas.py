@@ -2,14 +2,17 @@
 
 A blob is written to a temporary file while its digest is computed, and renamed to its
 name only if the digest matches: a reader never sees a partial or wrong blob, and an agent
-killed mid-write leaves only a temporary file (swept at start). Uploads are durable
-before they are acknowledged: one ``syncfs`` after a batch step's renames (up to
-``BATCH_STEP_BLOBS`` blobs), ``fsync`` of the file and its directory for a single
-``PUT``. A power loss can still tear a blob renamed but not yet flushed, or one fetched
-from a peer (not flushed: it can be fetched again): every blob found at start
-is *unverified* until a task first needs it, then hashed once (``verify``) and dropped if
-its bytes no longer match its name (hashing at start would cost ~1 s per 100 MB read
-cold, before any task could run). The cache has a size cap
+killed mid-write leaves only a temporary file (swept at start). Blobs of a
+``POST /cas/batch`` are not flushed one step at a time: an upload ends with a single
+``PUT`` (the manifest), and that ``PUT`` is acknowledged only after one ``syncfs``
+flushed every batch blob renamed before it (``flush``; a single ``PUT`` of its own is
+``fsync``-ed, file and directory). A task's uploaded blobs are flushed before its tree is
+built. A power loss can still tear a blob renamed but not yet
+flushed, or one fetched from a peer (not flushed: it can be fetched again): every blob
+found at start is *unverified* until a task first needs it, then hashed once
+(``verify``) and dropped if its bytes no longer match its name (hashing at start would
+cost ~1 s per 100 MB read cold, before any task could run); so are the blobs a failed
+``flush`` leaves in doubt. The cache has a size cap
 (``workspace_cache``); past it, the least recently used blobs go, except those pinned: a
 queued or running task pins its workspace's blobs, and a task's artifacts stay pinned
 for as long as the task keeps them. The index and the pins live on the reactor thread;
@@ -49,7 +52,11 @@ CHUNK = 1024 * 1024
 BATCH_STEP_BLOBS = 256
 BATCH_STEP_BYTES = 16 * CHUNK
 _FRAME_HEADER_MAX = 64 + 1 + 20 + 1
+BATCH_READ = CHUNK  # socket reads of a batch body's connection (api.batch_sink)
 BATCH_BUFFER = 8 * CHUNK  # a streamed batch body buffered before its sender is paused
+# Batch blobs left unflushed at most (no manifest PUT, no task): then one flush.
+FLUSH_BACKLOG = 65536
+FSYNC_MAX = 32  # up to this many unflushed blobs: an fsync each rather than a syncfs
 STREAMING_MAX = 2  # at most this many pool threads wait on a batch body's bytes
 _SERIAL = itertools.count()
 T = TypeVar("T")
@@ -92,6 +99,21 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_files(paths: list[Path]) -> None:
+    """``fsync`` each file (one evicted meanwhile is skipped), then each directory."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for directory in dict.fromkeys(path.parent for path in paths):
+        _fsync_directory(directory)
+
+
 def _matches(path: Path, digest: str) -> bool:
     """Whether the file at ``path`` hashes to ``digest`` (False if it is gone)."""
     hashed = hashlib.sha256()
@@ -114,8 +136,17 @@ class BlobError(Exception):
         self.message = message
 
 
-def _copy_hashing(source: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, int]:
-    """Copy in chunks (never the whole blob in memory); stop past ``limit`` bytes."""
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    written = os.write(fd, data)
+    while written < len(data):  # a regular file writes it all, bar a signal
+        data = memoryview(data)[written:]
+        written = os.write(fd, data)
+
+
+def _copy_hashing(source: BinaryIO, target: int, limit: int) -> tuple[str, int]:
+    """Copy to the descriptor ``target`` in chunks (never the whole blob in memory);
+    stop past ``limit`` bytes. Bare ``os.write``: a file object per blob cost more than
+    writing a small blob (thousands per upload)."""
     digest = hashlib.sha256()
     size = 0
     while True:
@@ -127,7 +158,7 @@ def _copy_hashing(source: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, 
             raise BlobError(413, "blob_too_large",
                             f"blob is over the limit of {limit} bytes (workspace_cache)")
         digest.update(chunk)
-        target.write(chunk)
+        _write_all(target, chunk)
 
 
 class _Exactly:
@@ -297,6 +328,7 @@ class BlobStore(service.Service):
                  offload: Offload[object] | None = None) -> None:
         self._reactor = reactor
         self.root = root
+        self._prefix = str(root)
         self.capacity = capacity
         self._pool: ThreadPool | None = None
         self._offload = offload
@@ -308,6 +340,10 @@ class BlobStore(service.Service):
         self.used = 0
         self.evicted = 0
         self.streaming = 0  # batch bodies being written as they arrive
+        # Batch blobs renamed and indexed but not flushed yet, oldest first (``flush``).
+        self._unflushed: list[str] = []
+        self._flushing = defer.DeferredLock()
+        self.flushes = 0  # syncfs calls made by ``flush`` since start (tests, bench)
         # Bytes of task directories kept on this disk after their task (workspace.py:
         # retained for reuse, kept after a failure), counted inside ``capacity``; when a
         # blob cannot fit otherwise, ``reclaim`` drops some of them (see _admit).
@@ -377,6 +413,10 @@ class BlobStore(service.Service):
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
+
+    def file(self, digest: str) -> str:
+        """``path`` as a string: no Path object in loops over thousands of blobs."""
+        return f"{self._prefix}/{digest[:2]}/{digest}"
 
     def has(self, digest: str) -> bool:
         return digest in self._sizes
@@ -463,6 +503,10 @@ class BlobStore(service.Service):
                 self.pin([digest])
             self.touch(digest)
             return False
+        if durable:
+            # The upload's last PUT (its manifest): the batches before it go to disk
+            # first, so a failed flush leaves no written and unindexed blob behind.
+            await self.flush()
         _, size = await self._run(lambda: self._write(digest, source, durable))
         return await self._admit(digest, size, pin)
 
@@ -495,6 +539,8 @@ class BlobStore(service.Service):
                     await self._run(partial(_unlink_all, rest))
                     error = refused
                     break
+                if admitted:
+                    self._unflushed.append(digest)
                 stored, present = stored + admitted, present + (not admitted)
                 total += size
             if error is not None:
@@ -502,6 +548,8 @@ class BlobStore(service.Service):
                 raise BlobError(error.status, error.code,
                                 f"{error.message} (frame {kept + 1}; the {kept} before it "
                                 "were kept)")
+            if len(self._unflushed) >= FLUSH_BACKLOG:
+                await self.flush()  # batches without a manifest PUT or a task for long
             if not more:
                 return BatchResult(stored, present, total)
 
@@ -509,11 +557,54 @@ class BlobStore(service.Service):
         """Flush blobs stored with ``durable=False`` (one ``syncfs`` for all of them)."""
         return self._run(lambda: sync_filesystem(self.root))
 
+    async def flush(self, digests: Iterable[str] | None = None) -> None:
+        """Put the batch blobs stored so far on disk with one ``syncfs`` (an ``fsync``
+        each, and of their directories, when they are at most ``FSYNC_MAX``: syncfs
+        also writes every task directory's dirty pages); with ``digests``, only if one
+        of them is still unflushed (else nothing to do).
+
+        If the flush fails, the blobs it was for are in doubt: they become unverified
+        (hashed before a task uses them, see ``verify``) and BlobError 507 is raised
+        for a full disk (the OSError otherwise)."""
+        # One flush at a time: each removes from the list exactly the blobs it covered.
+        await self._flushing.acquire()
+        try:
+            await self._flush(digests)
+        finally:
+            self._flushing.release()
+
+    async def _flush(self, digests: Iterable[str] | None) -> None:
+        if not self._unflushed:
+            return
+        if digests is not None and self._unflushed_set().isdisjoint(digests):
+            return
+        # Every blob listed here was renamed before this syncfs starts; blobs renamed
+        # meanwhile stay listed for the next flush.
+        count = len(self._unflushed)
+        self.flushes += 1
+        few = [self.path(digest) for digest in self._unflushed] if count <= FSYNC_MAX else None
+        try:
+            await self._run(lambda: sync_filesystem(self.root) if few is None
+                            else _fsync_files(few))
+        except OSError as error:
+            doubtful = self._unflushed[:count]
+            del self._unflushed[:count]
+            self._unverified.update(digest for digest in doubtful if digest in self._sizes)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                raise BlobError(507, "disk_full", "the uploaded blobs could not be "
+                                f"flushed to disk ({error.strerror}); they are checked "
+                                "again before use") from None
+            raise
+        del self._unflushed[:count]
+
+    def _unflushed_set(self) -> set[str]:
+        return set(self._unflushed)
+
     def _write_frames(self, source: BinaryIO
                       ) -> tuple[list[tuple[str, int]], BlobError | None, bool]:
         """One step of a batch (blocking): (written frames, the error that stopped it,
-        whether frames may follow). The step's frames are written to temp files, renamed,
-        and flushed with one ``syncfs`` (data and directory entries)."""
+        whether frames may follow). The step's frames are written to temp files and
+        renamed; flushed later, once for the whole upload (``flush``)."""
         pending: list[tuple[str, str, int]] = []
         try:
             error, more = self._write_step(source, pending)
@@ -530,12 +621,10 @@ class BlobStore(service.Service):
         if not pending:
             return
         try:
+            # Renamed before the data is on disk: a power loss before ``flush`` can
+            # leave a torn blob under its name, which is what ``verify`` finds out.
             for temp, digest, _ in pending:
                 self._rename(temp, digest)
-            # One flush of the data and the new entries together. Renaming before the
-            # data is on disk lets a power loss leave a torn blob under its name: that
-            # is what ``verify`` finds out, and it halves the flushes (measured).
-            sync_filesystem(self.root)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BlobError(507, "disk_full", "no space left for the blob") from None
@@ -571,7 +660,7 @@ class BlobStore(service.Service):
             final = self._rename(temp, actual)
             temp = ""
             if durable:
-                _fsync_directory(final.parent)
+                _fsync_directory(Path(final).parent)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BlobError(507, "disk_full", "no space left for the blob") from None
@@ -581,12 +670,12 @@ class BlobStore(service.Service):
                 _unlink(Path(temp))
         return actual, size
 
-    def _rename(self, temp: str, digest: str) -> Path:
-        final = self.path(digest)
+    def _rename(self, temp: str, digest: str) -> str:
+        final = self.file(digest)
         try:
             os.replace(temp, final)
         except FileNotFoundError:  # its shard directory is not made yet
-            final.parent.mkdir(exist_ok=True)
+            Path(final).parent.mkdir(exist_ok=True)
             os.replace(temp, final)
         return final
 
@@ -595,14 +684,15 @@ class BlobStore(service.Service):
         """Copy ``source`` to a new temp file while hashing it: (temp path, digest, size).
         Nothing is left behind if this raises."""
         # A temp name of our own (no mkstemp retries), created read-only: no chmod after.
-        temp_name = str(self.root / "tmp" / f"put-{threading.get_ident()}-{next(_SERIAL)}")
+        temp_name = f"{self._prefix}/tmp/put-{threading.get_ident()}-{next(_SERIAL)}"
         try:
             fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            with os.fdopen(fd, "wb") as target:
-                actual, size = _copy_hashing(source, target, self.capacity)
+            try:
+                actual, size = _copy_hashing(source, fd, self.capacity)
                 if fsync:
-                    target.flush()
-                    os.fsync(target.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             if expected is not None and actual != expected:
                 raise BlobError(400, "digest_mismatch",
                                 f"the bytes hash to {actual}, not {expected}")

@@ -628,7 +628,9 @@ PATHS: dict[str, Any] = {
                        "space) followed by exactly `length` bytes that must hash to "
                        "`sha256`. Frames are stored in order, each checked; a bad frame "
                        "stops the batch and the error says how many frames before it were "
-                       "kept. Large blobs go by `PUT /cas/{digest}`.",
+                       "kept. Large blobs go by `PUT /cas/{digest}`. Stored frames "
+                       "are flushed to disk once per upload: the next `PUT /cas/{digest}` "
+                       "(the manifest, last) is answered after they are.",
         "requestBody": {"required": True, "content": {"application/octet-stream": {
             "schema": {"type": "string", "format": "binary"}}}},
         "responses": {

@@ -40,6 +40,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from oxide_cluster.cas import BlobError, BlobStore
 from oxide_cluster.forwarding import PeerClient, PeerUnavailable
@@ -84,7 +85,7 @@ class _Copier:
     def __init__(self) -> None:
         self.reflink = True
 
-    def copy(self, source: Path, target: Path, mode: int) -> os.stat_result:
+    def copy(self, source: str | Path, target: str | Path, mode: int) -> os.stat_result:
         """Write ``target`` (which must not exist) with ``source``'s bytes and ``mode``;
         its stat as the task will find it."""
         src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
@@ -119,6 +120,7 @@ class _Copier:
 # mtime_ns, ctime_ns, mode). Any write, chmod, rename over or re-link by a task changes
 # ctime (which no unprivileged process can set back) or the inode.
 FileStat = tuple[int, int, int, int, int]
+BlobPath = Callable[[str], "str | Path"]  # a digest's file in the cache (BlobStore.file)
 
 
 @attrs.define
@@ -141,7 +143,7 @@ def _workspace_error(error: OSError) -> WorkspaceError:
     return WorkspaceError(f"cannot build the workspace: {error}")
 
 
-def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Path,
+def _place_files(manifest: Manifest, blob_path: BlobPath, root: Path,
                  keep: dict[str, FileStat]) -> BuiltTree:
     """Copy every manifest file not in ``keep`` into ``root``, add the symlinks, and
     return what was made."""
@@ -158,10 +160,11 @@ def _place_files(manifest: Manifest, blob_path: Callable[[str], Path], root: Pat
             made.add(parent)
         todo.append(entry)
     copier = _Copier()
+    prefix = f"{root}/"  # strings, not Paths: the threads share the GIL for thousands
 
     def place(entries: Sequence[FileEntry]) -> None:
         for entry in entries:
-            info = copier.copy(blob_path(entry.digest), root / entry.path, entry.mode)
+            info = copier.copy(blob_path(entry.digest), prefix + entry.path, entry.mode)
             files[entry.path] = _file_stat(info)
 
     # Two threads: the copies are in the kernel, the per-file calls release the GIL.
@@ -193,7 +196,7 @@ def _catching(run: Callable[[], None], failed: list[BaseException]) -> None:
         failed.append(error)
 
 
-def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path
+def build_tree(manifest: Manifest, blob_path: BlobPath, root: Path
                ) -> BuiltTree:
     """Create ``root`` (which must not exist) holding the manifest's files and symlinks.
 
@@ -206,7 +209,7 @@ def build_tree(manifest: Manifest, blob_path: Callable[[str], Path], root: Path
         raise _workspace_error(error) from None
 
 
-def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: Callable[[str], Path],
+def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: BlobPath,
                root: Path) -> BuiltTree:
     """Turn ``root``, an earlier task's directory built from ``old``, into ``manifest``'s
     tree, copying only what differs.
@@ -447,6 +450,9 @@ class Workspaces(service.Service):
         self._built: dict[str, BuiltTree] = {}
         # Finished task directories kept to build the next tree from, oldest first.
         self._retained: list[tuple[Path, BuiltTree]] = []
+        # Finished tasks' directories being measured or removed (see _retire).
+        self._settling: set[defer.Deferred[None]] = set()
+        self._removing: set[defer.Deferred[None]] = set()
         # Bytes of each retained or kept-after-failure directory (in blobs.trees).
         self._tree_bytes: dict[Path, int] = {}
         self._git_users: dict[str, str] = {}  # task id: the URL its checkout borrows from
@@ -578,6 +584,11 @@ class Workspaces(service.Service):
         self.blobs.pin(wanted)
         pins.extend(wanted)
         await self._fetch(wanted)
+        try:  # uploaded blobs the manifest's PUT did not flush (it was here already)
+            await self.blobs.flush(wanted)
+        except BlobError as error:
+            raise WorkspaceError(f"cannot flush the workspace's blobs: {error.message}") \
+                from None
         await self._verify(wanted)
         root = self.directory(task.id)
         self._built[task.id] = await self._build(manifest, root)
@@ -602,6 +613,8 @@ class Workspaces(service.Service):
 
     async def _build(self, manifest: Manifest, root: Path) -> BuiltTree:
         """From the retained tree sharing most files with ``manifest``, else afresh."""
+        if self._settling:  # a just-finished tree may be about to be retained
+            await defer.DeferredList(list(self._settling))
         wanted = {(entry.path, entry.digest) for entry in manifest.files}
         best, shared = None, 0
         for index, (_, built) in enumerate(self._retained):
@@ -610,14 +623,14 @@ class Workspaces(service.Service):
             if overlap > shared:
                 best, shared = index, overlap
         if best is None:
-            return await self.blobs.run(lambda: build_tree(manifest, self.blobs.path, root))
+            return await self.blobs.run(lambda: build_tree(manifest, self.blobs.file, root))
         retained, old = self._retained.pop(best)
         self._uncount(retained)  # the task's own directory now, not a kept one
 
         def rebuild() -> BuiltTree:
             try:
                 os.rename(retained, root)
-                return reuse_tree(old, manifest, self.blobs.path, root)
+                return reuse_tree(old, manifest, self.blobs.file, root)
             except OSError as error:
                 if error.errno in (errno.ENOSPC, errno.EDQUOT):
                     remove_tree(root)
@@ -625,7 +638,7 @@ class Workspaces(service.Service):
                 self.log.info("rebuilding a workspace from scratch: {error}", error=error)
                 remove_tree(retained)
                 remove_tree(root)
-                return build_tree(manifest, self.blobs.path, root)
+                return build_tree(manifest, self.blobs.file, root)
 
         built = await self.blobs.run(rebuild)
         self.reused_files += built.reused
@@ -736,26 +749,56 @@ class Workspaces(service.Service):
 
     async def _retire(self, task_id: str, root: Path, built: BuiltTree | None) -> None:
         """Keep the directory of a finished task to build the next tree from (up to
-        RETAINED_TREES of them, counted in workspace_cache), else remove it."""
+        RETAINED_TREES of them, counted in workspace_cache), else remove it.
+
+        Only a rename happens before the task's end is announced; measuring a kept
+        tree or removing one (thousands of files) goes on after it, the tree counted in
+        workspace_cache by its manifest's size meanwhile; the next ``_build`` waits
+        for a tree being measured (it may be the one to reuse), not for removals."""
         # Not under run_as: the user owned those files, and a process of its that
         # outlived the task could still change one after it is judged unchanged.
-        if built is None or RETAINED_TREES == 0 or not self.running \
-                or self.run_as is not None:
-            await self.blobs.run(lambda: remove_tree(root))
-            return
-        target = self.retained_root / task_id
+        keep = built is not None and RETAINED_TREES > 0 and self.running \
+            and self.run_as is None
+        target = self.retained_root / task_id if keep \
+            else self.root / f".removing-{task_id}"  # same filesystem: a rename
 
-        def move() -> int | None:
+        def move() -> bool:
             try:
                 os.rename(root, target)
+            except FileNotFoundError:
+                return False
             except OSError:
                 remove_tree(root)
-                return None
-            return _tree_size(target)
+                return False
+            return True
 
-        size = await self.blobs.run(move)
-        if size is None:
+        if not await self.blobs.run(move):
             return
+        self._count(target, built.manifest.total_size if built is not None else 0)
+        settling = defer.Deferred.fromCoroutine(self._settle(target, built if keep else None))
+        pending = self._settling if keep else self._removing
+        pending.add(settling)
+
+        def settled(result: object) -> None:
+            pending.discard(settling)
+            if isinstance(result, Failure):
+                self.log.failure("cannot keep or remove {path}", result, path=target)
+
+        settling.addBoth(settled)
+
+    async def _settle(self, target: Path, built: BuiltTree | None) -> None:
+        """After the task's end: remove ``target`` (``built`` None), or measure it and
+        keep it as a retained tree if it fits."""
+        if built is None:
+            try:
+                await self.blobs.run(lambda: remove_tree(target))
+            finally:
+                self._uncount(target)
+            return
+        try:
+            size = await self.blobs.run(partial(_tree_size, target))
+        finally:
+            self._uncount(target)
         dropped = self._drop_retained(lambda: self.blobs.fits(size), RETAINED_TREES - 1)
         if self.blobs.fits(size):
             self._retained.append((target, built))

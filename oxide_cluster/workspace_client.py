@@ -62,7 +62,7 @@ class LocalTree:
     """A manifest and, for each digest, one local file holding those bytes."""
 
     manifest: Manifest
-    sources: dict[str, Path]
+    sources: dict[str, str | Path]
 
 
 @attrs.frozen
@@ -154,7 +154,7 @@ class DigestCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
 
-    def digest(self, relative: str, path: Path, info: os.stat_result) -> str:
+    def digest(self, relative: str, path: str | Path, info: os.stat_result) -> str:
         key: StatKey = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
         known = self._old.get(relative)
         if isinstance(known, list) and len(known) == 5 and tuple(known[:4]) == key:
@@ -183,11 +183,15 @@ class DigestCache:
             pass
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path: str | Path) -> str:
+    # os.read on a bare descriptor: a file object costs more than hashing a small file.
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while chunk := os.read(fd, _READ):
             digest.update(chunk)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -206,13 +210,14 @@ def scan_tree(root: str | Path, excludes: Sequence[str] = (),
         else list(_walk(root, excludes))
     files: list[FileEntry] = []
     links: list[LinkEntry] = []
-    sources: dict[str, Path] = {}
+    sources: dict[str, str | Path] = {}
+    prefix = f"{root}/"  # strings, not a Path per file: thousands of them
     for relative in names:
         try:
             check_relative_path(relative)
         except ManifestError as error:
             raise WorkspaceError(str(error)) from None
-        path = root / relative
+        path = prefix + relative
         try:
             info = os.lstat(path)
         except FileNotFoundError:
@@ -317,7 +322,7 @@ def missing_digests(connection: _Connection, digests: Sequence[str]) -> list[str
     return lacking
 
 
-def _file_chunks(path: Path, digest: str) -> Iterator[bytes]:
+def _file_chunks(path: str | Path, digest: str) -> Iterator[bytes]:
     """A large blob's bytes, streamed and checked against its digest on the way."""
     hashed = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -328,7 +333,8 @@ def _file_chunks(path: Path, digest: str) -> Iterator[bytes]:
         raise WorkspaceError(f"{path} changed while being sent")
 
 
-def _frames(blobs: Sequence[tuple[str, int]], sources: dict[str, Path]) -> Iterator[bytes]:
+def _frames(blobs: Sequence[tuple[str, int]], sources: dict[str, str | Path]
+            ) -> Iterator[bytes]:
     """A ``POST /cas/batch`` body, read file by file and written in pieces of about
     ``_WRITE`` bytes (never the whole batch in memory). Not hashed again here: the node
     checks every frame against its digest (a file changed since the scan is refused
@@ -336,7 +342,8 @@ def _frames(blobs: Sequence[tuple[str, int]], sources: dict[str, Path]) -> Itera
     pending: list[bytes] = []
     pending_size = 0
     for digest, size in blobs:
-        data = sources[digest].read_bytes()
+        with open(sources[digest], "rb") as handle:
+            data = handle.read()
         if len(data) != size:
             raise WorkspaceError(f"{sources[digest]} changed while being sent")
         pending += [f"{digest} {size}\n".encode(), data]
@@ -371,7 +378,7 @@ def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = ()
 
 
 def _send_batches(node: Node, batches: list[list[tuple[str, int]]],
-                  sources: dict[str, Path]) -> int:
+                  sources: dict[str, str | Path]) -> int:
     """Send batches over one connection (run by each of the UPLOADS threads, which share
     ``batches``); the bytes sent."""
     connection = _Connection(node)

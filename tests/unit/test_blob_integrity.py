@@ -7,6 +7,7 @@ import io
 import os
 from pathlib import Path
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -118,24 +119,37 @@ def test_a_sound_blob_is_hashed_once_after_a_restart_and_trusted_after(tmp_path)
     assert checked == []
 
 
-def test_a_batch_step_is_flushed_once_its_names_exist(tmp_path, monkeypatch):
+def batch_body(blobs: list[bytes]) -> io.BytesIO:
+    return io.BytesIO(b"".join(f"{digest_bytes(b)} {len(b)}\n".encode() + b for b in blobs))
+
+
+def test_batches_are_flushed_once_by_the_uploads_manifest_put(tmp_path, monkeypatch):
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)  # the syncfs path
     store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=offload)
     store.startService()
-    blobs = [b"first blob", b"second blob"]
+    blobs = [b"first blob", b"second blob", b"third blob"]
     named = []
 
     def record(path: Path) -> None:
         named.append(sorted(p.name for p in (tmp_path / "cas").glob("??/*")))
 
     monkeypatch.setattr(cas, "sync_filesystem", record)
-    body = b"".join(f"{digest_bytes(b)} {len(b)}\n".encode() + b for b in blobs)
-    result = outcome(defer.Deferred.fromCoroutine(store.put_batch(io.BytesIO(body))))
-    assert result.stored == 2
-    # One flush per step, of the data and the renamed entries, before the answer.
+    for part in (blobs[:2], blobs[2:]):
+        result = outcome(defer.Deferred.fromCoroutine(store.put_batch(batch_body(part))))
+        assert result.stored == len(part)
+    assert named == []  # not a flush per batch step
+    manifest = build_manifest([FileEntry(f"f{i}", 0o644, len(b), digest_bytes(b))
+                               for i, b in enumerate(blobs)]).encode()
+    assert put(store, manifest) is True
+    # One flush of every batch blob, before the manifest's PUT is stored and answered.
     assert named == [sorted(digest_bytes(b) for b in blobs)]
+    assert put(store, b"another single PUT") is True
+    assert len(named) == 1  # nothing left to flush: fsync of that blob alone
 
 
-def test_a_step_that_cannot_be_flushed_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_a_flush_that_fails_leaves_the_blobs_to_be_checked_before_use(tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)
     store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=offload)
     store.startService()
 
@@ -143,13 +157,53 @@ def test_a_step_that_cannot_be_flushed_leaves_nothing_behind(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cas, "sync_filesystem", full)
-    data = b"never acknowledged"
-    body = f"{digest_bytes(data)} {len(data)}\n".encode() + data
-    failure = outcome(defer.Deferred.fromCoroutine(store.put_batch(io.BytesIO(body))))
+    data = b"written, never flushed"
+    outcome(defer.Deferred.fromCoroutine(store.put_batch(batch_body([data]))))
+    failure = outcome(defer.Deferred.fromCoroutine(store.put_bytes(
+        digest_bytes(b"manifest"), b"manifest")))
     assert failure.value.code == "disk_full"
-    assert not store.has(digest_bytes(data))
-    assert list((tmp_path / "cas").glob("??/*")) == []
+    assert not store.has(digest_bytes(b"manifest"))
+    assert sorted(p.name for p in (tmp_path / "cas").glob("??/*")) == [digest_bytes(data)]
+    monkeypatch.undo()
+    checked = []
+    original = cas._matches
+    monkeypatch.setattr(cas, "_matches",
+                        lambda path, digest: checked.append(digest) or original(path, digest))
+    assert outcome(defer.Deferred.fromCoroutine(store.verify([digest_bytes(data)]))) == []
+    assert checked == [digest_bytes(data)]  # in doubt: hashed before a task may use it
     assert list((tmp_path / "cas" / "tmp").iterdir()) == []
+
+
+def test_a_few_unflushed_blobs_are_fsynced_one_by_one_not_the_whole_disk(tmp_path,
+                                                                         monkeypatch):
+    store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=offload)
+    store.startService()
+    monkeypatch.setattr(cas, "sync_filesystem", lambda path: pytest.fail("syncfs"))
+    synced = []
+    original = cas._fsync_files
+    monkeypatch.setattr(cas, "_fsync_files",
+                        lambda paths: synced.append([p.name for p in paths]) or original(paths))
+    data = b"one changed file"
+    outcome(defer.Deferred.fromCoroutine(store.put_batch(batch_body([data]))))
+    assert put(store, b"its manifest") is True
+    assert synced == [[digest_bytes(data)]] and store.flushes == 1
+
+
+def test_a_task_flushes_uploaded_blobs_its_manifest_put_did_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)  # the syncfs path
+    store = blob_store(tmp_path, 10_000)
+    tree = build_manifest([FileEntry("f.txt", 0o644, len(CONTENT), digest_bytes(CONTENT))])
+    assert put(store, tree.encode()) is True  # the manifest was here already
+    flushed = []
+    monkeypatch.setattr(cas, "sync_filesystem", lambda path: flushed.append(
+        sorted(p.name for p in (tmp_path / "cas").glob("??/*"))))
+    outcome(defer.Deferred.fromCoroutine(store.put_batch(batch_body([CONTENT]))))
+    assert flushed == []
+    workspaces = workspaces_on(tmp_path, store)
+    directory = outcome(workspaces.prepare(task(tree.digest())))
+    assert (Path(directory) / "f.txt").read_bytes() == CONTENT
+    assert flushed == [sorted([tree.digest(), digest_bytes(CONTENT)])]
+    assert store.flushes == 1
 
 
 def test_a_finished_workspace_task_state_is_untouched_by_verification(tmp_path):
@@ -161,3 +215,34 @@ def test_a_finished_workspace_task_state_is_untouched_by_verification(tmp_path):
     ran.state = TaskState.SUCCEEDED
     outcome(workspaces.finish(ran))
     assert store.corrupt == 0
+
+
+def test_a_blob_stored_during_a_flush_is_left_for_the_next_one(tmp_path, monkeypatch):
+    from tests.unit.test_workspace_bounds import HeldWork
+
+    monkeypatch.setattr(cas, "FSYNC_MAX", 0)
+    monkeypatch.setattr(cas, "sync_filesystem", lambda path: None)
+    work = HeldWork()
+    store = BlobStore(Clock(), tmp_path / "cas", 10_000, offload=work)
+    store.startService()
+
+    def batch(data: bytes) -> None:
+        work.hold = False
+        outcome(defer.Deferred.fromCoroutine(store.put_batch(batch_body([data]))))
+        work.hold = True
+
+    def flush(digests=None) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(store.flush(digests))
+
+    batch(b"a")
+    first = flush()  # its syncfs waits in the queue
+    batch(b"b")
+    second = flush()
+    work.step()  # the first syncfs: it covered "a" only
+    assert outcome(first) is None
+    batch(b"c")  # stored while the second flush is under way
+    work.step()
+    assert outcome(second) is None and store.flushes == 2
+    third = flush([digest_bytes(b"c")])  # "c" was in no flush yet: it gets one
+    work.step()
+    assert outcome(third) is None and store.flushes == 3

@@ -113,3 +113,80 @@ def test_git_mirrors_past_their_age_or_the_size_cap_are_pruned_unless_in_use(tmp
     mirrors.release(in_use)
     assert outcome(defer.Deferred.fromCoroutine(mirrors.prune(now))) == [
         mirrors.mirror_path(in_use).name]
+
+
+class HeldWork:
+    """An offload that runs work at once until ``hold``; then queues it for ``step``."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.queued: list[tuple[object, defer.Deferred]] = []
+
+    def __call__(self, function):
+        if not self.hold:
+            return defer.maybeDeferred(function)
+        waiting: defer.Deferred = defer.Deferred()
+        self.queued.append((function, waiting))
+        return waiting
+
+    def step(self) -> None:
+        function, waiting = self.queued.pop(0)
+        waiting.callback(function())
+
+
+def held_rig(tmp_path, capacity):
+    from oxide_cluster.cas import BlobStore
+
+    work = HeldWork()
+    blobs = BlobStore(Clock(), tmp_path / "cas", capacity, offload=work)
+    blobs.startService()
+    workspaces = Workspaces(Clock(), blobs, tmp_path / "state", artifact_limit=100)
+    workspaces.startService()
+    return work, blobs, workspaces
+
+
+def finished(workspaces, blobs, task_id, content, work):
+    """A task run through prepare; its ``finish`` started with the work held."""
+    tree = build_manifest([FileEntry("f", 0o644, len(content), digest_bytes(content))])
+    put(blobs, content)
+    put(blobs, tree.encode())
+    task = Task(id=task_id, node_id="n1", command="true", args=[], cwd=None, env={},
+                secret_env_keys=[], labels={}, timeout=None, idle_timeout=None, retries=0,
+                workspace=tree.digest())
+    outcome(workspaces.prepare(task))
+    task.state = TaskState.SUCCEEDED
+    work.hold = True
+    return task, workspaces.finish(task)
+
+
+def test_a_finished_tree_is_removed_after_the_end_is_announced_and_counted_till_gone(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("oxide_cluster.workspace.RETAINED_TREES", 0)
+    work, blobs, workspaces = held_rig(tmp_path, 1000)
+    _, ending = finished(workspaces, blobs, "t1", b"a" * 200, work)
+    work.step()  # the rename out of the task's path
+    assert outcome(ending) is None  # the end may be announced now
+    assert not workspaces.directory("t1").exists()
+    removing = workspaces.root / ".removing-t1"
+    assert (removing / "f").exists() and blobs.trees == 200  # still on disk: counted
+    while work.queued:
+        work.step()
+    assert not removing.exists() and blobs.trees == 0
+
+
+def test_the_next_build_waits_for_a_finished_tree_being_measured_and_reuses_it(tmp_path):
+    work, blobs, workspaces = held_rig(tmp_path, 2000)
+    content = b"a" * 200
+    _, ending = finished(workspaces, blobs, "t1", content, work)
+    work.step()
+    assert outcome(ending) is None and blobs.trees == 200  # measured after the end
+    work.hold = False
+    again = Task(id="t2", node_id="n1", command="true", args=[], cwd=None, env={},
+                 secret_env_keys=[], labels={}, timeout=None, idle_timeout=None,
+                 retries=0, workspace=build_manifest(
+                     [FileEntry("f", 0o644, 200, digest_bytes(content))]).digest())
+    preparing = workspaces.prepare(again)
+    while work.queued:
+        work.step()
+    assert outcome(preparing) == str(workspaces.directory("t2"))
+    assert workspaces.reused_files == 1  # t1's file kept, not copied again

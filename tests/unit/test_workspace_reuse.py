@@ -79,7 +79,8 @@ def test_digest_cache_hashes_only_changed_files(tmp_path, monkeypatch):
     cache = DigestCache(tree.resolve(), cache_dir)
     hashed = []
     monkeypatch.setattr("oxide_cluster.workspace_client._file_digest",
-                        lambda path: hashed.append(path.name) or digest_bytes(path.read_bytes()))
+                        lambda path: hashed.append(Path(path).name)
+                        or digest_bytes(Path(path).read_bytes()))
     second = scan_tree(tree, cache_dir=cache_dir)
     assert cache.path.exists()
     assert hashed == ["f3"]
