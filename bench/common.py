@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -53,10 +54,16 @@ class LocalAgent:
             time.sleep(0.1)
         raise RuntimeError("agent did not become ready; see " + str(self.home))
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        """Stop the agent; its home (state dir, log) goes too unless the run failed,
+        where it is kept to be read (a run of every section left gigabytes in /tmp)."""
         assert self.process is not None
         self.process.terminate()
         self.process.wait(30)
+        if kind is None:
+            shutil.rmtree(self.home, ignore_errors=True)
+        else:
+            print(f"agent home kept for reading: {self.home}", file=sys.stderr)
 
     @property
     def pid(self) -> int:
