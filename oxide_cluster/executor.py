@@ -197,6 +197,19 @@ def _spawn_via_shell(args: list[str], path: str | None, environment: Mapping[str
             *cgroup_procs, *args]
 
 
+_dev_null_fd: int | None = None
+
+
+def _dev_null() -> int:
+    """A descriptor of /dev/null, opened once, that every task gets as its stdin: no pipe,
+    writer or epoll registration per task just to close it at once (a read sees EOF
+    as before)."""
+    global _dev_null_fd
+    if _dev_null_fd is None:
+        _dev_null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _dev_null_fd
+
+
 class _GroupLeaderProcess(_SignalSafeFork, process.Process):
     """A child process that starts its own session, so its group can be signalled whole.
 
@@ -216,7 +229,8 @@ class _GroupLeaderProcess(_SignalSafeFork, process.Process):
                  user: User | None = None) -> None:
         self.cgroup_procs = cgroup_procs  # read by the child, so set before the fork
         super().__init__(reactor, executable, args, environment, path, proto,
-                         uid=user.uid if user else None, gid=user.gid if user else None)
+                         uid=user.uid if user else None, gid=user.gid if user else None,
+                         childFDs={0: _dev_null(), 1: "r", 2: "r"})
 
     def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: str,
                                args: list[str], environment: dict[str, str],
@@ -258,10 +272,6 @@ class _TaskProtocol(protocol.ProcessProtocol):
 
     def __init__(self, run: TaskRun) -> None:
         self._run = run
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         self._run.output("stdout", data)
@@ -342,6 +352,36 @@ class ProcessRunner:
         self._signal_group(pid, signum)
 
 
+class CommandPaths:
+    """``shutil.which`` answers by (command, PATH), each kept ``ttl`` seconds: a run of
+    tasks does not search PATH each time, and a command installed, moved or removed is
+    seen within ``ttl``; a path that failed to start is forgotten at once."""
+
+    def __init__(self, clock: Any, ttl: float = 1.0, size: int = 256) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._size = size
+        self._found: dict[tuple[str, str | None], tuple[str, float]] = {}
+
+    def which(self, command: str, path: str | None) -> str | None:
+        key = (command, path)
+        now = self._clock.seconds()
+        known = self._found.get(key)
+        if known is not None and known[1] > now:
+            return known[0]
+        found = shutil.which(command, path=path)
+        if found is None:
+            self._found.pop(key, None)
+            return None
+        if len(self._found) >= self._size:
+            self._found.clear()
+        self._found[key] = (found, now + self._ttl)
+        return found
+
+    def forget(self, command: str, path: str | None) -> None:
+        self._found.pop((command, path), None)
+
+
 class TaskRun:
     """One task's process: spawn, output with offsets, timeouts, the kill sequence, result."""
 
@@ -352,8 +392,10 @@ class TaskRun:
                  on_finished: Callable[[TaskRun], None],
                  spawn: Callable[..., Any] = spawn_in_new_group,
                  signal_group: Callable[[int, int], None] = os.killpg,
-                 cgroups: CgroupProvider | None = None, sample_usage: bool = False) -> None:
+                 cgroups: CgroupProvider | None = None, sample_usage: bool = False,
+                 paths: CommandPaths | None = None) -> None:
         self._reactor = reactor
+        self._paths = paths or CommandPaths(reactor, ttl=0)
         self.task = task
         self._sample_usage = sample_usage
         self._sampler: TreeSampler | None = None
@@ -393,7 +435,7 @@ class TaskRun:
             where = f"{task.cwd} (in the workspace)" if directory else cwd
             self._finish(TaskState.FAILED, f"cwd does not exist: {where}")
             return
-        executable = shutil.which(task.command, path=env.get("PATH"))
+        executable = self._paths.which(task.command, env.get("PATH"))
         if executable is None and os.sep in task.command:
             executable = None if not os.path.exists(task.command) else task.command
         if executable is None:
@@ -409,6 +451,7 @@ class TaskRun:
             proc = self._spawn(self._reactor, _TaskProtocol(self), executable,
                                [task.command, *task.args], env, cwd, tty=task.tty, **extra)
         except OSError as failure:
+            self._paths.forget(task.command, env.get("PATH"))
             self._finish(TaskState.FAILED, f"cannot start {task.command}: {failure.strerror}")
             return
         except Exception as failure:
@@ -698,6 +741,7 @@ class Executor(service.Service):
         self._max_cpu = max_cpu_percent
         self._max_memory = max_memory_percent
         self._spawn = spawn
+        self._paths = CommandPaths(reactor)
         self.runs: dict[str, TaskRun] = {}
         self._end_waiters: Waiters[str, Task] = Waiters()
         self._output_waiters: Waiters[str, None] = Waiters()  # marked with the offset
@@ -867,7 +911,7 @@ class Executor(service.Service):
                       kill_grace=self._kill_grace, output_limit=self._output_limit,
                       on_output=self._output, on_finished=self._finished, spawn=self._spawn,
                       signal_group=self._signal_group, cgroups=self.cgroups,
-                      sample_usage=self._sample_usage)
+                      sample_usage=self._sample_usage, paths=self._paths)
         self.runs[task.id] = run
         if task.workspace is not None or task.source is not None:
             self._start_in_workspace(run)

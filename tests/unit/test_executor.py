@@ -645,3 +645,43 @@ async def test_the_child_starts_with_the_agents_signal_mask_and_the_agents_is_un
     await proto.ended
     assert proto.out.split() == [b"SigBlk:", b"0" * 16]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before == set()
+
+
+@pytest.mark.parametrize("path_entry", ["/usr/bin:/bin", "bin:/usr/bin:/bin"],
+                         ids=["posix_spawn", "fork"])
+@pytest_twisted.ensureDeferred
+async def test_the_child_reads_eof_from_dev_null_and_inherits_only_its_three_streams(
+        path_entry):
+    proto = _Collect()
+    spawn_in_new_group(reactor_(), proto, "/bin/sh",
+                       ["sh", "-c", "readlink /proc/$$/fd/0; ls /proc/$$/fd | tr '\\n' ' ';"
+                                    " echo; cat; echo end"],
+                       {"PATH": path_entry}, None)
+    await proto.ended.addTimeout(10, reactor_())  # with a pipe left open, cat would wait
+    assert proto.out.decode().splitlines() == ["/dev/null", "0 1 2 ", "end"]
+
+
+def test_command_paths_are_searched_again_after_their_ttl(tmp_path):
+    from oxide_cluster.executor import CommandPaths
+
+    clock = task.Clock()
+    paths = CommandPaths(clock, ttl=1.0)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    tool = second / "tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    search = f"{first}:{second}"
+    assert paths.which("tool", search) == str(tool)
+    shadow = first / "tool"
+    shadow.write_text("#!/bin/sh\n")
+    shadow.chmod(0o755)
+    assert paths.which("tool", search) == str(tool)  # within the ttl: the known answer
+    clock.advance(1.0)
+    assert paths.which("tool", search) == str(shadow)
+    paths.forget("tool", search)
+    shadow.unlink()
+    assert paths.which("tool", search) == str(tool)
+    tool.unlink()
+    clock.advance(1.0)
+    assert paths.which("tool", search) is None

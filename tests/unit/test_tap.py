@@ -168,6 +168,29 @@ def test_every_status_line_has_its_reason_phrase(status, phrase):
     channel.connectionLost(None)
 
 
+def test_a_form_encoded_body_is_not_read_as_query_arguments():
+    """The API takes JSON: a POST body is never parsed as a form (``?wait`` and the
+    like come from the query string only)."""
+    seen = {}
+
+    class Echo(Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            seen["args"] = dict(request.args)
+            seen["body"] = request.content.read()
+            return b"{}"
+
+    channel = Site(Echo(), requestFactory=ApiRequest).buildProtocol(("127.0.0.1", 1))
+    channel.makeConnection(StringTransport())
+    body = b"wait=30"
+    channel.dataReceived(b"POST /execute?x=1 HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert seen == {"args": {b"x": [b"1"]}, "body": b"wait=30"}
+    channel.connectionLost(None)
+
+
 
 class _Executor:
     def startService(self) -> None:
