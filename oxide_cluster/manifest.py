@@ -26,6 +26,9 @@ MAX_PATH = 4096
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # Symlink hops followed while checking a target before calling it a loop (as Linux does).
 _MAX_HOPS = 40
+_FILE_FIELDS = frozenset({"type", "path", "mode", "size", "digest"})
+_LINK_FIELDS = frozenset({"type", "path", "target"})
+_PLAIN_MODES = frozenset({0o644, 0o755})  # what normal_mode gives, as clients write them
 
 
 class ManifestError(ValueError):
@@ -47,14 +50,15 @@ def check_relative_path(path: object, what: str = "path") -> str:
         raise ManifestError(f"{what} must be a non-empty string")
     if "\x00" in path:
         raise ManifestError(f"{what} {path!r} contains a NUL byte")
-    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+    # At most 4 UTF-8 bytes a character: only a long path needs encoding to be measured.
+    if len(path) > MAX_PATH // 4 and len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
         raise ManifestError(f"{what} {path[:80]!r}... is longer than {MAX_PATH} bytes")
-    if path.startswith("/"):
+    if path[0] == "/":
         raise ManifestError(f"{what} {path!r} is absolute")
     parts = path.split("/")
     if ".." in parts:
         raise ManifestError(f"{what} {path!r} contains '..'")
-    if any(part in ("", ".") for part in parts):
+    if "" in parts or "." in parts:
         raise ManifestError(f"{what} {path!r} is not normalised (empty or '.' component)")
     return path
 
@@ -85,6 +89,9 @@ class Manifest:
 
     files: tuple[FileEntry, ...]
     links: tuple[LinkEntry, ...] = ()
+    # The canonical bytes when already known (build_manifest made them), so a client
+    # encodes its manifest once; not part of equality.
+    _encoded: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def total_size(self) -> int:
@@ -95,32 +102,46 @@ class Manifest:
 
     def encode(self) -> bytes:
         """The canonical bytes; their SHA-256 is the manifest's address."""
+        if self._encoded is not None:
+            return self._encoded
+        # Keys written in sorted order (as sort_keys would put them), so the C encoder
+        # need not sort each of thousands of small objects.
         entries: list[dict[str, Any]] = [
-            {"type": "file", "path": f.path, "mode": f.mode, "size": f.size,
-             "digest": f.digest} for f in self.files]
-        entries += [{"type": "symlink", "path": link.path, "target": link.target}
+            {"digest": f.digest, "mode": f.mode, "path": f.path, "size": f.size,
+             "type": "file"} for f in self.files]
+        entries += [{"path": link.path, "target": link.target, "type": "symlink"}
                     for link in self.links]
         entries.sort(key=lambda entry: entry["path"])
-        return json.dumps({"version": MANIFEST_VERSION, "entries": entries},
-                          sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps({"entries": entries, "version": MANIFEST_VERSION},
+                          separators=(",", ":")).encode()
 
     def digest(self) -> str:
         return digest_bytes(self.encode())
 
 
 def build_manifest(files: Iterable[FileEntry], links: Iterable[LinkEntry] = ()) -> Manifest:
-    """Check entries made by a client exactly as a node will, and sort them."""
-    manifest = Manifest(tuple(sorted(files, key=lambda f: f.path)),
+    """Check entries made by a client exactly as a node will, and sort them. The
+    result keeps the bytes it was parsed from: they are its canonical encoding, since
+    modes are normalised before encoding (the only field the parser changes)."""
+    manifest = Manifest(tuple(sorted((FileEntry(f.path, normal_mode(f.mode), f.size, f.digest)
+                                      if f.mode != normal_mode(f.mode) else f
+                                      for f in files), key=lambda f: f.path)),
                         tuple(sorted(links, key=lambda link: link.path)))
-    return parse_manifest(manifest.encode())
+    raw = manifest.encode()
+    parsed = parse_manifest(raw)
+    return Manifest(parsed.files, parsed.links, raw)
 
 
 def _file_entry(index: int, entry: dict[str, Any]) -> FileEntry:
     path = check_relative_path(entry.get("path"), f"entry {index} path")
-    extra = sorted(set(entry) - {"type", "path", "mode", "size", "digest"})
-    if extra:
+    if not entry.keys() <= _FILE_FIELDS:
+        extra = sorted(set(entry) - _FILE_FIELDS)
         raise ManifestError(f"entry {path!r}: unknown field {extra[0]!r}")
     mode, size, digest = entry.get("mode"), entry.get("size"), entry.get("digest")
+    if type(mode) is int and mode in _PLAIN_MODES \
+            and type(size) is int and size >= 0 and is_digest(digest):
+        assert isinstance(digest, str)
+        return FileEntry(path, mode, size, digest)  # the usual entry, checked at once
     if isinstance(mode, bool) or not isinstance(mode, int) or mode < 0:
         raise ManifestError(f"entry {path!r}: mode must be a whole number")
     kind = stat.S_IFMT(mode)
@@ -142,8 +163,8 @@ def _file_entry(index: int, entry: dict[str, Any]) -> FileEntry:
 
 def _link_entry(index: int, entry: dict[str, Any]) -> LinkEntry:
     path = check_relative_path(entry.get("path"), f"entry {index} path")
-    extra = sorted(set(entry) - {"type", "path", "target"})
-    if extra:
+    if not entry.keys() <= _LINK_FIELDS:
+        extra = sorted(set(entry) - _LINK_FIELDS)
         raise ManifestError(f"entry {path!r}: unknown field {extra[0]!r}")
     target = entry.get("target")
     if not isinstance(target, str) or not target or "\x00" in target:
@@ -223,16 +244,18 @@ def parse_manifest(raw: bytes) -> Manifest:
         else:
             links.append(parsed)
     link_targets = {link.path: link.target for link in links}
+    directories: set[str] = set()  # ancestors found to be directories, with theirs
     for path in seen:
         # Every ancestor must be a directory: not a file, not a symlink (writing under a
         # symlink would write wherever it points).
-        parent = posixpath.dirname(path)
-        while parent:
+        parent = path.rpartition("/")[0]  # paths are checked normalised: their dirname
+        while parent and parent not in directories:
             if parent in link_targets:
                 raise ManifestError(f"entry {path!r}: lies under the symlink {parent!r}")
             if parent in seen:
                 raise ManifestError(f"entry {path!r}: its parent {parent!r} is a file")
-            parent = posixpath.dirname(parent)
+            directories.add(parent)
+            parent = parent.rpartition("/")[0]
     for link in links:
         try:
             _resolve(link.path, link_targets, [0])
