@@ -120,16 +120,13 @@ class Manifest:
 
 
 def build_manifest(files: Iterable[FileEntry], links: Iterable[LinkEntry] = ()) -> Manifest:
-    """Check entries made by a client exactly as a node will, and sort them. The
-    result keeps the bytes it was parsed from: they are its canonical encoding, since
-    modes are normalised before encoding (the only field the parser changes)."""
-    manifest = Manifest(tuple(sorted((FileEntry(f.path, normal_mode(f.mode), f.size, f.digest)
-                                      if f.mode != normal_mode(f.mode) else f
-                                      for f in files), key=lambda f: f.path)),
-                        tuple(sorted(links, key=lambda link: link.path)))
-    raw = manifest.encode()
-    parsed = parse_manifest(raw)
-    return Manifest(parsed.files, parsed.links, raw)
+    """Check entries made by a client exactly as a node will (the parser's own checks
+    of each field and of the tree, without a JSON round trip), and sort them. The result
+    keeps its canonical bytes, so they are encoded once."""
+    checked = _checked_tree(
+        [_checked_file(check_relative_path(f.path), f.mode, f.size, f.digest) for f in files],
+        [_checked_link(check_relative_path(link.path), link.target) for link in links])
+    return Manifest(checked.files, checked.links, checked.encode())
 
 
 def _file_entry(index: int, entry: dict[str, Any]) -> FileEntry:
@@ -137,7 +134,11 @@ def _file_entry(index: int, entry: dict[str, Any]) -> FileEntry:
     if not entry.keys() <= _FILE_FIELDS:
         extra = sorted(set(entry) - _FILE_FIELDS)
         raise ManifestError(f"entry {path!r}: unknown field {extra[0]!r}")
-    mode, size, digest = entry.get("mode"), entry.get("size"), entry.get("digest")
+    return _checked_file(path, entry.get("mode"), entry.get("size"), entry.get("digest"))
+
+
+def _checked_file(path: str, mode: object, size: object, digest: object) -> FileEntry:
+    """A file entry from its fields (``path`` checked already); the mode normalised."""
     if type(mode) is int and mode in _PLAIN_MODES \
             and type(size) is int and size >= 0 and is_digest(digest):
         assert isinstance(digest, str)
@@ -166,7 +167,11 @@ def _link_entry(index: int, entry: dict[str, Any]) -> LinkEntry:
     if not entry.keys() <= _LINK_FIELDS:
         extra = sorted(set(entry) - _LINK_FIELDS)
         raise ManifestError(f"entry {path!r}: unknown field {extra[0]!r}")
-    target = entry.get("target")
+    return _checked_link(path, entry.get("target"))
+
+
+def _checked_link(path: str, target: object) -> LinkEntry:
+    """A symlink entry from its fields (``path`` checked already)."""
     if not isinstance(target, str) or not target or "\x00" in target:
         raise ManifestError(f"symlink {path!r}: target must be a non-empty string")
     if target.startswith("/"):
@@ -221,7 +226,6 @@ def parse_manifest(raw: bytes) -> Manifest:
         raise ManifestError(f"manifest has more than {MAX_ENTRIES} entries")
     files: list[FileEntry] = []
     links: list[LinkEntry] = []
-    seen: set[str] = set()
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ManifestError(f"entry {index} must be an object")
@@ -236,13 +240,25 @@ def parse_manifest(raw: bytes) -> Manifest:
         else:
             raise ManifestError(f"entry {index}: type must be 'file' or 'symlink', "
                                 f"not {kind!r}")
-        if parsed.path in seen:
-            raise ManifestError(f"entry {parsed.path!r}: duplicate path")
-        seen.add(parsed.path)
         if isinstance(parsed, FileEntry):
             files.append(parsed)
         else:
             links.append(parsed)
+    return _checked_tree(files, links)
+
+
+def _checked_tree(files: list[FileEntry], links: list[LinkEntry]) -> Manifest:
+    """Entries checked one by one, checked as a tree: no path twice, every ancestor a
+    directory, every symlink resolving inside the tree. Sorted."""
+    seen = {entry.path for entry in files}
+    seen.update(link.path for link in links)
+    if len(seen) < len(files) + len(links):
+        counted: set[str] = set()
+        every: list[FileEntry | LinkEntry] = [*files, *links]
+        for entry in every:
+            if entry.path in counted:
+                raise ManifestError(f"entry {entry.path!r}: duplicate path")
+            counted.add(entry.path)
     link_targets = {link.path: link.target for link in links}
     directories: set[str] = set()  # ancestors found to be directories, with theirs
     for path in seen:

@@ -220,11 +220,7 @@ def scan_tree(root: str | Path, excludes: Sequence[str] = (),
     links: list[LinkEntry] = []
     sources: dict[str, str | Path] = {}
     prefix = f"{root}/"  # strings, not a Path per file: thousands of them
-    for relative in names:
-        try:
-            check_relative_path(relative)
-        except ManifestError as error:
-            raise WorkspaceError(str(error)) from None
+    for relative in names:  # paths are checked by build_manifest
         path = prefix + relative
         try:
             info = os.lstat(path)

@@ -34,6 +34,7 @@ from oxide_cluster.workspace import (
     match_artifacts,
     open_inside,
 )
+from oxide_cluster.workspace_client import WorkspaceError as ScanError
 from oxide_cluster.workspace_client import junit_summary, scan_tree
 
 D = "a" * 64
@@ -105,6 +106,37 @@ def test_a_built_manifest_keeps_the_canonical_bytes_sort_keys_would_give():
     assert built.encode() == json.dumps(json.loads(built.encode()), sort_keys=True,
                                         separators=(",", ":")).encode()
     assert parse_manifest(built.encode()) == built
+
+
+@pytest.mark.parametrize(("files", "links", "reason"), [
+    ([FileEntry("/etc/passwd", 0o644, 1, D)], [], "is absolute"),
+    ([FileEntry("a/../x", 0o644, 1, D)], [], "contains '..'"),
+    ([FileEntry("a//x", 0o644, 1, D)], [], "not normalised"),
+    ([FileEntry("a", 0o644, 1, D), FileEntry("a", 0o644, 2, D)], [], "duplicate path"),
+    ([FileEntry("a", 0o644, 1, D)], [LinkEntry("a", "b")], "duplicate path"),
+    ([FileEntry("a", 0o644, 1, D), FileEntry("a/b", 0o644, 1, D)], [], "parent 'a' is a file"),
+    ([FileEntry("a", 0o4755, 1, D)], [], "not a plain file mode"),
+    ([FileEntry("a", 0o644, -1, D)], [], "size must be"),
+    ([FileEntry("a", 0o644, 1, "A" * 64)], [], "digest must be 64"),
+    ([], [LinkEntry("l", "../x")], "escapes the tree"),
+    ([], [LinkEntry("l", "/etc")], "is absolute"),
+    ([FileEntry("l/f", 0o644, 1, D)], [LinkEntry("l", "d")], "under the symlink 'l'"),
+])
+def test_a_client_manifest_is_refused_as_the_node_would(files, links, reason):
+    with pytest.raises(ManifestError, match=reason):
+        build_manifest(files, links)
+    entries = [{"type": "file", "path": f.path, "mode": f.mode, "size": f.size,
+                "digest": f.digest} for f in files]
+    with pytest.raises(ManifestError, match=reason):
+        parse_manifest(manifest(*entries, *(link(lk.path, lk.target) for lk in links)))
+
+
+def test_a_scan_refuses_a_symlink_out_of_the_tree_naming_it(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "out").symlink_to("../elsewhere")
+    with pytest.raises(ScanError, match=r"symlink 'out' .*escapes the tree.*--exclude"):
+        scan_tree(tree, use_cache=False)
 
 
 def test_a_scan_enters_directories_and_sends_symlinks_as_they_are(tmp_path):
