@@ -23,7 +23,7 @@ import attrs
 MANIFEST_VERSION = 1
 MAX_ENTRIES = 1_000_000
 MAX_PATH = 4096
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline by
 # Symlink hops followed while checking a target before calling it a loop (as Linux does).
 _MAX_HOPS = 40
 _FILE_FIELDS = frozenset({"type", "path", "mode", "size", "digest"})
@@ -37,7 +37,7 @@ class ManifestError(ValueError):
 
 def is_digest(value: object) -> bool:
     """A lowercase hex SHA-256, the only blob name the store accepts."""
-    return isinstance(value, str) and _DIGEST.match(value) is not None
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 def digest_bytes(data: bytes) -> str:

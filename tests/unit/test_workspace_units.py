@@ -64,6 +64,7 @@ def link(path, target):
     (manifest({"type": "fifo", "path": "p"}), "names a fifo"),
     (manifest(file("suid", mode=0o4755)), "not a plain file mode"),
     (manifest(file("a", digest="xyz")), "digest must be 64"),
+    (manifest(file("a", digest=D + "\n")), "digest must be 64"),
     (manifest(file("a", size=-1)), "size must be"),
     (manifest(file("a", size=True)), "size must be"),
     (manifest(file("a", mode=True)), "mode must be"),
