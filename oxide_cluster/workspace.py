@@ -630,10 +630,10 @@ class Workspaces(service.Service):
         """From the retained tree sharing most files with ``manifest``, else afresh."""
         if self._settling:  # a just-finished tree may be about to be retained
             await defer.DeferredList(list(self._settling))
-        wanted = {(entry.path, entry.digest) for entry in manifest.files}
+        wanted = {entry.path: entry.digest for entry in manifest.files}  # no tuple a file
         best, shared = None, 0
         for index, (_, built) in enumerate(self._retained):
-            overlap = sum((entry.path, entry.digest) in wanted
+            overlap = sum(wanted.get(entry.path) == entry.digest
                           for entry in built.manifest.files)
             if overlap > shared:
                 best, shared = index, overlap
