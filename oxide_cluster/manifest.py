@@ -16,6 +16,7 @@ import posixpath
 import re
 import stat
 from collections.abc import Iterable
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import attrs
@@ -104,16 +105,19 @@ class Manifest:
         """The canonical bytes; their SHA-256 is the manifest's address."""
         if self._encoded is not None:
             return self._encoded
-        # Keys written in sorted order (as sort_keys would put them), so the C encoder
-        # need not sort each of thousands of small objects.
-        entries: list[dict[str, Any]] = [
-            {"digest": f.digest, "mode": f.mode, "path": f.path, "size": f.size,
-             "type": "file"} for f in self.files]
-        entries += [{"path": link.path, "target": link.target, "type": "symlink"}
+        # What json.dumps(sort_keys=True, separators=(",", ":")) writes for a checked
+        # manifest (strings through json's own escaping, whole numbers), made without a
+        # dict per entry: keys in sorted order, entries sorted by path.
+        quote = encode_basestring_ascii
+        entries = [(f.path, f'{{"digest":{quote(f.digest)},"mode":{f.mode:d},'
+                            f'"path":{quote(f.path)},"size":{f.size:d},"type":"file"}}')
+                   for f in self.files]
+        entries += [(link.path, f'{{"path":{quote(link.path)},'
+                                f'"target":{quote(link.target)},"type":"symlink"}}')
                     for link in self.links]
-        entries.sort(key=lambda entry: entry["path"])
-        return json.dumps({"entries": entries, "version": MANIFEST_VERSION},
-                          separators=(",", ":")).encode()
+        entries.sort()
+        return (f'{{"entries":[{",".join(entry for _, entry in entries)}],'
+                f'"version":{MANIFEST_VERSION}}}').encode()
 
     def digest(self) -> str:
         return digest_bytes(self.encode())

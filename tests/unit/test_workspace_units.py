@@ -100,6 +100,7 @@ def test_manifest_round_trip_is_canonical_and_keeps_inside_symlinks():
 def test_a_built_manifest_keeps_the_canonical_bytes_sort_keys_would_give():
     files = [FileEntry(f"d{index % 3}/f{index}\u00e9\"", 0o100644 if index % 2 else 0o755,
                        index, D) for index in range(20)]
+    files.append(FileEntry("d1/t\tab\\\udcff\u2028", 0o644, 0, D))  # escaped by json
     links = [LinkEntry("d1/l", "f1\u00e9\""), LinkEntry("a", "d2")]
     built = build_manifest(files, links)
     fresh = Manifest(built.files, built.links)  # encoded again, nothing kept
