@@ -16,6 +16,7 @@ import posixpath
 import re
 import stat
 from collections.abc import Iterable
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import attrs
@@ -23,9 +24,12 @@ import attrs
 MANIFEST_VERSION = 1
 MAX_ENTRIES = 1_000_000
 MAX_PATH = 4096
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline by
 # Symlink hops followed while checking a target before calling it a loop (as Linux does).
 _MAX_HOPS = 40
+_FILE_FIELDS = frozenset({"type", "path", "mode", "size", "digest"})
+_LINK_FIELDS = frozenset({"type", "path", "target"})
+_PLAIN_MODES = frozenset({0o644, 0o755})  # what normal_mode gives, as clients write them
 
 
 class ManifestError(ValueError):
@@ -34,7 +38,7 @@ class ManifestError(ValueError):
 
 def is_digest(value: object) -> bool:
     """A lowercase hex SHA-256, the only blob name the store accepts."""
-    return isinstance(value, str) and _DIGEST.match(value) is not None
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 def digest_bytes(data: bytes) -> str:
@@ -47,14 +51,15 @@ def check_relative_path(path: object, what: str = "path") -> str:
         raise ManifestError(f"{what} must be a non-empty string")
     if "\x00" in path:
         raise ManifestError(f"{what} {path!r} contains a NUL byte")
-    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+    # At most 4 UTF-8 bytes a character: only a long path needs encoding to be measured.
+    if len(path) > MAX_PATH // 4 and len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
         raise ManifestError(f"{what} {path[:80]!r}... is longer than {MAX_PATH} bytes")
-    if path.startswith("/"):
+    if path[0] == "/":
         raise ManifestError(f"{what} {path!r} is absolute")
     parts = path.split("/")
     if ".." in parts:
         raise ManifestError(f"{what} {path!r} contains '..'")
-    if any(part in ("", ".") for part in parts):
+    if "" in parts or "." in parts:
         raise ManifestError(f"{what} {path!r} is not normalised (empty or '.' component)")
     return path
 
@@ -85,6 +90,9 @@ class Manifest:
 
     files: tuple[FileEntry, ...]
     links: tuple[LinkEntry, ...] = ()
+    # The canonical bytes when already known (build_manifest made them), so a client
+    # encodes its manifest once; not part of equality.
+    _encoded: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def total_size(self) -> int:
@@ -95,32 +103,50 @@ class Manifest:
 
     def encode(self) -> bytes:
         """The canonical bytes; their SHA-256 is the manifest's address."""
-        entries: list[dict[str, Any]] = [
-            {"type": "file", "path": f.path, "mode": f.mode, "size": f.size,
-             "digest": f.digest} for f in self.files]
-        entries += [{"type": "symlink", "path": link.path, "target": link.target}
+        if self._encoded is not None:
+            return self._encoded
+        # What json.dumps(sort_keys=True, separators=(",", ":")) writes for a checked
+        # manifest (strings through json's own escaping, whole numbers), made without a
+        # dict per entry: keys in sorted order, entries sorted by path.
+        quote = encode_basestring_ascii
+        entries = [(f.path, f'{{"digest":{quote(f.digest)},"mode":{f.mode:d},'
+                            f'"path":{quote(f.path)},"size":{f.size:d},"type":"file"}}')
+                   for f in self.files]
+        entries += [(link.path, f'{{"path":{quote(link.path)},'
+                                f'"target":{quote(link.target)},"type":"symlink"}}')
                     for link in self.links]
-        entries.sort(key=lambda entry: entry["path"])
-        return json.dumps({"version": MANIFEST_VERSION, "entries": entries},
-                          sort_keys=True, separators=(",", ":")).encode()
+        entries.sort()
+        return (f'{{"entries":[{",".join(entry for _, entry in entries)}],'
+                f'"version":{MANIFEST_VERSION}}}').encode()
 
     def digest(self) -> str:
         return digest_bytes(self.encode())
 
 
 def build_manifest(files: Iterable[FileEntry], links: Iterable[LinkEntry] = ()) -> Manifest:
-    """Check entries made by a client exactly as a node will, and sort them."""
-    manifest = Manifest(tuple(sorted(files, key=lambda f: f.path)),
-                        tuple(sorted(links, key=lambda link: link.path)))
-    return parse_manifest(manifest.encode())
+    """Check entries made by a client exactly as a node will (the parser's own checks
+    of each field and of the tree, without a JSON round trip), and sort them. The result
+    keeps its canonical bytes, so they are encoded once."""
+    checked = _checked_tree(
+        [_checked_file(check_relative_path(f.path), f.mode, f.size, f.digest) for f in files],
+        [_checked_link(check_relative_path(link.path), link.target) for link in links])
+    return Manifest(checked.files, checked.links, checked.encode())
 
 
 def _file_entry(index: int, entry: dict[str, Any]) -> FileEntry:
     path = check_relative_path(entry.get("path"), f"entry {index} path")
-    extra = sorted(set(entry) - {"type", "path", "mode", "size", "digest"})
-    if extra:
+    if not entry.keys() <= _FILE_FIELDS:
+        extra = sorted(set(entry) - _FILE_FIELDS)
         raise ManifestError(f"entry {path!r}: unknown field {extra[0]!r}")
-    mode, size, digest = entry.get("mode"), entry.get("size"), entry.get("digest")
+    return _checked_file(path, entry.get("mode"), entry.get("size"), entry.get("digest"))
+
+
+def _checked_file(path: str, mode: object, size: object, digest: object) -> FileEntry:
+    """A file entry from its fields (``path`` checked already); the mode normalised."""
+    if type(mode) is int and mode in _PLAIN_MODES \
+            and type(size) is int and size >= 0 and is_digest(digest):
+        assert isinstance(digest, str)
+        return FileEntry(path, mode, size, digest)  # the usual entry, checked at once
     if isinstance(mode, bool) or not isinstance(mode, int) or mode < 0:
         raise ManifestError(f"entry {path!r}: mode must be a whole number")
     kind = stat.S_IFMT(mode)
@@ -142,10 +168,14 @@ def _file_entry(index: int, entry: dict[str, Any]) -> FileEntry:
 
 def _link_entry(index: int, entry: dict[str, Any]) -> LinkEntry:
     path = check_relative_path(entry.get("path"), f"entry {index} path")
-    extra = sorted(set(entry) - {"type", "path", "target"})
-    if extra:
+    if not entry.keys() <= _LINK_FIELDS:
+        extra = sorted(set(entry) - _LINK_FIELDS)
         raise ManifestError(f"entry {path!r}: unknown field {extra[0]!r}")
-    target = entry.get("target")
+    return _checked_link(path, entry.get("target"))
+
+
+def _checked_link(path: str, target: object) -> LinkEntry:
+    """A symlink entry from its fields (``path`` checked already)."""
     if not isinstance(target, str) or not target or "\x00" in target:
         raise ManifestError(f"symlink {path!r}: target must be a non-empty string")
     if target.startswith("/"):
@@ -200,7 +230,6 @@ def parse_manifest(raw: bytes) -> Manifest:
         raise ManifestError(f"manifest has more than {MAX_ENTRIES} entries")
     files: list[FileEntry] = []
     links: list[LinkEntry] = []
-    seen: set[str] = set()
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ManifestError(f"entry {index} must be an object")
@@ -215,24 +244,38 @@ def parse_manifest(raw: bytes) -> Manifest:
         else:
             raise ManifestError(f"entry {index}: type must be 'file' or 'symlink', "
                                 f"not {kind!r}")
-        if parsed.path in seen:
-            raise ManifestError(f"entry {parsed.path!r}: duplicate path")
-        seen.add(parsed.path)
         if isinstance(parsed, FileEntry):
             files.append(parsed)
         else:
             links.append(parsed)
+    return _checked_tree(files, links)
+
+
+def _checked_tree(files: list[FileEntry], links: list[LinkEntry]) -> Manifest:
+    """Entries checked one by one, checked as a tree: no path twice, every ancestor a
+    directory, every symlink resolving inside the tree. Sorted."""
+    seen = {entry.path for entry in files}
+    seen.update(link.path for link in links)
+    if len(seen) < len(files) + len(links):
+        counted: set[str] = set()
+        every: list[FileEntry | LinkEntry] = [*files, *links]
+        for entry in every:
+            if entry.path in counted:
+                raise ManifestError(f"entry {entry.path!r}: duplicate path")
+            counted.add(entry.path)
     link_targets = {link.path: link.target for link in links}
+    directories: set[str] = set()  # ancestors found to be directories, with theirs
     for path in seen:
         # Every ancestor must be a directory: not a file, not a symlink (writing under a
         # symlink would write wherever it points).
-        parent = posixpath.dirname(path)
-        while parent:
+        parent = path.rpartition("/")[0]  # paths are checked normalised: their dirname
+        while parent and parent not in directories:
             if parent in link_targets:
                 raise ManifestError(f"entry {path!r}: lies under the symlink {parent!r}")
             if parent in seen:
                 raise ManifestError(f"entry {path!r}: its parent {parent!r} is a file")
-            parent = posixpath.dirname(parent)
+            directories.add(parent)
+            parent = parent.rpartition("/")[0]
     for link in links:
         try:
             _resolve(link.path, link_targets, [0])

@@ -219,23 +219,31 @@ def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: BlobPath,
     Everything else the task left (new or changed files, symlinks, FIFOs, directories
     the manifest does not need) is removed first, so nothing is written through a
     symlink. Raises OSError if the tree cannot be set right (the caller rebuilds)."""
-    wanted = {entry.path: entry for entry in manifest.files}
     before = {entry.path: entry for entry in old.manifest.files}
+    # What each file the manifests agree on (digest, mode) must still look like.
+    same: dict[str, FileStat] = {}
     dirs = {"."}
-    for path in list(wanted) + [link.path for link in manifest.links]:
-        parent = os.path.dirname(path)
+    for entry in manifest.files:
+        earlier = before.get(entry.path)
+        if earlier is not None and earlier.digest == entry.digest \
+                and earlier.mode == entry.mode and entry.path in old.files:
+            same[entry.path] = old.files[entry.path]
+    for path in [entry.path for entry in manifest.files] + [link.path for link in
+                                                           manifest.links]:
+        parent = path.rpartition("/")[0]  # checked normalised paths: their dirname
         while parent and parent not in dirs:
             dirs.add(parent)
-            parent = os.path.dirname(parent)
+            parent = parent.rpartition("/")[0]
     if os.lstat(root).st_mode != old.dir_mode:
         raise OSError(errno.EPERM, "the task changed its directory's mode")
     keep: dict[str, FileStat] = {}
 
     def sweep(directory: str) -> None:
-        with os.scandir(root / directory) as entries:
+        prefix = "" if directory == "." else directory + "/"
+        with os.scandir(f"{root}/{directory}") as entries:
             listed = list(entries)
         for item in listed:
-            relative = item.name if directory == "." else f"{directory}/{item.name}"
+            relative = prefix + item.name
             info = item.stat(follow_symlinks=False)
             if stat.S_ISDIR(info.st_mode):
                 if relative in dirs and info.st_mode & 0o700 == 0o700:
@@ -243,12 +251,11 @@ def reuse_tree(old: BuiltTree, manifest: Manifest, blob_path: BlobPath,
                 else:
                     remove_tree(Path(item.path))
                 continue
-            entry, earlier = wanted.get(relative), before.get(relative)
-            if entry is not None and earlier is not None and stat.S_ISREG(info.st_mode) \
-                    and info.st_nlink == 1 and entry.digest == earlier.digest \
-                    and entry.mode == earlier.mode \
-                    and old.files.get(relative) == _file_stat(info):
-                keep[relative] = old.files[relative]
+            expected = same.get(relative)
+            if expected is not None and stat.S_ISREG(info.st_mode) and info.st_nlink == 1 \
+                    and expected == (info.st_ino, info.st_size, info.st_mtime_ns,
+                                     info.st_ctime_ns, info.st_mode):
+                keep[relative] = expected
             else:
                 os.unlink(item.path)
 
@@ -285,16 +292,24 @@ def closed_to(path: Path, user: User) -> Path | None:
 
 
 def _tree_size(root: Path) -> int:
-    """Bytes of the regular files under ``root`` (symlinks not followed)."""
+    """Bytes of the regular files under ``root`` (symlinks not followed). ``scandir``'s
+    entry types pick the files to ``stat`` and the directories to enter."""
     total = 0
-    for directory, _, filenames in os.walk(root):
-        for name in filenames:
-            try:
-                info = os.lstat(os.path.join(directory, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode):
-                total += info.st_size
+    pending = [str(root)]
+    while pending:
+        try:
+            listed = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with listed:
+            for item in listed:
+                try:
+                    if item.is_dir(follow_symlinks=False):
+                        pending.append(item.path)
+                    elif item.is_file(follow_symlinks=False):
+                        total += item.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
     return total
 
 
@@ -615,10 +630,10 @@ class Workspaces(service.Service):
         """From the retained tree sharing most files with ``manifest``, else afresh."""
         if self._settling:  # a just-finished tree may be about to be retained
             await defer.DeferredList(list(self._settling))
-        wanted = {(entry.path, entry.digest) for entry in manifest.files}
+        wanted = {entry.path: entry.digest for entry in manifest.files}  # no tuple a file
         best, shared = None, 0
         for index, (_, built) in enumerate(self._retained):
-            overlap = sum((entry.path, entry.digest) in wanted
+            overlap = sum(wanted.get(entry.path) == entry.digest
                           for entry in built.manifest.files)
             if overlap > shared:
                 best, shared = index, overlap

@@ -190,3 +190,28 @@ def test_the_next_build_waits_for_a_finished_tree_being_measured_and_reuses_it(t
         work.step()
     assert outcome(preparing) == str(workspaces.directory("t2"))
     assert workspaces.reused_files == 1  # t1's file kept, not copied again
+
+
+def run_tree(workspaces, blobs, task_id, files):
+    """Prepare and finish a task whose tree is ``files`` (path: content)."""
+    for content in files.values():
+        put(blobs, content)
+    tree = build_manifest([FileEntry(path, 0o644, len(content), digest_bytes(content))
+                           for path, content in files.items()])
+    put(blobs, tree.encode())
+    task = Task(id=task_id, node_id="n1", command="true", args=[], cwd=None, env={},
+                secret_env_keys=[], labels={}, timeout=None, idle_timeout=None, retries=0,
+                workspace=tree.digest())
+    outcome(workspaces.prepare(task))
+    outcome(workspaces.finish(task))
+
+
+def test_the_next_tree_is_made_from_the_retained_one_sharing_most_files(tmp_path):
+    _, blobs, workspaces = rig(tmp_path, 10_000)
+    run_tree(workspaces, blobs, "t1", {"a": b"1", "b": b"2", "c": b"3"})
+    run_tree(workspaces, blobs, "t2", {"a": b"other", "x": b"9"})  # nothing of t1's
+    assert workspaces.reused_files == 0
+    assert sorted(p.name for p in workspaces.retained_root.iterdir()) == ["t1", "t2"]
+    run_tree(workspaces, blobs, "t3", {"a": b"1", "b": b"2", "x": b"9"})
+    assert workspaces.reused_files == 2  # a and b from t1, not only x from t2
+    assert sorted(p.name for p in workspaces.retained_root.iterdir()) == ["t2", "t3"]

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from oxide_cluster.manifest import FileEntry, LinkEntry, build_manifest, digest_bytes
-from oxide_cluster.workspace import build_tree, reuse_tree
+from oxide_cluster.workspace import _tree_size, build_tree, reuse_tree
 from oxide_cluster.workspace_client import DigestCache, scan_tree
 from tests.unit.test_workspace_units import blob_store, put
 
@@ -109,3 +109,29 @@ def test_a_corrupt_digest_cache_is_ignored(tmp_path):
     scanned = scan_tree(tree, cache_dir=tmp_path / "cache")
     assert scanned.manifest.files[0].digest == digest_bytes(b"data")
     assert Path(cache.path).exists()
+
+
+def test_reuse_copies_a_file_whose_mode_changed_in_the_manifest(tmp_path):
+    store = blob_store(tmp_path, 10_000)
+    put(store, b"run")
+    put(store, b"kept")
+    first = build_manifest([entry("d/run", b"run"), entry("d/kept", b"kept")])
+    root = tmp_path / "ws"
+    built = build_tree(first, store.path, root)
+    second = build_manifest([entry("d/run", b"run", 0o755), entry("d/kept", b"kept")])
+    rebuilt = reuse_tree(built, second, store.path, root)
+    assert rebuilt.reused == 1 and "d/kept" in rebuilt.files
+    assert os.stat(root / "d" / "run").st_mode & 0o777 == 0o755
+
+
+def test_a_tree_is_measured_by_its_regular_files_without_following_symlinks(tmp_path):
+    root = tmp_path / "ws"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"x" * 10)
+    (root / "g").write_bytes(b"y" * 5)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "big").write_bytes(b"z" * 1000)
+    (root / "to-outside").symlink_to(tmp_path / "outside")
+    (root / "to-big").symlink_to(tmp_path / "outside" / "big")
+    (root / "closed").mkdir(mode=0)  # unreadable (not as root): skipped, not an error
+    assert _tree_size(root) == 15

@@ -15,6 +15,7 @@ from oxide_cluster.cas import BlobError, BlobStore
 from oxide_cluster.manifest import (
     FileEntry,
     LinkEntry,
+    Manifest,
     ManifestError,
     build_manifest,
     check_glob,
@@ -33,7 +34,8 @@ from oxide_cluster.workspace import (
     match_artifacts,
     open_inside,
 )
-from oxide_cluster.workspace_client import junit_summary
+from oxide_cluster.workspace_client import WorkspaceError as ScanError
+from oxide_cluster.workspace_client import junit_summary, scan_tree
 
 D = "a" * 64
 
@@ -62,7 +64,15 @@ def link(path, target):
     (manifest({"type": "fifo", "path": "p"}), "names a fifo"),
     (manifest(file("suid", mode=0o4755)), "not a plain file mode"),
     (manifest(file("a", digest="xyz")), "digest must be 64"),
+    (manifest(file("a", digest=D + "\n")), "digest must be 64"),
     (manifest(file("a", size=-1)), "size must be"),
+    (manifest(file("a", size=True)), "size must be"),
+    (manifest(file("a", mode=True)), "mode must be"),
+    (manifest(file("a", extra=1)), "unknown field 'extra'"),
+    (manifest(link("l", "a") | {"mode": 1}), "unknown field 'mode'"),
+    (manifest(file("a/b/x"), file("a/b/y"), file("a")), "its parent 'a' is a file"),
+    (manifest(file("d/e/x"), link("d", "."), file("d/f")), "under the symlink 'd'"),
+    (manifest(file("a" * 1030 + "\u00e9" * 1600)), "longer than 4096 bytes"),
     (manifest(link("l", "/etc/shadow")), "is absolute"),
     (manifest(link("l", "../outside")), "escapes the tree"),
     (manifest(link("d/l", "../../x")), "escapes the tree"),
@@ -85,6 +95,68 @@ def test_manifest_round_trip_is_canonical_and_keeps_inside_symlinks():
     assert built.files[1].mode == 0o755 and built.files[0].mode == 0o644
     assert parse_manifest(built.encode()) == built
     assert built.digest() == digest_bytes(built.encode())
+
+
+def test_a_built_manifest_keeps_the_canonical_bytes_sort_keys_would_give():
+    files = [FileEntry(f"d{index % 3}/f{index}\u00e9\"", 0o100644 if index % 2 else 0o755,
+                       index, D) for index in range(20)]
+    files.append(FileEntry("d1/t\tab\\\udcff\u2028", 0o644, 0, D))  # escaped by json
+    links = [LinkEntry("d1/l", "f1\u00e9\""), LinkEntry("a", "d2")]
+    built = build_manifest(files, links)
+    fresh = Manifest(built.files, built.links)  # encoded again, nothing kept
+    assert built == fresh and built.encode() == fresh.encode()
+    assert built.encode() == json.dumps(json.loads(built.encode()), sort_keys=True,
+                                        separators=(",", ":")).encode()
+    assert parse_manifest(built.encode()) == built
+
+
+@pytest.mark.parametrize(("files", "links", "reason"), [
+    ([FileEntry("/etc/passwd", 0o644, 1, D)], [], "is absolute"),
+    ([FileEntry("a/../x", 0o644, 1, D)], [], "contains '..'"),
+    ([FileEntry("a//x", 0o644, 1, D)], [], "not normalised"),
+    ([FileEntry("a", 0o644, 1, D), FileEntry("a", 0o644, 2, D)], [], "duplicate path"),
+    ([FileEntry("a", 0o644, 1, D)], [LinkEntry("a", "b")], "duplicate path"),
+    ([FileEntry("a", 0o644, 1, D), FileEntry("a/b", 0o644, 1, D)], [], "parent 'a' is a file"),
+    ([FileEntry("a", 0o4755, 1, D)], [], "not a plain file mode"),
+    ([FileEntry("a", 0o644, -1, D)], [], "size must be"),
+    ([FileEntry("a", 0o644, 1, "A" * 64)], [], "digest must be 64"),
+    ([], [LinkEntry("l", "../x")], "escapes the tree"),
+    ([], [LinkEntry("l", "/etc")], "is absolute"),
+    ([FileEntry("l/f", 0o644, 1, D)], [LinkEntry("l", "d")], "under the symlink 'l'"),
+])
+def test_a_client_manifest_is_refused_as_the_node_would(files, links, reason):
+    with pytest.raises(ManifestError, match=reason):
+        build_manifest(files, links)
+    entries = [{"type": "file", "path": f.path, "mode": f.mode, "size": f.size,
+                "digest": f.digest} for f in files]
+    with pytest.raises(ManifestError, match=reason):
+        parse_manifest(manifest(*entries, *(link(lk.path, lk.target) for lk in links)))
+
+
+def test_a_scan_refuses_a_symlink_out_of_the_tree_naming_it(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "out").symlink_to("../elsewhere")
+    with pytest.raises(ScanError, match=r"symlink 'out' .*escapes the tree.*--exclude"):
+        scan_tree(tree, use_cache=False)
+
+
+def test_a_scan_enters_directories_and_sends_symlinks_as_they_are(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "skip" / "deep").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_bytes(b"f")
+    (tree / "a" / "g.log").write_bytes(b"g")
+    (tree / "skip" / "deep" / "h").write_bytes(b"h")
+    (tree / "top").write_bytes(b"t")
+    (tree / "a" / "to-dir").symlink_to("b")
+    (tree / "dangling").symlink_to("a/nothing")
+    (tree / "empty").mkdir()
+    scanned = scan_tree(tree, excludes=["skip", "*.log"], use_cache=False)
+    assert [(f.path, f.digest) for f in scanned.manifest.files] == [
+        ("a/b/f", digest_bytes(b"f")), ("top", digest_bytes(b"t"))]
+    assert [(link.path, link.target) for link in scanned.manifest.links] == [
+        ("a/to-dir", "b"), ("dangling", "a/nothing")]
 
 
 @pytest.mark.parametrize("pattern", ["../x", "a/../../x", "/etc/shadow", "~/x", ""])
