@@ -15,6 +15,9 @@ One agent on loopback (temporary state dir). Measured in one run, interleaved:
   ``tar -x`` (the tree unpacked on the other side, as a task would need it).
 * second run: the same after rewriting one file: bytes sent and time as ratios of the
   first.
+* every timed step starts after an untimed ``os.sync()``: no step pays for the writeback
+  of the one before (the tree just made, the sink's tar), which the upload's one
+  ``syncfs`` would otherwise wait for.
 * artifacts: a task leaves a 64 MiB artifact and writes the same bytes to its output;
   ``download_artifacts`` against reading ``GET /task/{id}/output`` to the end.
 """
@@ -87,6 +90,7 @@ def make_tree(root: Path, files: int, total: int) -> None:
 def tar_upload(tree: Path, sink_port: int, path: str = "/upload") -> float:
     """Seconds for ``tar -c`` streamed into one chunked POST to the sink (``/unpack``:
     the sink pipes it into ``tar -x``)."""
+    os.sync()
     started = time.perf_counter()
     tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(tree), "."], stdout=subprocess.PIPE)
     assert tar.stdout is not None
@@ -102,6 +106,7 @@ def tar_upload(tree: Path, sink_port: int, path: str = "/upload") -> float:
 
 def oxide_run(node: Node, tree: Path) -> tuple[float, int, int, dict[str, Any]]:
     """(seconds, bytes sent, blobs sent, the task) for upload-and-run of ``true``."""
+    os.sync()
     started = time.perf_counter()
     sent = upload_workspace(node, tree)
     task = node.request("POST", "/execute?wait=300",
