@@ -48,12 +48,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oxide_cluster.cgroups import ResourceError, Resources, parse_resources
+from oxide_cluster.clock import Clock
 from oxide_cluster.executor import CapacityError
 from oxide_cluster.forwarding import PeerReply, PeerUnavailable
 from oxide_cluster.model import RequestError, Task, TaskRequest
 from oxide_cluster.placement import Candidate, rank
 from oxide_cluster.redis_connection import RedisCommands
-from oxide_cluster.scheduler import Clock, FairQueue
+from oxide_cluster.scheduler import FairQueue
 
 # A claimed or queued task's hash is kept a week past its last change (GET finds it).
 RECORD_TTL = 8 * 24 * 3600

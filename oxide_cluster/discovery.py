@@ -29,9 +29,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from oxide_cluster import wire
+from oxide_cluster.clock import SecondsClock
 from oxide_cluster.interfaces import DiscoveryTransport, IDiscoveryTransport
 from oxide_cluster.membership import Membership, PeerState, PeerStore
-from oxide_cluster.wire import Codec, Message, SecondsClock, WireError
+from oxide_cluster.wire import Codec, Message, WireError
 
 log = Logger()
 

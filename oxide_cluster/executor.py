@@ -34,6 +34,7 @@ from oxide_cluster.cgroups import (
     TaskCgroup,
     format_size,
 )
+from oxide_cluster.clock import SecondsClock
 from oxide_cluster.interfaces import ITaskRunner
 from oxide_cluster.model import Task, TaskRequest, TaskState, new_task_id
 from oxide_cluster.protection import TASK_OOM_SCORE_ADJ, User, set_oom_score_adj
@@ -357,7 +358,7 @@ class CommandPaths:
     tasks does not search PATH each time, and a command installed, moved or removed is
     seen within ``ttl``; a path that failed to start is forgotten at once."""
 
-    def __init__(self, clock: Any, ttl: float = 1.0, size: int = 256) -> None:
+    def __init__(self, clock: SecondsClock, ttl: float = 1.0, size: int = 256) -> None:
         self._clock = clock
         self._ttl = ttl
         self._size = size

@@ -22,8 +22,9 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from oxide_cluster.clock import SecondsClock
 from oxide_cluster.model import rfc3339
-from oxide_cluster.wire import Member, SecondsClock
+from oxide_cluster.wire import Member
 
 log = Logger()
 

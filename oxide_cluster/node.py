@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import psutil
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 
 from oxide_cluster import __version__
+from oxide_cluster.clock import Clock
 from oxide_cluster.config import Config
 from oxide_cluster.drain import Drain
 from oxide_cluster.model import Task, TaskRequest, rfc3339
@@ -90,14 +90,6 @@ class Elector(Protocol):
 
     def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None: ...
 
-
-class Clock(Protocol):
-    """The reactor as a node's parts use it (a ``task.Clock`` in tests)."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
-                  **kw: Any) -> IDelayedCall: ...
 
 
 class DiscoveryStatus(Protocol):

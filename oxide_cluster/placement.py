@@ -21,9 +21,9 @@ from oxide_cluster.capacity import Capacity, declared, misfit
 from oxide_cluster.cgroups import Resources
 
 if TYPE_CHECKING:
+    from oxide_cluster.clock import SecondsClock
     from oxide_cluster.config import Config
     from oxide_cluster.membership import Membership
-    from oxide_cluster.wire import SecondsClock
 
 
 @attrs.frozen

@@ -18,8 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.clock import Clock
 from oxide_cluster.cluster_queue import QueueUnavailable
-from oxide_cluster.scheduler import Clock
 from oxide_cluster.waiters import Waiters
 
 QUEUED = "queued"

@@ -11,9 +11,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.clock import Clock
 from oxide_cluster.interfaces import ClusterDirectory
 from oxide_cluster.model import TERMINAL_STATES, rfc3339
-from oxide_cluster.node import Clock, Elector
+from oxide_cluster.node import Elector
 
 if TYPE_CHECKING:
     from oxide_cluster.membership import Membership

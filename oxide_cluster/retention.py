@@ -20,20 +20,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oxide_cluster.clock import Clock
 from oxide_cluster.store import PruneBatch
 from oxide_cluster.waiters import Waiters
 
 DEFAULT_INTERVAL = 60.0
 DEFAULT_BATCH = 200
-
-
-class Clock(Protocol):
-    """The reactor's time (``task.Clock`` in tests): passes run on its schedule."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, callable: Callable[..., object],
-                  *args: object, **kw: object) -> object: ...
 
 
 class PrunableStore(Protocol):

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from oxide_cluster.capacity import Allocatable, Capacity, describe, misfit
 from oxide_cluster.cgroups import Resources
+from oxide_cluster.clock import Clock
 from oxide_cluster.drain import RETRY_AFTER as DRAIN_RETRY_AFTER
 from oxide_cluster.drain import Drain
 from oxide_cluster.executor import CapacityError
@@ -114,12 +115,6 @@ class QueuePins(Protocol):
 
     def release(self, task_id: str) -> None: ...
 
-
-class Clock(Protocol):
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any,
-                  **kw: Any) -> DelayedCall: ...
 
 
 # -- the ordering structure ---------------------------------------------------------------

@@ -47,9 +47,11 @@ import math
 import secrets
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import attrs
+
+from oxide_cluster.clock import SecondsClock
 
 VERSION: Final = 3
 #: Versions ``decode`` accepts; 1 is every field of 2 but ``members``; 3 adds capacity.
@@ -102,11 +104,6 @@ _ANNOUNCE_V2_KEYS = _ANNOUNCE_KEYS | {"members"}
 _MEMBER_KEYS = frozenset({"node_id", "ip", "api_port", "discovery_port"})
 _HEX = frozenset("0123456789abcdef")
 
-
-class SecondsClock(Protocol):
-    """The part of ``SecondsClock`` used here (a reactor or a ``task.Clock``)."""
-
-    def seconds(self) -> float: ...
 
 
 class WireError(Exception):
