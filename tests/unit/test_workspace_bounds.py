@@ -24,8 +24,8 @@ def rig(tmp_path, capacity, keep_failed=0.0):
     return clock, blobs, workspaces
 
 
-def run_task(workspaces, blobs, task_id, content, state=TaskState.SUCCEEDED):
-    """Prepare and finish a task whose tree is one file of ``content``."""
+def prepared(workspaces, blobs, task_id, content):
+    """A task whose tree is one file of ``content``, its directory built."""
     tree = build_manifest([FileEntry("f", 0o644, len(content), digest_bytes(content))])
     put(blobs, content)
     put(blobs, tree.encode())
@@ -33,6 +33,12 @@ def run_task(workspaces, blobs, task_id, content, state=TaskState.SUCCEEDED):
                 secret_env_keys=[], labels={}, timeout=None, idle_timeout=None, retries=0,
                 workspace=tree.digest())
     outcome(workspaces.prepare(task))
+    return task
+
+
+def run_task(workspaces, blobs, task_id, content, state=TaskState.SUCCEEDED):
+    """Prepare and finish a task whose tree is one file of ``content``."""
+    task = prepared(workspaces, blobs, task_id, content)
     task.state = state
     outcome(workspaces.finish(task))
     return task
@@ -147,13 +153,7 @@ def held_rig(tmp_path, capacity):
 
 def finished(workspaces, blobs, task_id, content, work):
     """A task run through prepare; its ``finish`` started with the work held."""
-    tree = build_manifest([FileEntry("f", 0o644, len(content), digest_bytes(content))])
-    put(blobs, content)
-    put(blobs, tree.encode())
-    task = Task(id=task_id, node_id="n1", command="true", args=[], cwd=None, env={},
-                secret_env_keys=[], labels={}, timeout=None, idle_timeout=None, retries=0,
-                workspace=tree.digest())
-    outcome(workspaces.prepare(task))
+    task = prepared(workspaces, blobs, task_id, content)
     task.state = TaskState.SUCCEEDED
     work.hold = True
     return task, workspaces.finish(task)
