@@ -941,13 +941,14 @@ def test_redis_restart_with_appendonly_keeps_the_queue(fault_cluster, fault_repo
     assert orphans == 0
 
 
-DISPATCH_TIMEOUT = 10.0  # ClusterAdmission._send's wait for a node's /internal/dispatch answer
+# ClusterAdmission._send waits peer_timeout for a node's /internal/dispatch answer.
+DISPATCH_TIMEOUT = PEER_TIMEOUT
 
 
 @pytest.mark.slow
 def test_lost_reply_to_a_queued_tasks_dispatch_runs_it_once(
         fault_cluster, samplers, fault_report, tmp_path):
-    c, _ = fault_cluster(3, ("--max-tasks", "1"))
+    c, _ = fault_cluster(3, ("--peer-timeout", str(PEER_TIMEOUT), "--max-tasks", "1"))
     ids = [n.node_id for n in c.nodes]
     sampler = samplers(c.nodes, c.net.log_dir)
     leader, _token = wait_for_leader(c.nodes)
@@ -965,6 +966,11 @@ def test_lost_reply_to_a_queued_tasks_dispatch_runs_it_once(
                 "/execute", {"command": "sh", "args": hold, "node": node.node_id}, timeout=30)
             assert status == 202 and body["state"] == "running", (status, body)
             blockers[node.name] = body["id"]
+        # The leader learns of the busy slots from heartbeats: until then it may send the
+        # task to a node that refuses it, which is not the lost answer this scenario means.
+        poll_until(lambda: all(entry["stats"]["free_slots"] == 0
+                               for entry in leader.remote().values()), 10,
+                   message="the leader to see every slot taken")
         status, body, _ = target.agent.post("/execute", task, timeout=30)
         assert status == 202 and body["state"] == "queued", (status, body)
         task_id = body["id"]
