@@ -23,9 +23,9 @@ from twisted.application import internet, service
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 log = Logger()
 
@@ -113,6 +113,20 @@ class _ProtocolFactory(Factory):
         return protocol
 
 
+@provider(ILogObserver)
+def _without_retry_lines(event: LogEvent) -> None:
+    """ClientService's events minus its line per retry: while Redis is down that was two
+    lines every 2 s per connection; :class:`RedisConnection` says once that Redis is
+    unreachable and once that it is back."""
+    if not str(event.get("log_format", "")).startswith("Scheduling retry"):
+        globalLogPublisher(event)
+
+
+class _QuietClientService(internet.ClientService):
+    _log = Logger(namespace="twisted.application.internet.ClientService",
+                  observer=_without_retry_lines)
+
+
 @implementer(IStreamClientEndpoint)
 class _ObservedEndpoint:
     """The endpoint, telling the connection when an attempt fails (ClientService only
@@ -155,7 +169,7 @@ class RedisConnection(service.Service):
         factory: Any = self._factory
         self._retry = retry or retry_policy(max_backoff)
         self._rejected = 0  # connections refused by AUTH/SELECT in a row
-        self._client = internet.ClientService(
+        self._client = _QuietClientService(
             observed, factory, retryPolicy=self._delay, clock=reactor,
             prepareConnection=self._prepare)
         self._protocol: Any = None  # connected and prepared
@@ -236,6 +250,9 @@ class RedisConnection(service.Service):
         self._protocol = None
         if self.running and self._down is None:
             self._down = f"connection lost ({why.getErrorMessage()})"
+            log.warn("lost the connection to Redis at {host}:{port} ({error}); reconnecting "
+                     "with backoff", host=self.address.host, port=self.address.port,
+                     error=why.getErrorMessage())
 
     # -- commands --------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet import defer, endpoints
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from oxide_cluster.redis_connection import (
@@ -217,3 +218,26 @@ def _failure(deferred: defer.Deferred[Any]) -> Failure:
     from twisted.trial.unittest import SynchronousTestCase
 
     return SynchronousTestCase().failureResultOf(deferred)
+
+
+def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends():
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        redis = Redis()
+        redis.connection.startService()
+        redis.accept()
+        redis.lose()
+        for attempt in range(1, 6):  # five failed reconnects
+            redis.reactor.advance(backoff(attempt))
+            redis.refuse()
+        redis.reactor.advance(backoff(6))
+        redis.accept()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(event) for event in events]
+    assert redis.attempts == 7
+    assert not [line for line in lines if "Scheduling retry" in line], lines
+    assert len([line for line in lines if "lost the connection to Redis" in line]) == 1, lines
+    assert not [line for line in lines if "cannot reach Redis" in line], lines
+    assert len([line for line in lines if "reachable again" in line]) == 1, lines
