@@ -355,8 +355,9 @@ class ProcessRunner:
 
 class CommandPaths:
     """``shutil.which`` answers by (command, PATH), each kept ``ttl`` seconds: a run of
-    tasks does not search PATH each time, and a command installed, moved or removed is
-    seen within ``ttl``; a path that failed to start is forgotten at once."""
+    tasks does not search PATH each time, and a command installed earlier in PATH is
+    seen within ``ttl``. A kept path is checked (one ``access``) before each use, so a
+    removed command is searched for again at once, never started from its old place."""
 
     def __init__(self, clock: SecondsClock, ttl: float = 1.0, size: int = 256) -> None:
         self._clock = clock
@@ -368,7 +369,7 @@ class CommandPaths:
         key = (command, path)
         now = self._clock.seconds()
         known = self._found.get(key)
-        if known is not None and known[1] > now:
+        if known is not None and known[1] > now and os.access(known[0], os.X_OK):
             return known[0]
         found = shutil.which(command, path=path)
         if found is None:
