@@ -265,6 +265,16 @@ class _Connection:
     def call(self, method: str, path: str, body: Body = None,
              content_type: str = "application/octet-stream") -> tuple[int, bytes]:
         """One request; a streamed body is (length, a function making its chunks)."""
+        status, reply = self.stream(method, path, body, content_type)
+        return status, reply.read()
+
+    def stream(self, method: str, path: str, body: Body = None,
+               content_type: str = "application/octet-stream",
+               ) -> tuple[int, http.client.HTTPResponse]:
+        """A request whose reply body the caller reads (to the end, before the next).
+
+        Sent once more when the node had closed the idle keep-alive connection (the
+        request or its answer's first line fails), never after an answer began."""
         headers = dict(self._headers)
         if body is not None:
             headers["Content-Type"] = content_type
@@ -274,22 +284,6 @@ class _Connection:
             try:
                 sent = body[1]() if isinstance(body, tuple) else body
                 self._connection.request(method, self._prefix + path, sent, headers)
-                reply = self._connection.getresponse()
-                return reply.status, reply.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._connection.close()  # the node closed an idle keep-alive: once more
-                if attempt == 2:
-                    raise
-            except OSError as error:
-                raise NodeError(0, "unreachable", f"cannot reach {self.url}: {error}") \
-                    from None
-        raise AssertionError("unreachable")
-
-    def stream(self, method: str, path: str) -> tuple[int, http.client.HTTPResponse]:
-        """A request whose reply body the caller reads (to the end, before the next)."""
-        for attempt in (1, 2):
-            try:
-                self._connection.request(method, self._prefix + path, None, self._headers)
                 reply = self._connection.getresponse()
                 return reply.status, reply
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
