@@ -386,13 +386,36 @@ def wait_in_queue(node: Node, task: dict[str, Any],
     return task
 
 
+class UploadProgress:
+    """A line on stderr at most every ``every`` seconds while a workspace upload runs:
+    a long first upload shows that it moves; one shorter than ``every`` prints nothing."""
+
+    def __init__(self, say: Callable[[str], None], clock: Callable[[], float] = time.monotonic,
+                 every: float = 5.0) -> None:
+        self._say = say
+        self._clock = clock
+        self._every = every
+        self._started = clock()
+        self._last = self._started
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self._clock()
+        if now - self._last < self._every or total <= 0:
+            return
+        self._last = now
+        rate = done / (now - self._started)
+        self._say(f"workspace upload: {done / 2**20:.0f} of {total / 2**20:.0f} MiB "
+                  f"({100 * done / total:.0f} %), {rate / 2**20:.1f} MiB/s")
+
+
 def _send_workspace(node: Node, options: argparse.Namespace) -> dict[str, Any]:
     """Upload ``--workspace`` by content (only the blobs the cluster lacks) and return the
     request fields that run the task in it."""
     if options.cwd is not None and options.cwd.startswith("/"):
         raise Failed(EXIT_USAGE, "run: with --workspace, --cwd is relative to the workspace")
     try:
-        sent = upload_workspace(node, options.workspace, options.exclude)
+        sent = upload_workspace(node, options.workspace, options.exclude,
+                                UploadProgress(_say))
     except WorkspaceError as error:
         raise Failed(EXIT_USAGE, f"run: --workspace {options.workspace}: {error}") from None
     except NodeError as error:

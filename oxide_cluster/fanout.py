@@ -46,8 +46,10 @@ from oxide_cluster.cli import (
     EXIT_USAGE,
     Failed,
     Interrupted,
+    UploadProgress,
     _node_failure,
     _pause,
+    _say,
     follow,
     request_body,
     task_exit_code,
@@ -290,11 +292,6 @@ def _seconds(task: Mapping[str, Any]) -> float | None:
     return (finished - started).total_seconds()
 
 
-def _say(text: str) -> None:
-    sys.stderr.write(f"oxide-cluster: {text}\n")
-    sys.stderr.flush()
-
-
 @attrs.define
 class SplitPlan:
     """What ``--split`` matched, and the suite's durations before this run."""
@@ -385,7 +382,7 @@ def _upload(node: Node, options: argparse.Namespace, tree: LocalTree,
             parts: list[list[str]], plan: SplitPlan | None
             ) -> tuple[list[list[str]], dict[str, Any], SplitPlan | None]:
     try:
-        sent = upload_tree(node, tree)
+        sent = upload_tree(node, tree, UploadProgress(_say))
     except WorkspaceError as error:
         raise Failed(EXIT_USAGE, f"run: --workspace {options.workspace}: {error}") from None
     except NodeError as error:

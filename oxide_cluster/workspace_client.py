@@ -17,6 +17,7 @@ import re
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
@@ -366,17 +367,37 @@ def _batches(blobs: Sequence[tuple[str, int]]) -> Iterator[list[tuple[str, int]]
         yield batch
 
 
-def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = ()
-                     ) -> UploadResult:
+# Told (bytes sent so far, bytes to send) after each request of an upload.
+Progress = Callable[[int, int], None]
+
+
+class _Sent:
+    """The bytes an upload's threads have sent, reported to ``progress`` in order."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self.done += size
+            if self._progress is not None:
+                self._progress(self.done, self.total)
+
+
+def upload_workspace(node: Node, root: str | Path, excludes: Sequence[str] = (),
+                     progress: Progress | None = None) -> UploadResult:
     """Send ``root`` by content: the blobs the node lacks (small ones in batches, large
     ones one PUT each), then the manifest. Returns the manifest digest for the task's
     ``workspace`` field. Raises WorkspaceError (bad tree) or NodeError (the node refused
     or cannot be reached)."""
-    return upload_tree(node, scan_tree(root, excludes))
+    return upload_tree(node, scan_tree(root, excludes), progress)
 
 
 def _send_batches(node: Node, batches: list[list[tuple[str, int]]],
-                  sources: dict[str, str | Path]) -> int:
+                  sources: dict[str, str | Path], sent_so_far: _Sent) -> int:
     """Send batches over one connection (run by each of the UPLOADS threads, which share
     ``batches``); the bytes sent."""
     connection = _Connection(node)
@@ -396,14 +417,18 @@ def _send_batches(node: Node, batches: list[list[tuple[str, int]]],
                     raise WorkspaceError(f"a file changed while being sent ({error})") \
                         from None
                 raise
-            sent += sum(size for _, size in batch)
+            batch_bytes = sum(size for _, size in batch)
+            sent += batch_bytes
+            sent_so_far.add(batch_bytes)
     finally:
         connection.close()
     return sent
 
 
-def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
-    """Send an already scanned tree (the fan-out splits files from the same scan)."""
+def upload_tree(node: Node, tree: LocalTree, progress: Progress | None = None
+                ) -> UploadResult:
+    """Send an already scanned tree (the fan-out splits files from the same scan);
+    ``progress`` hears of every request's bytes once it is answered."""
     manifest_bytes = tree.manifest.encode()
     manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
     sizes = {entry.digest: entry.size for entry in tree.manifest.files}
@@ -414,22 +439,26 @@ def upload_tree(node: Node, tree: LocalTree) -> UploadResult:
         blobs = [(digest, sizes[digest]) for digest in lacking if digest != manifest_digest]
         small = [blob for blob in blobs if blob[1] <= BATCH_BLOB_MAX]
         batches = list(_batches(small))
+        sent_so_far = _Sent(sum(size for _, size in blobs) + (
+            len(manifest_bytes) if manifest_digest in lacking else 0), progress)
         workers = min(UPLOADS, len(batches))
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
                 sent_bytes = sum(pool.map(lambda _: _send_batches(node, batches,
-                                                                  tree.sources),
+                                                                  tree.sources, sent_so_far),
                                           range(workers)))
         else:
-            sent_bytes = _send_batches(node, batches, tree.sources)
+            sent_bytes = _send_batches(node, batches, tree.sources, sent_so_far)
         for digest, size in blobs:
             if size > BATCH_BLOB_MAX:
                 connection.checked("PUT", f"/cas/{digest}",
                                    (size, partial(_file_chunks, tree.sources[digest], digest)))
                 sent_bytes += size
+                sent_so_far.add(size)
         if manifest_digest in lacking:
             connection.checked("PUT", f"/cas/{manifest_digest}", manifest_bytes)
             sent_bytes += len(manifest_bytes)
+            sent_so_far.add(len(manifest_bytes))
     finally:
         connection.close()
     return UploadResult(manifest_digest, len(tree.manifest.files), tree.manifest.total_size,

@@ -35,8 +35,13 @@ def test_workspace_task_runs_in_its_own_directory_and_sends_only_changes(agent, 
     tree = tmp_path / "client-tree"
     make_tree(tree)
     node = Node(agent.url, SECRET)
-    first = upload_workspace(node, tree)
+    heard: list[tuple[int, int]] = []
+    first = upload_workspace(node, tree, progress=lambda done, total: heard.append((done, total)))
     assert first.uploaded_blobs == first.files + 1  # every distinct file and the manifest
+    # Progress after every request: growing, ending at the bytes sent, one total throughout.
+    assert heard[-1] == (first.uploaded_bytes, first.uploaded_bytes)
+    assert [done for done, _ in heard] == sorted({done for done, _ in heard})
+    assert {total for _, total in heard} == {first.uploaded_bytes}
     task = agent.run_task("sh", "-c", "pwd; cat a/b.txt; cat link; ./run.sh",
                           workspace=first.digest)
     assert task["state"] == "succeeded", task

@@ -159,3 +159,21 @@ def test_a_running_task_is_followed_again_and_silence_ends_in_74(monkeypatch):
     with pytest.raises(cli.Failed) as failed:
         cli.settled_state(node, "t", "?", settle_for=0)  # type: ignore[arg-type]
     assert failed.value.code == cli.EXIT_CONNECTION
+
+
+def test_upload_progress_speaks_every_few_seconds_and_not_for_short_uploads():
+    now = [0.0]
+    said: list[str] = []
+    progress = cli.UploadProgress(said.append, clock=lambda: now[0], every=5.0)
+    for second in range(1, 5):  # a four-second upload: silent
+        now[0] = float(second)
+        progress(second * 2**20, 40 * 2**20)
+    assert said == []
+    now[0] = 5.0
+    progress(10 * 2**20, 40 * 2**20)
+    now[0] = 6.0
+    progress(12 * 2**20, 40 * 2**20)  # within 5 s of the last line
+    now[0] = 10.0
+    progress(20 * 2**20, 40 * 2**20)
+    assert said == ["workspace upload: 10 of 40 MiB (25 %), 2.0 MiB/s",
+                    "workspace upload: 20 of 40 MiB (50 %), 2.0 MiB/s"]
