@@ -50,6 +50,13 @@ RECONNECT_FOR = 30.0
 SETTLE_FOR = 60.0
 RETRY_PAUSE = 0.5
 QUEUE_POLL = 1.0  # how often a queued task's place is asked for while it waits
+# 503 answers saying the task was admitted nowhere while the cluster changes (a new leader,
+# Redis reconnecting, a node starting, back-pressure): submitting again is safe. Not
+# retried: the answers saying it may be running (leader_unreachable, placement_unknown,
+# node_unavailable) and draining (it lasts until an operator resumes the node).
+RETRIED_REFUSALS = frozenset({"starting", "leader_changed", "queue_unavailable",
+                              "cpu_busy", "memory_busy"})
+SUBMIT_RETRY_FOR = 60.0
 SECRET_HELP = ("give --secret or set OXIDE_CLUSTER_SECRET; a node started without one "
                "generated it into ~/.oxide/secret (its state_dir) on the node's host")
 
@@ -64,7 +71,7 @@ EXIT_CODES: tuple[tuple[str, str], ...] = (
     (str(EXIT_BAD_REQUEST), "the node rejected the request (400: bad field)"),
     (str(EXIT_NO_TASK), "no task has that id (unknown task id)"),
     (str(EXIT_UNAVAILABLE), "not run: waited queue_timeout (rejected), labels no node has "
-                            "(422), or refused (429, 503)"),
+                            "(422), or refused (429, 503 after 60 s of retries)"),
     (str(EXIT_SOFTWARE), "unexpected reply from the node"),
     (str(EXIT_CONNECTION), "the node cannot be reached or the stream was lost for good"),
     (str(EXIT_LOST), "the task was lost: the node running it died or restarted"),
@@ -325,7 +332,7 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
                                  "collected from the task's own directory)")
     task_id: str | None = None
     try:
-        task = node.request("POST", "/execute", body)
+        task = submit(node, body)
         task_id = task["id"]
         # One line to match a CI log with the dashboard.
         sys.stderr.write(f"oxide-cluster: task {task_id} on node {task['node_id']} "
@@ -367,6 +374,32 @@ def cmd_run(node: Node, options: argparse.Namespace) -> int:
 def _say(message: str) -> None:
     sys.stderr.write(f"oxide-cluster: {message}\n")
     sys.stderr.flush()
+
+
+def submit(node: Node, body: dict[str, Any], say: Callable[[str], None] = _say, *,
+           retry_for: float = SUBMIT_RETRY_FOR,
+           clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """``POST /execute``, sent again while the cluster answers that it took nothing: a
+    leader change or a Redis restart lasts seconds, and a CI job must not fail for it.
+    The pause is the answer's ``Retry-After`` (1 to 5 s); after ``retry_for`` seconds
+    the last refusal is raised."""
+    deadline = clock() + retry_for
+    while True:
+        try:
+            task: dict[str, Any] = node.request("POST", "/execute", body)
+            return task
+        except NodeError as error:
+            if error.status != 503 or error.code not in RETRIED_REFUSALS:
+                raise
+            try:
+                delay = min(max(float(error.headers.get("Retry-After", 1)), 1.0), 5.0)
+            except ValueError:
+                delay = 1.0
+            if clock() + delay > deadline:
+                raise
+            say(f"not taken ({error.code}: {error.message}); submitting again in "
+                f"{delay:g} s")
+            _pause(delay)
 
 
 def wait_in_queue(node: Node, task: dict[str, Any],

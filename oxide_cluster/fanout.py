@@ -52,6 +52,7 @@ from oxide_cluster.cli import (
     _say,
     follow,
     request_body,
+    submit,
     task_exit_code,
     wait_in_queue,
 )
@@ -553,7 +554,7 @@ def _run_all(node: Node, options: argparse.Namespace, command: list[str],
             body.update(workspace_fields)
             body["fanout"] = {"run": run_id, "index": shard.index, "total": total,
                               "mode": "shards"}
-            task = node.request("POST", "/execute", body)
+            task = submit(node, body)
             shard.task_id, shard.node_id = task["id"], task["node_id"]
             _say(f"[{shard.label}] task {shard.task_id} on node {shard.node_id} "
                  f"({node.url}/ui/#task={shard.task_id})")

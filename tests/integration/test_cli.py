@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -132,3 +134,24 @@ def test_run_and_logs_follow_exit_75_when_the_tasks_node_is_killed(two_nodes):
         run.kill()
         for process in task_processes(task_id) if task_id else []:
             process.kill()  # the orphaned sleep of the killed agent
+
+
+def test_run_rides_out_a_redis_restart(meshed, redis):
+    """While Redis is down a submit is refused 503 ``queue_unavailable`` (nothing taken):
+    ``run`` says so, submits again, and runs the task once Redis is back."""
+    node, = meshed(1, ("--redis", redis.url), leader=True)
+    redis.kill()
+    poll_until(lambda: node.post("/execute", {"command": "true"}).status == 503, 10,
+               message="submits refused while Redis is down")
+    process = cli(node.url, "run", "--", "sh", "-c", "echo ran")
+    lines: queue.Queue[bytes] = queue.Queue()
+    assert process.stderr is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr],
+                     daemon=True).start()
+    seen = b""
+    while b"not taken (queue_unavailable" not in seen:
+        seen = lines.get(timeout=30)
+    assert b"submitting again in" in seen, seen
+    redis.start()
+    code, out, _ = finished(process, timeout=60)
+    assert code == 0 and out == b"ran\n", (code, out)

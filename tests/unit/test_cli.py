@@ -177,3 +177,53 @@ def test_upload_progress_speaks_every_few_seconds_and_not_for_short_uploads():
     progress(20 * 2**20, 40 * 2**20)
     assert said == ["workspace upload: 10 of 40 MiB (25 %), 2.0 MiB/s",
                     "workspace upload: 20 of 40 MiB (50 %), 2.0 MiB/s"]
+
+
+class _Answers:
+    """A node whose POST /execute answers are given in advance (a NodeError is raised)."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.calls = 0
+
+    def request(self, method, path, body=None, timeout=None):
+        assert (method, path) == ("POST", "/execute")
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_submit_is_sent_again_while_the_cluster_says_it_took_nothing(monkeypatch):
+    paused: list[float] = []
+    monkeypatch.setattr(cli, "_pause", paused.append)
+    said: list[str] = []
+    node = _Answers(NodeError(503, "leader_changed", "no longer leads", {"Retry-After": "2"}),
+                    NodeError(503, "queue_unavailable", "Redis is unreachable"),
+                    {"id": "t1", "state": "running"})
+    assert cli.submit(node, {"command": "true"}, said.append) == {"id": "t1",
+                                                                  "state": "running"}
+    assert node.calls == 3 and paused == [2.0, 1.0]
+    assert said[0] == "not taken (leader_changed: no longer leads); submitting again in 2 s"
+
+
+@pytest.mark.parametrize("code", ["leader_unreachable", "placement_unknown",
+                                  "node_unavailable", "draining"])
+def test_submit_is_not_sent_again_when_the_task_may_be_running(monkeypatch, code):
+    monkeypatch.setattr(cli, "_pause", lambda seconds: None)
+    node = _Answers(NodeError(503, code, "it may run"))
+    with pytest.raises(NodeError):
+        cli.submit(node, {"command": "true"}, lambda line: None)
+    assert node.calls == 1
+
+
+def test_submit_gives_up_after_its_retry_time(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(cli, "_pause", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    node = _Answers(*[NodeError(503, "starting", "the node is still starting")] * 20)
+    with pytest.raises(NodeError) as raised:
+        cli.submit(node, {"command": "true"}, lambda line: None, retry_for=5.0,
+                   clock=lambda: now[0])
+    assert raised.value.code == "starting"
+    assert node.calls == 6  # at 0, 1, 2, 3, 4, 5 s; a pause past 5 s is not taken
