@@ -141,6 +141,9 @@ class QueueBackend(Protocol):
     def hold_key(self, key: str, task_id: str, ttl: float) -> defer.Deferred[str]:
         """The task id an ``Idempotency-Key`` names: ``task_id`` if this call set it."""
 
+    def release_key(self, key: str, task_id: str) -> defer.Deferred[bool]:
+        """Forget the key if it still names ``task_id`` (its submit took nothing)."""
+
     def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
         """Each task's ``state`` in Redis, None where Redis has no record of it."""
 
@@ -289,6 +292,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return ARGV[1]
 """
 
+_RELEASE_KEY = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def _text(value: Any) -> str | None:
     if value is None:
@@ -394,6 +402,10 @@ class RedisQueueBackend:
         reply = self._call("EVAL", _HOLD_KEY, 1, f"{self._prefix}:idem:{key}",
                            task_id, int(ttl))
         return reply.addCallback(lambda held: _text(held) or task_id)
+
+    def release_key(self, key: str, task_id: str) -> defer.Deferred[bool]:
+        reply = self._call("EVAL", _RELEASE_KEY, 1, f"{self._prefix}:idem:{key}", task_id)
+        return reply.addCallback(lambda deleted: int(deleted) == 1)
 
     def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
         if not task_ids:

@@ -66,6 +66,25 @@ class Refused(Exception):
         self.retry_after = retry_after
 
 
+# Refusals after which no node has the task or ever will (not those saying it may run:
+# leader_unreachable, placement_unknown, node_unavailable): a held Idempotency-Key is
+# freed, so the client's next submit with the key makes a task.
+TOOK_NOTHING = frozenset({
+    "no_capacity", "no_free_slots", "leader_changed", "starting", "cpu_busy", "memory_busy",
+    "shutting_down", "draining", "unschedulable", "bad_request", "queue_unavailable"})
+
+
+def _refusal_code(reply: PeerReply) -> str | None:
+    """The ``error.code`` of a relayed 4xx/5xx answer (None for a task or no JSON)."""
+    if reply.status < 400:
+        return None
+    try:
+        code = json.loads(reply.body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
 # -- wire bodies of the internal routes ------------------------------------------------
 
 
@@ -290,11 +309,23 @@ class TaskRouter:
             # A Redis cluster: the id is given here, before any forward; the key is
             # held in Redis, so a repeat on any node names the same task.
             task_id = new_task_id(self._reactor.seconds(), self._node_id)
-            if key is not None:
-                held = await self.cluster.backend.hold_key(key, task_id, IDEMPOTENCY_TTL)
-                if held != task_id:
-                    return await self.known(held, request)
-            return await self._cluster_route(request, body, wait, task_id, key, entry=True)
+            if key is None:
+                return await self._cluster_route(request, body, wait, task_id, key, entry=True)
+            held = await self.cluster.backend.hold_key(key, task_id, IDEMPOTENCY_TTL)
+            if held != task_id:
+                return await self.known(held, request)
+            try:
+                routed = await self._cluster_route(request, body, wait, task_id, key,
+                                                   entry=True)
+            except (Refused, CapacityError, QueueUnavailable) as error:
+                code = "queue_unavailable" if isinstance(error, QueueUnavailable) \
+                    else error.code
+                if code in TOOK_NOTHING:
+                    await self._free_key(key, task_id)
+                raise
+            if isinstance(routed, Relayed) and _refusal_code(routed.reply) in TOOK_NOTHING:
+                await self._free_key(key, task_id)
+            return routed
         if key is not None:  # before any forward: a repeat must not run elsewhere
             earlier = await self.scheduler.idempotent(key)
             if earlier is not None:
@@ -560,6 +591,16 @@ class TaskRouter:
                           f"task {task.id} left the queue meanwhile; cancel it again")
         task.state, task.reason, task.finished_at = TaskState.CANCELLED, reason, now
         return task
+
+    async def _free_key(self, key: str, task_id: str) -> None:
+        """The submit that held ``key`` took nothing: the next submit with it makes a
+        task (else it would name ``task_id``, which no node has or ever will)."""
+        assert self.cluster is not None
+        try:
+            await self.cluster.backend.release_key(key, task_id)
+        except QueueUnavailable as error:
+            self.log.warn("Idempotency-Key of refused task {task_id} not freed: {error}",
+                          task_id=task_id, error=error)
 
     async def known(self, task_id: str, request: TaskRequest) -> Routed:
         """The task an earlier submit made (same Idempotency-Key), from any node."""

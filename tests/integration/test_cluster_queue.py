@@ -178,3 +178,32 @@ def test_get_queue_on_any_node_lists_the_cluster_queue_in_dispatch_order(
         assert poll_until(lambda t=task_id: final_state(nodes, t), timeout=30,
                           message=f"task {task_id} to end")["state"] == "succeeded"
     assert follower.get("/queue").json() == {"queued": 0, "by_priority": {}, "tasks": []}
+
+
+def test_a_key_whose_submit_was_refused_takes_the_next_submit(make_cluster, tmp_path):
+    """A refusal that took nothing (429 with ``queue: false``, given by the entering node
+    or relayed from the leader) frees the key: the CI job that submits again with it gets
+    a task that runs, not the id of one that never will."""
+    make, submitted = make_cluster
+    nodes = make(2)
+    release = tmp_path / "release"
+    for node in nodes:  # every slot taken
+        held = node.post("/execute", {"command": "sh", "node": node_id(node), "args": [
+            "-c", f"while [ ! -e {release} ]; do sleep 0.05; done"]})
+        assert held.status == 202 and held.json()["state"] == "running", held
+        submitted.append(held.json()["id"])
+    body = {"command": "true", "queue": False}
+    for index, node in enumerate(nodes):
+        refused = node.post("/execute", body, headers={"Idempotency-Key": f"ci-job-{index}"})
+        assert refused.status == 429, refused
+    release.touch()
+    for task_id in submitted[:2]:
+        poll_until(lambda task_id=task_id: final_state(nodes, task_id), timeout=30,
+                   message="the blockers to end")
+    for index, node in enumerate(nodes):
+        key = {"Idempotency-Key": f"ci-job-{index}"}
+        again = node.post("/execute?wait=20", body, headers=key)
+        assert again.status == 200 and again.json()["state"] == "succeeded", again
+        submitted.append(again.json()["id"])
+        same = node.post("/execute", body, headers=key)  # the key now names that task
+        assert same.json()["id"] == again.json()["id"]

@@ -359,6 +359,12 @@ async def test_cluster_state_is_none_or_every_store_and_they_keep_the_queue(elec
         assert await state.queue.claim(task_id, "n1") is None
         assert await state.queue.claim(task_id, "n2") is not None  # exactly once
         assert await state.queue.states([task_id, f"{task_id}-unknown"]) == ["started", None]
+        key = f"{task_id}-key"
+        assert await state.queue.hold_key(key, task_id, 60) == task_id
+        assert await state.queue.hold_key(key, "other", 60) == task_id  # held: names the first
+        assert await state.queue.release_key(key, "other") is False  # not its task: kept
+        assert await state.queue.release_key(key, task_id) is True
+        assert await state.queue.hold_key(key, "other", 60) == "other"  # free again
         await state.suites.put("conformance", {"tests/test_a.py": 1.5})
         assert await state.suites.get("conformance") == {"tests/test_a.py": 1.5}
     finally:
