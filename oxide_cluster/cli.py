@@ -55,7 +55,7 @@ QUEUE_POLL = 1.0  # how often a queued task's place is asked for while it waits
 # retried: the answers saying it may be running (leader_unreachable, placement_unknown,
 # node_unavailable) and draining (it lasts until an operator resumes the node).
 RETRIED_REFUSALS = frozenset({"starting", "leader_changed", "queue_unavailable",
-                              "cpu_busy", "memory_busy"})
+                              "cpu_busy", "memory_busy", "node_unreachable"})
 SUBMIT_RETRY_FOR = 60.0
 SECRET_HELP = ("give --secret or set OXIDE_CLUSTER_SECRET; a node started without one "
                "generated it into ~/.oxide/secret (its state_dir) on the node's host")

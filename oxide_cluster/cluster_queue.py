@@ -144,6 +144,11 @@ class QueueBackend(Protocol):
     def release_key(self, key: str, task_id: str) -> defer.Deferred[bool]:
         """Forget the key if it still names ``task_id`` (its submit took nothing)."""
 
+    def retire(self, task_id: str, record: Mapping[str, Any], reason: str,
+               at: float) -> defer.Deferred[str | None]:
+        """End an id no node has claimed (``rejected``, with ``reason``), so none ever
+        can: None when this call ended it, else its state and node (``started n2``)."""
+
     def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
         """Each task's ``state`` in Redis, None where Redis has no record of it."""
 
@@ -292,6 +297,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return ARGV[1]
 """
 
+# The end of an id nobody claimed or queued: no claim can take it after this.
+_RETIRE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then return state .. ' ' .. (redis.call('HGET', KEYS[1], 'node') or '') end
+redis.call('HSET', KEYS[1], 'state', 'rejected', 'reason', ARGV[1], 'finished', ARGV[2],
+           'record', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 'ok'
+"""
 _RELEASE_KEY = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -402,6 +416,12 @@ class RedisQueueBackend:
         reply = self._call("EVAL", _HOLD_KEY, 1, f"{self._prefix}:idem:{key}",
                            task_id, int(ttl))
         return reply.addCallback(lambda held: _text(held) or task_id)
+
+    def retire(self, task_id: str, record: Mapping[str, Any], reason: str,
+               at: float) -> defer.Deferred[str | None]:
+        reply = self._call("EVAL", _RETIRE, 1, self.task_key(task_id), reason, repr(at),
+                           json.dumps(record, separators=(",", ":")), RECORD_TTL)
+        return reply.addCallback(lambda done: None if _text(done) == "ok" else _text(done))
 
     def release_key(self, key: str, task_id: str) -> defer.Deferred[bool]:
         reply = self._call("EVAL", _RELEASE_KEY, 1, f"{self._prefix}:idem:{key}", task_id)

@@ -38,6 +38,17 @@ def _writer(target: BinaryIO) -> Callable[[bytes], None]:
 _NOT_SENT = (ConnectError, ConnectingCancelledError, RequestNotSent)
 
 
+def _why(error: BaseException, timeout: float) -> str:
+    """Why a peer request failed, in words (treq's timeout is a list of Failures)."""
+    reasons = getattr(error, "reasons", None) or []
+    if isinstance(error, defer.CancelledError) or any(
+            reason.check(defer.CancelledError) for reason in reasons):
+        return f"did not answer within {timeout:g} s"
+    if reasons:
+        return "did not answer: " + "; ".join(reason.getErrorMessage() for reason in reasons)
+    return f"did not answer: {error}"
+
+
 class PeerUnavailable(Exception):
     """The peer is unknown, not healthy, or did not answer.
 
@@ -110,7 +121,7 @@ class PeerClient(service.Service):
                 timeout=timeout or self._timeout)
             content = await treq.content(response)
         except (defer.CancelledError, Exception) as error:
-            raise PeerUnavailable(f"node {node_id} did not answer: {error}",
+            raise PeerUnavailable(f"node {node_id} {_why(error, timeout or self._timeout)}",
                                   sent=not isinstance(error, _NOT_SENT)) from None
         passed = {}
         for name in _PASSED_HEADERS:

@@ -454,7 +454,9 @@ PATHS: dict[str, Any] = {
                           "`draining`: this node takes no new tasks, "
                           "`placement_unknown` / `leader_unreachable`: the node the task "
                           "was sent to took it but did not answer (the message names the "
-                          "task id to look up; it is never started elsewhere), or "
+                          "task id to look up; it is never started elsewhere), "
+                          "`node_unreachable`: the pinned node did not answer and the task "
+                          "was not started anywhere (with Redis its id is retired), or "
                           "`queue_unavailable`: the cluster queue (Redis) failed, so nothing "
                           "was started or queued", retry_after=True),
         },

@@ -71,7 +71,8 @@ class Refused(Exception):
 # freed, so the client's next submit with the key makes a task.
 TOOK_NOTHING = frozenset({
     "no_capacity", "no_free_slots", "leader_changed", "starting", "cpu_busy", "memory_busy",
-    "shutting_down", "draining", "unschedulable", "bad_request", "queue_unavailable"})
+    "shutting_down", "draining", "unschedulable", "bad_request", "queue_unavailable",
+    "node_unreachable"})
 
 
 def _refusal_code(reply: PeerReply) -> str | None:
@@ -336,7 +337,7 @@ class TaskRouter:
         if pinned == self._node_id or self.peers is None:
             return await self._run_here(request, key=key, queueable=queueable)
         if pinned is not None:
-            return await self._send_run(pinned, body, wait, key=key,
+            return await self._send_run(request, pinned, body, wait, key=key,
                                         task_id=self._new_id(pinned))
         if self._elector.is_leader:
             return await self._place(request, body, wait, key=key, queueable=queueable)
@@ -372,7 +373,7 @@ class TaskRouter:
             return await self._run_here(request, key=body.idempotency_key,
                                         queueable=queueable)
         if pinned is not None:
-            return await self._send_run(pinned, body.task, body.wait,
+            return await self._send_run(request, pinned, body.task, body.wait,
                                         key=body.idempotency_key, task_id=self._new_id(pinned))
         if self._elector.is_leader:
             return await self._place(request, body.task, body.wait,
@@ -412,7 +413,7 @@ class TaskRouter:
                 return await self._enqueue(request, body, task_id, key)
             return await self._start_claimed(request, task_id)
         if pinned is not None:
-            return await self._send_run(pinned, body, wait, key=key, task_id=task_id)
+            return await self._send_run(request, pinned, body, wait, key=key, task_id=task_id)
         if entry:  # no hop when it can start here and nothing waits (cluster_queue)
             assert self.cluster is not None
             try:
@@ -471,16 +472,7 @@ class TaskRouter:
             raise Refused(429, "no_capacity", "no node can take the task now, and a task "
                           "with secret_env is not queued across the cluster (its values "
                           "are never stored); retry later", 1)
-        record = {
-            "id": task_id,
-            "request": {k: v for k, v in body.items() if k not in _UNQUEUED_FIELDS},
-            "priority": request.priority,
-            "group": request.group or "default",
-            "created_at": self._reactor.seconds(),
-            "queue_timeout": request.queue_timeout or self._settings.queue_timeout,
-            "entered_on": self._node_id,
-            "idempotency_key": key,
-        }
+        record = self._record(request, body, task_id, key)
         self.cluster.watch.add(task_id, record)
         try:
             queued = await self.cluster.backend.enqueue(task_id, record)
@@ -493,6 +485,20 @@ class TaskRouter:
             return await self.known(task_id, request)
         position = await self.cluster.backend.position(task_id)
         return Queued(self.record_task(record), position)
+
+    def _record(self, request: TaskRequest, body: dict[str, Any], task_id: str,
+                key: str | None) -> dict[str, Any]:
+        """A task's record in the cluster queue (secrets never stored)."""
+        return {
+            "id": task_id,
+            "request": {k: v for k, v in body.items() if k not in _UNQUEUED_FIELDS},
+            "priority": request.priority,
+            "group": request.group or "default",
+            "created_at": self._reactor.seconds(),
+            "queue_timeout": request.queue_timeout or self._settings.queue_timeout,
+            "entered_on": self._node_id,
+            "idempotency_key": key,
+        }
 
     async def queue(self, limit: int) -> QueueView:
         """The cluster's queue, read from Redis, when there is one; else this node's."""
@@ -738,14 +744,34 @@ class TaskRouter:
             await self._directory.recorded(task.id)
         return Admitted(task)
 
-    async def _send_run(self, node_id: str, body: dict[str, Any], wait: float | None,
-                        key: str | None, task_id: str) -> Relayed:
-        """A task pinned to ``node_id``: it runs there or is refused, never elsewhere."""
+    async def _send_run(self, request: TaskRequest, node_id: str, body: dict[str, Any],
+                        wait: float | None, key: str | None, task_id: str) -> Routed:
+        """A task pinned to ``node_id``: it runs there or is refused, never elsewhere.
+
+        When the node did not answer, it may have started the task. In a Redis cluster
+        every start claims the id first, so retiring the id settles it: either the node
+        claimed it (the task is found there) or it never can (a refusal that took
+        nothing, ``node_unreachable``). Without Redis the answer stays ambiguous
+        (``node_unavailable``: look the task up before submitting again)."""
         run = RunBody(body, None, task_id, idempotency_key=key, wait=wait)
         try:
             return Relayed(await self._ask(node_id, RUN_PATH, run.to_json(), wait))
         except PeerUnavailable as error:
-            raise Refused(503, "node_unavailable", f"{error} (task {task_id})", 1) from None
+            if not error.sent:
+                raise Refused(503, "node_unreachable", f"{error}; task {task_id} was not "
+                              "started", 1) from None
+            if self.cluster is None:
+                raise Refused(503, "node_unavailable", f"{error} (task {task_id})",
+                              1) from None
+            reason = (f"node {node_id} did not answer its start ({error}); the task was "
+                      "not started anywhere and never will be")
+            claimed = await self.cluster.backend.retire(
+                task_id, self._record(request, body, task_id, key), reason,
+                self._reactor.seconds())
+            if claimed is None:
+                raise Refused(503, "node_unreachable", f"{reason} (task {task_id})",
+                              1) from None
+            return await self.known(task_id, request)  # it started there after all
 
     async def _ask(self, node_id: str, path: bytes, body: dict[str, Any],
                    wait: float | None) -> PeerReply:

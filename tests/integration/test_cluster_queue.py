@@ -7,6 +7,9 @@ shows up as a repeated line.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import re
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -207,3 +210,34 @@ def test_a_key_whose_submit_was_refused_takes_the_next_submit(make_cluster, tmp_
         submitted.append(again.json()["id"])
         same = node.post("/execute", body, headers=key)  # the key now names that task
         assert same.json()["id"] == again.json()["id"]
+
+
+def test_a_pinned_task_whose_node_did_not_answer_is_retired_and_never_runs(
+        meshed, redis, tmp_path):
+    """The pinned node is SIGSTOPped: the entering node's forward times out after
+    ``peer_timeout``, retires the id in Redis (it can never be claimed) and answers 503
+    ``node_unreachable``, which took nothing: the key is free, the id stays ``rejected``,
+    and the stopped node, resumed, does not run it."""
+    entry, pinned = meshed(2, ("--redis", redis.url, "--peer-timeout", "1"), leader=True)
+    marks = tmp_path / "marks"
+    body = {**marked_task(marks, 0), "node": node_id(pinned)}
+    key = {"Idempotency-Key": "ci-job-pinned"}
+    os.kill(pinned.pid, signal.SIGSTOP)
+    try:
+        refused = entry.post("/execute", body, headers=key, timeout=30)
+    finally:
+        os.kill(pinned.pid, signal.SIGCONT)
+    assert refused.status == 503, refused
+    assert refused.json()["error"]["code"] == "node_unreachable", refused
+    retired = re.search(r"task (\S+)\)$", refused.json()["error"]["message"])
+    assert retired is not None, refused
+    pinned_id = node_id(pinned)
+    poll_until(lambda: any(n["node_id"] == pinned_id and n["healthy"] for n in
+                           entry.get("/api/cluster/nodes").json()["remote_nodes"]), 20,
+               message="the resumed node to be heard again")
+    again = entry.post("/execute?wait=20", body, headers=key)
+    assert again.status == 200 and again.json()["state"] == "succeeded", again
+    assert again.json()["id"] != retired.group(1)
+    gone = entry.get(f"/task/{retired.group(1)}").json()
+    assert gone["state"] == "rejected" and "did not answer" in gone["reason"], gone
+    assert marks.read_text().split() == [again.json()["id"]]  # the retired id never ran

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -86,6 +87,10 @@ class FakeQueue:
 
     def release_key(self, key: str, task_id: str) -> defer.Deferred[bool]:
         return defer.succeed(False)
+
+    def retire(self, task_id: str, record: Mapping[str, Any], reason: str,
+               at: float) -> defer.Deferred[str | None]:
+        return defer.succeed(self.state_of.get(task_id))
 
     def states(self, task_ids: list[str]) -> defer.Deferred[list[str | None]]:
         return defer.succeed([self.state_of.get(t, "").split(" ")[0] or None
@@ -322,7 +327,8 @@ class UnreachableRedis:
     lambda b: b.enqueue("t", record("t")), lambda b: b.claim("t", "a"),
     lambda b: b.end_queued("t", "cancelled", "why", 1.0), lambda b: b.scan(0, 10),
     lambda b: b.where("t"), lambda b: b.position("t"), lambda b: b.hold_key("k", "t", 9),
-    lambda b: b.release_key("k", "t"), lambda b: b.states(["t"]),
+    lambda b: b.release_key("k", "t"), lambda b: b.retire("t", record("t"), "why", 1.0),
+    lambda b: b.states(["t"]),
 ])
 def test_every_queue_operation_reports_an_unreachable_redis_as_queue_unavailable(call):
     failure = call(RedisQueueBackend(UnreachableRedis(), "c"))
